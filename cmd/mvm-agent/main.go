@@ -1,0 +1,84 @@
+// Command mvm-agent is the guest side of mvm: it runs inside every microVM,
+// normally as PID 1 from the initramfs, and serves the agent protocol
+// (api/agent/v1) on a virtio-serial port. It is a static binary (CGO off)
+// so it needs nothing from the guest's userland.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"time"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
+	"github.com/mvm-sh/mvm/internal/agent"
+	"github.com/mvm-sh/mvm/internal/agentproto"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	port := flag.String("port", agentproto.PortName, "name of the virtio-serial port to serve on")
+	debugLog := flag.Bool("debug", false, "log debug messages to the console")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	if *showVersion {
+		fmt.Println(version)
+		return
+	}
+
+	level := new(slog.LevelVar)
+	if *debugLog {
+		level.Set(slog.LevelDebug)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("component", "mvm-agent")
+
+	isInit := os.Getpid() == 1
+	opts := agent.Options{}
+	if isInit {
+		// As PID 1 a panic would panic the kernel; log it and power off so
+		// the host sees the VM end instead of a hang.
+		defer func() {
+			if r := recover(); r != nil {
+				log.Error("agent crashed", "panic", r, "stack", string(debug.Stack()))
+				agent.PowerOff(log)
+			}
+		}()
+		agent.InitSystem(log)
+		if agent.CmdlineHas("mvm.debug") {
+			level.Set(slog.LevelDebug)
+		}
+		opts.OnHello = func(h *agentpb.Hello) { agent.ApplyHello(log, h) }
+		opts.OnShutdown = func() { agent.PowerOff(log) }
+	}
+	srv := agent.NewServer(log, version, opts)
+	log.Debug("agent started", "version", version, "pid", os.Getpid())
+
+	ctx := context.Background()
+	for backoff := time.Millisecond; ; backoff = min(2*backoff, 100*time.Millisecond) {
+		f, err := agent.OpenPort(*port, 10*time.Second)
+		if err != nil {
+			log.Error("no agent port", "err", err)
+			if isInit {
+				agent.PowerOff(log)
+			}
+			os.Exit(1)
+		}
+		start := time.Now()
+		if err := srv.ServeConn(ctx, f); err != nil {
+			log.Debug("session ended", "err", err)
+		}
+		f.Close()
+		// A session that lasted is a host that went away; come back fast
+		// for the next one. Back off only while the port keeps ending at
+		// once (host not connected: reads return end-of-file).
+		if time.Since(start) > time.Second {
+			backoff = time.Millisecond
+		}
+		time.Sleep(backoff)
+	}
+}

@@ -1,0 +1,92 @@
+// Command mvmctl runs commands in throwaway microVMs.
+//
+//	mvmctl bootstrap               # once: build the guest kernel and initramfs
+//	mvmctl exec -- uname -a        # boot, run, stream, tear down, exit with its code
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// exitCodeFailure is mvmctl's own failure code (as docker's 125): bad
+// flags, a missing image, a VM that would not boot.
+const exitCodeFailure = 125
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+// globalOptions are flags every command has.
+type globalOptions struct {
+	verbose bool
+	log     *slog.Logger
+}
+
+func run(args []string) int {
+	g := &globalOptions{}
+	root := newRootCommand(g)
+	root.SetArgs(args)
+	err := root.ExecuteContext(context.Background())
+	if err == nil {
+		return 0
+	}
+	var ee *exitError
+	if errors.As(err, &ee) {
+		if ee.err != nil {
+			fmt.Fprintf(os.Stderr, "mvmctl: %v\n", ee.err)
+		}
+		return ee.code
+	}
+	fmt.Fprintf(os.Stderr, "mvmctl: %v\n", err)
+	return exitCodeFailure
+}
+
+// exitError carries an exit status out of a command's RunE, so that the
+// command's deferred teardown runs before the process exits. A nil err
+// exits silently.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err != nil {
+		return e.err.Error()
+	}
+	return fmt.Sprintf("exit status %d", e.code)
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+func newRootCommand(g *globalOptions) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "mvmctl",
+		Short: "Run commands in throwaway microVMs",
+		Long: `mvmctl runs a command in a fresh microVM: it boots the VM, runs the command
+through a guest agent, streams its output, tears the VM down and exits with
+the command's exit code.
+
+Run "mvmctl bootstrap" once to build the guest kernel and initramfs.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRun: func(cmd *cobra.Command, _ []string) {
+			level := slog.LevelWarn
+			if g.verbose {
+				level = slog.LevelDebug
+			}
+			g.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+		},
+	}
+	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "print what mvmctl does, with timings, on stderr")
+	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newVersionCommand())
+	return root
+}

@@ -1,0 +1,226 @@
+// Package adddir parses and validates the -d/--add-dir HOST:GUEST[:ro|rw]
+// specs of mvmctl exec, so that a typo or a missing directory is reported
+// before a VM is booted rather than surfacing as a failed mount inside it.
+package adddir
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+)
+
+// Mode says whether the guest may write to a shared directory. The zero
+// value is ReadOnly so that forgetting to set it never grants write access.
+type Mode int
+
+const (
+	// ReadOnly shares the host directory without letting the guest modify
+	// it; it is the default because exec'd commands are untrusted.
+	ReadOnly Mode = iota
+	// ReadWrite lets the guest modify the host directory, for commands
+	// whose output must survive the throwaway VM.
+	ReadWrite
+)
+
+// String returns the spelling used in specs ("ro" or "rw"), so a Mode can
+// be printed back in the same form the user typed it.
+func (m Mode) String() string {
+	switch m {
+	case ReadOnly:
+		return "ro"
+	case ReadWrite:
+		return "rw"
+	default:
+		return fmt.Sprintf("Mode(%d)", int(m))
+	}
+}
+
+// Spec is one parsed --add-dir value. Raw is kept so that errors found
+// later (for example by Resolve) can name the spec exactly as it was typed.
+type Spec struct {
+	Raw   string
+	Host  string
+	Guest string
+	Mode  Mode
+}
+
+// reservedGuestDirs are guest directories the VM itself relies on; a share
+// mounted on, under or above one of them would hide what the VM needs.
+var reservedGuestDirs = []string{"/proc", "/sys", "/dev", "/run/mvm"}
+
+// Parser parses and resolves specs. It exists so the home directory used
+// for "~" expansion can be substituted, e.g. in tests; the zero value uses
+// os.UserHomeDir.
+type Parser struct {
+	// HomeDir returns the directory that a leading "~" in a host path
+	// stands for. Nil means os.UserHomeDir.
+	HomeDir func() (string, error)
+}
+
+// Parse parses one spec with the real home directory. It checks syntax
+// only; use Resolve to also check the host filesystem and conflicts
+// between specs.
+func Parse(spec string) (Spec, error) {
+	return Parser{}.Parse(spec)
+}
+
+// Resolve parses and checks a whole --add-dir list with the real home
+// directory; see Parser.Resolve for the checks.
+func Resolve(specs []string) ([]Spec, error) {
+	return Parser{}.Resolve(specs)
+}
+
+// Parse parses one HOST:GUEST[:ro|rw] spec. The host is everything before
+// the first ':'; a trailing ":ro" or ":rw" selects the mode, and any other
+// ':' belongs to the guest path, so guest paths may contain colons. A
+// short alphanumeric suffix that is neither "ro" nor "rw" is rejected as a
+// mistyped mode rather than silently becoming part of the guest path. A
+// host of "~" or starting with "~/" is expanded to the home directory. No
+// filesystem access happens beyond looking up the home directory.
+func (p Parser) Parse(spec string) (Spec, error) {
+	host, rest, found := strings.Cut(spec, ":")
+	if !found {
+		return Spec{}, fmt.Errorf("--add-dir %q: expected HOST:GUEST[:ro|rw], missing ':'", spec)
+	}
+	if host == "" {
+		return Spec{}, fmt.Errorf("--add-dir %q: host path must not be empty", spec)
+	}
+
+	guest, mode := rest, ReadOnly
+	if i := strings.LastIndexByte(rest, ':'); i >= 0 {
+		switch tail := rest[i+1:]; {
+		case tail == "ro":
+			guest = rest[:i]
+		case tail == "rw":
+			guest, mode = rest[:i], ReadWrite
+		case looksLikeMode(tail):
+			return Spec{}, fmt.Errorf("--add-dir %q: unknown mode %q (expected ro or rw)", spec, tail)
+		}
+	}
+	if guest == "" {
+		return Spec{}, fmt.Errorf("--add-dir %q: guest path must not be empty", spec)
+	}
+	if !strings.HasPrefix(guest, "/") {
+		return Spec{}, fmt.Errorf("--add-dir %q: guest path must be absolute (start with '/')", spec)
+	}
+
+	if host == "~" || strings.HasPrefix(host, "~/") {
+		home, err := p.homeDir()
+		if err != nil {
+			return Spec{}, fmt.Errorf("--add-dir %q: expand '~': %w", spec, err)
+		}
+		if home == "" {
+			return Spec{}, fmt.Errorf("--add-dir %q: expand '~': home directory is unknown", spec)
+		}
+		if host == "~" {
+			host = home
+		} else {
+			host = strings.TrimRight(home, "/") + host[1:]
+		}
+	}
+	return Spec{Raw: spec, Host: host, Guest: guest, Mode: mode}, nil
+}
+
+// looksLikeMode reports whether the text after the last ':' is more likely
+// a mistyped mode than part of a path: short, non-empty, ASCII letters and
+// digits only.
+func looksLikeMode(s string) bool {
+	if s == "" || len(s) > 8 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9') {
+			return false
+		}
+	}
+	return true
+}
+
+func (p Parser) homeDir() (string, error) {
+	if p.HomeDir != nil {
+		return p.HomeDir()
+	}
+	return os.UserHomeDir()
+}
+
+// Resolve parses every spec and checks it against the host filesystem and
+// against the other specs, in order, returning the error for the first bad
+// spec named as the user typed it. In the result each Host is absolute and
+// cleaned and each Guest is cleaned. A spec is rejected when:
+//   - its host path does not exist or is not a directory (symlinks are
+//     followed);
+//   - its guest path is "/", or is, contains or lies under one of the
+//     directories the VM needs (/proc, /sys, /dev, /run/mvm);
+//   - its guest path equals an earlier spec's, since only one can be
+//     mounted there;
+//   - its guest path is nested inside an earlier spec's or vice versa,
+//     since the result would then depend on mount order.
+//
+// An empty list yields an empty, non-nil slice.
+func (p Parser) Resolve(specs []string) ([]Spec, error) {
+	out := make([]Spec, 0, len(specs))
+	for _, raw := range specs {
+		s, err := p.Parse(raw)
+		if err != nil {
+			return nil, err
+		}
+
+		host, err := filepath.Abs(s.Host)
+		if err != nil {
+			return nil, fmt.Errorf("--add-dir %q: host path %q: %w", raw, s.Host, err)
+		}
+		s.Host = host
+		fi, err := os.Stat(host)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return nil, fmt.Errorf("--add-dir %q: host path %q: no such directory", raw, host)
+		case err != nil:
+			return nil, fmt.Errorf("--add-dir %q: host path %q: %w", raw, host, err)
+		case !fi.IsDir():
+			return nil, fmt.Errorf("--add-dir %q: host path %q is not a directory", raw, host)
+		}
+
+		s.Guest = path.Clean(s.Guest)
+		if isReserved(s.Guest) {
+			return nil, fmt.Errorf("--add-dir %q: guest path %q is reserved (the VM needs /, /proc, /sys, /dev and /run/mvm)", raw, s.Guest)
+		}
+
+		for _, prev := range out {
+			switch {
+			case prev.Guest == s.Guest:
+				return nil, fmt.Errorf("--add-dir %q: guest path %q is already used by --add-dir %q", raw, s.Guest, prev.Raw)
+			case within(s.Guest, prev.Guest):
+				return nil, fmt.Errorf("--add-dir %q: guest path %q is nested inside %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
+			case within(prev.Guest, s.Guest):
+				return nil, fmt.Errorf("--add-dir %q: guest path %q contains %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
+			}
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// isReserved reports whether mounting at the cleaned guest path g would
+// cover "/" or one of reservedGuestDirs, or hide one by mounting above it.
+func isReserved(g string) bool {
+	if g == "/" {
+		return true
+	}
+	for _, r := range reservedGuestDirs {
+		if g == r || within(g, r) || within(r, g) {
+			return true
+		}
+	}
+	return false
+}
+
+// within reports whether the cleaned path child lies strictly below the
+// cleaned path parent.
+func within(child, parent string) bool {
+	return strings.HasPrefix(child, parent+"/")
+}

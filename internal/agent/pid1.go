@@ -1,0 +1,276 @@
+package agent
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
+)
+
+// mount is one filesystem the guest's init sets up.
+type mount struct {
+	source, target, fstype string
+	flags                  uintptr
+	data                   string
+}
+
+// initMounts are mounted in order by InitSystem. The root is the initramfs
+// (already a writable tmpfs), so /tmp and /run need no mount of their own.
+var initMounts = []mount{
+	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
+	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"},
+	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+}
+
+// devLinks are the /dev entries that udev or systemd would create; many
+// programs (bash process substitution, "cat /dev/stdin") need them.
+var devLinks = [][2]string{
+	{"/proc/self/fd", "/dev/fd"},
+	{"/proc/self/fd/0", "/dev/stdin"},
+	{"/proc/self/fd/1", "/dev/stdout"},
+	{"/proc/self/fd/2", "/dev/stderr"},
+}
+
+// InitSystem does what the guest's init must do before the agent can serve:
+// mount the kernel filesystems, create the usual /dev links and the
+// /dev/virtio-ports names, and bring up loopback. Failures are logged and
+// the boot goes on: a missing /dev/shm should not cost the user the VM.
+func InitSystem(log *slog.Logger) {
+	for _, m := range initMounts {
+		if err := os.MkdirAll(m.target, 0o755); err != nil {
+			log.Warn("mkdir", "path", m.target, "err", err)
+			continue
+		}
+		if err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, unix.EBUSY) {
+			log.Warn("mount", "target", m.target, "fstype", m.fstype, "err", err)
+		}
+	}
+	for _, l := range devLinks {
+		if err := os.Symlink(l[0], l[1]); err != nil && !errors.Is(err, os.ErrExist) {
+			log.Warn("symlink", "path", l[1], "err", err)
+		}
+	}
+	if err := linkVirtioPorts(); err != nil {
+		log.Warn("virtio port links", "err", err)
+	}
+	if err := loopbackUp(); err != nil {
+		log.Warn("loopback", "err", err)
+	}
+}
+
+// linkVirtioPorts creates /dev/virtio-ports/NAME -> ../vportNpM for every
+// named virtio-serial port, as udev does on a full distribution.
+func linkVirtioPorts() error {
+	ports, err := virtioPorts()
+	if err != nil {
+		return err
+	}
+	if len(ports) == 0 {
+		return nil
+	}
+	if err := os.MkdirAll("/dev/virtio-ports", 0o755); err != nil {
+		return err
+	}
+	for name, dev := range ports {
+		link := filepath.Join("/dev/virtio-ports", name)
+		if err := os.Symlink("../"+dev, link); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+// virtioPorts maps port names to device names (vport0p1) from sysfs.
+func virtioPorts() (map[string]string, error) {
+	const dir = "/sys/class/virtio-ports"
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	ports := make(map[string]string, len(entries))
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), "name"))
+		if err != nil {
+			continue
+		}
+		if name := strings.TrimSpace(string(b)); name != "" {
+			ports[name] = e.Name()
+		}
+	}
+	return ports, nil
+}
+
+// OpenPort opens the virtio-serial port called name for reading and
+// writing. The port appears when the virtio driver has probed it, which can
+// trail the start of init by a few milliseconds, so OpenPort waits up to
+// timeout for it.
+func OpenPort(name string, timeout time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(timeout)
+	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
+		ports, err := virtioPorts()
+		if err != nil {
+			return nil, err
+		}
+		if dev, ok := ports[name]; ok {
+			f, err := os.OpenFile("/dev/"+dev, os.O_RDWR, 0)
+			if err != nil {
+				return nil, fmt.Errorf("open virtio port %q: %w", name, err)
+			}
+			return f, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("virtio port %q not found in /sys/class/virtio-ports", name)
+		}
+		time.Sleep(delay)
+	}
+}
+
+// loopbackUp sets IFF_UP on lo, so programs that talk to localhost work in a
+// VM without any other network.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// ApplyHello sets the guest clock from the host's and credits the host's
+// random bytes to the guest's entropy pool. Both matter most after a
+// snapshot restore, where the clock is stale and every clone would
+// otherwise share one random state.
+func ApplyHello(log *slog.Logger, h *agentpb.Hello) {
+	if ns := h.GetHostTimeUnixNano(); ns > 0 {
+		tv := unix.NsecToTimeval(ns)
+		if err := unix.Settimeofday(&tv); err != nil {
+			log.Warn("set clock", "err", err)
+		}
+	}
+	if seed := h.GetEntropy(); len(seed) > 0 {
+		if err := addEntropy(seed); err != nil {
+			log.Warn("add entropy", "err", err)
+		}
+	}
+}
+
+// addEntropy feeds seed to the kernel with RNDADDENTROPY, which (unlike a
+// plain write to /dev/urandom) also credits it.
+func addEntropy(seed []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	buf := make([]byte, 8+len(seed)+3)
+	*(*int32)(unsafe.Pointer(&buf[0])) = int32(len(seed) * 8)
+	*(*int32)(unsafe.Pointer(&buf[4])) = int32(len(seed))
+	copy(buf[8:], seed)
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// PowerOff ends the guest: every other process is killed, filesystems are
+// synced and unmounted (so host-side readers of a disk image see a clean
+// filesystem), then the kernel is told to reboot. The VMM runs with
+// -no-reboot and the kernel with reboot=t, so that reboot ends the VMM
+// process at once; a real power-off would need ACPI, which the guest
+// kernel leaves out for boot speed.
+func PowerOff(log *slog.Logger) {
+	_ = unix.Kill(-1, unix.SIGKILL)
+	unix.Sync()
+	for _, mnt := range blockMounts() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			log.Warn("unmount", "path", mnt, "err", err)
+			_ = unix.Mount("", mnt, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+		}
+	}
+	unix.Sync()
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART); err != nil {
+		log.Error("reboot", "err", err)
+	}
+	select {}
+}
+
+// blockMounts lists mount points backed by block devices, innermost first.
+func blockMounts() []string {
+	f, err := os.Open("/proc/self/mounts")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && strings.HasPrefix(fields[0], "/dev/") {
+			out = append(out, unescapeMount(fields[1]))
+		}
+	}
+	slices.Reverse(out)
+	return out
+}
+
+// unescapeMount undoes the octal escapes (\040 for space...) of
+// /proc/self/mounts.
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var c byte
+			if _, err := fmt.Sscanf(s[i+1:i+4], "%03o", &c); err == nil {
+				b.WriteByte(c)
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// CmdlineHas reports whether the kernel command line has the bare word
+// flag (or flag=...). The host uses mvm.* words to switch agent behaviour
+// (mvm.debug) without a round trip.
+func CmdlineHas(flag string) bool {
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return false
+	}
+	for _, w := range strings.Fields(string(b)) {
+		if w == flag || strings.HasPrefix(w, flag+"=") {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,247 @@
+// Package agent is the guest side of the agent protocol: it serves hello,
+// ping, exec, signal and shutdown calls over one byte stream from the host,
+// and (in pid1.go) does the duties of the guest's init process.
+//
+// The protocol is specified in api/agent/v1/agent.proto and
+// docs/protocol.md; framing and session settings come from
+// internal/agentproto.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/yamux"
+	"golang.org/x/sys/unix"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
+	"github.com/mvm-sh/mvm/internal/agentproto"
+)
+
+// Server serves agent sessions. One Server lives for the whole guest; each
+// host connection is one session.
+type Server struct {
+	log     *slog.Logger
+	version string
+	reaper  *reaper
+	opts    Options
+}
+
+// Options are the hooks that differ between an agent running as the guest's
+// init and one running under a test or another init.
+type Options struct {
+	// OnHello applies what the host's hello carries (clock, entropy). Only
+	// the guest's init sets it: applying a host clock anywhere else would
+	// be wrong.
+	OnHello func(*agentpb.Hello)
+	// OnShutdown is called once the reply to a Shutdown call is on its way.
+	// Nil makes the agent refuse Shutdown.
+	OnShutdown func()
+}
+
+// NewServer returns a server. version is reported in HelloReply.
+func NewServer(log *slog.Logger, version string, opts Options) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{log: log, version: version, reaper: processReaper(), opts: opts}
+}
+
+// capabilities is what this agent announces in HelloReply.
+func (s *Server) capabilities() []string {
+	caps := []string{
+		agentproto.CapPing,
+		agentproto.CapExec,
+		agentproto.CapExecStdin,
+		agentproto.CapExecTimeout,
+		agentproto.CapSignal,
+	}
+	if s.opts.OnShutdown != nil {
+		caps = append(caps, agentproto.CapShutdown)
+	}
+	return caps
+}
+
+// ServeConn runs one session over conn until the host goes away, ctx ends,
+// or the transport fails. Commands still running when the session ends are
+// killed: they belong to the session that started them.
+func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
+	sess, err := yamux.Server(conn, agentproto.SessionConfig())
+	if err != nil {
+		return fmt.Errorf("start session: %w", err)
+	}
+	defer sess.Close()
+	stop := context.AfterFunc(ctx, func() { sess.Close() })
+	defer stop()
+
+	ss := &session{srv: s, log: s.log, reaper: s.reaper, procs: make(map[*proc]struct{}), byID: make(map[string]*proc)}
+	defer ss.killAll()
+
+	// Stream 1 must be hello, and nothing else is accepted until it has
+	// been answered: that is what makes it safe for the host to pipeline
+	// its first exec right behind the hello.
+	st, err := sess.AcceptStream()
+	if err != nil {
+		return agentproto.Classify(fmt.Errorf("accept hello: %w", err))
+	}
+	if err := ss.hello(st); err != nil {
+		return err
+	}
+	for {
+		st, err := sess.AcceptStream()
+		if err != nil {
+			err = agentproto.Classify(err)
+			if errors.Is(err, agentproto.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("accept stream: %w", err)
+		}
+		go ss.serveStream(st)
+	}
+}
+
+// session is the state of one host connection.
+type session struct {
+	srv    *Server
+	log    *slog.Logger
+	reaper *reaper
+
+	mu    sync.Mutex
+	procs map[*proc]struct{} // every running command, for teardown
+	byID  map[string]*proc   // those the host named, for Signal
+}
+
+func (ss *session) hello(st *yamux.Stream) error {
+	defer st.Close()
+	in := agentproto.NewReader(st)
+	var req agentpb.Request
+	if err := in.Read(&req); err != nil {
+		return fmt.Errorf("read hello: %w", err)
+	}
+	h := req.GetHello()
+	if h == nil {
+		_ = replyError(st, agentpb.Error_CODE_VERSION, "the first call of a session must be hello")
+		return errors.New("session did not start with hello")
+	}
+	v, err := negotiate(h.MinVersion, h.MaxVersion)
+	if err != nil {
+		_ = replyError(st, agentpb.Error_CODE_VERSION, err.Error())
+		return err
+	}
+	if ss.srv.opts.OnHello != nil {
+		ss.srv.opts.OnHello(h)
+	}
+	return agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Hello{Hello: &agentpb.HelloReply{
+		Version:           v,
+		AgentVersion:      ss.srv.version,
+		Capabilities:      ss.srv.capabilities(),
+		GuestUptimeMicros: uptimeMicros(),
+	}}})
+}
+
+// negotiate picks the highest version inside both ranges.
+func negotiate(hostMin, hostMax uint32) (uint32, error) {
+	v := min(hostMax, agentproto.Version)
+	if v < max(hostMin, agentproto.MinVersion) {
+		return 0, fmt.Errorf("host speaks protocol versions %d..%d, agent speaks %d..%d",
+			hostMin, hostMax, agentproto.MinVersion, agentproto.Version)
+	}
+	return v, nil
+}
+
+func (ss *session) serveStream(st *yamux.Stream) {
+	defer st.Close()
+	in := agentproto.NewReader(st)
+	var req agentpb.Request
+	if err := in.Read(&req); err != nil {
+		ss.log.Debug("read request", "err", err)
+		return
+	}
+	switch call := req.Call.(type) {
+	case *agentpb.Request_Ping:
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Pong{Pong: &agentpb.Pong{Payload: call.Ping.Payload}}})
+	case *agentpb.Request_Exec:
+		ss.runExec(st, in, call.Exec)
+	case *agentpb.Request_Signal:
+		ss.signal(st, call.Signal)
+	case *agentpb.Request_Shutdown:
+		if ss.srv.opts.OnShutdown == nil {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "shutdown is not served by this agent")
+			return
+		}
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Shutdown{Shutdown: &agentpb.ShutdownReply{}}})
+		st.Close()
+		ss.srv.opts.OnShutdown()
+	case *agentpb.Request_Hello:
+		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
+	default:
+		_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, fmt.Sprintf("unknown call %T", req.Call))
+	}
+}
+
+func (ss *session) signal(st io.Writer, req *agentpb.Signal) {
+	ss.mu.Lock()
+	p := ss.byID[req.ExecId]
+	ss.mu.Unlock()
+	if p == nil {
+		_ = replyError(st, agentpb.Error_CODE_NOT_FOUND, fmt.Sprintf("no running exec %q", req.ExecId))
+		return
+	}
+	if req.Signal <= 0 || req.Signal >= 65 {
+		_ = replyError(st, agentpb.Error_CODE_INVALID_ARGUMENT, fmt.Sprintf("invalid signal %d", req.Signal))
+		return
+	}
+	if err := p.kill(unix.Signal(req.Signal)); err != nil {
+		_ = replyError(st, agentpb.Error_CODE_NOT_FOUND, fmt.Sprintf("exec %q: %v", req.ExecId, err))
+		return
+	}
+	_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Signal{Signal: &agentpb.SignalReply{}}})
+}
+
+func (ss *session) register(id string, p *proc) error {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.procs[p] = struct{}{}
+	if id == "" {
+		return nil
+	}
+	if _, ok := ss.byID[id]; ok {
+		return fmt.Errorf("exec id %q is already in use", id)
+	}
+	ss.byID[id] = p
+	return nil
+}
+
+func (ss *session) unregister(id string, p *proc) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	delete(ss.procs, p)
+	if ss.byID[id] == p {
+		delete(ss.byID, id)
+	}
+}
+
+func (ss *session) killAll() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	for p := range ss.procs {
+		_ = p.kill(unix.SIGKILL)
+	}
+}
+
+func replyError(w io.Writer, code agentpb.Error_Code, msg string) error {
+	return agentproto.Write(w, &agentpb.Response{Result: &agentpb.Response_Error{Error: &agentpb.Error{Code: code, Message: msg}}})
+}
+
+func uptimeMicros() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return uint64(time.Duration(ts.Nano()) / time.Microsecond)
+}

@@ -1,0 +1,250 @@
+package agentclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/yamux"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
+	"github.com/mvm-sh/mvm/internal/agentproto"
+)
+
+// ExecSpec describes a command to run in the guest.
+type ExecSpec struct {
+	// Argv is the command; Argv[0] is looked up in the guest's PATH.
+	Argv []string
+	// Env is the complete environment as NAME=VALUE pairs in order; later
+	// entries win. The agent adds PATH and HOME when absent.
+	Env []EnvVar
+	// Dir is the working directory ("" means /); created when missing.
+	Dir string
+	// Stdin, when non-nil, is copied to the command's stdin until EOF.
+	// When nil the command reads /dev/null.
+	Stdin io.Reader
+	// Stdout and Stderr receive the command's output as it arrives; nil
+	// discards it.
+	Stdout, Stderr io.Writer
+	// OnOutputError is called (once per stream) when writing to Stdout or
+	// Stderr fails; output for that stream is dropped from then on. The
+	// caller decides what the guest should make of it (e.g. SIGPIPE).
+	OnOutputError func(fd agentpb.Output_Fd, err error)
+	// Timeout is enforced by the agent; 0 means none.
+	Timeout time.Duration
+	// KillGrace is the SIGTERM-to-SIGKILL grace on timeout; 0 kills at
+	// once.
+	KillGrace time.Duration
+}
+
+// EnvVar is one environment variable.
+type EnvVar struct{ Name, Value string }
+
+// ExitStatus is how a command ended.
+type ExitStatus struct {
+	// Code is the exit status when the command exited normally.
+	Code int
+	// Signal is the signal that killed the command, or 0.
+	Signal syscall.Signal
+	// TimedOut: the agent killed the command at ExecSpec.Timeout.
+	TimedOut bool
+	// StartFailure is set when the command never ran.
+	StartFailure *StartFailure
+	// Duration is the command's run time measured in the guest.
+	Duration time.Duration
+}
+
+// StartFailure says why a command did not start.
+type StartFailure struct {
+	Reason  agentpb.StartFailure_Reason
+	Errno   syscall.Errno
+	Message string
+}
+
+func (f *StartFailure) Error() string { return f.Message }
+
+// Process is a command started by Exec.
+type Process struct {
+	c  *Client
+	id string
+	st *yamux.Stream
+
+	startedOnce sync.Once
+	started     chan struct{}
+	pid         atomic.Uint32
+
+	done   chan struct{}
+	status ExitStatus
+	err    error
+}
+
+var execSeq atomic.Uint64
+
+// Exec asks the agent to start a command and returns at once; output flows
+// to spec's writers in the background. Use Wait for the exit status.
+func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
+	if len(spec.Argv) == 0 {
+		return nil, errors.New("exec: empty argv")
+	}
+	st, err := c.sess.OpenStream()
+	if err != nil {
+		return nil, fmt.Errorf("exec: open stream: %w", agentproto.Classify(err))
+	}
+	p := &Process{
+		c:       c,
+		id:      "exec-" + strconv.FormatUint(execSeq.Add(1), 10),
+		st:      st,
+		started: make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	req := &agentpb.Exec{
+		Argv:            spec.Argv,
+		Cwd:             spec.Dir,
+		Stdin:           spec.Stdin != nil,
+		TimeoutMillis:   uint64(spec.Timeout.Milliseconds()),
+		KillGraceMillis: uint64(spec.KillGrace.Milliseconds()),
+		Id:              p.id,
+	}
+	if spec.Timeout > 0 && req.TimeoutMillis == 0 {
+		req.TimeoutMillis = 1
+	}
+	for _, e := range spec.Env {
+		req.Env = append(req.Env, &agentpb.EnvVar{Name: e.Name, Value: e.Value})
+	}
+	if err := agentproto.Write(st, &agentpb.Request{Call: &agentpb.Request_Exec{Exec: req}}); err != nil {
+		st.Close()
+		return nil, fmt.Errorf("exec: send request: %w", err)
+	}
+	if spec.Stdin != nil {
+		go p.pumpStdin(spec.Stdin)
+	}
+	go p.readEvents(spec)
+	return p, nil
+}
+
+// ID is the name the agent knows this exec by.
+func (p *Process) ID() string { return p.id }
+
+// Started is closed when the agent reports the command running (or its exit).
+func (p *Process) Started() <-chan struct{} { return p.started }
+
+// PID is the command's pid in the guest, once started.
+func (p *Process) PID() int { return int(p.pid.Load()) }
+
+// Done is closed when Wait would return.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Wait blocks until the agent reports the exit (after the last byte of
+// output was handed to the writers) or ctx ends.
+func (p *Process) Wait(ctx context.Context) (ExitStatus, error) {
+	select {
+	case <-p.done:
+		return p.status, p.err
+	case <-ctx.Done():
+		return ExitStatus{}, ctx.Err()
+	}
+}
+
+// Signal delivers sig to the command's process group in the guest.
+func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
+	if err := p.c.signal(ctx, p.id, int(sig)); err != nil {
+		return fmt.Errorf("signal %s: %w", sig, err)
+	}
+	return nil
+}
+
+func (p *Process) markStarted() { p.startedOnce.Do(func() { close(p.started) }) }
+
+func (p *Process) readEvents(spec ExecSpec) {
+	defer close(p.done)
+	defer p.markStarted()
+	defer p.st.Close()
+	outs := map[agentpb.Output_Fd]*sink{
+		agentpb.Output_FD_STDOUT: {w: spec.Stdout},
+		agentpb.Output_FD_STDERR: {w: spec.Stderr},
+	}
+	in := agentproto.NewReader(p.st)
+	var ev agentpb.ExecEvent
+	for {
+		ev.Reset()
+		if err := in.Read(&ev); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = fmt.Errorf("%w: exec stream ended without an exit status", agentproto.ErrClosed)
+			}
+			p.err = err
+			return
+		}
+		switch e := ev.Event.(type) {
+		case *agentpb.ExecEvent_Started:
+			p.pid.Store(e.Started.Pid)
+			p.markStarted()
+		case *agentpb.ExecEvent_Output:
+			if s := outs[e.Output.Fd]; s != nil {
+				if err := s.write(e.Output.Data); err != nil && spec.OnOutputError != nil {
+					spec.OnOutputError(e.Output.Fd, err)
+				}
+			}
+		case *agentpb.ExecEvent_Exited:
+			p.status = exitStatus(e.Exited)
+			return
+		}
+	}
+}
+
+// sink is one output destination; after its first write error it drops
+// everything, so a closed stdout cannot stall stderr or the exit status.
+type sink struct {
+	w      io.Writer
+	failed bool
+}
+
+// write returns the error of the first failed write only.
+func (s *sink) write(b []byte) error {
+	if s.w == nil || s.failed {
+		return nil
+	}
+	if _, err := s.w.Write(b); err != nil {
+		s.failed = true
+		return err
+	}
+	return nil
+}
+
+func exitStatus(e *agentpb.Exited) ExitStatus {
+	st := ExitStatus{
+		Code:     int(e.Code),
+		Signal:   syscall.Signal(e.Signal),
+		TimedOut: e.TimedOut,
+		Duration: time.Duration(e.DurationMicros) * time.Microsecond,
+	}
+	if f := e.StartFailure; f != nil {
+		st.StartFailure = &StartFailure{Reason: f.Reason, Errno: syscall.Errno(f.Errno), Message: f.Message}
+	}
+	return st
+}
+
+// pumpStdin forwards stdin in chunks and then the end-of-file. It stops
+// quietly when the stream is gone (the command ended).
+func (p *Process) pumpStdin(r io.Reader) {
+	buf := make([]byte, agentproto.ChunkSize)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			msg := &agentpb.ExecInput{Input: &agentpb.ExecInput_Stdin{Stdin: &agentpb.Stdin{Data: buf[:n]}}}
+			if werr := agentproto.Write(p.st, msg); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			// EOF or a read error: either way the command sees end-of-file.
+			_ = agentproto.Write(p.st, &agentpb.ExecInput{Input: &agentpb.ExecInput_Stdin{Stdin: &agentpb.Stdin{Eof: true}}})
+			return
+		}
+	}
+}

@@ -1,0 +1,156 @@
+// Package agentproto holds what both ends of the guest agent protocol share:
+// the version numbers, capability names, the session (stream multiplexer)
+// settings and the message framing. The messages themselves are generated
+// from api/agent/v1/agent.proto; docs/protocol.md is the prose spec.
+//
+// Both the host client (internal/agentclient) and the guest server
+// (internal/agent) go through this package, so a change to framing or
+// session settings cannot drift between the two.
+package agentproto
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/yamux"
+	"google.golang.org/protobuf/encoding/protodelim"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Protocol versions. A session runs at the highest version both sides speak;
+// a peer whose range does not overlap is refused with an Error of code
+// VERSION, never left hanging.
+const (
+	Version    uint32 = 1
+	MinVersion uint32 = 1
+)
+
+// Capability names announced in HelloReply.capabilities.
+const (
+	CapExec        = "exec"
+	CapExecStdin   = "exec.stdin"
+	CapExecTimeout = "exec.timeout"
+	CapSignal      = "signal"
+	CapShutdown    = "shutdown"
+	CapPing        = "ping"
+)
+
+// PortName is the virtio-serial port name the agent looks for. The host
+// names the port this way; the guest finds /dev/vportNpM through sysfs.
+const PortName = "org.mvm.agent.0"
+
+// MaxMessageSize caps one framed message. Output is cut into ChunkSize
+// pieces, so only a hostile or broken peer ever comes near it.
+const MaxMessageSize = 1 << 20
+
+// ChunkSize is how much stdout/stderr/stdin one message carries at most.
+// 64 KiB matches the Linux pipe buffer, so one read drains a full pipe.
+const ChunkSize = 64 << 10
+
+// streamWindow is the yamux per-stream receive window. A larger window than
+// yamux's 256 KiB default keeps a bulk output stream from stalling on
+// window updates when the guest is slow to be scheduled (TCG).
+const streamWindow = 1 << 20
+
+// SessionConfig returns the yamux settings both ends use. Keepalives are off:
+// the peer is a VM that may be paused (snapshots, a stopped debugger) and a
+// missed ping must not tear the session down. Liveness comes from the VMM
+// process instead.
+func SessionConfig() *yamux.Config {
+	cfg := yamux.DefaultConfig()
+	cfg.EnableKeepAlive = false
+	cfg.MaxStreamWindowSize = streamWindow
+	cfg.ConnectionWriteTimeout = 365 * 24 * time.Hour
+	cfg.StreamOpenTimeout = 0
+	cfg.StreamCloseTimeout = time.Minute
+	cfg.LogOutput = io.Discard
+	return cfg
+}
+
+// Reader reads framed messages from one stream.
+type Reader struct {
+	br *bufio.Reader
+}
+
+// NewReader wraps r; the buffering is needed because the size prefix is a
+// varint read byte by byte.
+func NewReader(r io.Reader) *Reader {
+	return &Reader{br: bufio.NewReaderSize(r, ChunkSize+1024)}
+}
+
+// Read decodes the next message into m. It returns io.EOF only when the
+// stream ended cleanly between two messages.
+func (r *Reader) Read(m proto.Message) error {
+	err := protodelim.UnmarshalOptions{MaxSize: MaxMessageSize}.UnmarshalFrom(r.br, m)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return io.EOF
+		}
+		return Classify(fmt.Errorf("read message: %w", err))
+	}
+	return nil
+}
+
+// Marshal frames m. Callers that share a stream between goroutines write the
+// result with a single Write call under their own lock, so frames never
+// interleave.
+func Marshal(m proto.Message) ([]byte, error) {
+	size := proto.Size(m)
+	b := protowire.AppendVarint(make([]byte, 0, size+binary.MaxVarintLen64), uint64(size))
+	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, m)
+	if err != nil {
+		return nil, fmt.Errorf("marshal %T: %w", m, err)
+	}
+	if len(b) > MaxMessageSize {
+		return nil, fmt.Errorf("marshal %T: %d bytes exceeds the %d byte limit", m, len(b), MaxMessageSize)
+	}
+	return b, nil
+}
+
+// Write frames m and writes it with one Write call.
+func Write(w io.Writer, m proto.Message) error {
+	b, err := Marshal(m)
+	if err != nil {
+		return err
+	}
+	if _, err := w.Write(b); err != nil {
+		return Classify(fmt.Errorf("write %T: %w", m, err))
+	}
+	return nil
+}
+
+// ErrClosed reports that the session or stream is gone: the peer closed it,
+// the VM stopped, or the transport broke. Callers branch on it with
+// errors.Is instead of matching the many transport errors behind it.
+var ErrClosed = errors.New("agent connection closed")
+
+// Classify folds the transport's "connection is gone" errors into ErrClosed,
+// keeping the original error in the chain.
+func Classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	switch {
+	case errors.Is(err, ErrClosed),
+		errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, net.ErrClosed),
+		errors.Is(err, syscall.EPIPE),
+		errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, yamux.ErrSessionShutdown),
+		errors.Is(err, yamux.ErrStreamClosed),
+		errors.Is(err, yamux.ErrConnectionReset),
+		errors.Is(err, yamux.ErrRemoteGoAway):
+		if errors.Is(err, ErrClosed) {
+			return err
+		}
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return err
+}

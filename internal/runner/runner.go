@@ -1,0 +1,398 @@
+// Package runner is the exec orchestrator: it boots a throwaway machine,
+// runs one command in it through the guest agent with output streamed as
+// it arrives, and tears everything down, whatever happened. It owns the
+// policy (timeouts, interrupts, what a failure leaves behind); the backend
+// owns the VMM and the agent client owns the protocol.
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
+	"github.com/mvm-sh/mvm/internal/accel"
+	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/runstate"
+)
+
+// Defaults a user gets without flags.
+const (
+	DefaultCPUs      = 2
+	DefaultMemoryMiB = 512
+	DefaultTimeout   = 60 * time.Second
+)
+
+// Tunables that are not user flags.
+const (
+	// bootTimeout bounds boot-to-hello. TCG boots in about a second on an
+	// idle host; this only catches a guest that will never answer.
+	bootTimeout = 60 * time.Second
+	// interruptGrace is how long a forwarded Ctrl-C has to end the command
+	// before the VM is torn down anyway.
+	interruptGrace = 3 * time.Second
+	// killGrace is the SIGTERM-to-SIGKILL grace at the guest timeout.
+	killGrace = 2 * time.Second
+	// hostTimeoutSlack is how much longer than the guest-enforced timeout
+	// the host waits before it stops trusting the guest.
+	hostTimeoutSlack = 10 * time.Second
+	// stopTimeout bounds a polite VMM stop before it is killed.
+	stopTimeout = 2 * time.Second
+	// keptLogs is how many console logs of failed runs are kept.
+	keptLogs = 20
+)
+
+// Request is one command to run in a fresh VM.
+type Request struct {
+	Argv []string
+	Env  []agentclient.EnvVar
+	Dir  string
+	// Stdin is forwarded when non-nil; otherwise the command reads
+	// /dev/null.
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// Timeout is enforced in the guest; 0 means none.
+	Timeout   time.Duration
+	CPUs      int
+	MemoryMiB uint64
+	Accel     accel.Mode
+	Kernel    string
+	Initrd    string
+	// KernelArgs are extra guest kernel arguments.
+	KernelArgs []string
+	// Signals carries the user's interrupts (SIGINT, SIGTERM, SIGHUP):
+	// the first is forwarded to the command, a second one, or the command
+	// outliving interruptGrace, tears the VM down.
+	Signals <-chan os.Signal
+}
+
+// Result is how a run ended.
+type Result struct {
+	// Completed is true when the command reported its exit; Status is
+	// meaningful only then.
+	Completed bool
+	Status    agentclient.ExitStatus
+	// Interrupted is the signal that made the runner tear the VM down
+	// before the command ended (0 if it did not).
+	Interrupted syscall.Signal
+	// Timings of the run's phases, for -v.
+	Timings Timings
+}
+
+// Timings are offsets from the start of Run.
+type Timings struct {
+	VMMStarted, AgentReady, CommandStarted, CommandExited, TornDown time.Duration
+	// GuestUptime is the guest's uptime at the agent's hello.
+	GuestUptime time.Duration
+}
+
+// Runner runs requests.
+type Runner struct {
+	Backend backend.Backend
+	// RunRoot holds per-run directories.
+	RunRoot string
+	// LogDir keeps console logs of failed runs.
+	LogDir string
+	Log    *slog.Logger
+}
+
+// Error is a failure of mvmctl or the VM (not of the command). It carries
+// the console log kept for diagnosis, if any.
+type Error struct {
+	Op         string
+	Err        error
+	ConsoleLog string
+}
+
+func (e *Error) Error() string {
+	msg := e.Op + ": " + e.Err.Error()
+	if e.ConsoleLog != "" {
+		msg += " (guest console log: " + e.ConsoleLog + ")"
+	}
+	return msg
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// NewName returns a transient VM name, exec-<pid>-<nanos> in hex.
+func NewName() string {
+	return "exec-" + strconv.FormatInt(int64(os.Getpid()), 16) + "-" + strconv.FormatInt(time.Now().UnixNano()&0xffffffffff, 16)
+}
+
+// Run boots a VM, runs req in it and tears the VM down. A command that ran
+// returns its status with a nil error, even a timeout; a run that failed
+// on our side returns *Error.
+func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
+	log := r.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	start := time.Now()
+	since := func() time.Duration { return time.Since(start) }
+
+	if reclaimed, err := runstate.Reclaim(r.RunRoot, log); err != nil {
+		log.Warn("reclaiming leftovers of earlier runs", "err", err)
+	} else if len(reclaimed) > 0 {
+		log.Debug("reclaimed leftovers of earlier runs", "runs", reclaimed)
+	}
+
+	name := NewName()
+	log = log.With("vm", name)
+	run, err := runstate.Create(r.RunRoot, name)
+	if err != nil {
+		return res, &Error{Op: "prepare run", Err: err}
+	}
+	keepLogs := false
+	defer func() {
+		if keepLogs {
+			if p := r.keepConsole(run, log); p != "" {
+				var re *Error
+				if errors.As(err, &re) && re.ConsoleLog == "" {
+					re.ConsoleLog = p
+				}
+			}
+		}
+		if rerr := run.Remove(); rerr != nil {
+			log.Warn("remove run directory", "err", rerr)
+		}
+	}()
+	fail := func(op string, e error) (Result, error) {
+		keepLogs = true
+		return res, &Error{Op: op, Err: e}
+	}
+
+	m, err := r.Backend.Start(ctx, backend.Config{
+		Name:       name,
+		RunDir:     run.Dir,
+		Kernel:     req.Kernel,
+		Initrd:     req.Initrd,
+		KernelArgs: req.KernelArgs,
+		CPUs:       req.CPUs,
+		MemoryMiB:  req.MemoryMiB,
+		Accel:      req.Accel,
+	})
+	if err != nil {
+		return fail("start vm", err)
+	}
+	res.Timings.VMMStarted = since()
+	if err := run.RecordVMM(m.PID()); err != nil {
+		log.Warn("record vmm pid", "err", err)
+	}
+	defer func() {
+		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
+		defer cancel()
+		if serr := m.Stop(stopCtx); serr != nil {
+			log.Warn("stop vm", "err", serr)
+		}
+		res.Timings.TornDown = since()
+	}()
+
+	client, err := agentclient.Dial(m.AgentConn())
+	if err != nil {
+		return fail("connect to guest agent", err)
+	}
+	defer client.Close()
+
+	var procRef atomic.Pointer[agentclient.Process]
+	spec := agentclient.ExecSpec{
+		Argv:      req.Argv,
+		Env:       req.Env,
+		Dir:       req.Dir,
+		Stdin:     req.Stdin,
+		Stdout:    req.Stdout,
+		Stderr:    req.Stderr,
+		Timeout:   req.Timeout,
+		KillGrace: killGrace,
+		OnOutputError: func(fd agentpb.Output_Fd, werr error) {
+			// The reader of our stdout went away (`| head`): the command
+			// gets what it would get from a closed pipe.
+			if p := procRef.Load(); p != nil && errors.Is(werr, syscall.EPIPE) {
+				go func() { _ = p.Signal(context.WithoutCancel(ctx), syscall.SIGPIPE) }()
+			}
+			log.Debug("output stream failed", "fd", fd, "err", werr)
+		},
+	}
+	// Queued right behind the hello: both are answered as soon as the agent
+	// starts, with no round trip in between.
+	proc, err := client.Exec(ctx, spec)
+	if err != nil {
+		return fail("start command", err)
+	}
+	procRef.Store(proc)
+
+	helloDone := make(chan struct{})
+	go func() {
+		defer close(helloDone)
+		_, _ = client.Hello(ctx)
+	}()
+
+	bootTimer := time.NewTimer(bootTimeout)
+	defer bootTimer.Stop()
+	var hostDeadline <-chan time.Time
+	var graceTimer <-chan time.Time
+	started := proc.Started()
+	helloCh := (<-chan struct{})(helloDone)
+	for {
+		select {
+		case <-helloCh:
+			helloCh = nil
+			h, herr := client.Hello(ctx)
+			if herr != nil {
+				return fail("guest agent", herr)
+			}
+			res.Timings.AgentReady = since()
+			res.Timings.GuestUptime = time.Duration(h.GuestUptimeMicros) * time.Microsecond
+		case <-started:
+			started = nil
+			bootTimer.Stop()
+			res.Timings.CommandStarted = since()
+			if req.Timeout > 0 {
+				hostDeadline = time.After(req.Timeout + killGrace + hostTimeoutSlack)
+			}
+		case <-proc.Done():
+			st, werr := proc.Wait(ctx)
+			if werr != nil {
+				select {
+				case <-m.Done():
+					return fail("vm", vmEnded(ctx, m))
+				case <-time.After(100 * time.Millisecond):
+				}
+				return fail("guest agent", werr)
+			}
+			res.Status, res.Completed = st, true
+			res.Timings.CommandExited = since()
+			return res, nil
+		case <-m.Done():
+			// The VMM exited while the command had not reported an exit.
+			// Output already received is flushed; give the stream a
+			// moment to deliver an exit that raced the VMM's end.
+			select {
+			case <-proc.Done():
+				if st, werr := proc.Wait(ctx); werr == nil {
+					res.Status, res.Completed = st, true
+					res.Timings.CommandExited = since()
+					return res, nil
+				}
+			case <-time.After(100 * time.Millisecond):
+			}
+			return fail("vm", vmEnded(ctx, m))
+		case <-bootTimer.C:
+			return fail("boot", fmt.Errorf("the guest agent did not start the command within %s", bootTimeout))
+		case <-hostDeadline:
+			res.Status = agentclient.ExitStatus{TimedOut: true}
+			return fail("timeout", fmt.Errorf("the guest did not stop the command %s after its %s timeout; the VM was torn down", killGrace+hostTimeoutSlack, req.Timeout))
+		case sig := <-req.Signals:
+			s, _ := sig.(syscall.Signal)
+			if graceTimer != nil || started != nil {
+				// Second interrupt, or one before the command runs.
+				res.Interrupted = s
+				return res, nil
+			}
+			log.Debug("forwarding signal", "signal", s)
+			if serr := proc.Signal(ctx, s); serr != nil {
+				log.Debug("forward signal", "err", serr)
+			}
+			graceTimer = time.After(interruptGrace)
+			res.Interrupted = s
+		case <-graceTimer:
+			return res, nil
+		case <-ctx.Done():
+			return fail("run", ctx.Err())
+		}
+	}
+}
+
+// vmEnded explains an unexpected VMM exit.
+func vmEnded(ctx context.Context, m backend.Machine) error {
+	if err := m.Wait(ctx); err != nil {
+		return err
+	}
+	return errors.New("the VM stopped before the command finished (guest crash or power-off)")
+}
+
+// keepConsole moves the console and VMM logs of a failed run to LogDir and
+// prunes old ones. It returns the kept console log's path.
+func (r *Runner) keepConsole(run *runstate.Run, log *slog.Logger) string {
+	if r.LogDir == "" {
+		return ""
+	}
+	kept, err := run.Keep("console.log", r.LogDir, ".console.log")
+	if err != nil {
+		log.Warn("keep console log", "err", err)
+		return ""
+	}
+	if fi, err := os.Stat(run.Path("vmm.log")); err == nil && fi.Size() > 0 {
+		_, _ = run.Keep("vmm.log", r.LogDir, ".vmm.log")
+	}
+	pruneLogs(r.LogDir, keptLogs)
+	return kept
+}
+
+// pruneLogs keeps the newest n console logs (and their vmm logs).
+func pruneLogs(dir string, n int) {
+	matches, _ := filepath.Glob(filepath.Join(dir, "*.console.log"))
+	if len(matches) <= n {
+		return
+	}
+	type f struct {
+		path string
+		mod  time.Time
+	}
+	var fs []f
+	for _, m := range matches {
+		if fi, err := os.Stat(m); err == nil {
+			fs = append(fs, f{m, fi.ModTime()})
+		}
+	}
+	sort.Slice(fs, func(i, j int) bool { return fs[i].mod.After(fs[j].mod) })
+	for _, old := range fs[min(n, len(fs)):] {
+		os.Remove(old.path)
+		os.Remove(old.path[:len(old.path)-len(".console.log")] + ".vmm.log")
+	}
+}
+
+// ExitCode maps a run's outcome to mvmctl's exit status, the contract
+// documented in docs/exit-codes.md: the command's own code; 128+N for
+// death by signal N; 124 for a timeout; 126 and 127 for a command that
+// could not be run or found; 125 for everything that failed on our side.
+func ExitCode(res Result, err error) int {
+	if err != nil {
+		var re *Error
+		if errors.As(err, &re) && re.Op == "timeout" {
+			return 124
+		}
+		return 125
+	}
+	if !res.Completed {
+		if res.Interrupted != 0 {
+			return 128 + int(res.Interrupted)
+		}
+		return 125
+	}
+	st := res.Status
+	switch {
+	case st.StartFailure != nil:
+		switch st.StartFailure.Reason {
+		case agentpb.StartFailure_REASON_NOT_FOUND:
+			return 127
+		case agentpb.StartFailure_REASON_NOT_EXECUTABLE:
+			return 126
+		}
+		return 125
+	case st.TimedOut:
+		return 124
+	case st.Signal != 0:
+		return 128 + int(st.Signal)
+	}
+	return st.Code
+}

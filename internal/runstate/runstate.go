@@ -1,0 +1,201 @@
+// Package runstate keeps each run's files in one private directory and
+// cleans up after runs that could not clean up themselves.
+//
+// A run directory is created 0700 and holds a lock file that the owning
+// mvmctl keeps flock'ed for its whole life. The kernel drops the lock when
+// that process dies, however it dies, so "lock can be taken" means "owner
+// is gone" without trusting pids that may have been reused. Reclaim uses
+// that to remove leftovers of crashed runs, and kills a VMM that outlived
+// its owner after checking that the pid still belongs to that run.
+package runstate
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	lockFile = "lock"
+	vmmFile  = "vmm.pid"
+)
+
+// Run is one live run's directory.
+type Run struct {
+	Name string
+	Dir  string
+	lock *os.File
+}
+
+// Create makes root (0700) if needed and a fresh run directory in it, and
+// takes the run's lock.
+func Create(root, name string) (*Run, error) {
+	if err := ensurePrivateDir(root); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(root, name)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create run directory: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err == nil {
+		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	}
+	if err != nil {
+		if lock != nil {
+			lock.Close()
+		}
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("lock run directory %s: %w", dir, err)
+	}
+	fmt.Fprintf(lock, "pid %d\nstarted %s\n", os.Getpid(), time.Now().UTC().Format(time.RFC3339Nano))
+	return &Run{Name: name, Dir: dir, lock: lock}, nil
+}
+
+// ensurePrivateDir creates dir 0700, or checks that an existing one is a
+// directory owned by us, and tightens its mode.
+func ensurePrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Getuid() {
+		return fmt.Errorf("%s is owned by uid %d, not by this user", dir, st.Uid)
+	}
+	if fi.Mode().Perm() != 0o700 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("make %s private: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// Path returns the path of a file inside the run directory.
+func (r *Run) Path(name string) string { return filepath.Join(r.Dir, name) }
+
+// RecordVMM notes the VMM's pid, so that Reclaim can kill a VMM whose owner
+// died without taking it along.
+func (r *Run) RecordVMM(pid int) error {
+	return os.WriteFile(r.Path(vmmFile), []byte(strconv.Itoa(pid)+"\n"), 0o600)
+}
+
+// Keep moves a file out of the run directory into dir (created 0700) under
+// the run's name plus suffix, and returns the new path. Used for the console
+// log of a failed run, which must outlive the run directory.
+func (r *Run) Keep(name, dir, suffix string) (string, error) {
+	if err := ensurePrivateDir(dir); err != nil {
+		return "", err
+	}
+	dst := filepath.Join(dir, r.Name+suffix)
+	if err := os.Rename(r.Path(name), dst); err != nil {
+		return "", fmt.Errorf("keep %s: %w", name, err)
+	}
+	return dst, nil
+}
+
+// Remove deletes the run directory and releases the lock.
+func (r *Run) Remove() error {
+	err := os.RemoveAll(r.Dir)
+	r.lock.Close()
+	if err != nil {
+		return fmt.Errorf("remove run directory: %w", err)
+	}
+	return nil
+}
+
+// Reclaim removes the directories under root whose owners are gone, killing
+// any VMM they left running. It returns the names it removed. A missing
+// root is not an error.
+func Reclaim(root string, log *slog.Logger) ([]string, error) {
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("reclaim runs: %w", err)
+	}
+	var removed []string
+	var errs []error
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(root, e.Name())
+		ok, err := reclaimOne(dir)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if ok {
+			log.Debug("reclaimed run", "dir", dir)
+			removed = append(removed, e.Name())
+		}
+	}
+	return removed, errors.Join(errs...)
+}
+
+// reclaimOne removes dir if its owner is gone.
+func reclaimOne(dir string) (bool, error) {
+	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		// A run dies between Mkdir and creating its lock only if it is
+		// killed in that instant; such a directory is old and empty.
+		if fi, serr := os.Stat(dir); serr != nil || time.Since(fi.ModTime()) < time.Minute {
+			return false, nil
+		}
+	case err != nil:
+		return false, fmt.Errorf("reclaim %s: %w", dir, err)
+	default:
+		defer lock.Close()
+		if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return false, nil // owner alive
+			}
+			return false, fmt.Errorf("reclaim %s: %w", dir, err)
+		}
+	}
+	killOrphanVMM(dir)
+	if err := os.RemoveAll(dir); err != nil {
+		return false, fmt.Errorf("reclaim %s: %w", dir, err)
+	}
+	return true, nil
+}
+
+// killOrphanVMM kills the VMM recorded in dir if that pid still runs a
+// process whose command line names dir (QEMU's arguments contain the
+// console log path), so a reused pid is never hit.
+func killOrphanVMM(dir string) {
+	b, err := os.ReadFile(filepath.Join(dir, vmmFile))
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return
+	}
+	if slices.ContainsFunc(strings.Split(string(cmdline), "\x00"), func(arg string) bool {
+		return strings.Contains(arg, dir+"/")
+	}) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
