@@ -169,4 +169,3 @@ func (c *Client) signal(ctx context.Context, id string, sig int) error {
 	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Signal{Signal: &agentpb.Signal{ExecId: id, Signal: int32(sig)}}})
 	return err
 }
-
