@@ -3,7 +3,6 @@ package agent
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"sync"
@@ -15,6 +14,7 @@ import (
 
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/mux"
 )
 
 // drainGrace bounds how long the agent waits for the output pipes to reach
@@ -48,12 +48,29 @@ func (p *proc) markReaped() {
 	p.mu.Unlock()
 }
 
-// streamWriter serialises whole frames onto one stream: the stdout and
-// stderr readers and the exit path all write to it.
+// streamWriter serialises whole messages onto one exec stream: the stdout
+// and stderr readers and the exit path all write to it. After the first
+// failure (the host went away) every send fails at once, and the pumps
+// just drain.
 type streamWriter struct {
 	mu  sync.Mutex
-	w   io.Writer
+	st  *mux.Stream
 	err error
+}
+
+// errFinished is what sends fail with once Exited has been sent.
+var errFinished = errors.New("exec already reported its exit")
+
+// finish sends the last event of the stream; every later send fails, so
+// nothing can follow it.
+func (sw *streamWriter) finish(ev *agentpb.ExecEvent) error {
+	err := sw.send(ev)
+	sw.mu.Lock()
+	if sw.err == nil {
+		sw.err = errFinished
+	}
+	sw.mu.Unlock()
+	return err
 }
 
 func (sw *streamWriter) send(ev *agentpb.ExecEvent) error {
@@ -66,15 +83,38 @@ func (sw *streamWriter) send(ev *agentpb.ExecEvent) error {
 	if sw.err != nil {
 		return sw.err
 	}
-	if _, err := sw.w.Write(b); err != nil {
+	if _, err := sw.st.Write(b); err != nil {
+		sw.err = agentproto.Classify(err)
+	}
+	return sw.err
+}
+
+// outputHeadroom is the room an output buffer keeps in front of the data
+// for the message prefix and the frame header.
+const outputHeadroom = mux.HeaderSize + agentproto.MaxOutputPrefix
+
+// sendOutput sends buf[outputHeadroom:outputHeadroom+n] as one Output
+// event without copying it: the message prefix and the frame header are
+// written into the headroom in front of the data.
+func (sw *streamWriter) sendOutput(buf []byte, n int, fd agentpb.Output_Fd) error {
+	var pbuf [agentproto.MaxOutputPrefix]byte
+	prefix := agentproto.AppendOutputPrefix(pbuf[:0], fd, n)
+	start := outputHeadroom - len(prefix)
+	copy(buf[start:], prefix)
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	if sw.err != nil {
+		return sw.err
+	}
+	if err := sw.st.WriteFrame(buf[start-mux.HeaderSize : outputHeadroom+n]); err != nil {
 		sw.err = agentproto.Classify(err)
 	}
 	return sw.err
 }
 
 // runExec serves one exec stream from start to Exited.
-func (s *session) runExec(stream io.ReadWriteCloser, in *agentproto.Reader, req *agentpb.Exec) {
-	out := &streamWriter{w: stream}
+func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentpb.Exec) {
+	out := &streamWriter{st: stream}
 	started := time.Now()
 	fail := func(reason agentpb.StartFailure_Reason, errno syscall.Errno, format string, args ...any) {
 		msg := fmt.Sprintf(format, args...)
@@ -128,6 +168,12 @@ func (s *session) runExec(stream io.ReadWriteCloser, in *agentproto.Reader, req 
 		closeAll(stdin, stdinW, stdoutR, stdoutW)
 		fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "stderr pipe: %v", err)
 		return
+	}
+
+	// A 1 MiB pipe (the default maximum) lets a fast writer run ahead of
+	// the agent, so output moves in large chunks with few wakeups.
+	for _, f := range []*os.File{stdoutR, stderrR} {
+		setPipeSize(f, 1<<20)
 	}
 
 	attr := &syscall.ProcAttr{
@@ -190,8 +236,14 @@ func (s *session) runExec(stream io.ReadWriteCloser, in *agentproto.Reader, req 
 	// strays.
 	_ = unix.Kill(-pid, unix.SIGKILL)
 	p.markReaped()
-	waitOrClose(&drained, drainGrace, stdoutR, stderrR)
-	closeAll(stdoutR, stderrR)
+	if !waitTimeout(&drained, drainGrace) {
+		// Something that left the process group still holds the pipes;
+		// what it writes from now on is dropped, since Exited must be the
+		// last event. Closing our ends unblocks the readers.
+		s.log.Debug("output still open after the command ended; dropping the rest", "pid", pid)
+		closeAll(stdoutR, stderrR)
+		drained.Wait()
+	}
 
 	ex := &agentpb.Exited{
 		TimedOut:       timedOut.Load(),
@@ -203,7 +255,7 @@ func (s *session) runExec(stream io.ReadWriteCloser, in *agentproto.Reader, req 
 	case ws.Signaled():
 		ex.Signal = int32(ws.Signal())
 	}
-	if err := out.send(&agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: ex}}); err != nil {
+	if err := out.finish(&agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: ex}}); err != nil {
 		s.log.Debug("exit not delivered", "pid", pid, "err", err)
 	}
 }
@@ -213,11 +265,12 @@ func (s *session) runExec(stream io.ReadWriteCloser, in *agentproto.Reader, req 
 // full pipe because nobody listens.
 func pumpOutput(wg *sync.WaitGroup, out *streamWriter, r *os.File, fd agentpb.Output_Fd) {
 	defer wg.Done()
-	buf := make([]byte, agentproto.ChunkSize)
+	defer r.Close()
+	buf := make([]byte, outputHeadroom+agentproto.ChunkSize)
 	for {
-		n, err := r.Read(buf)
+		n, err := r.Read(buf[outputHeadroom:])
 		if n > 0 {
-			_ = out.send(&agentpb.ExecEvent{Event: &agentpb.ExecEvent_Output{Output: &agentpb.Output{Fd: fd, Data: buf[:n]}}})
+			_ = out.sendOutput(buf, n, fd)
 		}
 		if err != nil {
 			return
@@ -268,17 +321,15 @@ func stdinFor(forward bool) (child, agentEnd *os.File, err error) {
 	return r, w, err
 }
 
-// waitOrClose waits for wg; after grace it closes the files so blocked
-// readers return, then waits again.
-func waitOrClose(wg *sync.WaitGroup, grace time.Duration, files ...*os.File) {
+// waitTimeout waits for wg at most d and reports whether it finished.
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
-		return
-	case <-time.After(grace):
-		closeAll(files...)
-		<-done
+		return true
+	case <-time.After(d):
+		return false
 	}
 }
 
@@ -374,4 +425,16 @@ func closeAll(files ...*os.File) {
 			f.Close()
 		}
 	}
+}
+
+// setPipeSize enlarges a pipe's buffer; failure (a lowered
+// fs.pipe-max-size) only costs speed.
+func setPipeSize(f *os.File, size int) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		_, _ = unix.FcntlInt(fd, unix.F_SETPIPE_SZ, size)
+	})
 }

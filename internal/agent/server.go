@@ -16,11 +16,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hashicorp/yamux"
 	"golang.org/x/sys/unix"
 
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/mux"
 )
 
 // Server serves agent sessions. One Server lives for the whole guest; each
@@ -71,10 +71,7 @@ func (s *Server) capabilities() []string {
 // or the transport fails. Commands still running when the session ends are
 // killed: they belong to the session that started them.
 func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
-	sess, err := yamux.Server(conn, agentproto.SessionConfig())
-	if err != nil {
-		return fmt.Errorf("start session: %w", err)
-	}
+	sess := mux.Server(conn, agentproto.SessionConfig())
 	defer sess.Close()
 	stop := context.AfterFunc(ctx, func() { sess.Close() })
 	defer stop()
@@ -85,7 +82,7 @@ func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
 	// Stream 1 must be hello, and nothing else is accepted until it has
 	// been answered: that is what makes it safe for the host to pipeline
 	// its first exec right behind the hello.
-	st, err := sess.AcceptStream()
+	st, err := sess.Accept()
 	if err != nil {
 		return agentproto.Classify(fmt.Errorf("accept hello: %w", err))
 	}
@@ -93,7 +90,7 @@ func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
 		return err
 	}
 	for {
-		st, err := sess.AcceptStream()
+		st, err := sess.Accept()
 		if err != nil {
 			err = agentproto.Classify(err)
 			if errors.Is(err, agentproto.ErrClosed) {
@@ -116,7 +113,7 @@ type session struct {
 	byID  map[string]*proc   // those the host named, for Signal
 }
 
-func (ss *session) hello(st *yamux.Stream) error {
+func (ss *session) hello(st *mux.Stream) error {
 	defer st.Close()
 	in := agentproto.NewReader(st)
 	var req agentpb.Request
@@ -154,7 +151,7 @@ func negotiate(hostMin, hostMax uint32) (uint32, error) {
 	return v, nil
 }
 
-func (ss *session) serveStream(st *yamux.Stream) {
+func (ss *session) serveStream(st *mux.Stream) {
 	defer st.Close()
 	in := agentproto.NewReader(st)
 	var req agentpb.Request

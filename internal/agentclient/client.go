@@ -19,15 +19,14 @@ import (
 	"slices"
 	"time"
 
-	"github.com/hashicorp/yamux"
-
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/mux"
 )
 
 // Client is one session with a guest agent.
 type Client struct {
-	sess *yamux.Session
+	sess *mux.Session
 
 	helloDone chan struct{}
 	hello     *agentpb.HelloReply // set before helloDone closes
@@ -50,12 +49,9 @@ func (e *RemoteError) Error() string {
 // Dial starts a session on conn and sends the hello. It returns without
 // waiting for the agent; Hello waits for the answer.
 func Dial(conn net.Conn) (*Client, error) {
-	sess, err := yamux.Client(conn, agentproto.SessionConfig())
-	if err != nil {
-		return nil, fmt.Errorf("start agent session: %w", err)
-	}
+	sess := mux.Client(conn, agentproto.SessionConfig())
 	c := &Client{sess: sess, helloDone: make(chan struct{})}
-	st, err := sess.OpenStream()
+	st, err := sess.Open()
 	if err != nil {
 		sess.Close()
 		return nil, fmt.Errorf("open hello stream: %w", agentproto.Classify(err))
@@ -120,12 +116,12 @@ func (c *Client) Close() error { return c.sess.Close() }
 
 // call runs a one-request, one-response call on a new stream.
 func (c *Client) call(ctx context.Context, req *agentpb.Request) (*agentpb.Response, error) {
-	st, err := c.sess.OpenStream()
+	st, err := c.sess.Open()
 	if err != nil {
 		return nil, agentproto.Classify(err)
 	}
 	defer st.Close()
-	stop := context.AfterFunc(ctx, func() { _ = st.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() { _ = st.Reset() })
 	defer stop()
 	if err := agentproto.Write(st, req); err != nil {
 		return nil, ctxErr(ctx, err)

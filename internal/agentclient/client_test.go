@@ -3,6 +3,9 @@ package agentclient_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
 	"net"
 	"strings"
 	"syscall"
@@ -74,6 +77,67 @@ func TestHelloAndPing(t *testing.T) {
 	}
 	if _, err := c.Ping(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLargeOutput moves output much larger than the stream window through
+// the spliced path, with stdout and stderr interleaved.
+func TestLargeOutput(t *testing.T) {
+	c := startAgent(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var out, errb bytes.Buffer
+	p, err := c.Exec(ctx, agentclient.ExecSpec{
+		Argv:   []string{"sh", "-c", "head -c 20000000 /dev/urandom | tee /dev/stderr | sha256sum >&2"},
+		Stdout: &out, Stderr: &errb,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := p.Wait(ctx)
+	if err != nil || st.Code != 0 {
+		t.Fatalf("%+v %v", st, err)
+	}
+	// stderr = the data, then its sha256 line; stdout is empty.
+	data := errb.Bytes()
+	if len(data) < 20000000 || out.Len() != 0 {
+		t.Fatalf("stderr %d bytes, stdout %d", len(data), out.Len())
+	}
+	payload, sumLine := data[:20000000], string(data[20000000:])
+	if got := fmt.Sprintf("%x", sha256.Sum256(payload)); !strings.HasPrefix(sumLine, got) {
+		t.Fatalf("sha256 %s, guest says %q", got, sumLine)
+	}
+}
+
+func TestPingWhileExecRuns(t *testing.T) {
+	c := startAgent(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// A command whose output nobody reads fills its window; the session
+	// must still answer pings and deliver signals.
+	pr, pw := io.Pipe()
+	defer pr.Close()
+	p, err := c.Exec(ctx, agentclient.ExecSpec{Argv: []string{"yes"}, Stdout: pw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-p.Started()
+	time.Sleep(100 * time.Millisecond)
+	for i := 0; i < 10; i++ {
+		if _, err := c.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Signal(ctx, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, pr) }()
+	st, err := p.Wait(ctx)
+	if err != nil || st.Signal != syscall.SIGTERM {
+		t.Fatalf("status %+v %v, want death by SIGTERM", st, err)
+	}
+	if err := p.Signal(ctx, syscall.SIGTERM); err == nil {
+		t.Error("signalling a finished exec should fail")
 	}
 }
 

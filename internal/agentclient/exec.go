@@ -11,10 +11,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/yamux"
-
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/mux"
 )
 
 // ExecSpec describes a command to run in the guest.
@@ -73,7 +72,7 @@ func (f *StartFailure) Error() string { return f.Message }
 type Process struct {
 	c  *Client
 	id string
-	st *yamux.Stream
+	st *mux.Stream
 
 	startedOnce sync.Once
 	started     chan struct{}
@@ -92,7 +91,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 	if len(spec.Argv) == 0 {
 		return nil, errors.New("exec: empty argv")
 	}
-	st, err := c.sess.OpenStream()
+	st, err := c.sess.Open()
 	if err != nil {
 		return nil, fmt.Errorf("exec: open stream: %w", agentproto.Classify(err))
 	}
