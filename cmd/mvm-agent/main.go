@@ -22,6 +22,7 @@ import (
 var version = "dev"
 
 func main() {
+	startUptime := agent.Uptime()
 	port := flag.String("port", agentproto.PortName, "name of the virtio-serial port to serve on")
 	debugLog := flag.Bool("debug", false, "log debug messages to the console")
 	showVersion := flag.Bool("version", false, "print the version and exit")
@@ -38,7 +39,7 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("component", "mvm-agent")
 
 	isInit := os.Getpid() == 1
-	opts := agent.Options{}
+	opts := agent.Options{StartUptime: startUptime}
 	if isInit {
 		// As PID 1 a panic would panic the kernel; log it and power off so
 		// the host sees the VM end instead of a hang.
@@ -48,7 +49,7 @@ func main() {
 				agent.PowerOff(log)
 			}
 		}()
-		agent.InitSystem(log)
+		opts.Ready = agent.InitSystem(log)
 		if agent.CmdlineHas("mvm.debug") {
 			level.Set(slog.LevelDebug)
 		}
@@ -56,7 +57,7 @@ func main() {
 		opts.OnShutdown = func() { agent.PowerOff(log) }
 	}
 	srv := agent.NewServer(log, version, opts)
-	log.Debug("agent started", "version", version, "pid", os.Getpid())
+	log.Debug("agent started", "version", version, "pid", os.Getpid(), "start_uptime", startUptime)
 
 	ctx := context.Background()
 	for backoff := time.Millisecond; ; backoff = min(2*backoff, 100*time.Millisecond) {

@@ -217,6 +217,6 @@ func (o *execOptions) request(argv []string) (runner.Request, error) {
 func printTimings(w io.Writer, res runner.Result) {
 	t := res.Timings
 	ms := func(d time.Duration) string { return fmt.Sprintf("%.0fms", float64(d)/float64(time.Millisecond)) }
-	fmt.Fprintf(w, "mvmctl: vmm started %s, agent ready %s (guest uptime %s), command started %s, exited %s, torn down %s\n",
-		ms(t.VMMStarted), ms(t.AgentReady), ms(t.GuestUptime), ms(t.CommandStarted), ms(t.CommandExited), ms(t.TornDown))
+	fmt.Fprintf(w, "mvmctl: vmm started %s, agent ready %s (guest kernel %s, agent init %s), command started %s, exited %s, torn down %s\n",
+		ms(t.VMMStarted), ms(t.AgentReady), ms(t.AgentStart), ms(t.GuestUptime-t.AgentStart), ms(t.CommandStarted), ms(t.CommandExited), ms(t.TornDown))
 }

@@ -24,12 +24,19 @@ type mount struct {
 	data                   string
 }
 
-// initMounts are mounted in order by InitSystem. The root is the initramfs
-// (already a writable tmpfs), so /tmp and /run need no mount of their own.
-var initMounts = []mount{
+// earlyMounts are what the agent needs before it can find its port and
+// read the kernel command line; InitSystem mounts them before it returns.
+// The root is the initramfs (already a writable tmpfs), so /tmp and /run
+// need no mount of their own.
+var earlyMounts = []mount{
 	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
 	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
 	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
+}
+
+// lateMounts are only needed by commands; they are set up while the agent
+// already talks to the host.
+var lateMounts = []mount{
 	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"},
 	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
 }
@@ -43,12 +50,26 @@ var devLinks = [][2]string{
 	{"/proc/self/fd/2", "/dev/stderr"},
 }
 
-// InitSystem does what the guest's init must do before the agent can serve:
-// mount the kernel filesystems, create the usual /dev links and the
-// /dev/virtio-ports names, and bring up loopback. Failures are logged and
-// the boot goes on: a missing /dev/shm should not cost the user the VM.
-func InitSystem(log *slog.Logger) {
-	for _, m := range initMounts {
+// InitSystem does what the guest's init must do: mount the kernel
+// filesystems, create the usual /dev links and the /dev/virtio-ports names,
+// and bring up loopback. It returns once the agent can find its port; the
+// rest goes on in the background, overlapping the first round trip with
+// the host, and the returned channel closes when it is done (commands wait
+// for it). Failures are logged and the boot goes on: a missing /dev/shm
+// should not cost the user the VM.
+func InitSystem(log *slog.Logger) <-chan struct{} {
+	mountAll(log, earlyMounts)
+	ready := make(chan struct{})
+	go func() {
+		defer close(ready)
+		mountAll(log, lateMounts)
+		finishInit(log)
+	}()
+	return ready
+}
+
+func mountAll(log *slog.Logger, mounts []mount) {
+	for _, m := range mounts {
 		if err := os.MkdirAll(m.target, 0o755); err != nil {
 			log.Warn("mkdir", "path", m.target, "err", err)
 			continue
@@ -57,6 +78,9 @@ func InitSystem(log *slog.Logger) {
 			log.Warn("mount", "target", m.target, "fstype", m.fstype, "err", err)
 		}
 	}
+}
+
+func finishInit(log *slog.Logger) {
 	for _, l := range devLinks {
 		if err := os.Symlink(l[0], l[1]); err != nil && !errors.Is(err, os.ErrExist) {
 			log.Warn("symlink", "path", l[1], "err", err)

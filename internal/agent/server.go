@@ -42,6 +42,12 @@ type Options struct {
 	// OnShutdown is called once the reply to a Shutdown call is on its way.
 	// Nil makes the agent refuse Shutdown.
 	OnShutdown func()
+	// Ready, if set, is closed when the guest is ready for commands;
+	// execs wait for it (hello and ping do not).
+	Ready <-chan struct{}
+	// StartUptime is the guest uptime when the agent started, reported in
+	// HelloReply for boot timing breakdowns.
+	StartUptime time.Duration
 }
 
 // NewServer returns a server. version is reported in HelloReply.
@@ -137,7 +143,8 @@ func (ss *session) hello(st *mux.Stream) error {
 		Version:           v,
 		AgentVersion:      ss.srv.version,
 		Capabilities:      ss.srv.capabilities(),
-		GuestUptimeMicros: uptimeMicros(),
+		GuestUptimeMicros:      uptimeMicros(),
+		AgentStartUptimeMicros: uint64(ss.srv.opts.StartUptime / time.Microsecond),
 	}}})
 }
 
@@ -163,6 +170,9 @@ func (ss *session) serveStream(st *mux.Stream) {
 	case *agentpb.Request_Ping:
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Pong{Pong: &agentpb.Pong{Payload: call.Ping.Payload}}})
 	case *agentpb.Request_Exec:
+		if ready := ss.srv.opts.Ready; ready != nil {
+			<-ready
+		}
 		ss.runExec(st, in, call.Exec)
 	case *agentpb.Request_Signal:
 		ss.signal(st, call.Signal)
@@ -234,6 +244,9 @@ func (ss *session) killAll() {
 func replyError(w io.Writer, code agentpb.Error_Code, msg string) error {
 	return agentproto.Write(w, &agentpb.Response{Result: &agentpb.Response_Error{Error: &agentpb.Error{Code: code, Message: msg}}})
 }
+
+// Uptime is the guest's time since boot, for boot timing logs.
+func Uptime() time.Duration { return time.Duration(uptimeMicros()) * time.Microsecond }
 
 func uptimeMicros() uint64 {
 	var ts unix.Timespec

@@ -92,8 +92,10 @@ type Result struct {
 // Timings are offsets from the start of Run.
 type Timings struct {
 	VMMStarted, AgentReady, CommandStarted, CommandExited, TornDown time.Duration
-	// GuestUptime is the guest's uptime at the agent's hello.
-	GuestUptime time.Duration
+	// GuestUptime is the guest's uptime at the agent's hello, and
+	// AgentStart its uptime when the agent process started (what the
+	// kernel's boot took).
+	GuestUptime, AgentStart time.Duration
 }
 
 // Runner runs requests.
@@ -252,6 +254,7 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 			}
 			res.Timings.AgentReady = since()
 			res.Timings.GuestUptime = time.Duration(h.GuestUptimeMicros) * time.Microsecond
+			res.Timings.AgentStart = time.Duration(h.AgentStartUptimeMicros) * time.Microsecond
 		case <-started:
 			started = nil
 			bootTimer.Stop()

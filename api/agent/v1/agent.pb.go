@@ -617,8 +617,11 @@ type HelloReply struct {
 	Capabilities []string `protobuf:"bytes,3,rep,name=capabilities,proto3" json:"capabilities,omitempty"`
 	// Guest uptime when the agent answered, for boot timing breakdowns.
 	GuestUptimeMicros uint64 `protobuf:"varint,4,opt,name=guest_uptime_micros,json=guestUptimeMicros,proto3" json:"guest_uptime_micros,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Guest uptime when the agent process started: the kernel's share of
+	// the boot.
+	AgentStartUptimeMicros uint64 `protobuf:"varint,5,opt,name=agent_start_uptime_micros,json=agentStartUptimeMicros,proto3" json:"agent_start_uptime_micros,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *HelloReply) Reset() {
@@ -675,6 +678,13 @@ func (x *HelloReply) GetCapabilities() []string {
 func (x *HelloReply) GetGuestUptimeMicros() uint64 {
 	if x != nil {
 		return x.GuestUptimeMicros
+	}
+	return 0
+}
+
+func (x *HelloReply) GetAgentStartUptimeMicros() uint64 {
+	if x != nil {
+		return x.AgentStartUptimeMicros
 	}
 	return 0
 }
@@ -1588,13 +1598,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\vmin_version\x18\x02 \x01(\rR\n" +
 	"minVersion\x12-\n" +
 	"\x13host_time_unix_nano\x18\x03 \x01(\x03R\x10hostTimeUnixNano\x12\x18\n" +
-	"\aentropy\x18\x04 \x01(\fR\aentropy\"\x9f\x01\n" +
+	"\aentropy\x18\x04 \x01(\fR\aentropy\"\xda\x01\n" +
 	"\n" +
 	"HelloReply\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12#\n" +
 	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\x12\"\n" +
 	"\fcapabilities\x18\x03 \x03(\tR\fcapabilities\x12.\n" +
-	"\x13guest_uptime_micros\x18\x04 \x01(\x04R\x11guestUptimeMicros\" \n" +
+	"\x13guest_uptime_micros\x18\x04 \x01(\x04R\x11guestUptimeMicros\x129\n" +
+	"\x19agent_start_uptime_micros\x18\x05 \x01(\x04R\x16agentStartUptimeMicros\" \n" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
