@@ -140,9 +140,9 @@ func (ss *session) hello(st *mux.Stream) error {
 		ss.srv.opts.OnHello(h)
 	}
 	return agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Hello{Hello: &agentpb.HelloReply{
-		Version:           v,
-		AgentVersion:      ss.srv.version,
-		Capabilities:      ss.srv.capabilities(),
+		Version:                v,
+		AgentVersion:           ss.srv.version,
+		Capabilities:           ss.srv.capabilities(),
 		GuestUptimeMicros:      uptimeMicros(),
 		AgentStartUptimeMicros: uint64(ss.srv.opts.StartUptime / time.Microsecond),
 	}}})
