@@ -55,6 +55,7 @@ func main() {
 		}
 		opts.OnHello = func(h *agentpb.Hello) { agent.ApplyHello(log, h) }
 		opts.OnShutdown = func() { agent.PowerOff(log) }
+		opts.Mounts = true
 	}
 	srv := agent.NewServer(log, version, opts)
 	log.Debug("agent started", "version", version, "pid", os.Getpid(), "start_uptime", startUptime)

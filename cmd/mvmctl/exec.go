@@ -15,17 +15,22 @@ import (
 	"golang.org/x/term"
 
 	"github.com/mvm-sh/mvm/internal/accel"
+	"github.com/mvm-sh/mvm/internal/adddir"
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
+	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/envvar"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/launchplan"
 	"github.com/mvm-sh/mvm/internal/runner"
 	"github.com/mvm-sh/mvm/internal/units"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
 type execOptions struct {
+	addDirs     []string
+	launchPlan  string
 	cpus        int
 	memory      string
 	timeout     string
@@ -55,7 +60,6 @@ was not found.`,
   echo hi | mvmctl exec -- sh -c 'cat; exit 3'
   mvmctl exec --timeout 5s -- sleep 60
   mvmctl exec -e GREETING='hello world' -w /tmp -- sh -c 'echo "$GREETING"; pwd'`,
-		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runExec(cmd, g, o, args)
 		},
@@ -64,6 +68,8 @@ was not found.`,
 	// Everything after the first non-flag argument belongs to COMMAND, so
 	// "mvmctl exec ls -la" works as well as "mvmctl exec -- ls -la".
 	f.SetInterspersed(false)
+	f.StringArrayVarP(&o.addDirs, "add-dir", "d", nil, "share a host directory: HOST:GUEST[:ro|rw] (repeatable; default ro; rw writes the guest's changes back)")
+	f.StringVar(&o.launchPlan, "launch-plan", "", "take the command, working directory and environment from an mvmforge launch.json")
 	f.IntVar(&o.cpus, "cpus", runner.DefaultCPUs, "number of vCPUs")
 	f.StringVar(&o.memory, "memory", units.FormatMiB(runner.DefaultMemoryMiB), "guest memory (e.g. 256M, 1G; a bare number is MiB)")
 	f.StringVar(&o.timeout, "timeout", runner.DefaultTimeout.String(), "kill COMMAND after this long (30, 30s, 2m; 0 for none)")
@@ -91,7 +97,11 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 	if err != nil {
 		return fail(err)
 	}
-	if err := hostdeps.Check("mvmctl exec", image.RuntimeDeps()...); err != nil {
+	deps := image.RuntimeDeps()
+	if len(req.Dirs) > 0 {
+		deps = append(deps, dirimage.Deps()...)
+	}
+	if err := hostdeps.Check("mvmctl exec", deps...); err != nil {
 		return fail(err)
 	}
 	cache, err := xdg.CacheDir()
@@ -132,15 +142,17 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 	}
 
 	r := &runner.Runner{
-		Backend: qemu.New(g.log),
-		RunRoot: runRoot,
-		LogDir:  filepath.Join(state, "logs"),
-		Log:     g.log,
+		Backend:   qemu.New(g.log),
+		RunRoot:   runRoot,
+		LogDir:    filepath.Join(state, "logs"),
+		StagedDir: filepath.Join(state, "staged"),
+		Log:       g.log,
 	}
 	res, err := r.Run(cmd.Context(), req)
 	if g.verbose {
 		printTimings(cmd.ErrOrStderr(), res)
 	}
+	reportWriteBack(cmd.ErrOrStderr(), res.Dirs, g.verbose)
 	code := runner.ExitCode(res, err)
 	switch {
 	case err != nil:
@@ -160,8 +172,18 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 // request validates the flags and builds the run request.
 func (o *execOptions) request(argv []string) (runner.Request, error) {
 	var req runner.Request
-	if len(argv) == 0 || argv[0] == "" {
-		return req, errors.New("no command given: mvmctl exec [flags] -- COMMAND [ARG...]")
+	var plan launchplan.Entrypoint
+	switch {
+	case o.launchPlan != "" && len(argv) > 0:
+		return req, fmt.Errorf("--launch-plan %s supplies the command; remove the command after -- (%q) or the flag", o.launchPlan, argv)
+	case o.launchPlan != "":
+		var err error
+		if plan, err = launchplan.Load(o.launchPlan); err != nil {
+			return req, err
+		}
+		argv = plan.Command
+	case len(argv) == 0 || argv[0] == "":
+		return req, errors.New("no command given: mvmctl exec [flags] -- COMMAND [ARG...] (or --launch-plan FILE)")
 	}
 	if o.cpus < 1 || o.cpus > 64 {
 		return req, fmt.Errorf("invalid --cpus %d: must be between 1 and 64", o.cpus)
@@ -177,12 +199,23 @@ func (o *execOptions) request(argv []string) (runner.Request, error) {
 	if err != nil {
 		return req, err
 	}
-	env, err := envvar.ParseFlags(o.env, os.LookupEnv)
+	cliEnv, err := envvar.ParseFlags(o.env, os.LookupEnv)
 	if err != nil {
 		return req, err
 	}
-	if o.workdir != "" && !filepath.IsAbs(o.workdir) {
-		return req, fmt.Errorf("invalid --workdir %q: must be an absolute guest path", o.workdir)
+	// Lowest to highest: apps[0].env, entrypoint.env (merged by the
+	// launch plan), --env.
+	env := envvar.Merge(envvar.FromMap(plan.Env), cliEnv)
+	workdir := plan.WorkingDir
+	if o.workdir != "" {
+		workdir = o.workdir
+	}
+	if workdir != "" && !filepath.IsAbs(workdir) {
+		return req, fmt.Errorf("invalid --workdir %q: must be an absolute guest path", workdir)
+	}
+	dirs, err := adddir.Resolve(o.addDirs)
+	if err != nil {
+		return req, err
 	}
 	mode, err := accel.ParseMode(o.accel)
 	if err != nil {
@@ -202,7 +235,8 @@ func (o *execOptions) request(argv []string) (runner.Request, error) {
 		// for agent debug logs in the console log.
 		KernelArgs: strings.Fields(os.Getenv("MVM_KERNEL_ARGS")),
 		Argv:       argv,
-		Dir:        o.workdir,
+		Dir:        workdir,
+		Dirs:       dirs,
 		Timeout:    timeout,
 		CPUs:       o.cpus,
 		MemoryMiB:  mem,
@@ -219,4 +253,20 @@ func printTimings(w io.Writer, res runner.Result) {
 	ms := func(d time.Duration) string { return fmt.Sprintf("%.0fms", float64(d)/float64(time.Millisecond)) }
 	fmt.Fprintf(w, "mvmctl: vmm started %s, agent ready %s (guest kernel %s, agent init %s), command started %s, exited %s, torn down %s\n",
 		ms(t.VMMStarted), ms(t.AgentReady), ms(t.AgentStart), ms(t.GuestUptime-t.AgentStart), ms(t.CommandStarted), ms(t.CommandExited), ms(t.TornDown))
+}
+
+// reportWriteBack tells the user about read-write directories: failures
+// always (the command's exit status stays its own), successes with -v.
+func reportWriteBack(w io.Writer, dirs []runner.DirResult, verbose bool) {
+	for _, d := range dirs {
+		switch {
+		case d.Err != nil && d.Kept != "":
+			fmt.Fprintf(w, "mvmctl: could not write the guest's changes back to %s: %v\nmvmctl: they are kept in %s; apply them with: mvmctl recover %s\n",
+				d.Spec.Host, d.Err, d.Kept, d.Kept)
+		case d.Err != nil:
+			fmt.Fprintf(w, "mvmctl: could not write the guest's changes back to %s: %v\n", d.Spec.Host, d.Err)
+		case verbose:
+			fmt.Fprintf(w, "mvmctl: wrote back %s: %s\n", d.Spec.Host, d.Stats)
+		}
+	}
 }

@@ -230,7 +230,7 @@ func addEntropy(seed []byte) error {
 func PowerOff(log *slog.Logger) {
 	_ = unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
-	for _, mnt := range blockMounts() {
+	for _, mnt := range dataMounts() {
 		if err := unix.Unmount(mnt, 0); err != nil {
 			log.Warn("unmount", "path", mnt, "err", err)
 			_ = unix.Mount("", mnt, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
@@ -243,8 +243,9 @@ func PowerOff(log *slog.Logger) {
 	select {}
 }
 
-// blockMounts lists mount points backed by block devices, innermost first.
-func blockMounts() []string {
+// dataMounts lists the mounts the agent made for the host (block devices
+// and overlays), innermost first, leaving the kernel filesystems alone.
+func dataMounts() []string {
 	f, err := os.Open("/proc/self/mounts")
 	if err != nil {
 		return nil
@@ -254,7 +255,7 @@ func blockMounts() []string {
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) >= 2 && strings.HasPrefix(fields[0], "/dev/") {
+		if len(fields) >= 3 && (strings.HasPrefix(fields[0], "/dev/") || fields[2] == "overlay") {
 			out = append(out, unescapeMount(fields[1]))
 		}
 	}

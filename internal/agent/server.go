@@ -42,6 +42,8 @@ type Options struct {
 	// OnShutdown is called once the reply to a Shutdown call is on its way.
 	// Nil makes the agent refuse Shutdown.
 	OnShutdown func()
+	// Mounts enables the Mount call (only the guest's init may mount).
+	Mounts bool
 	// Ready, if set, is closed when the guest is ready for commands;
 	// execs wait for it (hello and ping do not).
 	Ready <-chan struct{}
@@ -66,6 +68,9 @@ func (s *Server) capabilities() []string {
 		agentproto.CapExecStdin,
 		agentproto.CapExecTimeout,
 		agentproto.CapSignal,
+	}
+	if s.opts.Mounts {
+		caps = append(caps, agentproto.CapMount)
 	}
 	if s.opts.OnShutdown != nil {
 		caps = append(caps, agentproto.CapShutdown)
@@ -184,6 +189,19 @@ func (ss *session) serveStream(st *mux.Stream) {
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Shutdown{Shutdown: &agentpb.ShutdownReply{}}})
 		st.Close()
 		ss.srv.opts.OnShutdown()
+	case *agentpb.Request_Mount:
+		if !ss.srv.opts.Mounts {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "mount is not served by this agent")
+			return
+		}
+		if ready := ss.srv.opts.Ready; ready != nil {
+			<-ready
+		}
+		if err := mountDevice(call.Mount); err != nil {
+			_ = replyError(st, agentpb.Error_CODE_INTERNAL, err.Error())
+			return
+		}
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Mount{Mount: &agentpb.MountReply{}}})
 	case *agentpb.Request_Hello:
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
 	default:

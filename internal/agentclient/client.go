@@ -165,3 +165,27 @@ func (c *Client) signal(ctx context.Context, id string, sig int) error {
 	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Signal{Signal: &agentpb.Signal{ExecId: id, Signal: int32(sig)}}})
 	return err
 }
+
+// Mount describes a guest mount of a VM drive (see agent.proto's Mount).
+type Mount struct {
+	DeviceSerial string
+	Target       string
+	ReadOnly     bool
+	// UpperSerial makes Target an overlay whose changes land on this
+	// drive.
+	UpperSerial string
+}
+
+// Mount asks the agent to mount a drive and waits until it has.
+func (c *Client) Mount(ctx context.Context, m Mount) error {
+	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Mount{Mount: &agentpb.Mount{
+		DeviceSerial: m.DeviceSerial,
+		Target:       m.Target,
+		ReadOnly:     m.ReadOnly,
+		UpperSerial:  m.UpperSerial,
+	}}})
+	if err != nil {
+		return fmt.Errorf("mount %s: %w", m.Target, err)
+	}
+	return nil
+}

@@ -40,6 +40,7 @@ const (
 	CapSignal      = "signal"
 	CapShutdown    = "shutdown"
 	CapPing        = "ping"
+	CapMount       = "mount"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

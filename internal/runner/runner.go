@@ -21,6 +21,7 @@ import (
 
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/accel"
+	"github.com/mvm-sh/mvm/internal/adddir"
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/runstate"
@@ -48,6 +49,9 @@ const (
 	hostTimeoutSlack = 10 * time.Second
 	// stopTimeout bounds a polite VMM stop before it is killed.
 	stopTimeout = 2 * time.Second
+	// shutdownTimeout bounds the guest's own shutdown (sync, unmount) when
+	// read-write directories need a clean filesystem.
+	shutdownTimeout = 10 * time.Second
 	// keptLogs is how many console logs of failed runs are kept.
 	keptLogs = 20
 )
@@ -70,6 +74,8 @@ type Request struct {
 	Initrd    string
 	// KernelArgs are extra guest kernel arguments.
 	KernelArgs []string
+	// Dirs are host directories shared with the guest (--add-dir).
+	Dirs []adddir.Spec
 	// Signals carries the user's interrupts (SIGINT, SIGTERM, SIGHUP):
 	// the first is forwarded to the command, a second one, or the command
 	// outliving interruptGrace, tears the VM down.
@@ -87,11 +93,13 @@ type Result struct {
 	Interrupted syscall.Signal
 	// Timings of the run's phases, for -v.
 	Timings Timings
+	// Dirs reports the write-back of each read-write directory.
+	Dirs []DirResult
 }
 
 // Timings are offsets from the start of Run.
 type Timings struct {
-	VMMStarted, AgentReady, CommandStarted, CommandExited, TornDown time.Duration
+	DirsReady, VMMStarted, AgentReady, CommandStarted, CommandExited, TornDown time.Duration
 	// GuestUptime is the guest's uptime at the agent's hello, and
 	// AgentStart its uptime when the agent process started (what the
 	// kernel's boot took).
@@ -105,6 +113,9 @@ type Runner struct {
 	RunRoot string
 	// LogDir keeps console logs of failed runs.
 	LogDir string
+	// StagedDir keeps the changes of read-write directories whose
+	// write-back failed, for `mvmctl recover`.
+	StagedDir string
 	Log    *slog.Logger
 }
 
@@ -142,7 +153,7 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 	start := time.Now()
 	since := func() time.Duration { return time.Since(start) }
 
-	if reclaimed, err := runstate.Reclaim(r.RunRoot, log); err != nil {
+	if reclaimed, err := runstate.ReclaimSalvaging(r.RunRoot, log, func(dir string) { r.salvage(dir, log) }); err != nil {
 		log.Warn("reclaiming leftovers of earlier runs", "err", err)
 	} else if len(reclaimed) > 0 {
 		log.Debug("reclaimed leftovers of earlier runs", "runs", reclaimed)
@@ -173,7 +184,16 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 		return res, &Error{Op: op, Err: e}
 	}
 
-	m, err := r.Backend.Start(ctx, backend.Config{
+	dirs, err := prepareDirs(ctx, run.Dir, req.Dirs)
+	if err != nil {
+		return res, &Error{Op: "prepare --add-dir", Err: err}
+	}
+	res.Timings.DirsReady = since()
+	// From here on, whatever happens, the guest's changes to read-write
+	// directories are written back (or kept, with a message).
+	defer func() { res.Dirs = r.writeBack(ctx, dirs, name, log) }()
+
+	cfg := backend.Config{
 		Name:       name,
 		RunDir:     run.Dir,
 		Kernel:     req.Kernel,
@@ -182,7 +202,11 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 		CPUs:       req.CPUs,
 		MemoryMiB:  req.MemoryMiB,
 		Accel:      req.Accel,
-	})
+	}
+	for _, d := range dirs {
+		cfg.Drives = append(cfg.Drives, d.drives()...)
+	}
+	m, err := r.Backend.Start(ctx, cfg)
 	if err != nil {
 		return fail("start vm", err)
 	}
@@ -190,21 +214,31 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 	if err := run.RecordVMM(m.PID()); err != nil {
 		log.Warn("record vmm pid", "err", err)
 	}
-	defer func() {
-		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
-		defer cancel()
-		if serr := m.Stop(stopCtx); serr != nil {
-			log.Warn("stop vm", "err", serr)
-		}
-		res.Timings.TornDown = since()
-	}()
-
 	client, err := agentclient.Dial(m.AgentConn())
 	if err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx))
 		return fail("connect to guest agent", err)
 	}
 	defer client.Close()
+	defer func() {
+		r.stopVM(ctx, m, client, dirs, log)
+		res.Timings.TornDown = since()
+	}()
 
+	res, err = r.drive(ctx, req, m, client, dirs, res, since, log)
+	if err != nil {
+		keepLogs = true
+	}
+	return res, err
+}
+
+// drive runs the command in the booted VM and waits for its end, an
+// interrupt, a timeout or the VM's death.
+func (r *Runner) drive(ctx context.Context, req Request, m backend.Machine, client *agentclient.Client, dirs []*dirPlan,
+	res Result, since func() time.Duration, log *slog.Logger) (Result, error) {
+	fail := func(op string, e error) (Result, error) {
+		return res, &Error{Op: op, Err: e}
+	}
 	var procRef atomic.Pointer[agentclient.Process]
 	spec := agentclient.ExecSpec{
 		Argv:      req.Argv,
@@ -224,26 +258,30 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 			log.Debug("output stream failed", "fd", fd, "err", werr)
 		},
 	}
-	// Queued right behind the hello: both are answered as soon as the agent
-	// starts, with no round trip in between.
-	proc, err := client.Exec(ctx, spec)
-	if err != nil {
-		return fail("start command", err)
-	}
-	procRef.Store(proc)
 
 	helloDone := make(chan struct{})
 	go func() {
 		defer close(helloDone)
 		_, _ = client.Hello(ctx)
 	}()
+	// Mounts are queued right behind the hello; the command follows them
+	// once they are in place. Without mounts it is queued behind the hello
+	// at once: both are answered as soon as the agent starts, with no
+	// round trip in between.
+	mountsDone := make(chan error, 1)
+	go func() { mountsDone <- mountAll(ctx, client, dirs) }()
 
 	bootTimer := time.NewTimer(bootTimeout)
 	defer bootTimer.Stop()
-	var hostDeadline <-chan time.Time
-	var graceTimer <-chan time.Time
-	started := proc.Started()
+	var (
+		proc         *agentclient.Process
+		procDone     <-chan struct{}
+		started      <-chan struct{}
+		hostDeadline <-chan time.Time
+		graceTimer   <-chan time.Time
+	)
 	helloCh := (<-chan struct{})(helloDone)
+	mountsCh := (<-chan error)(mountsDone)
 	for {
 		select {
 		case <-helloCh:
@@ -255,6 +293,17 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 			res.Timings.AgentReady = since()
 			res.Timings.GuestUptime = time.Duration(h.GuestUptimeMicros) * time.Microsecond
 			res.Timings.AgentStart = time.Duration(h.AgentStartUptimeMicros) * time.Microsecond
+		case merr := <-mountsCh:
+			mountsCh = nil
+			if merr != nil {
+				return fail("mount --add-dir", merr)
+			}
+			var err error
+			if proc, err = client.Exec(ctx, spec); err != nil {
+				return fail("start command", err)
+			}
+			procRef.Store(proc)
+			procDone, started = proc.Done(), proc.Started()
 		case <-started:
 			started = nil
 			bootTimer.Stop()
@@ -262,7 +311,7 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 			if req.Timeout > 0 {
 				hostDeadline = time.After(req.Timeout + killGrace + hostTimeoutSlack)
 			}
-		case <-proc.Done():
+		case <-procDone:
 			st, werr := proc.Wait(ctx)
 			if werr != nil {
 				select {
@@ -279,14 +328,16 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 			// The VMM exited while the command had not reported an exit.
 			// Output already received is flushed; give the stream a
 			// moment to deliver an exit that raced the VMM's end.
-			select {
-			case <-proc.Done():
-				if st, werr := proc.Wait(ctx); werr == nil {
-					res.Status, res.Completed = st, true
-					res.Timings.CommandExited = since()
-					return res, nil
+			if proc != nil {
+				select {
+				case <-proc.Done():
+					if st, werr := proc.Wait(ctx); werr == nil {
+						res.Status, res.Completed = st, true
+						res.Timings.CommandExited = since()
+						return res, nil
+					}
+				case <-time.After(100 * time.Millisecond):
 				}
-			case <-time.After(100 * time.Millisecond):
 			}
 			return fail("vm", vmEnded(ctx, m))
 		case <-bootTimer.C:
@@ -296,7 +347,7 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 			return fail("timeout", fmt.Errorf("the guest did not stop the command %s after its %s timeout; the VM was torn down", killGrace+hostTimeoutSlack, req.Timeout))
 		case sig := <-req.Signals:
 			s, _ := sig.(syscall.Signal)
-			if graceTimer != nil || started != nil {
+			if graceTimer != nil || proc == nil || started != nil {
 				// Second interrupt, or one before the command runs.
 				res.Interrupted = s
 				return res, nil
@@ -312,6 +363,32 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 		case <-ctx.Done():
 			return fail("run", ctx.Err())
 		}
+	}
+}
+
+// stopVM ends the VM. With read-write directories the guest is asked to
+// shut down, so that it syncs and unmounts them and the host finds clean
+// filesystems; otherwise (or if that does not work in time) the VMM is
+// stopped outright, since nothing in the guest is worth waiting for.
+func (r *Runner) stopVM(ctx context.Context, m backend.Machine, client *agentclient.Client, dirs []*dirPlan, log *slog.Logger) {
+	base := context.WithoutCancel(ctx)
+	if hasWritable(dirs) {
+		select {
+		case <-m.Done():
+		default:
+			sctx, cancel := context.WithTimeout(base, shutdownTimeout)
+			if err := client.Shutdown(sctx); err != nil {
+				log.Debug("guest shutdown", "err", err)
+			} else if werr := m.Wait(sctx); werr != nil && sctx.Err() != nil {
+				log.Warn("the guest did not power off in time; stopping it", "timeout", shutdownTimeout)
+			}
+			cancel()
+		}
+	}
+	stopCtx, cancel := context.WithTimeout(base, stopTimeout)
+	defer cancel()
+	if err := m.Stop(stopCtx); err != nil {
+		log.Warn("stop vm", "err", err)
 	}
 }
 

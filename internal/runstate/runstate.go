@@ -122,6 +122,13 @@ func (r *Run) Remove() error {
 // any VMM they left running. It returns the names it removed. A missing
 // root is not an error.
 func Reclaim(root string, log *slog.Logger) ([]string, error) {
+	return ReclaimSalvaging(root, log, nil)
+}
+
+// ReclaimSalvaging is Reclaim with a hook that runs on each dead run's
+// directory (its VMM already killed) before it is removed, to move out
+// what must outlive the run.
+func ReclaimSalvaging(root string, log *slog.Logger, salvage func(dir string)) ([]string, error) {
 	entries, err := os.ReadDir(root)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -136,7 +143,7 @@ func Reclaim(root string, log *slog.Logger) ([]string, error) {
 			continue
 		}
 		dir := filepath.Join(root, e.Name())
-		ok, err := reclaimOne(dir)
+		ok, err := reclaimOne(dir, salvage)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -150,7 +157,7 @@ func Reclaim(root string, log *slog.Logger) ([]string, error) {
 }
 
 // reclaimOne removes dir if its owner is gone.
-func reclaimOne(dir string) (bool, error) {
+func reclaimOne(dir string, salvage func(string)) (bool, error) {
 	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -171,6 +178,9 @@ func reclaimOne(dir string) (bool, error) {
 		}
 	}
 	killOrphanVMM(dir)
+	if salvage != nil {
+		salvage(dir)
+	}
 	if err := os.RemoveAll(dir); err != nil {
 		return false, fmt.Errorf("reclaim %s: %w", dir, err)
 	}
@@ -197,5 +207,12 @@ func killOrphanVMM(dir string) {
 		return strings.Contains(arg, dir+"/")
 	}) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
+		// Let it finish dying before anything reads its disk images.
+		for i := 0; i < 200; i++ {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d/cmdline", pid)); err != nil {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 }

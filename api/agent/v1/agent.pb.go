@@ -225,6 +225,7 @@ type Request struct {
 	//	*Request_Exec
 	//	*Request_Signal
 	//	*Request_Shutdown
+	//	*Request_Mount
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -312,6 +313,15 @@ func (x *Request) GetShutdown() *Shutdown {
 	return nil
 }
 
+func (x *Request) GetMount() *Mount {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Mount); ok {
+			return x.Mount
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -336,6 +346,10 @@ type Request_Shutdown struct {
 	Shutdown *Shutdown `protobuf:"bytes,5,opt,name=shutdown,proto3,oneof"`
 }
 
+type Request_Mount struct {
+	Mount *Mount `protobuf:"bytes,6,opt,name=mount,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -346,6 +360,8 @@ func (*Request_Signal) isRequest_Call() {}
 
 func (*Request_Shutdown) isRequest_Call() {}
 
+func (*Request_Mount) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -355,6 +371,7 @@ type Response struct {
 	//	*Response_Pong
 	//	*Response_Signal
 	//	*Response_Shutdown
+	//	*Response_Mount
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -434,6 +451,15 @@ func (x *Response) GetShutdown() *ShutdownReply {
 	return nil
 }
 
+func (x *Response) GetMount() *MountReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Mount); ok {
+			return x.Mount
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -463,6 +489,10 @@ type Response_Shutdown struct {
 	Shutdown *ShutdownReply `protobuf:"bytes,4,opt,name=shutdown,proto3,oneof"`
 }
 
+type Response_Mount struct {
+	Mount *MountReply `protobuf:"bytes,5,opt,name=mount,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -474,6 +504,8 @@ func (*Response_Pong) isResponse_Result() {}
 func (*Response_Signal) isResponse_Result() {}
 
 func (*Response_Shutdown) isResponse_Result() {}
+
+func (*Response_Mount) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -1489,6 +1521,122 @@ func (*SignalReply) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
+// Mount mounts an ext4 block device of the VM at a guest path (created if
+// missing). Devices are named by the serial number the host gave the
+// virtio-blk drive, since the order of /dev/vdX names is not a contract.
+type Mount struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Serial of the ext4 device to mount.
+	DeviceSerial string `protobuf:"bytes,1,opt,name=device_serial,json=deviceSerial,proto3" json:"device_serial,omitempty"`
+	// Absolute guest path.
+	Target string `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	// Mount read-only. The host also attaches such a drive read-only, so the
+	// guest cannot remount its way around it.
+	ReadOnly bool `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	// When set, target becomes an overlay: device_serial (mounted read-only)
+	// is the lower layer and this ext4 device holds the upper layer (in its
+	// directory "upper", with "work" beside it), so that every change the
+	// guest makes lands there and nothing else. The root of "upper" takes the
+	// lower root's owner, mode and times, so a difference later is a change.
+	UpperSerial   string `protobuf:"bytes,4,opt,name=upper_serial,json=upperSerial,proto3" json:"upper_serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Mount) Reset() {
+	*x = Mount{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Mount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Mount) ProtoMessage() {}
+
+func (x *Mount) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Mount.ProtoReflect.Descriptor instead.
+func (*Mount) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *Mount) GetDeviceSerial() string {
+	if x != nil {
+		return x.DeviceSerial
+	}
+	return ""
+}
+
+func (x *Mount) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Mount) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+func (x *Mount) GetUpperSerial() string {
+	if x != nil {
+		return x.UpperSerial
+	}
+	return ""
+}
+
+type MountReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MountReply) Reset() {
+	*x = MountReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MountReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MountReply) ProtoMessage() {}
+
+func (x *MountReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MountReply.ProtoReflect.Descriptor instead.
+func (*MountReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
 // Shutdown makes the agent sync and unmount filesystems and power the VM
 // off after it has written its reply.
 type Shutdown struct {
@@ -1499,7 +1647,7 @@ type Shutdown struct {
 
 func (x *Shutdown) Reset() {
 	*x = Shutdown{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1511,7 +1659,7 @@ func (x *Shutdown) String() string {
 func (*Shutdown) ProtoMessage() {}
 
 func (x *Shutdown) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1524,7 +1672,7 @@ func (x *Shutdown) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Shutdown.ProtoReflect.Descriptor instead.
 func (*Shutdown) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 type ShutdownReply struct {
@@ -1535,7 +1683,7 @@ type ShutdownReply struct {
 
 func (x *ShutdownReply) Reset() {
 	*x = ShutdownReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +1695,7 @@ func (x *ShutdownReply) String() string {
 func (*ShutdownReply) ProtoMessage() {}
 
 func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,26 +1708,28 @@ func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownReply.ProtoReflect.Descriptor instead.
 func (*ShutdownReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xf8\x01\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xa5\x02\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
 	"\x04exec\x18\x03 \x01(\v2\x12.mvm.agent.v1.ExecH\x00R\x04exec\x12.\n" +
 	"\x06signal\x18\x04 \x01(\v2\x14.mvm.agent.v1.SignalH\x00R\x06signal\x124\n" +
-	"\bshutdown\x18\x05 \x01(\v2\x16.mvm.agent.v1.ShutdownH\x00R\bshutdownB\x06\n" +
-	"\x04call\"\x8d\x02\n" +
+	"\bshutdown\x18\x05 \x01(\v2\x16.mvm.agent.v1.ShutdownH\x00R\bshutdown\x12+\n" +
+	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mountB\x06\n" +
+	"\x04call\"\xbf\x02\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
 	"\x06signal\x18\x03 \x01(\v2\x19.mvm.agent.v1.SignalReplyH\x00R\x06signal\x129\n" +
-	"\bshutdown\x18\x04 \x01(\v2\x1b.mvm.agent.v1.ShutdownReplyH\x00R\bshutdown\x12+\n" +
+	"\bshutdown\x18\x04 \x01(\v2\x1b.mvm.agent.v1.ShutdownReplyH\x00R\bshutdown\x120\n" +
+	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xd8\x01\n" +
 	"\x05Error\x12,\n" +
@@ -1662,7 +1812,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06Signal\x12\x17\n" +
 	"\aexec_id\x18\x01 \x01(\tR\x06execId\x12\x16\n" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\r\n" +
-	"\vSignalReply\"\n" +
+	"\vSignalReply\"\x84\x01\n" +
+	"\x05Mount\x12#\n" +
+	"\rdevice_serial\x18\x01 \x01(\tR\fdeviceSerial\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\x12!\n" +
+	"\fupper_serial\x18\x04 \x01(\tR\vupperSerial\"\f\n" +
+	"\n" +
+	"MountReply\"\n" +
 	"\n" +
 	"\bShutdown\"\x0f\n" +
 	"\rShutdownReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
@@ -1680,7 +1837,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -1703,34 +1860,38 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*StartFailure)(nil),     // 18: mvm.agent.v1.StartFailure
 	(*Signal)(nil),           // 19: mvm.agent.v1.Signal
 	(*SignalReply)(nil),      // 20: mvm.agent.v1.SignalReply
-	(*Shutdown)(nil),         // 21: mvm.agent.v1.Shutdown
-	(*ShutdownReply)(nil),    // 22: mvm.agent.v1.ShutdownReply
+	(*Mount)(nil),            // 21: mvm.agent.v1.Mount
+	(*MountReply)(nil),       // 22: mvm.agent.v1.MountReply
+	(*Shutdown)(nil),         // 23: mvm.agent.v1.Shutdown
+	(*ShutdownReply)(nil),    // 24: mvm.agent.v1.ShutdownReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
 	8,  // 1: mvm.agent.v1.Request.ping:type_name -> mvm.agent.v1.Ping
 	10, // 2: mvm.agent.v1.Request.exec:type_name -> mvm.agent.v1.Exec
 	19, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
-	21, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
-	7,  // 5: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 6: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	20, // 7: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	22, // 8: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	5,  // 9: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 10: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	11, // 11: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	13, // 12: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	15, // 13: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	16, // 14: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	17, // 15: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 16: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	18, // 17: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 18: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	23, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
+	21, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
+	7,  // 6: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 7: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	20, // 8: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	24, // 9: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	22, // 10: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	5,  // 11: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 12: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	11, // 13: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	13, // 14: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	15, // 15: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	16, // 16: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	17, // 17: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 18: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	18, // 19: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 20: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1744,12 +1905,14 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Exec)(nil),
 		(*Request_Signal)(nil),
 		(*Request_Shutdown)(nil),
+		(*Request_Mount)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
 		(*Response_Pong)(nil),
 		(*Response_Signal)(nil),
 		(*Response_Shutdown)(nil),
+		(*Response_Mount)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[9].OneofWrappers = []any{
@@ -1766,7 +1929,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
