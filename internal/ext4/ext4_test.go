@@ -71,15 +71,15 @@ func read(t *testing.T, fsys *FS, in *Inode) []byte {
 func TestFilesRoundTrip(t *testing.T) {
 	src := t.TempDir()
 	files := map[string][]byte{
-		"empty":                 {},
-		"one":                   {'x'},
-		"block":                 random(t, 4096),
-		"big":                   random(t, 3<<20+17),
-		"dir/sub/deep":          random(t, 12345),
-		"with space":            []byte("s"),
-		"new\nline":             []byte("n"),
-		"ünïcödé ✓":             []byte("u"),
-		"dir/mode600":           []byte("secret"),
+		"empty":                  {},
+		"one":                    {'x'},
+		"block":                  random(t, 4096),
+		"big":                    random(t, 3<<20+17),
+		"dir/sub/deep":           random(t, 12345),
+		"with space":             []byte("s"),
+		"new\nline":              []byte("n"),
+		"ünïcödé ✓":              []byte("u"),
+		"dir/mode600":            []byte("secret"),
 		strings.Repeat("n", 255): []byte("long name"),
 	}
 	for name, data := range files {

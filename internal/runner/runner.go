@@ -116,7 +116,7 @@ type Runner struct {
 	// StagedDir keeps the changes of read-write directories whose
 	// write-back failed, for `mvmctl recover`.
 	StagedDir string
-	Log    *slog.Logger
+	Log       *slog.Logger
 }
 
 // Error is a failure of mvmctl or the VM (not of the command). It carries

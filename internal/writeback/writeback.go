@@ -36,7 +36,7 @@ const UpperDir = "upper"
 // Stats counts what a write-back did.
 type Stats struct {
 	Written, Deleted, Dirs, Links, Skipped int
-	Bytes                                   int64
+	Bytes                                  int64
 }
 
 // Apply writes the changes recorded in the upper layer of upper (an
@@ -317,7 +317,6 @@ func (s Stats) String() string {
 		strconv.Itoa(s.Deleted) + " deleted, " + strconv.Itoa(s.Dirs) + " directories, " +
 		strconv.Itoa(s.Links) + " hard links, " + strconv.Itoa(s.Skipped) + " skipped"
 }
-
 
 // Commit makes the scratch image consistent (replaying its journal if the
 // guest did not unmount it) and applies its changes to hostDir.
