@@ -87,6 +87,6 @@ Run "mvmctl bootstrap" once to build the guest kernel and initramfs.`,
 		},
 	}
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "print what mvmctl does, with timings, on stderr")
-	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newVersionCommand())
+	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newVersionCommand())
 	return root
 }

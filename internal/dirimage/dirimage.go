@@ -131,10 +131,11 @@ func Scratch(ctx context.Context, img string, size int64, label string) error {
 }
 
 // ScratchSize is the scratch image size for a tree: room to rewrite all of
-// it plus ScratchSpace.
+// it plus ScratchSpace, plus what ext4 keeps for itself (journal, inode
+// tables), so the guest really sees ScratchSpace free.
 func ScratchSize(s Stats) int64 {
 	size, _ := sizeFor(s)
-	return size + ScratchSpace
+	return size + ScratchSpace + ScratchSpace/8
 }
 
 func mkfs(ctx context.Context, img string, size int64, label string, extra ...string) error {

@@ -22,9 +22,9 @@ const (
 )
 
 // Writer writes a newc ("070701") cpio archive. Every entry is owned by
-// root; inode numbers are assigned in order; mtimes are fixed at the given
-// epoch so that the same inputs give the same bytes (the archive is cached
-// by a hash of its inputs, and reproducible bytes keep that honest).
+// root; inode numbers are assigned in order; mtimes are all zero, so that
+// the same inputs give the same bytes (the archive is cached by a hash of
+// its inputs, and reproducible bytes keep that honest).
 type Writer struct {
 	w     *bufio.Writer
 	off   int64
@@ -95,14 +95,14 @@ func (cw *Writer) entry(name string, mode, rmajor, rminor uint32, data []byte, s
 	if cw.seen[name] {
 		return fmt.Errorf("cpio: duplicate entry %q", name)
 	}
-	cw.seen[name] = true
 	size := int64(len(data))
 	if sr != nil {
 		size = sr.n
 	}
-	if size > 0xffffffff {
-		return fmt.Errorf("cpio: %q is %d bytes, more than newc can hold", name, size)
+	if size < 0 || size > 0xffffffff {
+		return fmt.Errorf("cpio: %q has size %d, outside what newc can hold", name, size)
 	}
+	cw.seen[name] = true
 	cw.writeHeader(name, mode, uint32(size), rmajor, rminor, cw.ino)
 	cw.ino++
 	cw.pad()

@@ -84,8 +84,8 @@ func Write(w io.Writer, spec Spec) error {
 	applets := append([]string(nil), spec.Applets...)
 	sort.Strings(applets)
 	for _, a := range applets {
-		a = strings.TrimPrefix(a, "/")
-		if a == "" || taken[a] || a == "linuxrc" {
+		a, err := cleanName(a)
+		if err != nil || taken[a] || a == "linuxrc" {
 			continue
 		}
 		taken[a] = true

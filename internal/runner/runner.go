@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -420,7 +421,13 @@ func (r *Runner) keepConsole(run *runstate.Run, log *slog.Logger) string {
 
 // pruneLogs keeps the newest n console logs (and their vmm logs).
 func pruneLogs(dir string, n int) {
-	matches, _ := filepath.Glob(filepath.Join(dir, "*.console.log"))
+	entries, _ := os.ReadDir(dir)
+	var matches []string
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".console.log") {
+			matches = append(matches, filepath.Join(dir, e.Name()))
+		}
+	}
 	if len(matches) <= n {
 		return
 	}

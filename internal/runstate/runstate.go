@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,9 +45,15 @@ func Create(root, name string) (*Run, error) {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create run directory: %w", err)
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	// The lock file is created under a temporary name, locked, and only
+	// then given its real name: a concurrent Reclaim never finds an
+	// unlocked lock file of a live run.
+	lock, err := os.CreateTemp(dir, ".lock-")
 	if err == nil {
 		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	}
+	if err == nil {
+		err = os.Rename(lock.Name(), filepath.Join(dir, lockFile))
 	}
 	if err != nil {
 		if lock != nil {
@@ -161,8 +166,8 @@ func reclaimOne(dir string, salvage func(string)) (bool, error) {
 	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		// A run dies between Mkdir and creating its lock only if it is
-		// killed in that instant; such a directory is old and empty.
+		// A run has no lock file only while Create runs (milliseconds) or
+		// if it was killed in that instant; only the latter gets old.
 		if fi, serr := os.Stat(dir); serr != nil || time.Since(fi.ModTime()) < time.Minute {
 			return false, nil
 		}
@@ -188,8 +193,8 @@ func reclaimOne(dir string, salvage func(string)) (bool, error) {
 }
 
 // killOrphanVMM kills the VMM recorded in dir if that pid still runs a
-// process whose command line names dir (QEMU's arguments contain the
-// console log path), so a reused pid is never hit.
+// process whose working directory is dir (the backend starts the VMM
+// there), so a reused pid is never hit.
 func killOrphanVMM(dir string) {
 	b, err := os.ReadFile(filepath.Join(dir, vmmFile))
 	if err != nil {
@@ -199,20 +204,27 @@ func killOrphanVMM(dir string) {
 	if err != nil || pid <= 1 {
 		return
 	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil {
+	cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
+	if err != nil || cwd != dir {
 		return
 	}
-	if slices.ContainsFunc(strings.Split(string(cmdline), "\x00"), func(arg string) bool {
-		return strings.Contains(arg, dir+"/")
-	}) {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-		// Let it finish dying before anything reads its disk images.
-		for i := 0; i < 200; i++ {
-			if _, err := os.Stat(fmt.Sprintf("/proc/%d/cmdline", pid)); err != nil {
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	// Let it finish dying before anything reads its disk images. A zombie
+	// is dead enough: it holds no files.
+	for i := 0; i < 200 && alive(pid); i++ {
+		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name.
+	if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) {
+		return b[i+2] != 'Z'
+	}
+	return true
 }

@@ -2,6 +2,7 @@ package runstate
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -171,8 +172,8 @@ func TestCreateRefusesRoot(t *testing.T) {
 			if before.Mode() != after.Mode() {
 				t.Errorf("refused root changed mode from %v to %v", before.Mode(), after.Mode())
 			}
-			if _, err := os.Lstat(filepath.Join(root, "exec-1")); !errors.Is(err, fs.ErrNotExist) {
-				t.Errorf("run directory exists under a refused root (err = %v)", err)
+			if fi, err := os.Lstat(filepath.Join(root, "exec-1")); err == nil {
+				t.Errorf("run directory created under a refused root (%v)", fi.Mode())
 			}
 		})
 	}
@@ -427,33 +428,44 @@ func TestReclaimDirectories(t *testing.T) {
 	}
 }
 
-// startSleeper starts a process that sleeps for a minute with args on its
-// command line. It is killed at the end of the test if still running. The
-// returned channel yields its wait status once it has exited.
-func startSleeper(t *testing.T, args ...string) (*exec.Cmd, <-chan syscall.WaitStatus) {
+// sleeper is a child process that sleeps for a minute.
+type sleeper struct {
+	cmd    *exec.Cmd
+	done   chan struct{} // closed once the process has been waited for
+	status syscall.WaitStatus
+}
+
+// startSleeper starts a sleeper with args on its command line. It is
+// killed at the end of the test if still running.
+// startSleeper starts a long-running child in the working directory cwd,
+// as the backend starts the VMM in its run directory.
+func startSleeper(t *testing.T, cwd string, args ...string) *sleeper {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(os.Environ(), helperEnv+"=1")
-	if err := cmd.Start(); err != nil {
+	s := &sleeper{cmd: exec.Command(os.Args[0], args...), done: make(chan struct{})}
+	s.cmd.Dir = cwd
+	s.cmd.Env = append(os.Environ(), helperEnv+"=1")
+	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan syscall.WaitStatus, 1)
 	go func() {
-		_ = cmd.Wait()
-		done <- cmd.ProcessState.Sys().(syscall.WaitStatus)
+		_ = s.cmd.Wait()
+		s.status = s.cmd.ProcessState.Sys().(syscall.WaitStatus)
+		close(s.done)
 	}()
 	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-done
+		_ = s.cmd.Process.Kill()
+		<-s.done
 	})
-	return cmd, done
+	return s
 }
+
+func (s *sleeper) pid() int { return s.cmd.Process.Pid }
 
 func TestReclaimKillsOrphanVMM(t *testing.T) {
 	root := t.TempDir()
 	dir := makeDeadRun(t, root, "exec-orphan")
-	cmd, done := startSleeper(t, "-chardev", "file,id=console,path="+filepath.Join(dir, "console.log"))
-	if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
+	s := startSleeper(t, dir, "-chardev", "file,id=console,path="+filepath.Join(dir, "console.log"))
+	if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(s.pid())+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	got, err := Reclaim(root, discard)
@@ -467,8 +479,8 @@ func TestReclaimKillsOrphanVMM(t *testing.T) {
 		t.Errorf("%s still exists", dir)
 	}
 	select {
-	case ws := <-done:
-		if !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+	case <-s.done:
+		if ws := s.status; !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
 			t.Errorf("orphan VMM ended with %v, want killed by SIGKILL", ws)
 		}
 	case <-time.After(10 * time.Second):
@@ -479,25 +491,27 @@ func TestReclaimKillsOrphanVMM(t *testing.T) {
 func TestReclaimSparesUnrelatedProcess(t *testing.T) {
 	tests := []struct {
 		name string
-		// args of the process whose pid is recorded; DIR is replaced by
-		// the run directory.
-		args []string
+		// working directory of the process whose pid is recorded; DIR is
+		// replaced by the run directory, ROOT by its parent, OTHER by an
+		// unrelated directory.
+		cwd string
 	}{
-		{name: "no path on the command line", args: []string{"60"}},
-		{name: "path of a sibling run sharing the prefix", args: []string{"DIR0/console.log"}},
-		{name: "run directory without trailing slash", args: []string{"DIR"}},
-		{name: "run directory's parent", args: []string{"ROOT/"}},
+		{name: "unrelated working directory", cwd: "OTHER"},
+		{name: "sibling run sharing the prefix", cwd: "DIR0"},
+		{name: "run directory's parent", cwd: "ROOT"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			root := t.TempDir()
 			dir := makeDeadRun(t, root, "exec-reused")
-			var args []string
-			for _, a := range tt.args {
-				args = append(args, strings.NewReplacer("DIR", dir, "ROOT", root).Replace(a))
+			cwd := strings.NewReplacer("DIR", dir, "ROOT", root, "OTHER", t.TempDir()).Replace(tt.cwd)
+			if err := os.MkdirAll(cwd, 0o700); err != nil {
+				t.Fatal(err)
 			}
-			cmd, done := startSleeper(t, args...)
-			if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
+			// The command line names the run directory: only the working
+			// directory may count.
+			s := startSleeper(t, cwd, "-chardev", "file,id=console,path="+filepath.Join(dir, "console.log"))
+			if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(s.pid())+"\n"), 0o600); err != nil {
 				t.Fatal(err)
 			}
 			got, err := Reclaim(root, discard)
@@ -508,21 +522,85 @@ func TestReclaimSparesUnrelatedProcess(t *testing.T) {
 				t.Errorf("Reclaim removed (-want +got):\n%s", diff)
 			}
 			select {
-			case ws := <-done:
-				t.Fatalf("process with a reused pid ended (%v) after Reclaim", ws)
+			case <-s.done:
+				t.Fatalf("process with a reused pid ended (%v) after Reclaim", s.status)
 			case <-time.After(300 * time.Millisecond):
 			}
-			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
 			select {
-			case ws := <-done:
-				if !ws.Signaled() || ws.Signal() != syscall.SIGTERM {
+			case <-s.done:
+				if ws := s.status; !ws.Signaled() || ws.Signal() != syscall.SIGTERM {
 					t.Errorf("process ended with %v, want our SIGTERM", ws)
 				}
 			case <-time.After(10 * time.Second):
 				t.Fatal("process did not end after SIGTERM")
 			}
 		})
+	}
+}
+
+func TestReclaimSalvaging(t *testing.T) {
+	root := t.TempDir()
+	keep := t.TempDir()
+
+	live, err := Create(root, "live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Remove()
+
+	for _, name := range []string{"dead-1", "dead-2"} {
+		dir := makeDeadRun(t, root, name)
+		if err := os.WriteFile(filepath.Join(dir, "changes"), []byte(name), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	orphanDir := makeDeadRun(t, root, "dead-vmm")
+	s := startSleeper(t, orphanDir, filepath.Join(orphanDir, "disk.img"))
+	if err := os.WriteFile(filepath.Join(orphanDir, "vmm.pid"), []byte(strconv.Itoa(s.pid())+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	var salvaged []string
+	vmmGone := false
+	got, err := ReclaimSalvaging(root, discard, func(dir string) {
+		salvaged = append(salvaged, dir)
+		if !exists(t, filepath.Join(dir, "lock")) {
+			t.Errorf("salvage(%s) called after the directory was emptied", dir)
+		}
+		if dir == orphanDir {
+			_, err := os.Stat(fmt.Sprintf("/proc/%d/cmdline", s.pid()))
+			vmmGone = errors.Is(err, fs.ErrNotExist)
+		}
+		if src := filepath.Join(dir, "changes"); exists(t, src) {
+			if err := os.Rename(src, filepath.Join(keep, filepath.Base(dir))); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("ReclaimSalvaging: %v", err)
+	}
+	want := []string{"dead-1", "dead-2", "dead-vmm"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("removed (-want +got):\n%s", diff)
+	}
+	wantSalvaged := []string{filepath.Join(root, "dead-1"), filepath.Join(root, "dead-2"), orphanDir}
+	if diff := cmp.Diff(wantSalvaged, salvaged); diff != "" {
+		t.Errorf("salvage calls (-want +got):\n%s", diff)
+	}
+	if !vmmGone {
+		t.Errorf("salvage ran while the orphan VMM (pid %d) still existed", s.pid())
+	}
+	for _, name := range []string{"dead-1", "dead-2"} {
+		b, err := os.ReadFile(filepath.Join(keep, name))
+		if err != nil || string(b) != name {
+			t.Errorf("salvaged file %s = %q, %v; want %q", name, b, err, name)
+		}
+	}
+	if !exists(t, live.Dir) {
+		t.Errorf("live run removed")
 	}
 }

@@ -306,7 +306,7 @@ func TestBadInputFailsBeforeBoot(t *testing.T) {
 		{name: "accel", args: []string{"exec", "--accel", "xen", "--", "true"}, want: `"xen"`},
 		{name: "cpus", args: []string{"exec", "--cpus", "0", "--", "true"}, want: "--cpus"},
 		{name: "relative workdir", args: []string{"exec", "-w", "tmp", "--", "true"}, want: `"tmp"`},
-		{name: "no command", args: []string{"exec"}, want: "requires at least 1 arg"},
+		{name: "no command", args: []string{"exec"}, want: "no command given"},
 		{name: "unknown flag", args: []string{"exec", "--bogus", "--", "true"}, want: "--bogus"},
 		{name: "missing kernel", args: []string{"exec", "--kernel", "/nonexistent/vmlinux", "--", "true"}, want: "/nonexistent/vmlinux"},
 	}
@@ -375,9 +375,15 @@ func TestInterruptForwarded(t *testing.T) {
 // startReady starts a long guest command and waits until it prints ready.
 func startReady(t *testing.T, e *env, script string) (*execCmd, *bufio.Reader) {
 	t.Helper()
+	return startReadyArgs(t, e, "--", "sh", "-c", script)
+}
+
+// startReadyArgs is startReady with mvmctl exec arguments.
+func startReadyArgs(t *testing.T, e *env, args ...string) (*execCmd, *bufio.Reader) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
-	cmd := e.command(ctx, "exec", "--", "sh", "-c", script)
+	cmd := e.command(ctx, append([]string{"exec"}, args...)...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

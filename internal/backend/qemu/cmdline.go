@@ -72,7 +72,7 @@ func buildArgs(a argsConfig) ([]string, error) {
 	kargs = append(kargs, c.KernelArgs...)
 
 	args := []string{
-		"-name", c.Name,
+		"-name", qemuOptValue(c.Name),
 		// microvm: no PCI, no ACPI, no firmware tables to build or parse.
 		"-M", "microvm,acpi=off",
 		"-nodefaults", "-no-user-config", "-display", "none",
@@ -105,7 +105,7 @@ func buildArgs(a argsConfig) ([]string, error) {
 		id := "raw" + strconv.Itoa(i)
 		args = append(args,
 			"-chardev", "socket,id="+id+",fd="+strconv.Itoa(a.rawFDs[i]),
-			"-device", "virtserialport,bus=vser0.0,chardev="+id+",name="+name,
+			"-device", "virtserialport,bus=vser0.0,chardev="+id+",name="+qemuOptValue(name),
 		)
 	}
 	for i, d := range c.Drives {
