@@ -251,8 +251,12 @@ func (o *execOptions) request(argv []string) (runner.Request, error) {
 func printTimings(w io.Writer, res runner.Result) {
 	t := res.Timings
 	ms := func(d time.Duration) string { return fmt.Sprintf("%.0fms", float64(d)/float64(time.Millisecond)) }
-	fmt.Fprintf(w, "mvmctl: vmm started %s, agent ready %s (guest kernel %s, agent init %s), command started %s, exited %s, torn down %s\n",
-		ms(t.VMMStarted), ms(t.AgentReady), ms(t.AgentStart), ms(t.GuestUptime-t.AgentStart), ms(t.CommandStarted), ms(t.CommandExited), ms(t.TornDown))
+	fmt.Fprintf(w, "mvmctl: add-dirs ready %s, vmm started %s, agent ready %s (guest kernel %s, agent init %s), command started %s, exited %s, torn down %s",
+		ms(t.DirsReady), ms(t.VMMStarted), ms(t.AgentReady), ms(t.AgentStart), ms(t.GuestUptime-t.AgentStart), ms(t.CommandStarted), ms(t.CommandExited), ms(t.TornDown))
+	if t.WriteBack > 0 {
+		fmt.Fprintf(w, ", write-back %s", ms(t.WriteBack))
+	}
+	fmt.Fprintln(w)
 }
 
 // reportWriteBack tells the user about read-write directories: failures

@@ -101,6 +101,8 @@ type Result struct {
 // Timings are offsets from the start of Run.
 type Timings struct {
 	DirsReady, VMMStarted, AgentReady, CommandStarted, CommandExited, TornDown time.Duration
+	// WriteBack is how long writing read-write directories back took.
+	WriteBack time.Duration
 	// GuestUptime is the guest's uptime at the agent's hello, and
 	// AgentStart its uptime when the agent process started (what the
 	// kernel's boot took).
@@ -192,7 +194,13 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 	res.Timings.DirsReady = since()
 	// From here on, whatever happens, the guest's changes to read-write
 	// directories are written back (or kept, with a message).
-	defer func() { res.Dirs = r.writeBack(ctx, dirs, name, log) }()
+	defer func() {
+		wb := time.Now()
+		res.Dirs = r.writeBack(ctx, dirs, name, log)
+		if hasWritable(dirs) {
+			res.Timings.WriteBack = time.Since(wb)
+		}
+	}()
 
 	cfg := backend.Config{
 		Name:       name,
