@@ -19,7 +19,7 @@ SUDO=
 # curl/unzip to fetch Go if the machine has none.
 KSRC=linux-source
 if grep -qs '^12' /etc/debian_version; then KSRC=linux-source-6.1; fi
-PKGS="qemu-system-x86 busybox-static e2fsprogs $KSRC make gcc libc6-dev flex bison bc libelf-dev xz-utils tar git ca-certificates curl unzip"
+PKGS="qemu-system-x86 busybox-static e2fsprogs $KSRC make gcc libc6-dev flex bison bc libelf-dev xz-utils bzip2 tar git ca-certificates curl unzip"
 
 missing=
 for p in $PKGS; do

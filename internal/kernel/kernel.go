@@ -51,12 +51,26 @@ func Deps() []hostdeps.Dep {
 		hostdeps.Program("bc", "bc"),
 		hostdeps.Program("tar", "tar"),
 		hostdeps.Program("xz", "xz-utils"),
+		hostdeps.Program("bzip2", "bzip2"),
 		hostdeps.File("/usr/include/libelf.h", "libelf-dev"),
-		hostdeps.Glob(sourceGlob, sourcePackage()),
+		sourceDep(),
 	}
 }
 
-const sourceGlob = "/usr/src/linux-source-*.tar.xz"
+// sourceDep is satisfied by either layout of the kernel source package.
+func sourceDep() hostdeps.Dep {
+	return hostdeps.Dep{What: sourceGlob, Package: sourcePackage(), Present: func() bool {
+		_, err := FindSource()
+		return err == nil
+	}}
+}
+
+// sourceGlob matches Debian's kernel source tarball; ubuntuSourceGlob
+// Ubuntu's, which sits in a directory of its own.
+const (
+	sourceGlob       = "/usr/src/linux-source-*.tar.xz"
+	ubuntuSourceGlob = "/usr/src/linux-source-*/linux-source-*.tar.bz2"
+)
 
 // sourcePackage names the source package to suggest: Debian 12 ships
 // linux-source-6.1; elsewhere the unversioned linux-source meta package
@@ -70,12 +84,11 @@ func sourcePackage() string {
 
 // FindSource returns the newest kernel source tarball in /usr/src.
 func FindSource() (string, error) {
-	m, err := filepath.Glob(sourceGlob)
-	if err != nil {
-		return "", err
-	}
+	m, _ := filepath.Glob(sourceGlob)
+	u, _ := filepath.Glob(ubuntuSourceGlob)
+	m = append(m, u...)
 	if len(m) == 0 {
-		return "", hostdeps.Check("building the guest kernel", hostdeps.Glob(sourceGlob, sourcePackage()))
+		return "", &hostdeps.MissingError{Purpose: "building the guest kernel", Missing: []hostdeps.Dep{{What: sourceGlob, Package: sourcePackage()}}}
 	}
 	slices.SortFunc(m, compareVersions)
 	return m[len(m)-1], nil
