@@ -123,7 +123,10 @@ func (a *applier) entry(in, lin *ext4.Inode, hp string) error {
 				return err
 			}
 		}
-		if err := os.Mkdir(hp, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		created := true
+		if err := os.Mkdir(hp, 0o700); errors.Is(err, fs.ErrExist) {
+			created = false
+		} else if err != nil {
 			return err
 		}
 		if string(opaque) == "y" || lin == nil || !lin.Mode.IsDir() {
@@ -137,6 +140,11 @@ func (a *applier) entry(in, lin *ext4.Inode, hp string) error {
 		a.stats.Dirs++
 		if err := a.dir(in, lin, hp); err != nil {
 			return err
+		}
+		if created {
+			// The host had no directory here (the host deleted it during
+			// the run): it gets all of the guest's attributes.
+			lin = nil
 		}
 		return a.dirAttrs(in, lin, hp)
 	}
@@ -234,8 +242,9 @@ func (a *applier) attrs(in *ext4.Inode, hp string, symlink bool) error {
 			return err
 		}
 	}
-	if !symlink && in.Mode&fs.ModeType == 0 {
-		// chown may clear set-id bits; put the mode back.
+	if !symlink {
+		// chown may clear set-id bits, and the umask trims what mkfifo
+		// and mknod create: set the mode last.
 		if err := os.Chmod(hp, in.Mode.Perm()|in.Mode&(fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)); err != nil {
 			return err
 		}
@@ -342,7 +351,26 @@ func Commit(ctx context.Context, lowerImg, upperImg, hostDir string) (Stats, err
 	if err != nil {
 		return Stats{}, fmt.Errorf("directory image: %w", err)
 	}
-	return Apply(upper, lower, hostDir)
+	st, err := Apply(upper, lower, hostDir)
+	if err != nil {
+		return st, err
+	}
+	// The images go away after this; make sure what replaced them is on
+	// disk first.
+	if err := syncDir(hostDir); err != nil {
+		return st, fmt.Errorf("sync %s: %w", hostDir, err)
+	}
+	return st, nil
+}
+
+// syncDir flushes the filesystem holding dir.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Syncfs(int(f.Fd()))
 }
 
 // Pending describes a write-back that has not happened yet: its images and

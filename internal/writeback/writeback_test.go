@@ -881,6 +881,47 @@ func TestApplyRootAttributes(t *testing.T) {
 	}
 }
 
+func TestApplyDoesNotFollowHostSymlinks(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, layers{
+		lower: []ent{
+			file("file", "lower"),
+			file("dir/f", "lower"),
+			file("gone/f", "lower"),
+		},
+		upper: []ent{
+			file("file", "from the guest").at(t1),
+			dir("dir").mode(0o750).at(t2),
+			file("dir/f", "from the guest").at(t1),
+			whiteout("gone"),
+		},
+	})
+	// While the VM ran, the host replaced each path by a symlink to a
+	// directory outside the shared one.
+	outside := t.TempDir()
+	writeFile(t, filepath.Join(outside, "f"), "outside", tHost)
+	outsideBefore := snapshot(t, outside)
+	for _, p := range []string{"file", "dir", "gone"} {
+		if err := os.RemoveAll(filepath.Join(f.host, p)); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(outside, filepath.Join(f.host, p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.apply(t)
+
+	checkTree(t, f.host, map[string]node{
+		".":     dirNode("0755"),
+		"file":  fileNode("from the guest", "0644", t1),
+		"dir":   dirNode("0750"),
+		"dir/f": fileNode("from the guest", "0644", t1),
+	})
+	if diff := cmp.Diff(outsideBefore, snapshot(t, outside)); diff != "" {
+		t.Errorf("directory outside the shared one changed (-before +after):\n%s", diff)
+	}
+}
+
 func TestApplyWithoutUpperDirectory(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t, layers{lower: []ent{file("f", "f")}, noUpperDir: true})
@@ -1119,4 +1160,42 @@ func TestStatsString(t *testing.T) {
 	if got != want {
 		t.Errorf("String() = %q, want %q", got, want)
 	}
+}
+
+// Modes wider than the umask allows (0666 fifos and devices) arrive
+// intact: the mode is set after creation.
+func TestApplySpecialFileModesIgnoreUmask(t *testing.T) {
+	old := unix.Umask(0o022)
+	defer unix.Umask(old)
+	f := newFixture(t, layers{
+		upper: []ent{
+			fifo("pipe").mode(0o666).at(t1),
+			chardev("tty", 5, 0).mode(0o666).at(t1),
+		},
+	})
+	f.apply(t)
+	checkTree(t, f.host, map[string]node{
+		".":    dirNode("0755"),
+		"pipe": {Type: "fifo", Perm: "0666", Mtime: t1},
+		"tty":  {Type: "chardev", Perm: "0666", Dev: "5:0", Mtime: t1},
+	})
+}
+
+// A directory the guest only wrote into, which the host deleted during the
+// run, comes back with the guest's attributes, not the 0700 it is created
+// with.
+func TestApplyRecreatesHostDeletedDirectory(t *testing.T) {
+	f := newFixture(t, layers{
+		lower: []ent{dir("d"), file("d/old", "x")},
+		upper: []ent{dir("d"), file("d/new", "n").at(t1)},
+	})
+	if err := os.RemoveAll(filepath.Join(f.host, "d")); err != nil {
+		t.Fatal(err)
+	}
+	f.apply(t)
+	checkTree(t, f.host, map[string]node{
+		".":     dirNode("0755"),
+		"d":     dirNode("0755"),
+		"d/new": fileNode("n", "0644", t1),
+	})
 }
