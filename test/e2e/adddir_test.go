@@ -411,3 +411,51 @@ func TestLaunchPlan(t *testing.T) {
 		}
 	}
 }
+
+// TestAddDirWriteBackFailureKeepsData removes the host directory while the
+// guest runs, so the write-back cannot happen: the command's own exit
+// status must stand, and the changes must be kept and recoverable.
+func TestAddDirWriteBackFailureKeepsData(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(t.TempDir(), "shared")
+	writeFile(t, filepath.Join(src, "old.txt"), "old\n", 0o644)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := e.command(ctx, "exec", "-d", src+":/w:rw", "--", "sh", "-c", `echo result > /w/new.txt; echo ready; read go; exit 3`)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(2*time.Minute, func() bool { return strings.Contains(stdout.String(), "ready") }) {
+		t.Fatalf("guest never got ready: %q", stderr.String())
+	}
+	if err := os.RemoveAll(src); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintln(stdin, "go")
+	stdin.Close()
+	_ = cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != 3 {
+		t.Fatalf("exit %d, want the command's 3; stderr %q", code, stderr.String())
+	}
+	kept := regexp.MustCompile(`kept in (\S+);`).FindStringSubmatch(stderr.String())
+	if kept == nil {
+		t.Fatalf("stderr should say where the changes are kept: %q", stderr.String())
+	}
+	// Once the directory is back, recover applies the changes.
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.run(nil, "recover", kept[1]); r.code != 0 {
+		t.Fatalf("recover: %s", r)
+	}
+	if b, err := os.ReadFile(filepath.Join(src, "new.txt")); err != nil || string(b) != "result\n" {
+		t.Errorf("new.txt = %q, %v", b, err)
+	}
+	e.assertClean()
+}
