@@ -127,9 +127,6 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 	return p, nil
 }
 
-// ID is the name the agent knows this exec by.
-func (p *Process) ID() string { return p.id }
-
 // Started is closed when the agent reports the command running (or its exit).
 func (p *Process) Started() <-chan struct{} { return p.started }
 

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 )
@@ -36,14 +35,6 @@ func File(path, pkg string) Dep {
 	return Dep{What: path, Package: pkg, Present: func() bool {
 		_, err := os.Stat(path)
 		return err == nil
-	}}
-}
-
-// Glob is a dependency on at least one file matching pattern.
-func Glob(pattern, pkg string) Dep {
-	return Dep{What: pattern, Package: pkg, Present: func() bool {
-		m, _ := filepath.Glob(pattern)
-		return len(m) > 0
 	}}
 }
 

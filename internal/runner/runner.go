@@ -317,6 +317,7 @@ func (r *Runner) drive(ctx context.Context, req Request, m backend.Machine, clie
 			started = nil
 			bootTimer.Stop()
 			res.Timings.CommandStarted = since()
+			log.Debug("command started", "pid", proc.PID())
 			if req.Timeout > 0 {
 				hostDeadline = time.After(req.Timeout + killGrace + hostTimeoutSlack)
 			}
