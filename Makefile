@@ -20,6 +20,8 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mvmctl ./cmd/mvmctl
 	# The agent runs in a guest with no shared libraries: static, no cgo.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mvm-agent ./cmd/mvm-agent
+	# Confines QEMU when mvm runs as root (see cmd/mvm-jailer).
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mvm-jailer ./cmd/mvm-jailer
 
 bootstrap: build
 	bin/mvmctl bootstrap
@@ -53,6 +55,7 @@ install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/libexec/mvm
 	install -m 0755 bin/mvmctl $(DESTDIR)$(PREFIX)/bin/mvmctl
 	install -m 0755 bin/mvm-agent $(DESTDIR)$(PREFIX)/libexec/mvm/mvm-agent
+	install -m 0755 bin/mvm-jailer $(DESTDIR)$(PREFIX)/libexec/mvm/mvm-jailer
 
 clean:
 	rm -rf bin

@@ -17,10 +17,6 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-// exitCodeFailure is mvmctl's own failure code (as docker's 125): bad
-// flags, a missing image, a VM that would not boot.
-const exitCodeFailure = 125
-
 func main() {
 	os.Exit(run(os.Args[1:]))
 }
@@ -41,26 +37,37 @@ func run(args []string) int {
 	}
 	var ee *exitError
 	if errors.As(err, &ee) {
-		if ee.err != nil {
-			fmt.Fprintf(os.Stderr, "mvmctl: %v\n", ee.err)
+		if msg := ee.message(); msg != "" {
+			fmt.Fprintf(os.Stderr, "mvmctl: %s\n", msg)
 		}
 		return ee.code
 	}
 	fmt.Fprintf(os.Stderr, "mvmctl: %v\n", err)
-	return exitCodeFailure
+	return exitFailure
 }
 
 // exitError carries an exit status out of a command's RunE, so that the
-// command's deferred teardown runs before the process exits. A nil err
-// exits silently.
+// command's deferred teardown runs before the process exits. With neither
+// msg nor err it exits silently.
 type exitError struct {
 	code int
+	msg  string
 	err  error
 }
 
-func (e *exitError) Error() string {
+func (e *exitError) message() string {
+	if e.msg != "" {
+		return e.msg
+	}
 	if e.err != nil {
 		return e.err.Error()
+	}
+	return ""
+}
+
+func (e *exitError) Error() string {
+	if m := e.message(); m != "" {
+		return m
 	}
 	return fmt.Sprintf("exit status %d", e.code)
 }

@@ -148,61 +148,94 @@ func (p Parser) homeDir() (string, error) {
 	return os.UserHomeDir()
 }
 
-// Resolve parses every spec and checks it against the host filesystem and
-// against the other specs, in order, returning the error for the first bad
-// spec named as the user typed it. In the result each Host is absolute and
-// cleaned and each Guest is cleaned. A spec is rejected when:
+// Resolve parses every spec and checks the list as Check does, reporting
+// the first bad spec in order, whether its syntax or its meaning is wrong.
+func (p Parser) Resolve(specs []string) ([]Spec, error) {
+	c := checker{out: make([]Spec, 0, len(specs))}
+	for _, raw := range specs {
+		s, err := p.Parse(raw)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.add(s); err != nil {
+			return nil, err
+		}
+	}
+	return c.out, nil
+}
+
+// Check checks parsed specs against the host filesystem and against each
+// other, in order, returning the error for the first bad spec named as the
+// user typed it (Raw). In the result each Host is absolute and cleaned and
+// each Guest is cleaned. A spec is rejected when:
 //   - its host path does not exist or is not a directory (symlinks are
 //     followed);
-//   - its guest path is "/", or is, contains or lies under one of the
-//     directories the VM needs (/proc, /sys, /dev, /run/mvm);
+//   - its guest path is not absolute, is "/", or is, contains or lies
+//     under one of the directories the VM needs (/proc, /sys, /dev,
+//     /run/mvm);
 //   - its guest path equals an earlier spec's, since only one can be
 //     mounted there;
 //   - its guest path is nested inside an earlier spec's or vice versa,
 //     since the result would then depend on mount order.
 //
 // An empty list yields an empty, non-nil slice.
-func (p Parser) Resolve(specs []string) ([]Spec, error) {
-	out := make([]Spec, 0, len(specs))
-	for _, raw := range specs {
-		s, err := p.Parse(raw)
-		if err != nil {
+func Check(specs []Spec) ([]Spec, error) {
+	c := checker{out: make([]Spec, 0, len(specs))}
+	for _, s := range specs {
+		if err := c.add(s); err != nil {
 			return nil, err
 		}
-
-		host, err := filepath.Abs(s.Host)
-		if err != nil {
-			return nil, fmt.Errorf("--add-dir %q: host path %q: %w", raw, s.Host, err)
-		}
-		s.Host = host
-		fi, err := os.Stat(host)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			return nil, fmt.Errorf("--add-dir %q: host path %q: no such directory", raw, host)
-		case err != nil:
-			return nil, fmt.Errorf("--add-dir %q: host path %q: %w", raw, host, err)
-		case !fi.IsDir():
-			return nil, fmt.Errorf("--add-dir %q: host path %q is not a directory", raw, host)
-		}
-
-		s.Guest = path.Clean(s.Guest)
-		if isReserved(s.Guest) {
-			return nil, fmt.Errorf("--add-dir %q: guest path %q is reserved (the VM needs /, /proc, /sys, /dev and /run/mvm)", raw, s.Guest)
-		}
-
-		for _, prev := range out {
-			switch {
-			case prev.Guest == s.Guest:
-				return nil, fmt.Errorf("--add-dir %q: guest path %q is already used by --add-dir %q", raw, s.Guest, prev.Raw)
-			case within(s.Guest, prev.Guest):
-				return nil, fmt.Errorf("--add-dir %q: guest path %q is nested inside %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
-			case within(prev.Guest, s.Guest):
-				return nil, fmt.Errorf("--add-dir %q: guest path %q contains %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
-			}
-		}
-		out = append(out, s)
 	}
-	return out, nil
+	return c.out, nil
+}
+
+// checker accumulates the specs accepted so far, which later ones are
+// checked against.
+type checker struct {
+	out []Spec
+}
+
+func (c *checker) add(s Spec) error {
+	raw := s.Raw
+	if raw == "" {
+		raw = s.Host + ":" + s.Guest + ":" + s.Mode.String()
+		s.Raw = raw
+	}
+	if !strings.HasPrefix(s.Guest, "/") {
+		return fmt.Errorf("--add-dir %q: guest path must be absolute (start with '/')", raw)
+	}
+	host, err := filepath.Abs(s.Host)
+	if err != nil {
+		return fmt.Errorf("--add-dir %q: host path %q: %w", raw, s.Host, err)
+	}
+	s.Host = host
+	fi, err := os.Stat(host)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("--add-dir %q: host path %q: no such directory", raw, host)
+	case err != nil:
+		return fmt.Errorf("--add-dir %q: host path %q: %w", raw, host, err)
+	case !fi.IsDir():
+		return fmt.Errorf("--add-dir %q: host path %q is not a directory", raw, host)
+	}
+
+	s.Guest = path.Clean(s.Guest)
+	if isReserved(s.Guest) {
+		return fmt.Errorf("--add-dir %q: guest path %q is reserved (the VM needs /, /proc, /sys, /dev and /run/mvm)", raw, s.Guest)
+	}
+
+	for _, prev := range c.out {
+		switch {
+		case prev.Guest == s.Guest:
+			return fmt.Errorf("--add-dir %q: guest path %q is already used by --add-dir %q", raw, s.Guest, prev.Raw)
+		case within(s.Guest, prev.Guest):
+			return fmt.Errorf("--add-dir %q: guest path %q is nested inside %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
+		case within(prev.Guest, s.Guest):
+			return fmt.Errorf("--add-dir %q: guest path %q contains %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
+		}
+	}
+	c.out = append(c.out, s)
+	return nil
 }
 
 // isReserved reports whether mounting at the cleaned guest path g would

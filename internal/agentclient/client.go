@@ -29,21 +29,43 @@ type Client struct {
 	sess *mux.Session
 
 	helloDone chan struct{}
-	hello     *agentpb.HelloReply // set before helloDone closes
+	hello     *Hello // set before helloDone closes
 	helloErr  error
 }
+
+// Hello is what the agent said about itself when the session opened.
+type Hello struct {
+	// Version is the protocol version chosen for the session.
+	Version uint32
+	// AgentVersion is the agent's build, for diagnostics.
+	AgentVersion string
+	// Capabilities are the calls and features the agent serves.
+	Capabilities []string
+	// GuestUptime is the guest's uptime when the agent answered, and
+	// AgentStart its uptime when the agent process started (what the
+	// kernel's boot took).
+	GuestUptime, AgentStart time.Duration
+}
+
+// Has reports whether the agent announced capability.
+func (h *Hello) Has(capability string) bool { return slices.Contains(h.Capabilities, capability) }
 
 // ErrVersion reports that host and agent share no protocol version.
 var ErrVersion = errors.New("agent protocol version mismatch")
 
-// RemoteError is an Error response from the agent.
+// RemoteError is an Error response from the agent: a call it refused or
+// could not carry out.
 type RemoteError struct {
-	Code    agentpb.Error_Code
+	Code    string // the protocol's error code name, e.g. "CODE_NOT_FOUND"
 	Message string
 }
 
 func (e *RemoteError) Error() string {
 	return fmt.Sprintf("agent: %s: %s", e.Code, e.Message)
+}
+
+func remoteError(e *agentpb.Error) *RemoteError {
+	return &RemoteError{Code: e.Code.String(), Message: e.Message}
 }
 
 // Dial starts a session on conn and sends the hello. It returns without
@@ -78,11 +100,18 @@ func Dial(conn net.Conn) (*Client, error) {
 		}
 		switch r := resp.Result.(type) {
 		case *agentpb.Response_Hello:
-			c.hello = r.Hello
+			h := r.Hello
+			c.hello = &Hello{
+				Version:      h.Version,
+				AgentVersion: h.AgentVersion,
+				Capabilities: h.Capabilities,
+				GuestUptime:  time.Duration(h.GuestUptimeMicros) * time.Microsecond,
+				AgentStart:   time.Duration(h.AgentStartUptimeMicros) * time.Microsecond,
+			}
 		case *agentpb.Response_Error:
 			c.helloErr = fmt.Errorf("%w: %s", ErrVersion, r.Error.Message)
 			if r.Error.Code != agentpb.Error_CODE_VERSION {
-				c.helloErr = &RemoteError{Code: r.Error.Code, Message: r.Error.Message}
+				c.helloErr = remoteError(r.Error)
 			}
 		default:
 			c.helloErr = fmt.Errorf("unexpected hello reply %T", resp.Result)
@@ -92,7 +121,7 @@ func Dial(conn net.Conn) (*Client, error) {
 }
 
 // Hello waits for the agent's answer to the hello.
-func (c *Client) Hello(ctx context.Context) (*agentpb.HelloReply, error) {
+func (c *Client) Hello(ctx context.Context) (*Hello, error) {
 	select {
 	case <-c.helloDone:
 		return c.hello, c.helloErr
@@ -108,7 +137,7 @@ func (c *Client) HasCapability(ctx context.Context, capability string) (bool, er
 	if err != nil {
 		return false, err
 	}
-	return slices.Contains(h.Capabilities, capability), nil
+	return h.Has(capability), nil
 }
 
 // Close ends the session; running execs on the agent are killed.
@@ -131,7 +160,7 @@ func (c *Client) call(ctx context.Context, req *agentpb.Request) (*agentpb.Respo
 		return nil, ctxErr(ctx, err)
 	}
 	if e := resp.GetError(); e != nil {
-		return nil, &RemoteError{Code: e.Code, Message: e.Message}
+		return nil, remoteError(e)
 	}
 	return &resp, nil
 }
@@ -167,22 +196,22 @@ func (c *Client) signal(ctx context.Context, id string, sig int) error {
 }
 
 // Mount describes a guest mount of a VM drive (see agent.proto's Mount).
+// Drives are named by the label of the filesystem on them.
 type Mount struct {
-	DeviceSerial string
-	Target       string
-	ReadOnly     bool
-	// UpperSerial makes Target an overlay whose changes land on this
-	// drive.
-	UpperSerial string
+	Device   string
+	Target   string
+	ReadOnly bool
+	// Upper makes Target an overlay whose changes land on this drive.
+	Upper string
 }
 
 // Mount asks the agent to mount a drive and waits until it has.
 func (c *Client) Mount(ctx context.Context, m Mount) error {
 	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Mount{Mount: &agentpb.Mount{
-		DeviceSerial: m.DeviceSerial,
+		DeviceSerial: m.Device,
 		Target:       m.Target,
 		ReadOnly:     m.ReadOnly,
-		UpperSerial:  m.UpperSerial,
+		UpperSerial:  m.Upper,
 	}}})
 	if err != nil {
 		return fmt.Errorf("mount %s: %w", m.Target, err)

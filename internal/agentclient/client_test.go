@@ -153,7 +153,7 @@ func TestExec(t *testing.T) {
 		wantOut    string
 		wantErr    string
 		timedOut   bool
-		reason     string
+		reason     agentclient.StartReason
 	}{
 		{name: "echo", spec: agentclient.ExecSpec{Argv: []string{"echo", "hi there"}}, wantOut: "hi there\n"},
 		{name: "exit code", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", "echo out; echo err >&2; exit 7"}}, wantCode: 7, wantOut: "out\n", wantErr: "err\n"},
@@ -162,8 +162,8 @@ func TestExec(t *testing.T) {
 		{name: "env and dir", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", `printf '%s|' "$A" "$PWD"`}, Env: []agentclient.EnvVar{{"A", "x y $(z)"}}, Dir: "/tmp"}, wantOut: "x y $(z)|/tmp|"},
 		{name: "signal death", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", "kill -9 $$"}}, wantSignal: syscall.SIGKILL},
 		{name: "timeout", spec: agentclient.ExecSpec{Argv: []string{"sleep", "30"}, Timeout: 300 * time.Millisecond}, wantSignal: syscall.SIGKILL, timedOut: true},
-		{name: "not found", spec: agentclient.ExecSpec{Argv: []string{"mvm-no-such-command"}}, reason: "REASON_NOT_FOUND"},
-		{name: "not executable", spec: agentclient.ExecSpec{Argv: []string{"/etc/hostname"}}, reason: "REASON_NOT_EXECUTABLE"},
+		{name: "not found", spec: agentclient.ExecSpec{Argv: []string{"mvm-no-such-command"}}, reason: agentclient.StartNotFound},
+		{name: "not executable", spec: agentclient.ExecSpec{Argv: []string{"/etc/hostname"}}, reason: agentclient.StartNotExecutable},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -177,9 +177,9 @@ func TestExec(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tt.reason != "" {
-				if st.StartFailure == nil || st.StartFailure.Reason.String() != tt.reason {
-					t.Fatalf("status %+v, want start failure %s", st, tt.reason)
+			if tt.reason != 0 {
+				if st.StartFailure == nil || st.StartFailure.Reason != tt.reason {
+					t.Fatalf("status %+v, want start failure %d", st, tt.reason)
 				}
 				return
 			}

@@ -34,7 +34,7 @@ type ExecSpec struct {
 	// OnOutputError is called (once per stream) when writing to Stdout or
 	// Stderr fails; output for that stream is dropped from then on. The
 	// caller decides what the guest should make of it (e.g. SIGPIPE).
-	OnOutputError func(fd agentpb.Output_Fd, err error)
+	OnOutputError func(s Stream, err error)
 	// Timeout is enforced by the agent; 0 means none.
 	Timeout time.Duration
 	// KillGrace is the SIGTERM-to-SIGKILL grace on timeout; 0 kills at
@@ -44,6 +44,25 @@ type ExecSpec struct {
 
 // EnvVar is one environment variable.
 type EnvVar struct{ Name, Value string }
+
+// Stream names one of a command's output streams.
+type Stream int
+
+// The output streams.
+const (
+	Stdout Stream = 1
+	Stderr Stream = 2
+)
+
+func (s Stream) String() string {
+	switch s {
+	case Stdout:
+		return "stdout"
+	case Stderr:
+		return "stderr"
+	}
+	return "stream " + strconv.Itoa(int(s))
+}
 
 // ExitStatus is how a command ended.
 type ExitStatus struct {
@@ -61,9 +80,35 @@ type ExitStatus struct {
 
 // StartFailure says why a command did not start.
 type StartFailure struct {
-	Reason  agentpb.StartFailure_Reason
+	Reason  StartReason
 	Errno   syscall.Errno
 	Message string
+}
+
+// StartReason classifies a start failure.
+type StartReason int
+
+// Start failure reasons (agent.proto's StartFailure.Reason).
+const (
+	StartOther         StartReason = iota
+	StartNotFound                  // argv[0] was not found
+	StartNotExecutable             // argv[0] exists but cannot be executed
+	StartCwd                       // the working directory is unusable
+	StartInvalid                   // the request itself is invalid
+)
+
+func startReason(r agentpb.StartFailure_Reason) StartReason {
+	switch r {
+	case agentpb.StartFailure_REASON_NOT_FOUND:
+		return StartNotFound
+	case agentpb.StartFailure_REASON_NOT_EXECUTABLE:
+		return StartNotExecutable
+	case agentpb.StartFailure_REASON_CWD:
+		return StartCwd
+	case agentpb.StartFailure_REASON_INVALID:
+		return StartInvalid
+	}
+	return StartOther
 }
 
 func (f *StartFailure) Error() string { return f.Message }
@@ -162,8 +207,8 @@ func (p *Process) readEvents(spec ExecSpec) {
 	defer p.markStarted()
 	defer p.st.Close()
 	outs := map[agentpb.Output_Fd]*sink{
-		agentpb.Output_FD_STDOUT: {w: spec.Stdout},
-		agentpb.Output_FD_STDERR: {w: spec.Stderr},
+		agentpb.Output_FD_STDOUT: {w: spec.Stdout, stream: Stdout},
+		agentpb.Output_FD_STDERR: {w: spec.Stderr, stream: Stderr},
 	}
 	in := agentproto.NewReader(p.st)
 	var ev agentpb.ExecEvent
@@ -183,7 +228,7 @@ func (p *Process) readEvents(spec ExecSpec) {
 		case *agentpb.ExecEvent_Output:
 			if s := outs[e.Output.Fd]; s != nil {
 				if err := s.write(e.Output.Data); err != nil && spec.OnOutputError != nil {
-					spec.OnOutputError(e.Output.Fd, err)
+					spec.OnOutputError(s.stream, err)
 				}
 			}
 		case *agentpb.ExecEvent_Exited:
@@ -197,6 +242,7 @@ func (p *Process) readEvents(spec ExecSpec) {
 // everything, so a closed stdout cannot stall stderr or the exit status.
 type sink struct {
 	w      io.Writer
+	stream Stream
 	failed bool
 }
 
@@ -220,7 +266,7 @@ func exitStatus(e *agentpb.Exited) ExitStatus {
 		Duration: time.Duration(e.DurationMicros) * time.Microsecond,
 	}
 	if f := e.StartFailure; f != nil {
-		st.StartFailure = &StartFailure{Reason: f.Reason, Errno: syscall.Errno(f.Errno), Message: f.Message}
+		st.StartFailure = &StartFailure{Reason: startReason(f.Reason), Errno: syscall.Errno(f.Errno), Message: f.Message}
 	}
 	return st
 }

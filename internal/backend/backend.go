@@ -1,8 +1,11 @@
-// Package backend defines what the exec orchestrator needs from a virtual
-// machine monitor: start a machine from a kernel and initramfs, reach the
-// guest agent, wait for the machine to end, stop it. Implementations live in
-// sub-packages (qemu); optional features are announced in Capabilities and
-// checked before use, never stubbed.
+// Package backend defines what the orchestrator needs from a virtual machine
+// monitor, and nothing more: start a machine from a kernel, an initramfs and
+// some disks, reach the guest agent, learn when the machine is gone, stop
+// it. Implementations live in sub-packages (qemu).
+//
+// Features only some VMMs have are optional interfaces that the caller
+// finds by type assertion (RawPorter today; snapshots later), never methods
+// every backend has to stub.
 package backend
 
 import (
@@ -12,27 +15,12 @@ import (
 	"github.com/mvm-sh/mvm/internal/accel"
 )
 
-// Capabilities says which optional features a backend offers.
-type Capabilities struct {
-	// Snapshots: the backend can save a running machine and restore it.
-	Snapshots bool
-	// VSock: the agent channel can be an AF_VSOCK socket (needs
-	// /dev/vhost-vsock on the host); otherwise it is a virtio-serial port.
-	VSock bool
-	// ReadOnlyDrives: a drive can be attached so that the guest cannot
-	// write it, enforced by the VMM.
-	ReadOnlyDrives bool
-}
-
 // Backend starts machines.
 type Backend interface {
-	// Name identifies the backend in messages ("qemu").
-	Name() string
-	Capabilities() Capabilities
-	// Start boots a machine. It returns once the VMM process runs and the
-	// agent channel exists; the guest may still be booting. The machine's
-	// lifetime is not tied to ctx: only Stop (or the death of this process)
-	// ends it, so a cancelled start context cannot leave a half-owned VM.
+	// Start boots a machine. It returns once the VMM process runs; the
+	// guest may still be booting. The machine's lifetime is not tied to
+	// ctx: only Stop (or the death of this process) ends it, so a
+	// cancelled start context cannot leave a half-owned VM.
 	Start(ctx context.Context, cfg Config) (Machine, error)
 }
 
@@ -40,53 +28,69 @@ type Backend interface {
 type Config struct {
 	// Name labels the machine in logs and the VMM's process title.
 	Name string
-	// RunDir is the run's private directory; the backend keeps its files
-	// (console log, VMM log) there.
+	// RunDir is the run's private directory. The VMM runs with it as its
+	// working directory (which is how a leftover VMM is recognised) and,
+	// where the backend confines the VMM, as its root.
 	RunDir string
+	// ConsoleLog is where the guest's serial console ends up. Backends
+	// keep only its tail (ConsoleLogLimit bytes): the guest writes it.
+	ConsoleLog string
 	// Kernel is an uncompressed vmlinux (PVH entry) or bzImage.
 	Kernel string
-	// Initrd is the initramfs; it is the guest's root filesystem.
+	// Initrd is the initramfs; it is the guest's first root filesystem.
 	Initrd string
 	// KernelArgs are appended to the backend's own kernel command line.
 	KernelArgs []string
 	CPUs       int
 	MemoryMiB  uint64
 	Accel      accel.Mode // KVM or TCG
-	// Drives are attached as virtio block devices in this order, so the
-	// guest sees them as vda, vdb, ... and also by their serial.
+	// Drives are attached as virtio block devices in this order. The
+	// guest finds them by their filesystem label, which every VMM
+	// preserves, not by order or serial number, which not all can set.
 	Drives []Drive
-	// RawPorts are extra virtio-serial ports handed to the caller as plain
-	// byte streams (benchmarks compare the agent protocol against one).
+	// RawPorts are extra byte streams to the guest, reached through
+	// RawPorter (benchmarks compare the agent protocol against one).
 	RawPorts []string
 }
 
+// ConsoleLogLimit bounds what is kept of the guest's console: its last
+// bytes. A guest can write its serial port for as long as it runs.
+const ConsoleLogLimit = 1 << 20
+
 // Drive is a disk image attached to the guest.
 type Drive struct {
-	// ID is the drive's serial number in the guest
-	// (/sys/block/vdX/serial), at most 20 bytes.
-	ID       string
-	Path     string
+	Path string
+	// Label is the filesystem label the guest finds the drive by; a
+	// backend that can name drives may also use it as their serial
+	// number, which shows in the guest's /sys/block/*/serial.
+	Label    string
 	ReadOnly bool
 }
 
 // Machine is a started VM.
 type Machine interface {
-	// AgentConn is the byte stream to the guest agent. It is connected
-	// before the guest boots; whatever is written early waits in the
-	// channel until the agent opens its end.
-	AgentConn() net.Conn
-	// RawPort returns the stream of one of Config.RawPorts.
-	RawPort(name string) (net.Conn, bool)
-	// Wait blocks until the VMM process has exited (returning why) or ctx
-	// ends (returning ctx.Err()).
-	Wait(ctx context.Context) error
-	// Done is closed when the VMM process has exited.
+	// DialAgent returns the byte stream to the guest agent. A
+	// virtio-serial channel exists from the start (what is written early
+	// waits until the agent opens its end); a vsock one is dialled, with
+	// retries, until ctx ends.
+	DialAgent(ctx context.Context) (net.Conn, error)
+	// Done is closed when the machine can no longer run the guest: the
+	// VMM exited, or it reported that the guest powered off, halted,
+	// panicked or closed the agent's channel.
 	Done() <-chan struct{}
-	// Stop ends the VMM: politely while ctx allows, then by force. It is
-	// safe to call more than once and after the VMM has exited.
+	// Err says why Done was closed: nil for an exit we asked for (Stop)
+	// or a clean guest power-off, otherwise what happened. Valid after
+	// Done.
+	Err() error
+	// Stop ends the VMM, by force once ctx ends, and waits for it to be
+	// gone. It is safe to call more than once and after the VMM exited.
 	Stop(ctx context.Context) error
-	// ConsoleLog is the file the guest's serial console is written to.
-	ConsoleLog() string
-	// PID is the VMM's process id.
+	// PID is the VMM's process id, recorded so that a later run can kill
+	// a VMM whose owner died.
 	PID() int
+}
+
+// RawPorter is implemented by machines that can expose Config.RawPorts.
+type RawPorter interface {
+	RawPort(name string) (net.Conn, bool)
 }

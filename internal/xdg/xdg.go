@@ -29,15 +29,15 @@ func StateDir() (string, error) {
 	return dir("MVM_STATE_DIR", "XDG_STATE_HOME", ".local/state")
 }
 
-// RunDir holds one private directory per live run. MVM_RUN_DIR, else
-// $XDG_RUNTIME_DIR/mvm (a per-user tmpfs where there is one), else
-// StateDir()/runs. Never a shared /tmp: another user could pre-create it.
+// RunDir holds one private directory per live run: MVM_RUN_DIR, else
+// StateDir()/runs. Not $XDG_RUNTIME_DIR, although runs are transient: it
+// is a tmpfs on most desktops, where the guest's writes to a read-write
+// directory's scratch image would cost RAM, and from where keeping a
+// failed write-back under StateDir would be a copy instead of a rename.
+// Never a shared /tmp: another user could pre-create it.
 func RunDir() (string, error) {
 	if d := os.Getenv("MVM_RUN_DIR"); d != "" {
 		return filepath.Abs(d)
-	}
-	if d := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(d) {
-		return filepath.Join(d, "mvm"), nil
 	}
 	s, err := StateDir()
 	if err != nil {

@@ -25,12 +25,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
 	"github.com/mvm-sh/mvm/internal/image"
-	"github.com/mvm-sh/mvm/internal/runner"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
@@ -82,8 +82,8 @@ func bareArgs(img image.Image, a accel.Mode, console string, withDevice bool) []
 	}
 	args := []string{
 		"-M", "microvm,acpi=off", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-accel", string(a), "-cpu", cpu, "-smp", strconv.Itoa(runner.DefaultCPUs),
-		"-m", strconv.Itoa(runner.DefaultMemoryMiB) + "M",
+		"-accel", string(a), "-cpu", cpu, "-smp", strconv.Itoa(mvm.DefaultCPUs),
+		"-m", strconv.Itoa(mvm.DefaultMemory>>20) + "M",
 		"-global", "virtio-mmio.force-legacy=false",
 		"-kernel", img.Kernel, "-initrd", img.Initrd,
 		"-append", kargs + " rdinit=/bin/busybox -- reboot -f",
@@ -168,14 +168,18 @@ func BenchmarkStdoutThroughput(b *testing.B) {
 	img := defaultImage(b)
 	m, err := qemu.New(nil).Start(context.Background(), backend.Config{
 		Name: "bench", RunDir: b.TempDir(), Kernel: img.Kernel, Initrd: img.Initrd,
-		CPUs: runner.DefaultCPUs, MemoryMiB: runner.DefaultMemoryMiB, Accel: accelChoice(b),
+		CPUs: mvm.DefaultCPUs, MemoryMiB: mvm.DefaultMemory >> 20, Accel: accelChoice(b),
 		RawPorts: []string{benchPort},
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer m.Stop(context.Background())
-	c, err := agentclient.Dial(m.AgentConn())
+	conn, err := m.DialAgent(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, err := agentclient.Dial(conn)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -194,7 +198,7 @@ func BenchmarkStdoutThroughput(b *testing.B) {
 			b.Fatalf("%q: %+v %v %s", argv, st, err, stderr.String())
 		}
 	}
-	raw, _ := m.RawPort(benchPort)
+	raw, _ := m.(backend.RawPorter).RawPort(benchPort)
 	viaRaw := func(script string) float64 {
 		var w countWriter
 		done := make(chan error, 1)
@@ -291,10 +295,10 @@ func BenchmarkHostMemory(b *testing.B) {
 	}
 	time.Sleep(time.Second)
 	qpid := findVMM(b, runDir)
-	total, guest, private := qemuRSS(b, qpid, runner.DefaultMemoryMiB<<20)
+	total, guest, private := qemuRSS(b, qpid, mvm.DefaultMemory)
 	self := vmRSS(b, cmd.Process.Pid)
 	fmt.Printf("(c) host memory with a %d MiB guest: QEMU RSS %.1f MiB, of which guest RAM %.1f MiB; QEMU beyond guest RAM %.1f MiB (%.1f MiB of it private to this VM, the rest shared page cache: QEMU's binary, kernel, initramfs); mvmctl %.1f MiB; total beyond guest RAM %.1f MiB\n",
-		runner.DefaultMemoryMiB, mib(total), mib(guest), mib(total-guest), mib(private-guest), mib(self), mib(total-guest+self))
+		mvm.DefaultMemory>>20, mib(total), mib(guest), mib(total-guest), mib(private-guest), mib(self), mib(total-guest+self))
 	b.ReportMetric(mib(total-guest+self), "MiB-overhead")
 	b.ReportMetric(mib(private-guest+self), "MiB-private-overhead")
 }

@@ -43,7 +43,11 @@ func TestAgentSessionSoak(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Stop(context.Background())
-	c, err := agentclient.Dial(m.AgentConn())
+	conn, err := m.DialAgent(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := agentclient.Dial(conn)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,8 +48,8 @@ func setup(m *testing.M) int {
 	return m.Run()
 }
 
-// prepare builds mvmctl and mvm-agent from this tree (unless -mvmctl names
-// a binary, with mvm-agent beside it) and bootstraps a private image cache
+// prepare builds mvmctl, mvm-agent and mvm-jailer from this tree (unless
+// -mvmctl names a binary, with the other two beside it) and bootstraps a private image cache
 // that reuses the user's compiled kernel.
 func prepare(work string) error {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
@@ -60,13 +60,20 @@ func prepare(work string) error {
 	} else {
 		bin := filepath.Join(work, "bin")
 		mvmctl = filepath.Join(bin, "mvmctl")
-		for _, b := range []struct{ out, pkg string }{{mvmctl, "../../cmd/mvmctl"}, {filepath.Join(bin, "mvm-agent"), "../../cmd/mvm-agent"}} {
+		for _, b := range []struct{ out, pkg string }{
+			{mvmctl, "../../cmd/mvmctl"}, {filepath.Join(bin, "mvm-agent"), "../../cmd/mvm-agent"}, {filepath.Join(bin, "mvm-jailer"), "../../cmd/mvm-jailer"},
+		} {
 			cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 			if out, err := cmd.CombinedOutput(); err != nil {
 				return fmt.Errorf("go build %s: %v\n%s", b.pkg, err, out)
 			}
 		}
+	}
+	// Tests that start VMs in-process (not through mvmctl) find the
+	// jailer here.
+	if err := os.Setenv("MVM_JAILER", filepath.Join(filepath.Dir(mvmctl), "mvm-jailer")); err != nil {
+		return err
 	}
 	kernel, err := userKernel()
 	if err != nil {

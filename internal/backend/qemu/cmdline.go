@@ -32,14 +32,20 @@ var tcgKernelArgs = []string{"noapictimer"}
 // argsConfig is everything the command line depends on; building it is a
 // pure function so it can be checked against golden files.
 type argsConfig struct {
-	cfg      backend.Config
-	console  string // console log path
-	agentFD  int    // connected socket for the agent port
-	qmpFD    int    // connected socket for QMP
-	rawFDs   []int  // one per cfg.RawPorts, same order
-	sandbox  bool   // QEMU seccomp sandbox available
-	extraArg []string
+	cfg       backend.Config
+	agentFD   int   // connected socket for the agent port
+	qmpFD     int   // connected socket for QMP
+	consoleFD int   // connected socket for the serial console
+	rawFDs    []int // one per cfg.RawPorts, same order
+	sandbox   bool  // QEMU seccomp sandbox available
+	// runAs ("uid:gid") and chroot confine the VMM once it has opened
+	// its files (as root only).
+	runAs, chroot string
 }
+
+// agentPortID is the agent port's device id, which QMP's VSERPORT_CHANGE
+// events name.
+const agentPortID = "agentport"
 
 // buildArgs returns QEMU's arguments (without argv[0]).
 func buildArgs(a argsConfig) ([]string, error) {
@@ -87,7 +93,7 @@ func buildArgs(a argsConfig) ([]string, error) {
 		"-global", "virtio-mmio.force-legacy=false",
 		"-kernel", c.Kernel,
 		"-append", strings.Join(kargs, " "),
-		"-chardev", "file,id=console,path="+qemuOptValue(a.console),
+		"-chardev", "socket,id=console,fd="+strconv.Itoa(a.consoleFD),
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(a.qmpFD),
 		"-mon", "chardev=qmp,mode=control",
@@ -99,7 +105,7 @@ func buildArgs(a argsConfig) ([]string, error) {
 	args = append(args,
 		"-device", "virtio-serial-device,id=vser0",
 		"-chardev", "socket,id=agent,fd="+strconv.Itoa(a.agentFD),
-		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+agentPortName,
+		"-device", "virtserialport,bus=vser0.0,chardev=agent,id="+agentPortID+",name="+agentPortName,
 	)
 	for i, name := range c.RawPorts {
 		id := "raw" + strconv.Itoa(i)
@@ -109,25 +115,38 @@ func buildArgs(a argsConfig) ([]string, error) {
 		)
 	}
 	for i, d := range c.Drives {
-		if len(d.ID) > 20 || strings.ContainsAny(d.ID, ",= ") {
-			return nil, fmt.Errorf("drive id %q: at most 20 characters, no ',', '=' or spaces", d.ID)
+		if len(d.Label) > 20 || strings.ContainsAny(d.Label, ",= ") {
+			return nil, fmt.Errorf("drive label %q: at most 20 characters, no ',', '=' or spaces", d.Label)
 		}
 		id := "drive" + strconv.Itoa(i)
 		opts := "file=" + qemuOptValue(d.Path) + ",if=none,id=" + id + ",format=raw,cache=unsafe,discard=unmap"
 		if d.ReadOnly {
 			opts += ",readonly=on"
 		}
-		args = append(args,
-			"-drive", opts,
-			"-device", "virtio-blk-device,drive="+id+",serial="+d.ID,
-		)
+		dev := "virtio-blk-device,drive=" + id
+		if d.Label != "" {
+			dev += ",serial=" + d.Label
+		}
+		args = append(args, "-drive", opts, "-device", dev)
+	}
+	if a.runAs != "" {
+		args = append(args, "-runas", a.runAs)
+	}
+	if a.chroot != "" {
+		args = append(args, "-chroot", a.chroot)
 	}
 	if a.sandbox {
 		// QEMU's own seccomp filter: the VMM runs untrusted guests, so
-		// take away what it never needs.
-		args = append(args, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+		// take away what it never needs. Dropping to another uid is done
+		// by QEMU itself after the filter is in place, so set*id calls
+		// stay allowed then; once dropped they cannot regain anything.
+		elevate := "deny"
+		if a.runAs != "" {
+			elevate = "allow"
+		}
+		args = append(args, "-sandbox", "on,obsolete=deny,elevateprivileges="+elevate+",spawn=deny,resourcecontrol=deny")
 	}
-	return append(args, a.extraArg...), nil
+	return args, nil
 }
 
 // qemuOptValue escapes a value for QEMU's comma-separated option syntax,

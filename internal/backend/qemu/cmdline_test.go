@@ -29,10 +29,10 @@ func baseArgsConfig() argsConfig {
 			MemoryMiB: 512,
 			Accel:     accel.TCG,
 		},
-		console: "/run/mvm/exec-1a2b-3c4d/console.log",
-		agentFD: 3,
-		qmpFD:   4,
-		sandbox: true,
+		agentFD:   3,
+		qmpFD:     4,
+		consoleFD: 5,
+		sandbox:   true,
 	}
 }
 
@@ -60,7 +60,8 @@ var goldenCases = []goldenCase{
 			wantSeq(t, args, "-initrd", "/var/cache/mvm/initramfs.cpio")
 			wantSeq(t, args, "-chardev", "socket,id=agent,fd=3")
 			wantSeq(t, args, "-chardev", "socket,id=qmp,fd=4")
-			wantSeq(t, args, "-device", "virtserialport,bus=vser0.0,chardev=agent,name="+agentPortName)
+			wantSeq(t, args, "-chardev", "socket,id=console,fd=5")
+			wantSeq(t, args, "-device", "virtserialport,bus=vser0.0,chardev=agent,id=agentport,name="+agentPortName)
 			if got := args[len(args)-2:]; !slices.Equal(got, []string{"-sandbox", sandboxValue}) {
 				t.Errorf("arguments end with %q, want the sandbox option", got)
 			}
@@ -101,8 +102,8 @@ var goldenCases = []goldenCase{
 		name: "drives",
 		modify: func(a *argsConfig) {
 			a.cfg.Drives = []backend.Drive{
-				{ID: "work", Path: "/tmp/work.img"},
-				{ID: "ro-data", Path: "/srv/ro.img", ReadOnly: true},
+				{Label: "work", Path: "/tmp/work.img"},
+				{Label: "ro-data", Path: "/srv/ro.img", ReadOnly: true},
 			}
 		},
 		check: func(t *testing.T, args []string) {
@@ -157,11 +158,11 @@ var goldenCases = []goldenCase{
 	{
 		name: "comma-paths",
 		modify: func(a *argsConfig) {
-			a.console = "/run/mvm/a,b/console.log"
-			a.cfg.Drives = []backend.Drive{{ID: "disk", Path: "/srv/x,format=qcow2.img"}}
+			a.cfg.Name = "a,b"
+			a.cfg.Drives = []backend.Drive{{Label: "disk", Path: "/srv/x,format=qcow2.img"}}
 		},
 		check: func(t *testing.T, args []string) {
-			wantSeq(t, args, "-chardev", "file,id=console,path=/run/mvm/a,,b/console.log")
+			wantSeq(t, args, "-name", "a,,b")
 			drives := valuesOf(args, "-drive")
 			if len(drives) != 1 || !strings.HasPrefix(drives[0], "file=/srv/x,,format=qcow2.img,if=none,") {
 				t.Errorf("-drive values = %q, want the path's comma doubled", drives)
@@ -169,12 +170,16 @@ var goldenCases = []goldenCase{
 		},
 	},
 	{
-		name:   "extra-qemu-args",
-		modify: func(a *argsConfig) { a.extraArg = []string{"-d", "guest_errors"} },
+		name: "confined",
+		modify: func(a *argsConfig) {
+			a.runAs = "1073741825:1073741825"
+			a.chroot = "/run/mvm/exec-1a2b-3c4d"
+		},
 		check: func(t *testing.T, args []string) {
-			if len(args) < 4 || !slices.Equal(args[len(args)-4:], []string{"-sandbox", sandboxValue, "-d", "guest_errors"}) {
-				t.Errorf("arguments do not end with -sandbox then the extra arguments: %q", args)
-			}
+			wantSeq(t, args, "-runas", "1073741825:1073741825", "-chroot", "/run/mvm/exec-1a2b-3c4d")
+			// QEMU drops privileges after installing its filter, so the
+			// filter must let it.
+			wantSeq(t, args, "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny")
 		},
 	},
 }
@@ -256,21 +261,21 @@ func TestBuildArgsErrors(t *testing.T) {
 		{"kernel arg with space", func(a *argsConfig) { a.cfg.KernelArgs = []string{"ok=1", "init=/bin/sh -x"} }, `kernel argument "init=/bin/sh -x" contains whitespace`},
 		{"kernel arg with tab", func(a *argsConfig) { a.cfg.KernelArgs = []string{"a\tb"} }, "contains whitespace"},
 		{"kernel arg with newline", func(a *argsConfig) { a.cfg.KernelArgs = []string{"a\nb"} }, "contains whitespace"},
-		{"drive id of 21 chars", func(a *argsConfig) {
-			a.cfg.Drives = []backend.Drive{{ID: strings.Repeat("x", 21), Path: "/d.img"}}
+		{"drive label of 21 chars", func(a *argsConfig) {
+			a.cfg.Drives = []backend.Drive{{Label: strings.Repeat("x", 21), Path: "/d.img"}}
 		}, "at most 20 characters"},
-		{"drive id with comma", func(a *argsConfig) {
-			a.cfg.Drives = []backend.Drive{{ID: "a,b", Path: "/d.img"}}
-		}, `drive id "a,b"`},
-		{"drive id with equals", func(a *argsConfig) {
-			a.cfg.Drives = []backend.Drive{{ID: "a=b", Path: "/d.img"}}
-		}, `drive id "a=b"`},
-		{"drive id with space", func(a *argsConfig) {
-			a.cfg.Drives = []backend.Drive{{ID: "a b", Path: "/d.img"}}
-		}, `drive id "a b"`},
+		{"drive label with comma", func(a *argsConfig) {
+			a.cfg.Drives = []backend.Drive{{Label: "a,b", Path: "/d.img"}}
+		}, `drive label "a,b"`},
+		{"drive label with equals", func(a *argsConfig) {
+			a.cfg.Drives = []backend.Drive{{Label: "a=b", Path: "/d.img"}}
+		}, `drive label "a=b"`},
+		{"drive label with space", func(a *argsConfig) {
+			a.cfg.Drives = []backend.Drive{{Label: "a b", Path: "/d.img"}}
+		}, `drive label "a b"`},
 		{"second drive bad", func(a *argsConfig) {
-			a.cfg.Drives = []backend.Drive{{ID: "ok", Path: "/a.img"}, {ID: "no,pe", Path: "/b.img"}}
-		}, `drive id "no,pe"`},
+			a.cfg.Drives = []backend.Drive{{Label: "ok", Path: "/a.img"}, {Label: "no,pe", Path: "/b.img"}}
+		}, `drive label "no,pe"`},
 		{"raw port without fd", func(a *argsConfig) { a.cfg.RawPorts = []string{"p0"} }, "1 raw ports but 0 descriptors"},
 		{"fd without raw port", func(a *argsConfig) { a.rawFDs = []int{5} }, "0 raw ports but 1 descriptors"},
 		{"two ports one fd", func(a *argsConfig) {
@@ -299,7 +304,7 @@ func TestBuildArgsErrors(t *testing.T) {
 func TestBuildArgsDriveIDOfTwentyChars(t *testing.T) {
 	a := baseArgsConfig()
 	id := strings.Repeat("y", 20)
-	a.cfg.Drives = []backend.Drive{{ID: id, Path: "/d.img"}}
+	a.cfg.Drives = []backend.Drive{{Label: id, Path: "/d.img"}}
 	args, err := buildArgs(a)
 	if err != nil {
 		t.Fatalf("buildArgs with a 20-character drive id: %v", err)

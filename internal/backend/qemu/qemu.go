@@ -1,13 +1,20 @@
 // Package qemu runs machines with QEMU's microvm machine type: no PCI, no
-// ACPI, virtio-mmio devices, a PVH kernel entry. The agent talks over a
-// virtio-serial port whose host side is one end of a socketpair handed to
-// QEMU as a file descriptor, so there is no socket path to create, poll for
-// or clean up, and nothing to connect to before the VMM listens.
+// ACPI, virtio-mmio devices, a PVH kernel entry. Every channel to the VMM
+// (the agent's virtio-serial port, QMP, the serial console) is one end of a
+// socketpair handed to QEMU as a file descriptor, so there is no socket
+// path to create, poll for or clean up, and nothing to connect to before
+// the VMM listens.
+//
+// The VMM is treated as the guest's accomplice: it runs in its own process
+// group with a parent-death signal, under QEMU's seccomp sandbox, and, when
+// mvmctl runs as root, as an unprivileged per-run uid chrooted into the run
+// directory, in namespaces of its own.
 package qemu
 
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,6 +23,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -39,24 +47,19 @@ type Backend struct {
 	Path string
 	// Sandbox turns on QEMU's seccomp sandbox.
 	Sandbox bool
+	// Confine, when running as root, drops the VMM to an unprivileged
+	// uid, chroots it into the run directory and gives it namespaces of
+	// its own. Without root there is nothing to drop.
+	Confine bool
 	Log     *slog.Logger
 }
 
-// New returns a backend with the sandbox on.
+// New returns a backend with the sandbox and confinement on.
 func New(log *slog.Logger) *Backend {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backend{Sandbox: true, Log: log}
-}
-
-// Name implements backend.Backend.
-func (b *Backend) Name() string { return "qemu" }
-
-// Capabilities implements backend.Backend. Snapshots are possible with
-// QEMU but not wired up yet, so they are not announced.
-func (b *Backend) Capabilities() backend.Capabilities {
-	return backend.Capabilities{ReadOnlyDrives: true}
+	return &Backend{Sandbox: true, Confine: true, Log: log}
 }
 
 // FindBinary resolves the QEMU binary: MVM_QEMU, then PATH.
@@ -81,11 +84,12 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		}
 	}
 	m := &machine{
-		console: filepath.Join(cfg.RunDir, "console.log"),
-		vmmLog:  filepath.Join(cfg.RunDir, "vmm.log"),
-		done:    make(chan struct{}),
-		raw:     make(map[string]net.Conn),
-		log:     b.Log.With("vm", cfg.Name),
+		consoleLog: cfg.ConsoleLog,
+		console:    newTail(backend.ConsoleLogLimit),
+		done:       make(chan struct{}),
+		exited:     make(chan struct{}),
+		raw:        make(map[string]net.Conn),
+		log:        b.Log.With("vm", cfg.Name),
 	}
 	// Child ends become fds 3, 4, 5... in QEMU, in ExtraFiles order.
 	var childEnds []*os.File
@@ -102,12 +106,12 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		childEnds = append(childEnds, child)
 		return host, 2 + len(childEnds), nil
 	}
-	var err error
 	fail := func(err error) (backend.Machine, error) {
 		m.closeConns()
 		return nil, err
 	}
-	a := argsConfig{cfg: cfg, console: m.console, sandbox: b.Sandbox}
+	a := argsConfig{cfg: cfg, sandbox: b.Sandbox}
+	var err error
 	if m.agent, a.agentFD, err = pair("agent"); err != nil {
 		return fail(err)
 	}
@@ -116,6 +120,9 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		return fail(err)
 	}
 	m.qmp = qmp.New(qmpConn)
+	if m.consoleConn, a.consoleFD, err = pair("console"); err != nil {
+		return fail(err)
+	}
 	for _, name := range cfg.RawPorts {
 		c, fd, err := pair(name)
 		if err != nil {
@@ -124,20 +131,42 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		m.raw[name] = c
 		a.rawFDs = append(a.rawFDs, fd)
 	}
+	var jailer string
+	if b.Confine && os.Geteuid() == 0 {
+		if jailer, err = FindJailer(); err != nil {
+			return fail(err)
+		}
+		// QEMU drops to a per-run uid and chroots into the run directory
+		// itself, once it has opened its files as root.
+		id := vmmID()
+		a.runAs = fmt.Sprintf("%d:%d", id, id)
+		a.chroot = cfg.RunDir
+	}
 	args, err := buildArgs(a)
 	if err != nil {
 		return fail(err)
 	}
-	logFile, err := os.OpenFile(m.vmmLog, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fail(fmt.Errorf("create vmm log: %w", err))
-	}
-	defer logFile.Close()
-
+	var vmmOut bytes.Buffer
 	cmd := exec.Command(bin, args...)
+	var cloneFlags uintptr
+	if jailer != "" {
+		// The jailer keeps the parent-death signal that QEMU's own uid
+		// change would clear (see cmd/mvm-jailer), as the init of a PID
+		// namespace the VMM cannot outlive. Network, IPC and UTS
+		// namespaces of its own too: the VMM has no NIC and needs none
+		// of the host's.
+		argsR, err := jailerArgs(append([]string{bin}, args...))
+		if err != nil {
+			return fail(err)
+		}
+		defer argsR.Close()
+		cmd = exec.Command(jailer, "--fds", strconv.Itoa(len(childEnds)), "--args-fd", strconv.Itoa(3+len(childEnds)))
+		childEnds = append(childEnds, argsR)
+		cloneFlags = syscall.CLONE_NEWPID | syscall.CLONE_NEWNET | syscall.CLONE_NEWIPC | syscall.CLONE_NEWUTS
+	}
 	cmd.Stdin = nil // /dev/null: QEMU must never read the user's terminal
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
+	cmd.Stdout = &limitedBuffer{buf: &vmmOut, limit: 64 << 10}
+	cmd.Stderr = cmd.Stdout
 	cmd.ExtraFiles = childEnds
 	cmd.Dir = cfg.RunDir
 	cmd.SysProcAttr = &syscall.SysProcAttr{
@@ -145,14 +174,77 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		// decides what the guest gets; QEMU would otherwise quit on SIGINT.
 		Setpgid: true,
 		// The VMM dies with the thread that started it; see startLocked.
-		Pdeathsig: syscall.SIGKILL,
+		Pdeathsig:  syscall.SIGKILL,
+		Cloneflags: cloneFlags,
 	}
+	m.vmmOut = &vmmOut
 	m.log.Debug("starting vmm", "path", bin, "args", args)
 	if err := m.startLocked(cmd); err != nil {
 		return fail(fmt.Errorf("start %s: %w", bin, err))
 	}
 	return m, nil
 }
+
+// FindJailer locates the mvm-jailer binary: MVM_JAILER, then next to the
+// running executable, then ../libexec/mvm/ relative to it (the layout of
+// `make install`).
+func FindJailer() (string, error) {
+	if p := os.Getenv("MVM_JAILER"); p != "" {
+		return p, nil
+	}
+	exe, err := os.Executable()
+	if err == nil {
+		exe, _ = filepath.EvalSymlinks(exe)
+		dir := filepath.Dir(exe)
+		for _, p := range []string{filepath.Join(dir, "mvm-jailer"), filepath.Join(dir, "..", "libexec", "mvm", "mvm-jailer")} {
+			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+				return p, nil
+			}
+		}
+	}
+	return "", errors.New("mvm-jailer not found next to the program or in ../libexec/mvm: it confines QEMU when mvm runs as root (build it with `make build`, or set MVM_JAILER)")
+}
+
+// jailerArgs returns a pipe whose read end yields args, each ended by a
+// NUL byte, as mvm-jailer reads them. They fit in the pipe's buffer (64
+// KiB; a command line is a few KiB), so writing them all before the
+// jailer starts cannot block.
+func jailerArgs(args []string) (*os.File, error) {
+	var b bytes.Buffer
+	for _, a := range args {
+		b.WriteString(a)
+		b.WriteByte(0)
+	}
+	if b.Len() > 60<<10 {
+		return nil, fmt.Errorf("vmm command line of %d bytes is too long", b.Len())
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	_, err = w.Write(b.Bytes())
+	w.Close()
+	if err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// vmmID picks the uid (and gid) a confined VMM runs as: a per-run id far
+// above the ranges distributions hand to users and to subordinate id
+// maps, so that two VMMs never share a uid and none shares one with a
+// person.
+func vmmID() uint32 {
+	var b [4]byte
+	_, _ = unix.Getrandom(b[:], 0)
+	return vmmIDBase + (uint32(b[0])|uint32(b[1])<<8|uint32(b[2])<<16)%vmmIDRange
+}
+
+const (
+	vmmIDBase  = 1 << 30
+	vmmIDRange = 1 << 24
+)
 
 // socketpair returns a connected pair: the host end as a net.Conn, the
 // other as a file for the child.
@@ -172,20 +264,25 @@ func socketpair(name string) (net.Conn, *os.File, error) {
 }
 
 type machine struct {
-	cmd     *exec.Cmd
-	console string
-	vmmLog  string
-	agent   net.Conn
-	raw     map[string]net.Conn
-	qmp     *qmp.Client
-	log     *slog.Logger
+	cmd         *exec.Cmd
+	agent       net.Conn
+	consoleConn net.Conn
+	console     *tail
+	consoleLog  string
+	raw         map[string]net.Conn
+	qmp         *qmp.Client
+	vmmOut      *bytes.Buffer // QEMU's own stdout/stderr (bounded)
+	log         *slog.Logger
 
-	done    chan struct{}
-	waitErr error // set before done is closed
-
-	stopOnce sync.Once
-	stopped  bool // Stop was called; set before the VMM is told to go
 	mu       sync.Mutex
+	stopped  bool  // Stop was called
+	guestErr error // why the guest is gone, when the VMM said so before exiting
+	err      error // set before done is closed
+
+	doneOnce sync.Once
+	done     chan struct{} // the guest can no longer run
+	exited   chan struct{} // the VMM process is gone and the console saved
+	stopOnce sync.Once
 }
 
 // startLocked starts the VMM from a goroutine pinned to its OS thread and
@@ -196,6 +293,11 @@ type machine struct {
 func (m *machine) startLocked(cmd *exec.Cmd) error {
 	m.cmd = cmd
 	started := make(chan error, 1)
+	consoleDone := make(chan struct{})
+	go func() {
+		defer close(consoleDone)
+		drainConsole(m.consoleConn, m.console)
+	}()
 	go func() {
 		runtime.LockOSThread()
 		// Never unlocked: when this goroutine returns the thread exits,
@@ -206,28 +308,86 @@ func (m *machine) startLocked(cmd *exec.Cmd) error {
 		}
 		started <- nil
 		err := cmd.Wait()
+		// The VMM's end of every channel is closed now; the console
+		// reader sees end-of-file once it has everything.
+		<-consoleDone
+		if m.consoleLog != "" {
+			if werr := writeConsoleLog(m.consoleLog, m.console); werr != nil {
+				m.log.Warn("save console log", "err", werr)
+			}
+		}
 		m.mu.Lock()
-		stopped := m.stopped
+		if m.err == nil {
+			m.err = m.exitError(err)
+		}
 		m.mu.Unlock()
-		m.waitErr = m.exitError(err, stopped)
 		m.closeConns()
-		close(m.done)
+		m.markDone(nil)
+		close(m.exited)
 	}()
-	return <-started
+	if err := <-started; err != nil {
+		m.consoleConn.Close()
+		return err
+	}
+	return nil
+}
+
+// markDone closes Done once, recording why the guest is gone (the first
+// reason wins).
+func (m *machine) markDone(reason error) {
+	m.mu.Lock()
+	if reason != nil && m.guestErr == nil && !m.stopped {
+		m.guestErr = reason
+		m.err = reason
+	}
+	m.mu.Unlock()
+	m.doneOnce.Do(func() { close(m.done) })
 }
 
 // exitError explains how the VMM ended: nil for a clean exit (the guest
 // powered off) or one we asked for, otherwise the exit status and the last
 // lines QEMU printed.
-func (m *machine) exitError(err error, stopped bool) error {
-	if err == nil || stopped {
+func (m *machine) exitError(err error) error {
+	if m.guestErr != nil {
+		return m.guestErr
+	}
+	if err == nil || m.stopped {
 		return nil
 	}
 	msg := err.Error()
-	if tail := lastLines(m.vmmLog, 5); tail != "" {
+	if tail := lastLines(m.vmmOut.String(), 5); tail != "" {
 		msg += ": " + tail
 	}
 	return errors.New("vmm exited unexpectedly: " + msg)
+}
+
+// ErrGuestHalted reports a guest that shut its devices down or stopped
+// its CPUs without powering off through the agent.
+var ErrGuestHalted = errors.New("the guest halted or powered off")
+
+// ErrGuestPanicked reports a guest kernel panic.
+var ErrGuestPanicked = errors.New("the guest kernel panicked")
+
+// guestGone maps a QMP event to why the guest can no longer run, or nil.
+// Watching for them means a guest that halted or powered off without
+// ending the VMM (there is no ACPI: `poweroff -f` shuts devices down and
+// stops the CPUs) is noticed at once instead of at a timeout.
+func guestGone(name string, data json.RawMessage) error {
+	switch name {
+	case "GUEST_PANICKED":
+		return ErrGuestPanicked
+	case "VSERPORT_CHANGE":
+		// The guest closed the agent's port: its kernel shut the device
+		// down (halt, power-off) or the agent died.
+		var d struct {
+			ID   string `json:"id"`
+			Open bool   `json:"open"`
+		}
+		if json.Unmarshal(data, &d) == nil && d.ID == agentPortID && !d.Open {
+			return fmt.Errorf("%w: it closed the agent channel", ErrGuestHalted)
+		}
+	}
+	return nil
 }
 
 func (m *machine) closeConns() {
@@ -242,7 +402,14 @@ func (m *machine) closeConns() {
 	}
 }
 
-func (m *machine) AgentConn() net.Conn { return m.agent }
+func (m *machine) DialAgent(ctx context.Context) (net.Conn, error) {
+	select {
+	case <-m.exited:
+		return nil, fmt.Errorf("dial agent: %w", m.Err())
+	default:
+		return m.agent, nil
+	}
+}
 
 func (m *machine) RawPort(name string) (net.Conn, bool) {
 	c, ok := m.raw[name]
@@ -251,28 +418,24 @@ func (m *machine) RawPort(name string) (net.Conn, bool) {
 
 func (m *machine) Done() <-chan struct{} { return m.done }
 
-func (m *machine) ConsoleLog() string { return m.console }
+func (m *machine) Err() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.err
+}
 
 func (m *machine) PID() int { return m.cmd.Process.Pid }
 
-func (m *machine) Wait(ctx context.Context) error {
-	select {
-	case <-m.done:
-		return m.waitErr
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // Stop asks QEMU to quit over QMP and, if it has not gone by the time ctx
-// ends (or QMP fails), kills its process group.
+// ends (or QMP fails), kills its process group. It returns once the VMM
+// process is gone and its console saved.
 func (m *machine) Stop(ctx context.Context) error {
 	m.stopOnce.Do(func() {
 		m.mu.Lock()
 		m.stopped = true
 		m.mu.Unlock()
 		select {
-		case <-m.done:
+		case <-m.exited:
 			return
 		default:
 		}
@@ -281,13 +444,12 @@ func (m *machine) Stop(ctx context.Context) error {
 			m.kill()
 		}
 		select {
-		case <-m.done:
+		case <-m.exited:
 		case <-ctx.Done():
 			m.kill()
-			<-m.done
 		}
 	})
-	<-m.done
+	<-m.exited
 	return nil
 }
 
@@ -296,14 +458,27 @@ func (m *machine) kill() {
 	_ = syscall.Kill(-m.cmd.Process.Pid, syscall.SIGKILL)
 }
 
-func lastLines(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
-	lines := strings.Split(strings.TrimSpace(string(bytes.ToValidUTF8(b, nil))), "\n")
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(string(bytes.ToValidUTF8([]byte(s), nil))), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, " | ")
+}
+
+// limitedBuffer keeps the first limit bytes written to it and discards the
+// rest: QEMU's own messages are few, but they may quote guest input.
+type limitedBuffer struct {
+	mu    sync.Mutex
+	buf   *bytes.Buffer
+	limit int
+}
+
+func (l *limitedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if room := l.limit - l.buf.Len(); room > 0 {
+		l.buf.Write(p[:min(len(p), room)])
+	}
+	return len(p), nil
 }

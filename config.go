@@ -1,0 +1,216 @@
+package mvm
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/mvm-sh/mvm/internal/accel"
+	"github.com/mvm-sh/mvm/internal/adddir"
+	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/envvar"
+	"github.com/mvm-sh/mvm/internal/xdg"
+)
+
+// Defaults a sandbox gets for zero Config fields.
+const (
+	DefaultCPUs    = 2
+	DefaultMemory  = 512 << 20
+	DefaultTimeout = 60 * time.Second
+	// MaxCPUs is the most vCPUs the guest kernel is built for.
+	MaxCPUs = 64
+	// MinMemory is the least guest RAM the default image boots in.
+	MinMemory = 64 << 20
+)
+
+// Config describes a sandbox. The zero value is valid: the default image
+// with DefaultCPUs and DefaultMemory.
+type Config struct {
+	// CPUs is the number of vCPUs (1..MaxCPUs; 0 means DefaultCPUs).
+	CPUs int
+	// Memory is the guest RAM in bytes (at least MinMemory, whole MiB;
+	// 0 means DefaultMemory).
+	Memory int64
+	// Accel chooses hardware virtualisation or emulation; the zero value
+	// is AccelAuto.
+	Accel Accel
+	// Kernel, when set, is an uncompressed vmlinux booted instead of the
+	// image's (see docs/kernel.md for what it must have built in).
+	Kernel string
+	// KernelArgs are extra guest kernel arguments (no whitespace inside
+	// one).
+	KernelArgs []string
+	// Dirs are host directories shared with the guest.
+	Dirs []Dir
+
+	// CacheDir holds images (default: $XDG_CACHE_HOME/mvm), StateDir
+	// what outlives a run: kept console logs, staged write-backs
+	// (default: $XDG_STATE_HOME/mvm), RunDir the per-run directories
+	// (default: StateDir/runs). The MVM_CACHE_DIR, MVM_STATE_DIR and
+	// MVM_RUN_DIR environment variables override the defaults.
+	CacheDir, StateDir, RunDir string
+
+	// Logger receives debug logs of every step; nil discards them.
+	Logger *slog.Logger
+
+	// backend replaces the VMM (tests run a fake machine).
+	backend backend.Backend
+}
+
+// Dir is a host directory shared with the guest. Read-only by default:
+// with Writable, the guest works on an overlay of it and what it changed
+// is written back when the sandbox closes (see docs/add-dir.md).
+type Dir struct {
+	Host     string // host directory (absolute or relative to the working directory)
+	Guest    string // absolute guest path
+	Writable bool
+}
+
+// Accel chooses how guest code runs.
+type Accel string
+
+// Accelerators.
+const (
+	// AccelAuto uses KVM when it can run a standard guest kernel (not on
+	// PVM-only hosts), and TCG otherwise.
+	AccelAuto Accel = "auto"
+	AccelKVM  Accel = "kvm"
+	AccelTCG  Accel = "tcg"
+)
+
+// resolved is a validated Config with its defaults filled in.
+type resolved struct {
+	Config
+	memMiB uint64
+	dirs   []adddir.Spec
+	accel  accel.Choice
+}
+
+// resolve validates cfg, before anything boots.
+func resolve(cfg Config) (resolved, error) {
+	r := resolved{Config: cfg}
+	if r.CPUs == 0 {
+		r.CPUs = DefaultCPUs
+	}
+	if r.CPUs < 1 || r.CPUs > MaxCPUs {
+		return r, invalid("CPUs", "%d vCPUs: must be between 1 and %d", cfg.CPUs, MaxCPUs)
+	}
+	if r.Memory == 0 {
+		r.Memory = DefaultMemory
+	}
+	if r.Memory < MinMemory || r.Memory%(1<<20) != 0 {
+		return r, invalid("Memory", "%d bytes: must be a whole number of MiB, at least %d MiB", cfg.Memory, MinMemory>>20)
+	}
+	r.memMiB = uint64(r.Memory >> 20)
+	mode, err := accel.ParseMode(string(cfg.Accel))
+	if err != nil {
+		return r, &RequestError{Field: "Accel", Err: err}
+	}
+	if r.accel, err = (accel.Host{}).Resolve(mode); err != nil {
+		return r, &RequestError{Field: "Accel", Err: err}
+	}
+	for _, k := range cfg.KernelArgs {
+		if k == "" || strings.ContainsAny(k, " \t\n\x00") {
+			return r, invalid("KernelArgs", "%q: a kernel argument cannot be empty or contain whitespace", k)
+		}
+	}
+	specs := make([]adddir.Spec, len(cfg.Dirs))
+	for i, d := range cfg.Dirs {
+		specs[i] = adddir.Spec{Host: d.Host, Guest: d.Guest}
+		if d.Writable {
+			specs[i].Mode = adddir.ReadWrite
+		}
+	}
+	if r.dirs, err = adddir.Check(specs); err != nil {
+		return r, &RequestError{Field: "Dirs", Err: err}
+	}
+	if r.CacheDir == "" {
+		if r.CacheDir, err = xdg.CacheDir(); err != nil {
+			return r, err
+		}
+	}
+	if r.StateDir == "" {
+		if r.StateDir, err = xdg.StateDir(); err != nil {
+			return r, err
+		}
+	}
+	if r.RunDir == "" {
+		if r.RunDir, err = xdg.RunDir(); err != nil {
+			return r, err
+		}
+	}
+	if r.Logger == nil {
+		r.Logger = slog.New(slog.DiscardHandler)
+	}
+	return r, nil
+}
+
+// Cmd is a command to run in a sandbox.
+type Cmd struct {
+	// Argv is the command and its arguments. Argv[0] is looked up in the
+	// guest's PATH when it has no slash. No shell is involved: every
+	// argument reaches the command exactly as given.
+	Argv []string
+	// Env is the complete environment as KEY=VALUE strings; later ones
+	// win. The guest adds PATH and HOME when they are missing.
+	Env []string
+	// Dir is the working directory in the guest, created when missing;
+	// "" means /.
+	Dir string
+	// Stdin, when non-nil, is copied to the command's stdin until EOF;
+	// nil gives the command /dev/null.
+	Stdin io.Reader
+	// Stdout and Stderr receive the command's output as it is written;
+	// nil discards it. A write that fails with EPIPE gives the command a
+	// SIGPIPE, as a closed pipe would on the host; any other failed write
+	// stops the command with an *OutputError.
+	Stdout, Stderr io.Writer
+	// Timeout, when positive, is enforced in the guest: the command's
+	// process group gets SIGTERM, then SIGKILL after KillGrace, and the
+	// result is ErrTimeout. If the guest does not report the end within
+	// a few seconds more, the host gives up on it.
+	Timeout time.Duration
+	// KillGrace is the SIGTERM-to-SIGKILL grace at the timeout (0 means
+	// DefaultKillGrace).
+	KillGrace time.Duration
+}
+
+// DefaultKillGrace is how long a timed-out command has between SIGTERM and
+// SIGKILL.
+const DefaultKillGrace = 2 * time.Second
+
+// check validates a command before it is sent to the guest.
+func (c *Cmd) check() ([]envvar.Var, error) {
+	if len(c.Argv) == 0 || c.Argv[0] == "" {
+		return nil, invalid("Cmd.Argv", "no command given")
+	}
+	for i, a := range c.Argv {
+		if strings.ContainsRune(a, 0) {
+			return nil, invalid("Cmd.Argv", "argument %d contains a NUL byte", i)
+		}
+	}
+	vars := make([]envvar.Var, 0, len(c.Env))
+	for _, kv := range c.Env {
+		name, value, ok := strings.Cut(kv, "=")
+		if !ok || !envvar.ValidName(name) {
+			return nil, invalid("Cmd.Env", "%q: want KEY=VALUE with KEY matching [A-Za-z_][A-Za-z0-9_]*", kv)
+		}
+		if strings.ContainsRune(value, 0) {
+			return nil, invalid("Cmd.Env", "the value of %s contains a NUL byte", name)
+		}
+		vars = append(vars, envvar.Var{Name: name, Value: value})
+	}
+	if c.Dir != "" && (!strings.HasPrefix(c.Dir, "/") || strings.ContainsRune(c.Dir, 0)) {
+		return nil, invalid("Cmd.Dir", "%q: must be an absolute guest path", c.Dir)
+	}
+	if c.Timeout < 0 || c.KillGrace < 0 {
+		return nil, invalid("Cmd.Timeout", "negative durations are not allowed")
+	}
+	return vars, nil
+}
+
+func (r resolved) String() string {
+	return fmt.Sprintf("%d vCPUs, %d MiB, %s, %d dirs", r.CPUs, r.memMiB, r.accel.Kind, len(r.dirs))
+}

@@ -1,0 +1,268 @@
+package mvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mvm-sh/mvm/internal/agentclient"
+)
+
+// hostTimeoutSlack is how much longer than a command's timeout plus kill
+// grace the host waits for the guest to report its end before it stops
+// trusting the guest.
+const hostTimeoutSlack = 3 * time.Second
+
+// signalTimeout bounds the forwarding of one signal to the guest.
+const signalTimeout = 2 * time.Second
+
+// ExitStatus is how a command ended.
+type ExitStatus struct {
+	// Code is the exit status of a command that exited, -1 otherwise.
+	Code int
+	// Signal is the signal that killed the command, or 0.
+	Signal syscall.Signal
+	// TimedOut: the command ran into Cmd.Timeout and was killed.
+	TimedOut bool
+	// Duration is the command's run time, measured in the guest.
+	Duration time.Duration
+}
+
+// Success reports a command that exited with status 0.
+func (s ExitStatus) Success() bool { return s.Code == 0 && s.Signal == 0 && !s.TimedOut }
+
+func (s ExitStatus) String() string {
+	switch {
+	case s.TimedOut:
+		return "timed out"
+	case s.Signal != 0:
+		return "killed by " + s.Signal.String()
+	}
+	return "exit status " + strconv.Itoa(s.Code)
+}
+
+// Process is a command started in a sandbox.
+type Process struct {
+	sb   *Sandbox
+	cmd  Cmd
+	ap   *agentclient.Process
+	done chan struct{}
+
+	status ExitStatus // set before done is closed
+	err    error
+
+	outErrOnce sync.Once
+	outErr     chan error // the first failed write to Stdout/Stderr (not EPIPE)
+}
+
+// Exec runs cmd in the sandbox and waits for it to end. A command that ran
+// returns its status with a nil error, whatever its exit code; see Start
+// for the errors.
+func (sb *Sandbox) Exec(ctx context.Context, cmd Cmd) (ExitStatus, error) {
+	p, err := sb.Start(ctx, cmd)
+	if err != nil {
+		return ExitStatus{Code: -1}, err
+	}
+	return p.Wait()
+}
+
+// Start starts cmd in the sandbox and returns at once; its output flows to
+// cmd's writers in the background. Cancelling ctx kills the command (its
+// whole process group) and makes Wait return at once.
+//
+// Wait's error is nil for a command that ran to its end, whatever its
+// exit code. Otherwise: a *StartError (ErrCommandNotFound,
+// ErrNotExecutable), ErrTimeout (the status says how it was killed), an
+// *OutputError, a *VMError when the sandbox failed, ErrClosed when it was
+// closed, or ctx's error.
+func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
+	env, err := cmd.check()
+	if err != nil {
+		return nil, err
+	}
+	sb.mu.Lock()
+	closing := sb.closing
+	sb.mu.Unlock()
+	if closing {
+		return nil, ErrClosed
+	}
+	if err := sb.Err(); err != nil {
+		return nil, err
+	}
+	if cmd.KillGrace == 0 {
+		cmd.KillGrace = DefaultKillGrace
+	}
+	p := &Process{sb: sb, cmd: cmd, done: make(chan struct{}), outErr: make(chan error, 1)}
+	spec := agentclient.ExecSpec{
+		Argv:          cmd.Argv,
+		Dir:           cmd.Dir,
+		Stdin:         cmd.Stdin,
+		Stdout:        cmd.Stdout,
+		Stderr:        cmd.Stderr,
+		Timeout:       cmd.Timeout,
+		KillGrace:     cmd.KillGrace,
+		OnOutputError: p.onOutputError,
+	}
+	for _, v := range env {
+		spec.Env = append(spec.Env, agentclient.EnvVar{Name: v.Name, Value: v.Value})
+	}
+	start := time.Now()
+	ap, err := sb.client.Exec(ctx, spec)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if serr := sb.Err(); serr != nil {
+			return nil, serr
+		}
+		return nil, &VMError{Op: "start command", Err: err}
+	}
+	p.ap = ap
+	go p.wait(ctx, start)
+	return p, nil
+}
+
+// PID is the command's process id in the guest, once it runs (0 before).
+func (p *Process) PID() int { return p.ap.PID() }
+
+// Started is closed when the command runs (or could not be started).
+func (p *Process) Started() <-chan struct{} { return p.ap.Started() }
+
+// Done is closed when Wait would return.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Wait waits for the command to end; see Sandbox.Start for its results.
+func (p *Process) Wait() (ExitStatus, error) {
+	<-p.done
+	return p.status, p.err
+}
+
+// Signal sends sig to the command's process group in the guest. It gives
+// up after ctx ends or a couple of seconds, whichever is first: a guest
+// that does not answer must not hold the caller.
+func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
+	sctx, cancel := context.WithTimeout(ctx, signalTimeout)
+	defer cancel()
+	return p.ap.Signal(sctx, sig)
+}
+
+// onOutputError is called by the agent client when writing the command's
+// output failed. A reader that went away (`| head`) gives the command
+// what a closed pipe would: SIGPIPE. Anything else (a full disk, EIO)
+// stops the command, since its output would be lost.
+func (p *Process) onOutputError(s agentclient.Stream, err error) {
+	if errors.Is(err, syscall.EPIPE) {
+		go func() { _ = p.Signal(context.Background(), syscall.SIGPIPE) }()
+		return
+	}
+	p.outErrOnce.Do(func() { p.outErr <- &OutputError{Stream: s.String(), Err: err} })
+}
+
+// wait follows the command to its end, the sandbox's failure, the host's
+// backstop on the timeout, or ctx.
+func (p *Process) wait(ctx context.Context, start time.Time) {
+	defer close(p.done)
+	defer p.sb.life.record("exec "+p.cmd.Argv[0], start, "")
+	p.status = ExitStatus{Code: -1}
+	var (
+		started  = p.ap.Started()
+		deadline <-chan time.Time
+		outErr   error
+	)
+	for {
+		select {
+		case <-started:
+			started = nil
+			if p.cmd.Timeout > 0 {
+				t := time.NewTimer(p.cmd.Timeout + p.cmd.KillGrace + hostTimeoutSlack)
+				defer t.Stop()
+				deadline = t.C
+			}
+		case <-p.ap.Done():
+			p.finish(outErr)
+			return
+		case err := <-p.outErr:
+			// Stop the command; its exit follows shortly.
+			outErr = err
+			go func() { _ = p.Signal(context.Background(), syscall.SIGKILL) }()
+			t := time.NewTimer(signalTimeout)
+			defer t.Stop()
+			deadline = t.C
+		case <-p.sb.failed:
+			// Give an exit that raced the VM's end a moment to arrive.
+			select {
+			case <-p.ap.Done():
+				p.finish(outErr)
+			case <-time.After(100 * time.Millisecond):
+				p.err = p.sb.failErr
+			}
+			return
+		case <-deadline:
+			if outErr != nil {
+				p.err = outErr
+				return
+			}
+			p.status.TimedOut = true
+			err := &VMError{Op: "run", Err: fmt.Errorf("%w: the guest did not stop the command %s after its %s timeout",
+				ErrTimeout, p.cmd.KillGrace+hostTimeoutSlack, p.cmd.Timeout)}
+			p.sb.fail(err)
+			p.err = err
+			return
+		case <-ctx.Done():
+			go func() { _ = p.Signal(context.Background(), syscall.SIGKILL) }()
+			p.err = ctx.Err()
+			return
+		}
+	}
+}
+
+// finish turns the agent's report into the command's result.
+func (p *Process) finish(outErr error) {
+	st, err := p.ap.Wait(context.Background())
+	if err != nil {
+		p.sb.mu.Lock()
+		closing := p.sb.closing
+		p.sb.mu.Unlock()
+		if closing {
+			p.err = ErrClosed
+			return
+		}
+		// The session broke under the command: the VM is most likely
+		// gone, which the machine says a moment later.
+		select {
+		case <-p.sb.m.Done():
+			p.sb.fail(&VMError{Op: "run", Err: vmEnded(p.sb.m)})
+		case <-time.After(200 * time.Millisecond):
+			p.sb.fail(&VMError{Op: "run", Err: err})
+		}
+		p.err = p.sb.Err()
+		return
+	}
+	if f := st.StartFailure; f != nil {
+		se := &StartError{Argv0: p.cmd.Argv[0], Errno: f.Errno, Message: f.Message}
+		switch f.Reason {
+		case agentclient.StartNotFound:
+			se.Err = ErrCommandNotFound
+		case agentclient.StartNotExecutable:
+			se.Err = ErrNotExecutable
+		case agentclient.StartInvalid:
+			se.Err = ErrInvalid
+		}
+		p.err = se
+		return
+	}
+	p.status = ExitStatus{Code: st.Code, Signal: st.Signal, TimedOut: st.TimedOut, Duration: st.Duration}
+	if st.Signal != 0 {
+		p.status.Code = -1
+	}
+	switch {
+	case outErr != nil:
+		p.err = outErr
+	case st.TimedOut:
+		p.err = fmt.Errorf("%w after %s", ErrTimeout, p.cmd.Timeout)
+	}
+}

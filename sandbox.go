@@ -1,0 +1,506 @@
+package mvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/backend/qemu"
+	"github.com/mvm-sh/mvm/internal/dirimage"
+	"github.com/mvm-sh/mvm/internal/hostdeps"
+	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/runstate"
+)
+
+// Tunables that are not configuration.
+const (
+	// bootTimeout bounds boot-to-hello. TCG boots in about a second on an
+	// idle host; this only catches a guest that will never answer.
+	bootTimeout = 60 * time.Second
+	// keepaliveInterval and keepaliveTimeout are how often the agent is
+	// pinged while the sandbox runs, and how long an answer may take
+	// before the guest is declared dead (frozen, or stuck without its
+	// VMM noticing). Generous: an emulated guest under load is slow.
+	keepaliveInterval = 3 * time.Second
+	keepaliveTimeout  = 10 * time.Second
+	// stopTimeout bounds a polite VMM stop before it is killed.
+	stopTimeout = 2 * time.Second
+	// shutdownTimeout bounds the guest's own shutdown (sync, unmount)
+	// when read-write directories need a clean filesystem.
+	shutdownTimeout = 10 * time.Second
+	// keptLogs is how many console logs of failed runs are kept; each is
+	// at most backend.ConsoleLogLimit.
+	keptLogs = 20
+)
+
+// Sandbox is a running VM that commands can be run in, one after another
+// or concurrently. It is safe for use by several goroutines.
+type Sandbox struct {
+	cfg  resolved
+	img  image.Image
+	name string
+	log  *slog.Logger
+	life *lifecycle
+
+	run    *runstate.Run
+	dirs   []*dirPlan
+	m      backend.Machine
+	client *agentclient.Client
+	hello  *agentclient.Hello
+
+	failOnce sync.Once
+	failed   chan struct{} // closed when the VM or its agent failed
+	failErr  *VMError
+
+	stopMonitor chan struct{}
+
+	mu         sync.Mutex
+	closing    bool
+	abandon    bool // skip the guest's graceful shutdown (Run after an interrupt)
+	keepLogs   bool
+	consoleLog string // where the console log was kept
+	writeBacks []WriteBack
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Start boots a sandbox and returns once its guest agent is ready and
+// every directory is mounted. Everything in cfg is checked first: bad
+// input fails in milliseconds with ErrInvalid and boots nothing.
+// Cancelling ctx aborts the start (and tears down what was started); once
+// Start has returned, the sandbox lives until Close.
+func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
+	r, err := resolve(cfg)
+	if err != nil {
+		return nil, err
+	}
+	img, err := loadImage(r)
+	if err != nil {
+		return nil, err
+	}
+	if r.backend == nil {
+		deps := image.RuntimeDeps()
+		if len(r.dirs) > 0 {
+			deps = append(deps, dirimage.Deps()...)
+		}
+		if err := hostdeps.Check("mvm", deps...); err != nil {
+			return nil, err
+		}
+		r.backend = qemu.New(r.Logger)
+	}
+	sb := &Sandbox{
+		cfg:         r,
+		img:         img,
+		name:        newName(),
+		failed:      make(chan struct{}),
+		stopMonitor: make(chan struct{}),
+	}
+	sb.log = r.Logger.With("vm", sb.name)
+	sb.life = newLifecycle(sb.log)
+	if err := sb.start(ctx); err != nil {
+		sb.mu.Lock()
+		sb.keepLogs = sb.keepLogs || errors.Is(err, ErrVM)
+		sb.mu.Unlock()
+		_ = sb.life.unwind(context.WithoutCancel(ctx))
+		var ve *VMError
+		if errors.As(err, &ve) && ve.ConsoleLog == "" {
+			ve.ConsoleLog = sb.consoleLog
+		}
+		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
+			err = fmt.Errorf("%w (%w)", ctx.Err(), err)
+		}
+		return nil, err
+	}
+	go sb.monitor()
+	return sb, nil
+}
+
+// loadImage finds what the sandbox boots.
+func loadImage(r resolved) (image.Image, error) {
+	img, err := image.Store{Root: r.CacheDir}.Load(image.DefaultName)
+	if err != nil {
+		return image.Image{}, err
+	}
+	if r.Kernel != "" {
+		if _, err := os.Stat(r.Kernel); err != nil {
+			return image.Image{}, &RequestError{Field: "Kernel", Err: err}
+		}
+		img.Kernel = r.Kernel
+	}
+	return img, nil
+}
+
+// newName returns a transient VM name, exec-<pid>-<nanos> in hex.
+func newName() string {
+	return "exec-" + strconv.FormatInt(int64(os.Getpid()), 16) + "-" + strconv.FormatInt(time.Now().UnixNano()&0xffffffffff, 16)
+}
+
+// start runs the start steps. Each that succeeds leaves its undo for
+// Close, in reverse order: shut down guest, disconnect, stop vm, write
+// back, clean up.
+func (sb *Sandbox) start(ctx context.Context) error {
+	l := sb.life
+	_ = l.step(ctx, "reclaim", "", sb.reclaim)
+	steps := []struct {
+		name, undo string
+		fn         func(context.Context) (undoFunc, error)
+	}{
+		{"prepare run", "clean up", sb.prepareRun},
+		{"prepare disks", "write back", sb.prepareDisks},
+		{"start vm", "stop vm", sb.boot},
+		{"agent ready", "disconnect", sb.connect},
+		{"mount", "shut down guest", sb.mount},
+	}
+	for _, s := range steps {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := l.step(ctx, s.name, s.undo, s.fn); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// reclaim removes the leftovers of runs whose mvmctl died, keeping any
+// read-write changes they hold.
+func (sb *Sandbox) reclaim(context.Context) (undoFunc, error) {
+	reclaimed, err := runstate.ReclaimSalvaging(sb.cfg.RunDir, sb.log, sb.salvage)
+	if err != nil {
+		sb.log.Warn("reclaiming leftovers of earlier runs", "err", err)
+	} else if len(reclaimed) > 0 {
+		sb.log.Debug("reclaimed leftovers of earlier runs", "runs", reclaimed)
+	}
+	return nil, nil
+}
+
+func (sb *Sandbox) prepareRun(context.Context) (undoFunc, error) {
+	run, err := runstate.Create(sb.cfg.RunDir, sb.name)
+	if err != nil {
+		return nil, fmt.Errorf("prepare run: %w", err)
+	}
+	sb.run = run
+	return sb.cleanUp, nil
+}
+
+// cleanUp removes the run directory, first keeping the console log of a
+// run that failed.
+func (sb *Sandbox) cleanUp(context.Context) error {
+	sb.mu.Lock()
+	keep := sb.keepLogs
+	sb.mu.Unlock()
+	if keep {
+		if p := sb.keepConsole(); p != "" {
+			sb.mu.Lock()
+			sb.consoleLog = p
+			sb.mu.Unlock()
+		}
+	}
+	if err := sb.run.Remove(); err != nil {
+		sb.log.Warn("remove run directory", "err", err)
+	}
+	return nil
+}
+
+func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
+	bc := backend.Config{
+		Name:       sb.name,
+		RunDir:     sb.run.Dir,
+		ConsoleLog: sb.run.Path("console.log"),
+		Kernel:     sb.img.Kernel,
+		Initrd:     sb.img.Initrd,
+		KernelArgs: sb.cfg.KernelArgs,
+		CPUs:       sb.cfg.CPUs,
+		MemoryMiB:  sb.cfg.memMiB,
+		Accel:      sb.cfg.accel.Kind,
+	}
+	for _, d := range sb.dirs {
+		bc.Drives = append(bc.Drives, d.drives()...)
+	}
+	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
+	m, err := sb.cfg.backend.Start(ctx, bc)
+	if err != nil {
+		return nil, &VMError{Op: "start vm", Err: err}
+	}
+	sb.m = m
+	if err := sb.run.RecordVMM(m.PID()); err != nil {
+		sb.log.Warn("record vmm pid", "err", err)
+	}
+	return sb.stopVM, nil
+}
+
+// stopVM ends the VMM, politely while stopTimeout allows.
+func (sb *Sandbox) stopVM(ctx context.Context) error {
+	stopCtx, cancel := context.WithTimeout(ctx, stopTimeout)
+	defer cancel()
+	if err := sb.m.Stop(stopCtx); err != nil {
+		sb.log.Warn("stop vm", "err", err)
+	}
+	return nil
+}
+
+// connect opens the agent session and waits for its hello, the guest's
+// sign of life after boot.
+func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
+	conn, err := sb.m.DialAgent(ctx)
+	if err != nil {
+		return nil, &VMError{Op: "connect to guest agent", Err: err}
+	}
+	client, err := agentclient.Dial(conn)
+	if err != nil {
+		return nil, &VMError{Op: "connect to guest agent", Err: err}
+	}
+	sb.client = client
+	undo := func(context.Context) error { return client.Close() }
+
+	hctx, cancel := context.WithTimeout(ctx, bootTimeout)
+	defer cancel()
+	helloErr := make(chan error, 1)
+	go func() {
+		h, err := client.Hello(hctx)
+		sb.hello = h
+		helloErr <- err
+	}()
+	select {
+	case err = <-helloErr:
+	case <-sb.m.Done():
+		cancel()
+		<-helloErr
+		return undo, &VMError{Op: "boot", Err: vmEnded(sb.m)}
+	}
+	switch {
+	case err == nil:
+		sb.life.annotate(fmt.Sprintf("guest kernel %s, agent init %s",
+			ms(sb.hello.AgentStart), ms(sb.hello.GuestUptime-sb.hello.AgentStart)))
+	case ctx.Err() != nil:
+		return undo, ctx.Err()
+	case hctx.Err() != nil:
+		return undo, &VMError{Op: "boot", Err: fmt.Errorf("the guest agent did not answer within %s", bootTimeout)}
+	default:
+		return undo, &VMError{Op: "connect to guest agent", Err: err}
+	}
+	return undo, nil
+}
+
+// mount mounts the shared directories in the guest. Its undo is the
+// guest's shutdown, which syncs and unmounts them.
+func (sb *Sandbox) mount(ctx context.Context) (undoFunc, error) {
+	if err := sb.guestCall(ctx, func(ctx context.Context) error { return mountAll(ctx, sb.client, sb.dirs) }); err != nil {
+		return sb.shutdownGuest, err
+	}
+	return sb.shutdownGuest, nil
+}
+
+// guestCall runs a call to the agent that must not outlive the VM.
+func (sb *Sandbox) guestCall(ctx context.Context, call func(context.Context) error) error {
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- call(cctx) }()
+	select {
+	case err := <-errc:
+		if err != nil && ctx.Err() == nil {
+			return &VMError{Op: "mount", Err: err}
+		}
+		return err
+	case <-sb.m.Done():
+		cancel()
+		<-errc
+		return &VMError{Op: "mount", Err: vmEnded(sb.m)}
+	}
+}
+
+// shutdownGuest asks the guest to sync, unmount and power off, when there
+// are read-write directories: the host then finds clean filesystems.
+// Without them nothing in the guest is worth waiting for.
+func (sb *Sandbox) shutdownGuest(ctx context.Context) error {
+	sb.mu.Lock()
+	abandon := sb.abandon
+	sb.mu.Unlock()
+	if abandon || !hasWritable(sb.dirs) {
+		return nil
+	}
+	select {
+	case <-sb.m.Done():
+		return nil
+	default:
+	}
+	sctx, cancel := context.WithTimeout(ctx, shutdownTimeout)
+	defer cancel()
+	if err := sb.client.Shutdown(sctx); err != nil {
+		sb.log.Debug("guest shutdown", "err", err)
+		return nil
+	}
+	select {
+	case <-sb.m.Done():
+	case <-sctx.Done():
+		sb.log.Warn("the guest did not power off in time; stopping it", "timeout", shutdownTimeout)
+	}
+	return nil
+}
+
+// monitor watches the VM and its agent while the sandbox is up: the
+// VMM's end or the backend's word that the guest is gone, and the agent's
+// answers to keepalive pings.
+func (sb *Sandbox) monitor() {
+	pingFailed := make(chan error, 1)
+	go func() {
+		t := time.NewTicker(keepaliveInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-sb.stopMonitor:
+				return
+			case <-sb.m.Done():
+				return
+			case <-t.C:
+			}
+			pctx, cancel := context.WithTimeout(context.Background(), keepaliveTimeout)
+			_, err := sb.client.Ping(pctx)
+			cancel()
+			if err != nil {
+				select {
+				case <-sb.stopMonitor:
+				default:
+					pingFailed <- err
+				}
+				return
+			}
+		}
+	}()
+	select {
+	case <-sb.stopMonitor:
+	case <-sb.m.Done():
+		sb.fail(&VMError{Op: "run", Err: vmEnded(sb.m)})
+	case err := <-pingFailed:
+		sb.fail(&VMError{Op: "run", Err: fmt.Errorf("the guest agent stopped answering (%w); the VM was torn down", err)})
+	}
+}
+
+// fail marks the sandbox broken: every command waiting on it gets err.
+func (sb *Sandbox) fail(err *VMError) {
+	sb.failOnce.Do(func() {
+		sb.log.Debug("sandbox failed", "err", err)
+		sb.mu.Lock()
+		sb.failErr = err
+		sb.keepLogs = true
+		sb.mu.Unlock()
+		close(sb.failed)
+	})
+}
+
+// Err is why the sandbox failed (its VM died or its agent stopped
+// answering), or nil while it is healthy.
+func (sb *Sandbox) Err() error {
+	select {
+	case <-sb.failed:
+		return sb.failErr
+	default:
+		return nil
+	}
+}
+
+// vmEnded explains a machine that is gone.
+func vmEnded(m backend.Machine) error {
+	if err := m.Err(); err != nil {
+		return err
+	}
+	return errors.New("the VM stopped (the guest powered off)")
+}
+
+// Close tears the sandbox down: commands still running are killed, the
+// guest is shut down (so that read-write directories are consistent), the
+// VM is stopped, what the guest changed in read-write directories is
+// written back, and the run's files are removed. It returns one WriteBack
+// per read-write directory; the error joins the *WriteBackError of every
+// one that failed (their changes are kept, see WriteBackError.Kept).
+//
+// Cancelling ctx makes Close hurry: the VM is stopped at once and a
+// write-back in progress is interrupted, its changes kept. Close is
+// idempotent; later calls return the first call's results.
+func (sb *Sandbox) Close(ctx context.Context) ([]WriteBack, error) {
+	sb.closeOnce.Do(func() {
+		sb.mu.Lock()
+		sb.closing = true
+		sb.mu.Unlock()
+		close(sb.stopMonitor)
+		err := sb.life.unwind(ctx)
+		sb.mu.Lock()
+		wbs := sb.writeBacks
+		sb.mu.Unlock()
+		var errs []error
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, wb := range wbs {
+			if wb.Err != nil {
+				errs = append(errs, wb.Err)
+			}
+		}
+		sb.closeErr = errors.Join(errs...)
+		if sb.failErr != nil && sb.failErr.ConsoleLog == "" {
+			sb.failErr.ConsoleLog = sb.consoleLog
+		}
+	})
+	return sb.writeBacks, sb.closeErr
+}
+
+// Timings returns how long each step of the sandbox's life took so far,
+// commands included.
+func (sb *Sandbox) Timings() []Timing { return sb.life.Timings() }
+
+// keepConsole moves the console log of a failed run to the state
+// directory's logs/ and prunes old ones. It returns the kept path.
+func (sb *Sandbox) keepConsole() string {
+	dir := filepath.Join(sb.cfg.StateDir, "logs")
+	kept, err := sb.run.Keep("console.log", dir, ".console.log")
+	if err != nil {
+		sb.log.Warn("keep console log", "err", err)
+		return ""
+	}
+	if fi, err := os.Stat(sb.run.Path("vmm.log")); err == nil && fi.Size() > 0 {
+		_, _ = sb.run.Keep("vmm.log", dir, ".vmm.log")
+	}
+	pruneLogs(dir, keptLogs)
+	return kept
+}
+
+// pruneLogs keeps the newest n console logs (and their vmm logs).
+func pruneLogs(dir string, n int) {
+	entries, _ := os.ReadDir(dir)
+	type kept struct {
+		path string
+		mod  time.Time
+	}
+	var logs []kept
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".console.log") {
+			continue
+		}
+		if fi, err := e.Info(); err == nil {
+			logs = append(logs, kept{filepath.Join(dir, e.Name()), fi.ModTime()})
+		}
+	}
+	if len(logs) <= n {
+		return
+	}
+	sort.Slice(logs, func(i, j int) bool { return logs[i].mod.After(logs[j].mod) })
+	for _, old := range logs[n:] {
+		os.Remove(old.path)
+		os.Remove(strings.TrimSuffix(old.path, ".console.log") + ".vmm.log")
+	}
+}
+
+// ms formats d in whole milliseconds, as the timing breakdown shows it.
+func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) + "ms" }
