@@ -14,8 +14,8 @@ import (
 
 // hostTimeoutSlack is how much longer than a command's timeout plus kill
 // grace the host waits for the guest to report its end before it stops
-// trusting the guest.
-const hostTimeoutSlack = 3 * time.Second
+// trusting the guest. A variable for tests.
+var hostTimeoutSlack = 3 * time.Second
 
 // signalTimeout bounds the forwarding of one signal to the guest.
 const signalTimeout = 2 * time.Second
@@ -50,6 +50,7 @@ type Process struct {
 	sb   *Sandbox
 	cmd  Cmd
 	ap   *agentclient.Process
+	apOK chan struct{} // closed once ap is set: output callbacks can come first
 	done chan struct{}
 
 	status ExitStatus // set before done is closed
@@ -96,7 +97,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	if cmd.KillGrace == 0 {
 		cmd.KillGrace = DefaultKillGrace
 	}
-	p := &Process{sb: sb, cmd: cmd, done: make(chan struct{}), outErr: make(chan error, 1)}
+	p := &Process{sb: sb, cmd: cmd, apOK: make(chan struct{}), done: make(chan struct{}), outErr: make(chan error, 1)}
 	spec := agentclient.ExecSpec{
 		Argv:          cmd.Argv,
 		Dir:           cmd.Dir,
@@ -122,6 +123,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		return nil, &VMError{Op: "start command", Err: err}
 	}
 	p.ap = ap
+	close(p.apOK)
 	go p.wait(ctx, start)
 	return p, nil
 }
@@ -147,6 +149,7 @@ func (p *Process) Wait() (ExitStatus, error) {
 func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
 	sctx, cancel := context.WithTimeout(ctx, signalTimeout)
 	defer cancel()
+	<-p.apOK
 	return p.ap.Signal(sctx, sig)
 }
 

@@ -27,12 +27,6 @@ const (
 	// bootTimeout bounds boot-to-hello. TCG boots in about a second on an
 	// idle host; this only catches a guest that will never answer.
 	bootTimeout = 60 * time.Second
-	// keepaliveInterval and keepaliveTimeout are how often the agent is
-	// pinged while the sandbox runs, and how long an answer may take
-	// before the guest is declared dead (frozen, or stuck without its
-	// VMM noticing). Generous: an emulated guest under load is slow.
-	keepaliveInterval = 3 * time.Second
-	keepaliveTimeout  = 10 * time.Second
 	// stopTimeout bounds a polite VMM stop before it is killed.
 	stopTimeout = 2 * time.Second
 	// shutdownTimeout bounds the guest's own shutdown (sync, unmount)
@@ -41,6 +35,15 @@ const (
 	// keptLogs is how many console logs of failed runs are kept; each is
 	// at most backend.ConsoleLogLimit.
 	keptLogs = 20
+)
+
+// keepaliveInterval and keepaliveTimeout are how often the agent is pinged
+// while the sandbox runs, and how long an answer may take before the guest
+// is declared dead (frozen, or stuck without its VMM noticing). Generous:
+// an emulated guest under load is slow. Variables for tests.
+var (
+	keepaliveInterval = 3 * time.Second
+	keepaliveTimeout  = 10 * time.Second
 )
 
 // Sandbox is a running VM that commands can be run in, one after another
@@ -63,6 +66,8 @@ type Sandbox struct {
 	failErr  *VMError
 
 	stopMonitor chan struct{}
+	// keepalive settings, fixed at start
+	pingEvery, pingTimeout time.Duration
 
 	mu         sync.Mutex
 	closing    bool
@@ -105,6 +110,8 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 		name:        newName(),
 		failed:      make(chan struct{}),
 		stopMonitor: make(chan struct{}),
+		pingEvery:   keepaliveInterval,
+		pingTimeout: keepaliveTimeout,
 	}
 	sb.log = r.Logger.With("vm", sb.name)
 	sb.life = newLifecycle(sb.log)
@@ -356,7 +363,7 @@ func (sb *Sandbox) shutdownGuest(ctx context.Context) error {
 func (sb *Sandbox) monitor() {
 	pingFailed := make(chan error, 1)
 	go func() {
-		t := time.NewTicker(keepaliveInterval)
+		t := time.NewTicker(sb.pingEvery)
 		defer t.Stop()
 		for {
 			select {
@@ -366,7 +373,7 @@ func (sb *Sandbox) monitor() {
 				return
 			case <-t.C:
 			}
-			pctx, cancel := context.WithTimeout(context.Background(), keepaliveTimeout)
+			pctx, cancel := context.WithTimeout(context.Background(), sb.pingTimeout)
 			_, err := sb.client.Ping(pctx)
 			cancel()
 			if err != nil {
