@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"strconv"
 	"sync"
 	"syscall"
@@ -161,6 +162,11 @@ func (p *Process) onOutputError(s agentclient.Stream, err error) {
 	if errors.Is(err, syscall.EPIPE) {
 		go func() { _ = p.Signal(context.Background(), syscall.SIGPIPE) }()
 		return
+	}
+	// "write /dev/stdout: ..." says nothing the stream name does not.
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
 	}
 	p.outErrOnce.Do(func() { p.outErr <- &OutputError{Stream: s.String(), Err: err} })
 }

@@ -1,0 +1,89 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A write error on mvmctl's stdout other than a closed pipe is an error:
+// the command is stopped, one line says why, and the status is 125.
+func TestOutputWriteErrors(t *testing.T) {
+	e := newEnv(t)
+	full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer full.Close()
+
+	t.Run("dev full", func(t *testing.T) {
+		cmd := e.command(context.Background(), "exec", "--", "echo", "hello")
+		var stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = full, &stderr
+		_ = cmd.Run()
+		if code := cmd.ProcessState.ExitCode(); code != 125 || !strings.Contains(stderr.String(), "write stdout: no space left on device") {
+			t.Fatalf("exit %d, stderr %q: want 125 and the write error", code, stderr.String())
+		}
+	})
+
+	t.Run("full filesystem", func(t *testing.T) {
+		// A 1 MiB tmpfs, 3 MB of output: what fits is written, then the
+		// error ends the run.
+		mnt := t.TempDir()
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt).CombinedOutput(); err != nil {
+			t.Fatalf("mount tmpfs: %v %s", err, out)
+		}
+		defer exec.Command("umount", mnt).Run()
+		f, err := os.Create(filepath.Join(mnt, "out"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		cmd := e.command(context.Background(), "exec", "--", "sh", "-c", "head -c 3000000 /dev/zero; echo after >&2; sleep 30")
+		var stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = f, &stderr
+		start := time.Now()
+		_ = cmd.Run()
+		if code := cmd.ProcessState.ExitCode(); code != 125 || !strings.Contains(stderr.String(), "write stdout: no space left on device") {
+			t.Fatalf("exit %d, stderr %q: want 125 and the write error", code, stderr.String())
+		}
+		// The command was stopped rather than left to run its 30 s.
+		if el := time.Since(start); el > 20*time.Second {
+			t.Errorf("took %s: the command was not stopped", el)
+		}
+	})
+	e.assertClean()
+}
+
+// A signal while the VM boots ends mvmctl at once, with nothing left.
+func TestInterruptWhileBooting(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := e.command(ctx, "exec", "--", "sleep", "30")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// The run directory appears as the boot begins.
+	if !waitFor(10*time.Second, func() bool { entries, _ := os.ReadDir(e.runDir); return len(entries) > 0 }) {
+		t.Fatal("the run never started")
+	}
+	start := time.Now()
+	_ = cmd.Process.Signal(syscall.SIGINT)
+	_ = cmd.Wait()
+	if el := time.Since(start); el > 2*time.Second {
+		t.Errorf("mvmctl ended %s after the interrupt, want under 2 s", el)
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 130 || !strings.Contains(stderr.String(), "interrupted") {
+		t.Fatalf("exit %d, stderr %q: want 130 and a message", code, stderr.String())
+	}
+	e.assertClean()
+}
