@@ -30,6 +30,8 @@ type Server struct {
 	version string
 	reaper  *reaper
 	opts    Options
+	// drainGrace is drainGrace, shortened by tests.
+	drainGrace time.Duration
 }
 
 // Options are the hooks that differ between an agent running as the guest's
@@ -57,7 +59,7 @@ func NewServer(log *slog.Logger, version string, opts Options) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{log: log, version: version, reaper: processReaper(), opts: opts}
+	return &Server{log: log, version: version, reaper: processReaper(), opts: opts, drainGrace: drainGrace}
 }
 
 // capabilities is what this agent announces in HelloReply.
