@@ -58,6 +58,12 @@ func main() {
 		opts.Mounts = true
 	}
 	srv := agent.NewServer(log, version, opts)
+	if isInit {
+		agent.HandlePowerSignals(log, func() {
+			srv.EndCommands()
+			agent.PowerOff(log)
+		})
+	}
 	log.Debug("agent started", "version", version, "pid", os.Getpid(), "start_uptime", startUptime)
 
 	ctx := context.Background()
