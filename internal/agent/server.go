@@ -86,7 +86,7 @@ func (s *Server) capabilities() []string {
 		agentproto.CapSignal,
 	}
 	if s.opts.Mounts {
-		caps = append(caps, agentproto.CapMount)
+		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel)
 	}
 	if s.opts.OnShutdown != nil {
 		caps = append(caps, agentproto.CapShutdown)
@@ -227,7 +227,11 @@ func (ss *session) serveStream(st *mux.Stream) {
 			<-ready
 		}
 		if err := mountDevice(call.Mount); err != nil {
-			_ = replyError(st, agentpb.Error_CODE_INTERNAL, err.Error())
+			code := agentpb.Error_CODE_INTERNAL
+			if errors.Is(err, errInvalidMount) {
+				code = agentpb.Error_CODE_INVALID_ARGUMENT
+			}
+			_ = replyError(st, code, err.Error())
 			return
 		}
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Mount{Mount: &agentpb.MountReply{}}})

@@ -168,20 +168,27 @@ func (c *Client) signal(ctx context.Context, id string, sig int) error {
 
 // Mount describes a guest mount of a VM drive (see agent.proto's Mount).
 type Mount struct {
+	// DeviceLabel is the drive's ext4 filesystem label; it wins over
+	// DeviceSerial with agents that announce agentproto.CapMountLabel.
+	// Older agents ignore it, so send DeviceSerial as well to them.
+	DeviceLabel  string
 	DeviceSerial string
 	Target       string
 	ReadOnly     bool
-	// UpperSerial makes Target an overlay whose changes land on this
-	// drive.
+	// UpperLabel (or UpperSerial) makes Target an overlay whose changes
+	// land on this drive.
+	UpperLabel  string
 	UpperSerial string
 }
 
 // Mount asks the agent to mount a drive and waits until it has.
 func (c *Client) Mount(ctx context.Context, m Mount) error {
 	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Mount{Mount: &agentpb.Mount{
+		DeviceLabel:  m.DeviceLabel,
 		DeviceSerial: m.DeviceSerial,
 		Target:       m.Target,
 		ReadOnly:     m.ReadOnly,
+		UpperLabel:   m.UpperLabel,
 		UpperSerial:  m.UpperSerial,
 	}}})
 	if err != nil {

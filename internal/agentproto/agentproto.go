@@ -41,6 +41,9 @@ const (
 	CapShutdown    = "shutdown"
 	CapPing        = "ping"
 	CapMount       = "mount"
+	// CapMountLabel: Mount finds drives by filesystem label
+	// (Mount.device_label, Mount.upper_label), not only by serial.
+	CapMountLabel = "mount.label"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

@@ -111,9 +111,11 @@ func (p *dirPlan) drives() []backend.Drive {
 
 func mountAll(ctx context.Context, c *agentclient.Client, dirs []*dirPlan) error {
 	for _, d := range dirs {
-		m := agentclient.Mount{DeviceSerial: d.lowerID, Target: d.spec.Guest, ReadOnly: d.upper == ""}
+		// The images carry the id as their label too; agents find drives
+		// by label, and older ones by serial.
+		m := agentclient.Mount{DeviceLabel: d.lowerID, DeviceSerial: d.lowerID, Target: d.spec.Guest, ReadOnly: d.upper == ""}
 		if d.upper != "" {
-			m.UpperSerial = d.upperID
+			m.UpperLabel, m.UpperSerial = d.upperID, d.upperID
 		}
 		if err := c.Mount(ctx, m); err != nil {
 			return fmt.Errorf("--add-dir %q: %w", d.spec.Raw, err)
