@@ -8,13 +8,15 @@ import (
 	"github.com/mvm-sh/mvm/internal/agentproto"
 )
 
-// waitStarted reads an exec stream up to its Started event.
-func waitStarted(t *testing.T, rd *agentproto.Reader) {
+// waitStarted reads an exec stream up to its Started event and returns
+// the command's pid.
+func waitStarted(t *testing.T, rd *agentproto.Reader) int {
 	t.Helper()
 	var ev agentpb.ExecEvent
 	if err := rd.Read(&ev); err != nil || ev.GetStarted() == nil {
 		t.Fatalf("first event %v, %v; want Started", ev.Event, err)
 	}
+	return int(ev.GetStarted().Pid)
 }
 
 func TestEndCommands(t *testing.T) {

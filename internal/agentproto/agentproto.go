@@ -50,6 +50,11 @@ const (
 // names the port this way; the guest finds /dev/vportNpM through sysfs.
 const PortName = "org.mvm.agent.0"
 
+// VsockPort is the AF_VSOCK port the agent listens on (any guest CID), for
+// VMMs whose agent channel is vsock (Firecracker). Each connection is one
+// session.
+const VsockPort = 5252
+
 // MaxMessageSize caps one framed message. Output is cut into ChunkSize
 // pieces, so only a hostile or broken peer ever comes near it.
 const MaxMessageSize = 1 << 20
