@@ -30,8 +30,9 @@ type Server struct {
 	version string
 	reaper  *reaper
 	opts    Options
-	// drainGrace is drainGrace, shortened by tests.
-	drainGrace time.Duration
+	// The grace periods (drainGrace, selfExitGrace, termGrace), set
+	// differently by tests.
+	drainGrace, selfExitGrace, termGrace time.Duration
 
 	// mu guards the sessions and the shutdown state, so that a guest
 	// shutdown can reach every running command and let it report its
@@ -71,7 +72,8 @@ func NewServer(log *slog.Logger, version string, opts Options) *Server {
 	idle := make(chan struct{})
 	close(idle)
 	return &Server{
-		log: log, version: version, reaper: processReaper(), opts: opts, drainGrace: drainGrace,
+		log: log, version: version, reaper: processReaper(), opts: opts,
+		drainGrace: drainGrace, selfExitGrace: selfExitGrace, termGrace: termGrace,
 		sessions: make(map[*session]struct{}), idle: idle,
 	}
 }
@@ -356,11 +358,11 @@ func (s *Server) EndCommands() {
 	s.mu.Lock()
 	s.stopping = true
 	s.mu.Unlock()
-	if s.waitExecs(selfExitGrace) {
+	if s.waitExecs(s.selfExitGrace) {
 		return
 	}
 	s.signalAll(unix.SIGTERM)
-	s.waitExecs(termGrace)
+	s.waitExecs(s.termGrace)
 }
 
 func (ss *session) signalAll(sig unix.Signal) {
