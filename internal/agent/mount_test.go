@@ -3,7 +3,6 @@ package agent
 import (
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -42,7 +41,7 @@ func (f *fakeDrives) add(name, label, serial string, virtual bool) string {
 			f.t.Fatal(err)
 		}
 	} else {
-		out, err := exec.Command("mkfs.ext4", "-q", "-F", "-L", label, dev, "2M").CombinedOutput()
+		out, err := runReaped(f.t, "mkfs.ext4", "-q", "-F", "-L", label, dev, "2M")
 		if err != nil {
 			f.t.Fatalf("mkfs.ext4 -L %q: %v\n%s", label, err, out)
 		}
@@ -172,7 +171,7 @@ func TestMountRequestChecked(t *testing.T) {
 // never panic, and what it accepts is a label ext4 can hold.
 func FuzzSuperblockLabel(f *testing.F) {
 	img := filepath.Join(f.TempDir(), "seed.img")
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-L", "mvm-dir-0", img, "2M").CombinedOutput(); err != nil {
+	if out, err := runReaped(f, "mkfs.ext4", "-q", "-F", "-L", "mvm-dir-0", img, "2M"); err != nil {
 		f.Fatalf("mkfs.ext4: %v\n%s", err, out)
 	}
 	b, err := os.ReadFile(img)

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"testing"
 	"time"
 
@@ -167,4 +169,41 @@ func TestPingOnFreshSession(t *testing.T) {
 	if err := rd.Read(&resp); err != nil || !bytes.Equal(resp.GetPong().GetPayload(), []byte("x")) {
 		t.Fatalf("pong = %v, %v", resp.Result, err)
 	}
+}
+
+// runReaped runs argv to completion through the process's reaper and
+// returns its combined output. Tests must not use os/exec once a Server
+// exists: the reaper's wait4(-1) would collect the child before
+// exec.Cmd.Wait could.
+func runReaped(t testing.TB, argv ...string) ([]byte, error) {
+	t.Helper()
+	path, err := lookPath(argv[0], DefaultPath)
+	if err != nil {
+		return nil, err
+	}
+	out, err := os.CreateTemp(t.TempDir(), "out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	_, status, err := processReaper().start(func() (int, error) {
+		return syscall.ForkExec(path, argv, &syscall.ProcAttr{
+			Env:   os.Environ(),
+			Files: []uintptr{null.Fd(), out.Fd(), out.Fd()},
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	ws := <-status
+	b, _ := os.ReadFile(out.Name())
+	if !ws.Exited() || ws.ExitStatus() != 0 {
+		return b, fmt.Errorf("%s: %v", argv[0], ws)
+	}
+	return b, nil
 }
