@@ -300,11 +300,11 @@ func pumpOutput(wg *sync.WaitGroup, out *streamWriter, r *os.File, fd agentpb.Ou
 	}
 }
 
-// readBuffered reads what the pipe r holds right now (FIONREAD, which
-// Linux spells TIOCINQ) into p, without
-// waiting for more, and hands each chunk to emit (which may block: the
-// data is read from p before the next read). It reads at most what the
-// pipe held on entry, so a writer that keeps writing cannot keep it going.
+// readBuffered reads what the pipe r holds right now into p, without
+// waiting for more, and hands each chunk to emit, which may block (the
+// next read waits for it). It reads at most what the pipe held on entry
+// (FIONREAD, which Linux spells TIOCINQ), so a writer that keeps writing
+// cannot keep it going.
 //
 // The reads go through RawConn.Control on the non-blocking descriptor:
 // the poller (Read, RawConn.Read) fails once the read deadline has passed

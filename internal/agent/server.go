@@ -1,6 +1,8 @@
 // Package agent is the guest side of the agent protocol: it serves hello,
-// ping, exec, signal and shutdown calls over one byte stream from the host,
-// and (in pid1.go) does the duties of the guest's init process.
+// ping, exec, signal, mount and shutdown calls, one session per byte
+// stream from the host (the virtio-serial port, or each connection of a
+// listener such as vsock: listen.go), and (in pid1.go) does the duties of
+// the guest's init process.
 //
 // The protocol is specified in api/agent/v1/agent.proto and
 // docs/protocol.md; framing and session settings come from
