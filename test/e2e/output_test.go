@@ -84,13 +84,14 @@ func TestOutputReaderSleepsFirst(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	// Wait for the first byte (the VM is up and the command is writing),
-	// then stop reading for longer than the drain grace.
+	// Wait for the first byte (the VM is up and the command is writing:
+	// it exits at once, the rest fitting its pipe and the stream window),
+	// then stop reading for longer than the 2 s drain grace.
 	first := make([]byte, 1)
 	if _, err := io.ReadFull(out, first); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(4 * time.Second)
+	time.Sleep(3 * time.Second)
 	rest, err := io.ReadAll(out)
 	if err != nil {
 		t.Fatal(err)
