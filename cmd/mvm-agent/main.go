@@ -1,7 +1,7 @@
 // Command mvm-agent is the guest side of mvm: it runs inside every microVM,
 // normally as PID 1 from the initramfs, and serves the agent protocol
-// (api/agent/v1) on a virtio-serial port. It is a static binary (CGO off)
-// so it needs nothing from the guest's userland.
+// (api/agent/v1) on a virtio-serial port and on vsock. It is a static
+// binary (CGO off) so it needs nothing from the guest's userland.
 package main
 
 import (
@@ -24,6 +24,7 @@ var version = "dev"
 func main() {
 	startUptime := agent.Uptime()
 	port := flag.String("port", agentproto.PortName, "name of the virtio-serial port to serve on")
+	vsockPort := flag.Uint("vsock-port", agentproto.VsockPort, "AF_VSOCK port to listen on as well (0: none)")
 	debugLog := flag.Bool("debug", false, "log debug messages to the console")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
@@ -58,12 +59,44 @@ func main() {
 		opts.Mounts = true
 	}
 	srv := agent.NewServer(log, version, opts)
+	if isInit {
+		agent.HandlePowerSignals(log, func() {
+			srv.EndCommands()
+			agent.PowerOff(log)
+		})
+	}
 	log.Debug("agent started", "version", version, "pid", os.Getpid(), "start_uptime", startUptime)
 
 	ctx := context.Background()
+	// vsock first: listening costs three system calls and never waits,
+	// and it lets a VMM without virtio-serial (Firecracker) reach the
+	// agent. Without a vsock device the listener just stays idle.
+	vsock := false
+	if *vsockPort != 0 {
+		if ln, err := agent.ListenVsock(uint32(*vsockPort)); err != nil {
+			log.Debug("not serving on vsock", "err", err)
+		} else {
+			vsock = true
+			go func() {
+				if err := srv.Serve(ctx, ln); err != nil {
+					log.Warn("vsock serving ended", "err", err)
+				}
+			}()
+		}
+	}
+	serveSerial(ctx, log, srv, *port, isInit, vsock)
+}
+
+// serveSerial serves sessions on the virtio-serial port, one after the
+// other, for as long as the guest runs.
+func serveSerial(ctx context.Context, log *slog.Logger, srv *agent.Server, port string, isInit, vsock bool) {
 	for backoff := time.Millisecond; ; backoff = min(2*backoff, 100*time.Millisecond) {
-		f, err := agent.OpenPort(*port, 10*time.Second)
+		f, err := agent.OpenPort(port, 10*time.Second)
 		if err != nil {
+			if vsock && agent.VsockHasDevice() {
+				log.Debug("no virtio-serial agent port; serving on vsock only", "err", err)
+				select {}
+			}
 			log.Error("no agent port", "err", err)
 			if isInit {
 				agent.PowerOff(log)

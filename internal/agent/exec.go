@@ -19,8 +19,12 @@ import (
 
 // drainGrace bounds how long the agent waits for the output pipes to reach
 // end-of-file after the command's process group has been killed. Only a
-// process that left the group (setsid) and kept the pipes open can make it
-// wait that long; its later output is dropped.
+// process that left the group (setsid) and kept a pipe open can make it
+// wait that long. Once it has passed, the agent sends what the pipes hold
+// at that moment (everything the dead group wrote is in there) and stops
+// reading: only what the leftover process writes later is dropped, since
+// Exited must be the last event. Data already written is never dropped,
+// however slowly the host reads: sending it waits for the host.
 const drainGrace = 2 * time.Second
 
 // proc is a running command, as seen by Signal calls and session teardown.
@@ -173,7 +177,7 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	// A 1 MiB pipe (the default maximum) lets a fast writer run ahead of
 	// the agent, so output moves in large chunks with few wakeups.
 	for _, f := range []*os.File{stdoutR, stderrR} {
-		setPipeSize(f, 1<<20)
+		setPipeSize(f, maxPipeSize)
 	}
 
 	attr := &syscall.ProcAttr{
@@ -231,23 +235,28 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	}
 
 	ws := <-status
+	ran := time.Since(started)
 	// Whatever the command left behind in its group goes with it: that is
 	// what closes the output pipes, and a throwaway VM has no use for
 	// strays.
 	_ = unix.Kill(-pid, unix.SIGKILL)
 	p.markReaped()
-	if !waitTimeout(&drained, drainGrace) {
-		// Something that left the process group still holds the pipes;
-		// what it writes from now on is dropped, since Exited must be the
-		// last event. Closing our ends unblocks the readers.
-		s.log.Debug("output still open after the command ended; dropping the rest", "pid", pid)
-		closeAll(stdoutR, stderrR)
+	if !waitTimeout(&drained, s.srv.drainGrace) {
+		// Either the host reads slowly (a pump is waiting for send
+		// window) or something that left the process group still holds
+		// a pipe. A past read deadline tells both pumps to send what
+		// their pipe holds now and stop, instead of waiting for an
+		// end-of-file that may never come.
+		s.log.Debug("output not at end-of-file after the command ended; sending what is buffered", "pid", pid)
+		for _, f := range []*os.File{stdoutR, stderrR} {
+			_ = f.SetReadDeadline(pastDeadline)
+		}
 		drained.Wait()
 	}
 
 	ex := &agentpb.Exited{
 		TimedOut:       timedOut.Load(),
-		DurationMicros: uint64(time.Since(started).Microseconds()),
+		DurationMicros: uint64(ran.Microseconds()),
 	}
 	switch {
 	case ws.Exited():
@@ -260,22 +269,81 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	}
 }
 
-// pumpOutput forwards one output pipe until end-of-file. When the stream is
-// gone it keeps reading and discarding, so the command never blocks on a
-// full pipe because nobody listens.
+// pastDeadline is a read deadline that has always passed: setting it stops
+// an output pump (see pumpOutput).
+var pastDeadline = time.Unix(1, 0)
+
+// pumpOutput forwards one output pipe until end-of-file, or until its read
+// deadline passes: then it forwards what the pipe holds at that moment
+// and stops. Each chunk is sent before the next is read, so a slow host
+// fills the pipe and stalls the command, as a pipe would, instead of
+// losing data. When the stream is gone it keeps reading and discarding,
+// so the command never blocks on a full pipe because nobody listens.
 func pumpOutput(wg *sync.WaitGroup, out *streamWriter, r *os.File, fd agentpb.Output_Fd) {
 	defer wg.Done()
 	defer r.Close()
 	buf := make([]byte, outputHeadroom+agentproto.ChunkSize)
+	data := buf[outputHeadroom:]
+	send := func(n int) { _ = out.sendOutput(buf, n, fd) }
 	for {
-		n, err := r.Read(buf[outputHeadroom:])
+		n, err := r.Read(data)
 		if n > 0 {
-			_ = out.sendOutput(buf, n, fd)
+			send(n)
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			_ = readBuffered(r, data, send)
+			return
 		}
 		if err != nil {
 			return
 		}
 	}
+}
+
+// readBuffered reads what the pipe r holds right now into p, without
+// waiting for more, and hands each chunk to emit, which may block (the
+// next read waits for it). It reads at most what the pipe held on entry
+// (FIONREAD, which Linux spells TIOCINQ), so a writer that keeps writing
+// cannot keep it going.
+//
+// The reads go through RawConn.Control on the non-blocking descriptor:
+// the poller (Read, RawConn.Read) fails once the read deadline has passed
+// without trying the descriptor at all.
+func readBuffered(r *os.File, p []byte, emit func(n int)) error {
+	rc, err := r.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var left int
+	var ioctlErr error
+	if err := rc.Control(func(fd uintptr) { left, ioctlErr = unix.IoctlGetInt(int(fd), unix.TIOCINQ) }); err != nil {
+		return err
+	}
+	if ioctlErr != nil {
+		// Not a pipe after all: read until it would block, at most what
+		// a full pipe could hold.
+		left = maxPipeSize
+	}
+	for left > 0 {
+		var n int
+		var rerr error
+		if err := rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), p[:min(len(p), left)]) }); err != nil {
+			return err
+		}
+		switch {
+		case errors.Is(rerr, unix.EINTR):
+			continue
+		case errors.Is(rerr, unix.EAGAIN):
+			return nil
+		case rerr != nil:
+			return rerr
+		case n == 0:
+			return nil
+		}
+		emit(n)
+		left -= n
+	}
+	return nil
 }
 
 // pumpStdin copies ExecInput stdin data into the command's stdin until the
@@ -426,6 +494,10 @@ func closeAll(files ...*os.File) {
 		}
 	}
 }
+
+// maxPipeSize is the size the output pipes are given: Linux's default
+// fs.pipe-max-size.
+const maxPipeSize = 1 << 20
 
 // setPipeSize enlarges a pipe's buffer; failure (a lowered
 // fs.pipe-max-size) only costs speed.

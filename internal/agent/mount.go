@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -18,27 +20,49 @@ import (
 // host refuses --add-dir targets under it.
 const layerRoot = "/run/mvm/layers"
 
-// mount serves a Mount call.
+// driveWait bounds how long a Mount waits for its drives to show up:
+// they are attached before boot, so only a slow probe makes it wait.
+const driveWait = 2 * time.Second
+
+// errInvalidMount marks a Mount request the agent cannot act on at all
+// (answered with CODE_INVALID_ARGUMENT).
+var errInvalidMount = errors.New("invalid mount request")
+
+// mountDevice serves a Mount call.
 func mountDevice(req *agentpb.Mount) error {
 	if !path.IsAbs(req.Target) || path.Clean(req.Target) == "/" {
-		return fmt.Errorf("mount target %q must be an absolute path other than /", req.Target)
+		return fmt.Errorf("%w: target %q must be an absolute path other than /", errInvalidMount, req.Target)
 	}
-	dev, err := deviceBySerial(req.DeviceSerial, 2*time.Second)
+	lowerRef := driveRef{label: req.DeviceLabel, serial: req.DeviceSerial}
+	if err := lowerRef.check(); err != nil {
+		return err
+	}
+	upperRef := driveRef{label: req.UpperLabel, serial: req.UpperSerial}
+	overlay := !upperRef.empty()
+	if overlay {
+		if err := upperRef.check(); err != nil {
+			return err
+		}
+	}
+	dev, err := guestDrives.find(lowerRef, driveWait)
 	if err != nil {
 		return err
 	}
-	if req.UpperSerial == "" {
+	if !overlay {
 		flags := uintptr(unix.MS_NOATIME)
 		if req.ReadOnly {
 			flags |= unix.MS_RDONLY
 		}
 		return mountAt(dev, req.Target, "ext4", flags, "")
 	}
-	upperDev, err := deviceBySerial(req.UpperSerial, 2*time.Second)
+	upperDev, err := guestDrives.find(upperRef, driveWait)
 	if err != nil {
 		return err
 	}
-	layers := filepath.Join(layerRoot, req.DeviceSerial)
+	if upperDev == dev {
+		return fmt.Errorf("%w: %s and %s are the same drive", errInvalidMount, lowerRef, upperRef)
+	}
+	layers := filepath.Join(layerRoot, lowerRef.name())
 	lower, rw := filepath.Join(layers, "lower"), filepath.Join(layers, "rw")
 	if err := mountAt(dev, lower, "ext4", unix.MS_RDONLY|unix.MS_NOATIME, ""); err != nil {
 		return err
@@ -98,20 +122,149 @@ func escapeOverlay(p string) string {
 	return r.Replace(p)
 }
 
-// deviceBySerial finds /dev/vdX whose virtio-blk serial is serial.
-func deviceBySerial(serial string, timeout time.Duration) (string, error) {
+// driveRef names a drive the way a Mount request does: by filesystem
+// label or, from older hosts, by virtio-blk serial. The label wins when
+// both are set.
+type driveRef struct{ label, serial string }
+
+func (r driveRef) empty() bool { return r.label == "" && r.serial == "" }
+
+func (r driveRef) String() string {
+	if r.label != "" {
+		return fmt.Sprintf("label %q", r.label)
+	}
+	return fmt.Sprintf("serial %q", r.serial)
+}
+
+// name is what the drive is called in paths under layerRoot.
+func (r driveRef) name() string {
+	if r.label != "" {
+		return r.label
+	}
+	return r.serial
+}
+
+// check rejects names that cannot identify a drive or that would escape
+// layerRoot.
+func (r driveRef) check() error {
+	n := r.name()
+	switch {
+	case n == "":
+		return fmt.Errorf("%w: no drive label or serial", errInvalidMount)
+	case r.label != "" && len(r.label) > maxLabelLen:
+		return fmt.Errorf("%w: label %q is longer than %d bytes", errInvalidMount, r.label, maxLabelLen)
+	case n == "." || n == ".." || strings.ContainsAny(n, "/\x00"):
+		return fmt.Errorf("%w: drive name %q", errInvalidMount, n)
+	}
+	return nil
+}
+
+// drives is where the agent looks for disks: sysfs's block directory and
+// the directory of their device nodes.
+type drives struct{ sysBlock, devDir string }
+
+var guestDrives = drives{sysBlock: "/sys/block", devDir: "/dev"}
+
+// find waits up to timeout for the drive ref names to show up and returns
+// its device path. More than one drive matching is an error: the host
+// named one.
+func (d drives) find(ref driveRef, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		entries, _ := os.ReadDir("/sys/block")
-		for _, e := range entries {
-			b, err := os.ReadFile(filepath.Join("/sys/block", e.Name(), "serial"))
-			if err == nil && strings.TrimSpace(string(b)) == serial {
-				return "/dev/" + e.Name(), nil
-			}
+		var devs []string
+		var err error
+		if ref.label != "" {
+			devs, err = d.byLabel(ref.label)
+		} else {
+			devs = d.bySerial(ref.serial)
+		}
+		switch {
+		case err != nil:
+			return "", err
+		case len(devs) == 1:
+			return devs[0], nil
+		case len(devs) > 1:
+			return "", fmt.Errorf("%d drives (%s) have %s", len(devs), strings.Join(devs, ", "), ref)
 		}
 		if time.Now().After(deadline) {
-			return "", fmt.Errorf("no block device with serial %q", serial)
+			return "", fmt.Errorf("no drive with %s after %s", ref, timeout)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// bySerial lists the disks whose virtio-blk serial is serial.
+func (d drives) bySerial(serial string) []string {
+	var out []string
+	entries, _ := os.ReadDir(d.sysBlock)
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(d.sysBlock, e.Name(), "serial"))
+		if err == nil && strings.TrimSpace(string(b)) == serial {
+			out = append(out, filepath.Join(d.devDir, e.Name()))
+		}
+	}
+	return out
+}
+
+// ext4 superblock layout: the superblock starts 1024 bytes into the
+// device; these offsets are within it.
+const (
+	superblockOffset = 1024
+	sbMagicOffset    = 0x38
+	sbLabelOffset    = 0x78
+	ext4Magic        = 0xEF53
+	maxLabelLen      = 16
+)
+
+// byLabel lists the whole disks that hold an ext2/3/4 filesystem labelled
+// label. Only disks
+// backed by a device of the VM count (sysfs gives them a "device" link):
+// loop and RAM disks, which guest programs can create and fill, do not.
+// Partitions are not disks of their own under /sys/block.
+func (d drives) byLabel(label string) ([]string, error) {
+	entries, err := os.ReadDir(d.sysBlock)
+	if err != nil {
+		return nil, fmt.Errorf("list drives: %w", err)
+	}
+	var out []string
+	for _, e := range entries {
+		if _, err := os.Stat(filepath.Join(d.sysBlock, e.Name(), "device")); err != nil {
+			continue
+		}
+		dev := filepath.Join(d.devDir, e.Name())
+		got, ok := readLabel(dev)
+		if ok && got == label {
+			out = append(out, dev)
+		}
+	}
+	return out, nil
+}
+
+// readLabel returns the label of the ext2/3/4 filesystem on dev; ok is
+// false when dev cannot be read or holds no such filesystem.
+func readLabel(dev string) (label string, ok bool) {
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	if err != nil {
+		return "", false
+	}
+	defer f.Close()
+	var sb [sbLabelOffset + maxLabelLen]byte
+	if _, err := f.ReadAt(sb[:], superblockOffset); err != nil {
+		return "", false
+	}
+	return superblockLabel(sb[:])
+}
+
+// superblockLabel parses the label out of the start of an ext2/3/4
+// superblock: the volume name is NUL-padded, and a 16-byte one has no NUL
+// at all.
+func superblockLabel(sb []byte) (string, bool) {
+	if len(sb) < sbLabelOffset+maxLabelLen || binary.LittleEndian.Uint16(sb[sbMagicOffset:]) != ext4Magic {
+		return "", false
+	}
+	name := sb[sbLabelOffset : sbLabelOffset+maxLabelLen]
+	if i := bytes.IndexByte(name, 0); i >= 0 {
+		name = name[:i]
+	}
+	return string(name), true
 }

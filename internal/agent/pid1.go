@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -221,13 +223,48 @@ func addEntropy(seed []byte) error {
 	return nil
 }
 
+// powerSignals ask init to end the system: busybox's halt, poweroff and
+// reboot (without -f) send SIGUSR1, SIGUSR2 and SIGTERM to PID 1; SIGPWR
+// is sysvinit's power-failure signal; the kernel sends SIGINT for
+// ctrl-alt-del once init has taken that over (CAD off).
+var powerSignals = []os.Signal{unix.SIGUSR1, unix.SIGUSR2, unix.SIGTERM, unix.SIGPWR, unix.SIGINT}
+
+// HandlePowerSignals makes `poweroff`, `halt` and `reboot` in the guest
+// end the VM: on the first power signal it calls shutdown, which should
+// end the commands and call PowerOff. All three end the VM, since a
+// throwaway VM has nothing to reboot into. Only the guest's init may call
+// it: it also switches ctrl-alt-del from an immediate kernel restart
+// (which would skip the sync and unmount) to a SIGINT for init.
+func HandlePowerSignals(log *slog.Logger, shutdown func()) {
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
+		log.Warn("ctrl-alt-del to init", "err", err)
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, powerSignals...)
+	go func() {
+		sig := <-sigs
+		log.Info("shutting down on request from the guest", "signal", sig)
+		shutdown()
+	}()
+}
+
+// powerOffOnce makes PowerOff run once: a shutdown call from the host and
+// a poweroff in the guest may race.
+var powerOffOnce sync.Once
+
 // PowerOff ends the guest: every other process is killed, filesystems are
 // synced and unmounted (so host-side readers of a disk image see a clean
 // filesystem), then the kernel is told to reboot. The VMM runs with
 // -no-reboot and the kernel with reboot=t, so that reboot ends the VMM
 // process at once; a real power-off would need ACPI, which the guest
-// kernel leaves out for boot speed.
+// kernel leaves out for boot speed. It never returns; a second caller
+// waits for the first to end the VM.
 func PowerOff(log *slog.Logger) {
+	powerOffOnce.Do(func() { powerOff(log) })
+	select {}
+}
+
+func powerOff(log *slog.Logger) {
 	_ = unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
 	for _, mnt := range dataMounts() {
@@ -240,7 +277,6 @@ func PowerOff(log *slog.Logger) {
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART); err != nil {
 		log.Error("reboot", "err", err)
 	}
-	select {}
 }
 
 // dataMounts lists the mounts the agent made for the host (block devices

@@ -1,6 +1,8 @@
 // Package agent is the guest side of the agent protocol: it serves hello,
-// ping, exec, signal and shutdown calls over one byte stream from the host,
-// and (in pid1.go) does the duties of the guest's init process.
+// ping, exec, signal, mount and shutdown calls, one session per byte
+// stream from the host (the virtio-serial port, or each connection of a
+// listener such as vsock: listen.go), and (in pid1.go) does the duties of
+// the guest's init process.
 //
 // The protocol is specified in api/agent/v1/agent.proto and
 // docs/protocol.md; framing and session settings come from
@@ -30,6 +32,18 @@ type Server struct {
 	version string
 	reaper  *reaper
 	opts    Options
+	// The grace periods (drainGrace, selfExitGrace, termGrace), set
+	// differently by tests.
+	drainGrace, selfExitGrace, termGrace time.Duration
+
+	// mu guards the sessions and the shutdown state, so that a guest
+	// shutdown can reach every running command and let it report its
+	// end (EndCommands).
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	running  int           // execs between start and Exited
+	idle     chan struct{} // closed while running == 0
+	stopping bool          // EndCommands was called: no new execs
 }
 
 // Options are the hooks that differ between an agent running as the guest's
@@ -57,7 +71,13 @@ func NewServer(log *slog.Logger, version string, opts Options) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{log: log, version: version, reaper: processReaper(), opts: opts}
+	idle := make(chan struct{})
+	close(idle)
+	return &Server{
+		log: log, version: version, reaper: processReaper(), opts: opts,
+		drainGrace: drainGrace, selfExitGrace: selfExitGrace, termGrace: termGrace,
+		sessions: make(map[*session]struct{}), idle: idle,
+	}
 }
 
 // capabilities is what this agent announces in HelloReply.
@@ -70,7 +90,7 @@ func (s *Server) capabilities() []string {
 		agentproto.CapSignal,
 	}
 	if s.opts.Mounts {
-		caps = append(caps, agentproto.CapMount)
+		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel)
 	}
 	if s.opts.OnShutdown != nil {
 		caps = append(caps, agentproto.CapShutdown)
@@ -88,7 +108,15 @@ func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
 	defer stop()
 
 	ss := &session{srv: s, log: s.log, reaper: s.reaper, procs: make(map[*proc]struct{}), byID: make(map[string]*proc)}
-	defer ss.killAll()
+	s.mu.Lock()
+	s.sessions[ss] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.sessions, ss)
+		s.mu.Unlock()
+		ss.killAll()
+	}()
 
 	// Stream 1 must be hello, and nothing else is accepted until it has
 	// been answered: that is what makes it safe for the host to pipeline
@@ -178,6 +206,11 @@ func (ss *session) serveStream(st *mux.Stream) {
 		if ready := ss.srv.opts.Ready; ready != nil {
 			<-ready
 		}
+		if !ss.srv.beginExec() {
+			refuseExec(st, "the guest is shutting down")
+			return
+		}
+		defer ss.srv.endExec()
 		ss.runExec(st, in, call.Exec)
 	case *agentpb.Request_Signal:
 		ss.signal(st, call.Signal)
@@ -198,7 +231,11 @@ func (ss *session) serveStream(st *mux.Stream) {
 			<-ready
 		}
 		if err := mountDevice(call.Mount); err != nil {
-			_ = replyError(st, agentpb.Error_CODE_INTERNAL, err.Error())
+			code := agentpb.Error_CODE_INTERNAL
+			if errors.Is(err, errInvalidMount) {
+				code = agentpb.Error_CODE_INVALID_ARGUMENT
+			}
+			_ = replyError(st, code, err.Error())
 			return
 		}
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Mount{Mount: &agentpb.MountReply{}}})
@@ -251,12 +288,100 @@ func (ss *session) unregister(id string, p *proc) {
 	}
 }
 
-func (ss *session) killAll() {
+// beginExec counts an exec as running until endExec; it refuses once the
+// guest is shutting down.
+func (s *Server) beginExec() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopping {
+		return false
+	}
+	if s.running == 0 {
+		s.idle = make(chan struct{})
+	}
+	s.running++
+	return true
+}
+
+func (s *Server) endExec() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.running--
+	if s.running == 0 {
+		close(s.idle)
+	}
+}
+
+// waitExecs waits until no exec is running or d has passed, and reports
+// whether none is.
+func (s *Server) waitExecs(d time.Duration) bool {
+	s.mu.Lock()
+	idle := s.idle
+	s.mu.Unlock()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-idle:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// signalAll sends sig to the process group of every running command of
+// every session.
+func (s *Server) signalAll(sig unix.Signal) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for ss := range s.sessions {
+		ss.signalAll(sig)
+	}
+}
+
+// Grace periods of EndCommands.
+const (
+	// selfExitGrace is how long commands get to end on their own: the
+	// command that asked for the shutdown (poweroff) usually exits at
+	// once, and should report its own status rather than a signal.
+	selfExitGrace = 250 * time.Millisecond
+	// termGrace is how long commands get between SIGTERM and the
+	// SIGKILL of the power-off.
+	termGrace = time.Second
+)
+
+// EndCommands ends what runs before a shutdown the guest asked for (a
+// poweroff in the guest): new execs are refused, running commands get
+// selfExitGrace to end by themselves, then SIGTERM and termGrace more.
+// Each exec reports its end (Exited) to the host as usual, so the host
+// learns how its command ended before the VM goes. It returns when no
+// exec is left or the grace periods are over; what is still running is
+// for the caller to kill (PowerOff does).
+func (s *Server) EndCommands() {
+	s.mu.Lock()
+	s.stopping = true
+	s.mu.Unlock()
+	if s.waitExecs(s.selfExitGrace) {
+		return
+	}
+	s.signalAll(unix.SIGTERM)
+	s.waitExecs(s.termGrace)
+}
+
+func (ss *session) signalAll(sig unix.Signal) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	for p := range ss.procs {
-		_ = p.kill(unix.SIGKILL)
+		_ = p.kill(sig)
 	}
+}
+
+func (ss *session) killAll() { ss.signalAll(unix.SIGKILL) }
+
+// refuseExec ends an exec stream that was never started.
+func refuseExec(st io.Writer, msg string) {
+	_ = agentproto.Write(st, &agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: &agentpb.Exited{
+		StartFailure: &agentpb.StartFailure{Reason: agentpb.StartFailure_REASON_OTHER, Errno: int32(unix.ESHUTDOWN), Message: msg},
+	}}})
 }
 
 func replyError(w io.Writer, code agentpb.Error_Code, msg string) error {

@@ -208,9 +208,14 @@ type Mount struct {
 // Mount asks the agent to mount a drive and waits until it has.
 func (c *Client) Mount(ctx context.Context, m Mount) error {
 	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Mount{Mount: &agentpb.Mount{
+		// The label is what agents with agentproto.CapMountLabel match;
+		// older ones match the serial, which backends that can set one
+		// make equal to the label.
+		DeviceLabel:  m.Device,
 		DeviceSerial: m.Device,
 		Target:       m.Target,
 		ReadOnly:     m.ReadOnly,
+		UpperLabel:   m.Upper,
 		UpperSerial:  m.Upper,
 	}}})
 	if err != nil {

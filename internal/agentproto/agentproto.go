@@ -41,11 +41,19 @@ const (
 	CapShutdown    = "shutdown"
 	CapPing        = "ping"
 	CapMount       = "mount"
+	// CapMountLabel: Mount finds drives by filesystem label
+	// (Mount.device_label, Mount.upper_label), not only by serial.
+	CapMountLabel = "mount.label"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host
 // names the port this way; the guest finds /dev/vportNpM through sysfs.
 const PortName = "org.mvm.agent.0"
+
+// VsockPort is the AF_VSOCK port the agent listens on (any guest CID), for
+// VMMs whose agent channel is vsock (Firecracker). Each connection is one
+// session.
+const VsockPort = 5252
 
 // MaxMessageSize caps one framed message. Output is cut into ChunkSize
 // pieces, so only a hostile or broken peer ever comes near it.

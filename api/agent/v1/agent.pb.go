@@ -1522,23 +1522,37 @@ func (*SignalReply) Descriptor() ([]byte, []int) {
 }
 
 // Mount mounts an ext4 block device of the VM at a guest path (created if
-// missing). Devices are named by the serial number the host gave the
-// virtio-blk drive, since the order of /dev/vdX names is not a contract.
+// missing). Devices are named by a property the host chose, since the
+// order of /dev/vdX names is not a contract: the ext4 filesystem label
+// (any VMM can attach any image), or, from older hosts, the virtio-blk
+// serial (which not every VMM lets the host set).
+//
+// For each device the label wins when both are set. A label must match
+// exactly one disk: two disks with the same label are an error, not a
+// guess. Agents that match labels announce the "mount.label" capability;
+// an older agent ignores the label fields, so a host that talks to one
+// must send serials (it can send both, always).
 type Mount struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Serial of the ext4 device to mount.
+	// Deprecated: use device_label. Serial of the ext4 device to mount.
 	DeviceSerial string `protobuf:"bytes,1,opt,name=device_serial,json=deviceSerial,proto3" json:"device_serial,omitempty"`
 	// Absolute guest path.
 	Target string `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
 	// Mount read-only. The host also attaches such a drive read-only, so the
 	// guest cannot remount its way around it.
 	ReadOnly bool `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
-	// When set, target becomes an overlay: device_serial (mounted read-only)
-	// is the lower layer and this ext4 device holds the upper layer (in its
-	// directory "upper", with "work" beside it), so that every change the
-	// guest makes lands there and nothing else. The root of "upper" takes the
-	// lower root's owner, mode and times, so a difference later is a change.
-	UpperSerial   string `protobuf:"bytes,4,opt,name=upper_serial,json=upperSerial,proto3" json:"upper_serial,omitempty"`
+	// Deprecated: use upper_label. Serial of the upper layer's device.
+	UpperSerial string `protobuf:"bytes,4,opt,name=upper_serial,json=upperSerial,proto3" json:"upper_serial,omitempty"`
+	// Label of the ext4 filesystem to mount (the superblock's volume name,
+	// 1 to 16 bytes, as given to mkfs.ext4 -L; no "/" and not "." or "..").
+	DeviceLabel string `protobuf:"bytes,5,opt,name=device_label,json=deviceLabel,proto3" json:"device_label,omitempty"`
+	// When set (or upper_serial), target becomes an overlay: the device
+	// (mounted read-only) is the lower layer and this ext4 filesystem holds
+	// the upper layer (in its directory "upper", with "work" beside it), so
+	// that every change the guest makes lands there and nothing else. The
+	// root of "upper" takes the lower root's owner, mode and times, so a
+	// difference later is a change.
+	UpperLabel    string `protobuf:"bytes,6,opt,name=upper_label,json=upperLabel,proto3" json:"upper_label,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1597,6 +1611,20 @@ func (x *Mount) GetReadOnly() bool {
 func (x *Mount) GetUpperSerial() string {
 	if x != nil {
 		return x.UpperSerial
+	}
+	return ""
+}
+
+func (x *Mount) GetDeviceLabel() string {
+	if x != nil {
+		return x.DeviceLabel
+	}
+	return ""
+}
+
+func (x *Mount) GetUpperLabel() string {
+	if x != nil {
+		return x.UpperLabel
 	}
 	return ""
 }
@@ -1812,12 +1840,15 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06Signal\x12\x17\n" +
 	"\aexec_id\x18\x01 \x01(\tR\x06execId\x12\x16\n" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\r\n" +
-	"\vSignalReply\"\x84\x01\n" +
+	"\vSignalReply\"\xc8\x01\n" +
 	"\x05Mount\x12#\n" +
 	"\rdevice_serial\x18\x01 \x01(\tR\fdeviceSerial\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1b\n" +
 	"\tread_only\x18\x03 \x01(\bR\breadOnly\x12!\n" +
-	"\fupper_serial\x18\x04 \x01(\tR\vupperSerial\"\f\n" +
+	"\fupper_serial\x18\x04 \x01(\tR\vupperSerial\x12!\n" +
+	"\fdevice_label\x18\x05 \x01(\tR\vdeviceLabel\x12\x1f\n" +
+	"\vupper_label\x18\x06 \x01(\tR\n" +
+	"upperLabel\"\f\n" +
 	"\n" +
 	"MountReply\"\n" +
 	"\n" +
