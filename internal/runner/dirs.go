@@ -124,7 +124,8 @@ func mountAll(ctx context.Context, c *agentclient.Client, dirs []*dirPlan) error
 
 // writeBack applies every read-write directory's changes to the host,
 // after the VM has stopped. A directory whose write-back fails keeps its
-// data under StagedDir.
+// data under StagedDir; if even that fails, Kept names its place in the
+// run directory, which Run then leaves for the next run to salvage.
 func (r *Runner) writeBack(ctx context.Context, dirs []*dirPlan, name string, log *slog.Logger) []DirResult {
 	var out []DirResult
 	for i, d := range dirs {
@@ -132,15 +133,21 @@ func (r *Runner) writeBack(ctx context.Context, dirs []*dirPlan, name string, lo
 			continue
 		}
 		res := DirResult{Spec: d.spec}
-		res.Stats, res.Err = writeback.Commit(context.WithoutCancel(ctx), d.lower, d.upper, d.spec.Host)
+		pend, err := writeback.LoadPending(d.dir)
+		if err != nil {
+			pend = writeback.Pending{Host: d.spec.Host, Guest: d.spec.Guest, Lower: d.lower, Upper: d.upper}
+		}
+		res.Stats, res.Err = writeback.Commit(context.WithoutCancel(ctx), pend)
 		if res.Err != nil {
 			log.Debug("write-back failed", "dir", d.spec.Host, "err", res.Err)
 			if r.StagedDir == "" {
 				res.Err = errors.Join(res.Err, errors.New("no staging directory configured; the changes are lost"))
 			} else if kept, serr := writeback.Stage(d.dir, filepath.Join(r.StagedDir, name+"-"+strconv.Itoa(i))); serr != nil {
 				res.Err = errors.Join(res.Err, serr)
+				res.Kept = d.dir
 			} else {
 				res.Kept = kept
+				r.pruneStaged(log)
 			}
 		} else {
 			log.Debug("written back", "dir", d.spec.Host, "stats", res.Stats.String())
@@ -150,11 +157,24 @@ func (r *Runner) writeBack(ctx context.Context, dirs []*dirPlan, name string, lo
 	return out
 }
 
+// pruneStaged applies the caps on StagedDir, oldest first.
+func (r *Runner) pruneStaged(log *slog.Logger) {
+	dropped, err := writeback.PruneStaged(r.StagedDir, writeback.DefaultMaxStaged, writeback.DefaultMaxStagedBytes)
+	for _, d := range dropped {
+		log.Warn("dropped old kept changes: too many kept", "dir", d,
+			"max", writeback.DefaultMaxStaged, "max_bytes", writeback.DefaultMaxStagedBytes)
+	}
+	if err != nil {
+		log.Warn("pruning kept changes", "err", err)
+	}
+}
+
 // salvage is runstate's hook for the leftovers of a run that died: any
 // read-write directory it had is moved to StagedDir instead of being
-// deleted with the run, and reported.
-func (r *Runner) salvage(runDir string, log *slog.Logger) {
+// deleted with the run, and reported. An error keeps the run directory.
+func (r *Runner) salvage(runDir string, log *slog.Logger) error {
 	matches, _ := filepath.Glob(filepath.Join(runDir, "dirs", "*", writeback.PendingFile))
+	var errs []error
 	for _, m := range matches {
 		src := filepath.Dir(m)
 		p, err := writeback.LoadPending(src)
@@ -164,9 +184,12 @@ func (r *Runner) salvage(runDir string, log *slog.Logger) {
 		dst := filepath.Join(r.StagedDir, filepath.Base(runDir)+"-"+filepath.Base(src))
 		if _, err := writeback.Stage(src, dst); err != nil {
 			log.Warn("could not keep the changes of a crashed run", "dir", p.Host, "err", err)
+			errs = append(errs, err)
 			continue
 		}
 		log.Warn("an earlier run ended without writing back its read-write directory; its changes are kept",
 			"dir", p.Host, "kept", dst, "recover", "mvmctl recover "+dst)
+		r.pruneStaged(log)
 	}
+	return errors.Join(errs...)
 }

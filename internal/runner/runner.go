@@ -156,7 +156,7 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 	start := time.Now()
 	since := func() time.Duration { return time.Since(start) }
 
-	if reclaimed, err := runstate.ReclaimSalvaging(r.RunRoot, log, func(dir string) { r.salvage(dir, log) }); err != nil {
+	if reclaimed, err := runstate.ReclaimSalvaging(r.RunRoot, log, func(dir string) error { return r.salvage(dir, log) }); err != nil {
 		log.Warn("reclaiming leftovers of earlier runs", "err", err)
 	} else if len(reclaimed) > 0 {
 		log.Debug("reclaimed leftovers of earlier runs", "runs", reclaimed)
@@ -176,6 +176,13 @@ func (r *Runner) Run(ctx context.Context, req Request) (res Result, err error) {
 				if errors.As(err, &re) && re.ConsoleLog == "" {
 					re.ConsoleLog = p
 				}
+			}
+		}
+		for _, d := range res.Dirs {
+			if d.Kept != "" && strings.HasPrefix(d.Kept, run.Dir+string(filepath.Separator)) {
+				// The only copy of a guest's changes: the next run
+				// salvages it.
+				return
 			}
 		}
 		if rerr := run.Remove(); rerr != nil {
