@@ -29,14 +29,14 @@ func (e *NoSpaceError) Error() string {
 
 // applier writes a validated change set into the share open as root.
 type applier struct {
-	ctx        context.Context
-	upper      *ext4.FS
-	cs         *changeSet
-	root       int
-	chown      bool // running as root: new entries get the share's owner
-	uid, gid   int
-	written    map[int32]devIno // link sources as written
-	stats      Stats
+	ctx      context.Context
+	upper    *ext4.FS
+	cs       *changeSet
+	root     int
+	chown    bool // running as root: new entries get the share's owner
+	uid, gid int
+	written  map[int32]devIno // link sources as written
+	stats    Stats
 }
 
 type devIno struct{ dev, ino uint64 }
