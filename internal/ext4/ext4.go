@@ -157,7 +157,7 @@ type FS struct {
 // corruption.
 const (
 	BudgetFactor = 8
-	BudgetSlack  = 64 << 20
+	BudgetSlack  = 1 << 20
 )
 
 // Open reads and checks the superblock and group descriptors of the image

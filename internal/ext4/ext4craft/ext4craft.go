@@ -275,6 +275,32 @@ func (im *Image) Rename(dir uint32, old string, new []byte) error {
 	return fmt.Errorf("ext4craft: no entry %q in directory inode %d", old, dir)
 }
 
+// SetEntryIno makes the entry name of directory dir point at inode ino:
+// a second name for a directory, a loop, a link the link count does not
+// know about.
+func (im *Image) SetEntryIno(dir uint32, name string, ino uint32) error {
+	ents, err := im.Entries(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if string(e.Name) != name {
+			continue
+		}
+		b := make([]byte, im.bs)
+		if _, err := im.d.ReadAt(b, e.Block*im.bs); err != nil {
+			return err
+		}
+		le.PutUint32(b[e.Offset:], ino)
+		if err := im.fixDirCsum(dir, b); err != nil {
+			return err
+		}
+		_, err = im.d.WriteAt(b, e.Block*im.bs)
+		return err
+	}
+	return fmt.Errorf("ext4craft: no entry %q in directory inode %d", name, dir)
+}
+
 func (im *Image) fixDirCsum(dir uint32, b []byte) error {
 	if !im.csum {
 		return nil
