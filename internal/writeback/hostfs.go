@@ -54,6 +54,13 @@ func openBeneath(root int, parts []string) (int, error) {
 	if len(parts) == 0 {
 		return unix.Dup(root)
 	}
+	for _, p := range parts {
+		// The change set's names are validated already; the fallback
+		// below is only as safe as they are: never step up or across.
+		if checkName(p) != "" {
+			return -1, unix.EINVAL
+		}
+	}
 	if !noOpenat2.Load() {
 		how := &unix.OpenHow{
 			Flags:   dirFlags,
