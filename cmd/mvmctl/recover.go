@@ -82,7 +82,7 @@ the oldest are dropped, with a warning.`,
 			defer stop()
 			var errs []error
 			for _, dir := range args {
-				if err := recoverOne(ctx, cmd.OutOrStdout(), dir); err != nil {
+				if err := recoverOne(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), dir); err != nil {
 					errs = append(errs, fmt.Errorf("%s: %w", dir, err))
 				}
 				if ctx.Err() != nil {
@@ -138,12 +138,21 @@ func size(n int64) string {
 	return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
 }
 
-func recoverOne(ctx context.Context, stdout io.Writer, dir string) error {
+func recoverOne(ctx context.Context, stdout, stderr io.Writer, dir string) error {
 	p, err := writeback.LoadPending(dir)
 	if err != nil {
 		return err
 	}
 	st, err := writeback.Commit(ctx, p)
+	if errors.Is(err, writeback.ErrHostDirReplaced) && noSymlinks(p.Host) {
+		// Not the directory the run started with, but one the user put
+		// at that very path (recreated, restored, or a filesystem whose
+		// device number changed across a reboot), with no symlink on the
+		// way to it: the user asked for it by name.
+		fmt.Fprintf(stderr, "mvmctl: %s is not the directory the run started with; writing the changes into the one there now\n", p.Host)
+		p.HostDev, p.HostIno = 0, 0
+		st, err = writeback.Commit(ctx, p)
+	}
 	if err != nil {
 		if errors.Is(err, context.Canceled) {
 			return fmt.Errorf("write-back to %s interrupted: %w (the staged changes are left in place; run recover again to apply them)", p.Host, err)
@@ -152,4 +161,19 @@ func recoverOne(ctx context.Context, stdout io.Writer, dir string) error {
 	}
 	fmt.Fprintf(stdout, "wrote back %s: %s\n", p.Host, st)
 	return os.RemoveAll(dir)
+}
+
+// noSymlinks reports whether no component of the absolute path p is a
+// symlink.
+func noSymlinks(p string) bool {
+	if !filepath.IsAbs(p) {
+		return false
+	}
+	for q := filepath.Clean(p); q != "/"; q = filepath.Dir(q) {
+		fi, err := os.Lstat(q)
+		if err != nil || fi.Mode()&os.ModeSymlink != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 )
@@ -85,10 +87,35 @@ func checkTimeout(size int64) time.Duration {
 	return time.Minute + time.Duration(size/(64<<20))*time.Second
 }
 
+// firstLines is the first n non-empty lines of e2fsck's output, made safe
+// to print: the output quotes names the guest chose, and a terminal must
+// not receive their control characters.
 func firstLines(s string, n int) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	if len(lines) > n {
-		lines = append(lines[:n], "...")
+	var lines []string
+	for _, l := range strings.Split(s, "\n") {
+		l = strings.TrimSpace(l)
+		if l == "" {
+			continue
+		}
+		if len(lines) == n {
+			lines = append(lines, "...")
+			break
+		}
+		lines = append(lines, printable(l))
 	}
 	return strings.Join(lines, "; ")
+}
+
+// printable escapes what is not printable text.
+func printable(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == utf8.RuneError, !unicode.IsPrint(r) && r != ' ':
+			fmt.Fprintf(&b, "\\x%02x", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }

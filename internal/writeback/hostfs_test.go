@@ -114,3 +114,14 @@ func TestCheckName(t *testing.T) {
 		}
 	}
 }
+
+func TestFirstLines(t *testing.T) {
+	out := "img: Entry 'a\x1b[2Jb' in /upper (12) has illegal characters in its name.\n\n\nimg: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.\n\t(i.e., without -a or -p options)\n"
+	want := `img: Entry 'a\x1b[2Jb' in /upper (12) has illegal characters in its name.; img: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.; (i.e., without -a or -p options)`
+	if got := firstLines(out, 6); got != want {
+		t.Errorf("firstLines = %q\nwant %q", got, want)
+	}
+	if got := firstLines("1\n2\n3\n", 2); got != "1; 2; ..." {
+		t.Errorf("firstLines(3 lines, 2) = %q", got)
+	}
+}

@@ -156,6 +156,11 @@ func Commit(ctx context.Context, p Pending) (Stats, error) {
 	if err := ctx.Err(); err != nil {
 		return Stats{}, fmt.Errorf("write-back not started: %w", err)
 	}
+	root, err := openShare(p.Host, p.HostDev, p.HostIno)
+	if err != nil {
+		return Stats{}, err
+	}
+	defer unix.Close(root)
 	if err := checkImage(ctx, p.Upper); err != nil {
 		return Stats{}, err
 	}
@@ -172,11 +177,6 @@ func Commit(ctx context.Context, p Pending) (Stats, error) {
 		return Stats{}, fmt.Errorf("directory image: %w", err)
 	}
 	defer closeLower()
-	root, err := openShare(p.Host, p.HostDev, p.HostIno)
-	if err != nil {
-		return Stats{}, err
-	}
-	defer unix.Close(root)
 	st, err := apply(ctx, upper, lower, root)
 	if err != nil {
 		return st, err
