@@ -20,8 +20,8 @@
 //   - directories are read block by block from their mapped blocks only,
 //     however large a size their inode claims;
 //   - the total number of bytes an FS reads is bounded by a multiple of the
-//     image size (Budget), so no image, however crafted, makes a walk over
-//     it run for longer than reading the image a few times would.
+//     image size (BudgetFactor), so no image, however crafted, makes a walk
+//     over it run for longer than reading the image a few times would.
 //
 // A malformed image yields an error that wraps ErrCorrupt; never a panic,
 // an endless loop or an allocation larger than the image. Cycles between
