@@ -274,6 +274,9 @@ func Open(r io.ReaderAt, size int64) (*FS, error) {
 	return f, nil
 }
 
+// Size is the size of the image in bytes.
+func (f *FS) Size() int64 { return f.size }
+
 func (f *FS) descCsum(g uint32, d []byte) uint16 {
 	var b [4]byte
 	le.PutUint32(b[:], g)
@@ -291,6 +294,7 @@ func (f *FS) readAt(p []byte, off int64) error {
 		return corrupt("read of %d bytes at offset %d is outside the image (%d bytes)", len(p), off, f.size)
 	}
 	if f.budget.Add(-int64(len(p))) < 0 {
+		f.budget.Add(int64(len(p))) // not read
 		return corrupt("reading it takes more than %d times its size", BudgetFactor)
 	}
 	n, err := f.r.ReadAt(p, off)

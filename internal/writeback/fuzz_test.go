@@ -129,6 +129,7 @@ func FuzzChangeSet(f *testing.F) {
 		func(im *ext4craft.Image) error { return im.Rename(ino(im, "upper"), "pipe", nil) },
 		func(im *ext4craft.Image) error { return im.SetEntryIno(ino(im, "upper/d"), "g", ino(im, "upper")) },
 		func(im *ext4craft.Image) error { return im.EndlessExtents(ino(im, "upper/three")) },
+		func(im *ext4craft.Image) error { return im.SharedExtents(ino(im, "upper/three")) },
 		func(im *ext4craft.Image) error { return im.SetSize(ino(im, "upper/op"), 256<<30) },
 	} {
 		m := memDev(bytes.Clone(base))

@@ -102,6 +102,9 @@ func TestInvalidChangeSets(t *testing.T) {
 			func(im *ext4craft.Image) error {
 				return im.SetEntryIno(ino(im, "upper/d1"), "sub", ino(im, "upper"))
 			}, "d1/sub", "reached twice"},
+		{"the same blocks many times over", []ent{file("big", randomData(64<<10, 3))},
+			func(im *ext4craft.Image) error { return im.SharedExtents(ino(im, "upper/big")) },
+			"big", "more data than the scratch image"},
 		{"endless extent tree", []ent{file("big", randomData(64<<10, 3))},
 			func(im *ext4craft.Image) error { return im.EndlessExtents(ino(im, "upper/big")) },
 			"big", "unreadable file"},

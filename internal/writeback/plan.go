@@ -254,6 +254,11 @@ func (p *planner) dir(di int32, u, l *ext4.Inode, depth int) error {
 				return p.invalid(i, "unreadable file", err)
 			}
 			p.cs.data += n.data
+			if p.cs.data > p.upper.Size() {
+				// Files sharing blocks: more to write than the image
+				// holds.
+				return p.invalid(i, "the files hold more data than the scratch image", nil)
+			}
 		case in.Mode&fs.ModeSymlink != 0:
 			n.kind = kindSymlink
 			target, err := p.upper.Readlink(in)

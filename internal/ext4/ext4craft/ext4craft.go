@@ -377,6 +377,55 @@ func (im *Image) EndlessExtents(ino uint32) error {
 	return im.WriteInode(ino, raw)
 }
 
+// SharedExtents makes inode ino (a file with at least one data block) a
+// file whose every extent maps the same physical blocks: as many extents
+// as a block holds, each covering most of the filesystem. Each is valid on
+// its own; together the file claims far more data than the image has.
+func (im *Image) SharedExtents(ino uint32) error {
+	blocks, err := im.Blocks(ino)
+	if err != nil {
+		return err
+	}
+	if len(blocks) == 0 {
+		return fmt.Errorf("ext4craft: inode %d has no block", ino)
+	}
+	sb := make([]byte, 1024)
+	if _, err := im.d.ReadAt(sb, 1024); err != nil {
+		return err
+	}
+	total := int64(le.Uint32(sb[4:]))
+	length := min(total-2, 32768)
+	leaf := blocks[0]
+	raw, err := im.Inode(ino)
+	if err != nil {
+		return err
+	}
+	node := make([]byte, im.bs)
+	maxEntries := (int(im.bs) - 12 - 4) / 12
+	header(node, maxEntries, maxEntries, 0)
+	for i := 0; i < maxEntries; i++ {
+		e := node[12+12*i:]
+		le.PutUint32(e[0:], uint32(int64(i)*length))
+		le.PutUint16(e[4:], uint16(length))
+		le.PutUint16(e[6:], 0)
+		le.PutUint32(e[8:], 1)
+	}
+	if im.csum {
+		le.PutUint32(node[12+12*maxEntries:], crc32c(im.inodeSeed(ino, raw), node[:12+12*maxEntries]))
+	}
+	if _, err := im.d.WriteAt(node, leaf*im.bs); err != nil {
+		return err
+	}
+	root := raw[0x28:0x64]
+	clear(root)
+	header(root, 1, 4, 1)
+	index(root[12:], 0, leaf)
+	size := int64(maxEntries) * length * im.bs
+	le.PutUint32(raw[4:], uint32(size))
+	le.PutUint32(raw[0x6C:], uint32(size>>32))
+	return im.WriteInode(ino, raw)
+}
+
 func header(b []byte, entries, max int, depth uint16) {
 	le.PutUint16(b[0:], 0xF30A)
 	le.PutUint16(b[2:], uint16(entries))
