@@ -4,6 +4,7 @@
 #   make bootstrap   build the default guest image (kernel + initramfs)
 #   make test        unit tests and the end-to-end suite on real VMs
 #   make bench       benchmarks against bare baselines (prints ratios)
+#   make fuzz        each fuzz target for FUZZTIME (default 30s)
 #   make install     install into $(PREFIX)
 
 PREFIX  ?= /usr/local
@@ -11,7 +12,7 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build bootstrap test unit e2e bench lint proto check-proto install clean
+.PHONY: all build bootstrap test unit e2e bench fuzz lint proto check-proto install clean
 
 all: build
 
@@ -45,6 +46,16 @@ e2e: build
 
 bench: build
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 1x ./test/bench/ -mvmctl=$(CURDIR)/bin/mvmctl
+
+# Fuzz targets (package:Func), each run for FUZZTIME. Inputs are whole
+# disk images: minimizing one for long would eat the run.
+FUZZTIME ?= 30s
+FUZZ_TARGETS += ./internal/ext4:FuzzReader ./internal/writeback:FuzzChangeSet
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t##*:} ($${t%%:*}) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t##*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $${t%%:*} || exit 1; \
+	done
 
 # Regenerate the agent protocol's Go code (needs protoc and protoc-gen-go).
 proto:

@@ -29,16 +29,26 @@ type WriteBack struct {
 	Kept string
 }
 
-// WriteBackStats counts what a write-back did.
+// WriteBackStats counts what a write-back did. Device nodes and sockets
+// the guest made are never written back, and set-user-ID and set-group-ID
+// bits are dropped: a guest cannot plant privilege on the host.
 type WriteBackStats struct {
-	Written, Deleted, Dirs, Links, Skipped int
-	Bytes                                  int64
+	Written, Deleted, Dirs, Links int
+	Bytes                         int64
+	Devices, Sockets, SetIDDropped int
 }
 
 func (s WriteBackStats) String() string {
-	return strconv.Itoa(s.Written) + " written (" + strconv.FormatInt(s.Bytes, 10) + " bytes), " +
+	out := strconv.Itoa(s.Written) + " written (" + strconv.FormatInt(s.Bytes, 10) + " bytes), " +
 		strconv.Itoa(s.Deleted) + " deleted, " + strconv.Itoa(s.Dirs) + " directories, " +
-		strconv.Itoa(s.Links) + " hard links, " + strconv.Itoa(s.Skipped) + " skipped"
+		strconv.Itoa(s.Links) + " hard links"
+	if n := s.Devices + s.Sockets; n > 0 {
+		out += ", " + strconv.Itoa(n) + " device nodes and sockets not written"
+	}
+	if s.SetIDDropped > 0 {
+		out += ", " + strconv.Itoa(s.SetIDDropped) + " set-id bits dropped"
+	}
+	return out
 }
 
 // dirPlan is one shared directory of a sandbox: its images in the run
@@ -147,7 +157,10 @@ func mountAll(ctx context.Context, c *agentclient.Client, dirs []*dirPlan) error
 
 // writeBack applies every read-write directory's changes to the host,
 // after the VM has stopped. A directory whose write-back fails keeps its
-// data under the state directory's staged/.
+// data under the state directory's staged/; if even that fails, Kept
+// names its place in the run directory, which is then left for the next
+// run to salvage. Cancelling ctx interrupts a write-back, whose changes
+// are then kept the same way.
 func (sb *Sandbox) writeBack(ctx context.Context) error {
 	var out []WriteBack
 	for i, d := range sb.dirs {
@@ -155,17 +168,29 @@ func (sb *Sandbox) writeBack(ctx context.Context) error {
 			continue
 		}
 		wb := WriteBack{Dir: Dir{Host: d.spec.Host, Guest: d.spec.Guest, Writable: true}}
-		st, err := writeback.Commit(ctx, d.lower, d.upper, d.spec.Host)
-		wb.Stats = WriteBackStats(st)
+		pend, err := writeback.LoadPending(d.dir)
+		if err != nil {
+			pend = writeback.Pending{Host: d.spec.Host, Guest: d.spec.Guest, Lower: d.lower, Upper: d.upper}
+		}
+		st, err := writeback.Commit(ctx, pend)
+		wb.Stats = WriteBackStats{
+			Written: st.Written, Deleted: st.Deleted, Dirs: st.Dirs, Links: st.Links, Bytes: st.Bytes,
+			Devices: st.Devices, Sockets: st.Sockets, SetIDDropped: st.SetIDDropped,
+		}
 		if err != nil {
 			sb.log.Debug("write-back failed", "dir", d.spec.Host, "err", err)
 			werr := &WriteBackError{Host: d.spec.Host, Err: err}
-			kept, serr := writeback.Stage(d.dir, filepath.Join(sb.cfg.StateDir, "staged", sb.name+"-"+strconv.Itoa(i)))
+			kept, serr := writeback.Stage(d.dir, filepath.Join(sb.stagedDir(), sb.name+"-"+strconv.Itoa(i)))
 			if serr != nil {
 				werr.Err = errors.Join(err, serr)
+				kept = d.dir
+				sb.mu.Lock()
+				sb.keepRun = true
+				sb.mu.Unlock()
 			} else {
-				werr.Kept, wb.Kept = kept, kept
+				sb.pruneStaged()
 			}
+			werr.Kept, wb.Kept = kept, kept
 			wb.Err = werr
 		} else {
 			sb.log.Debug("written back", "dir", d.spec.Host, "stats", wb.Stats.String())
@@ -178,23 +203,41 @@ func (sb *Sandbox) writeBack(ctx context.Context) error {
 	return nil
 }
 
+func (sb *Sandbox) stagedDir() string { return filepath.Join(sb.cfg.StateDir, "staged") }
+
+// pruneStaged applies the caps on staged/, oldest first.
+func (sb *Sandbox) pruneStaged() {
+	dropped, err := writeback.PruneStaged(sb.stagedDir(), writeback.DefaultMaxStaged, writeback.DefaultMaxStagedBytes)
+	for _, d := range dropped {
+		sb.log.Warn("dropped old kept changes: too many kept", "dir", d,
+			"max", writeback.DefaultMaxStaged, "max_bytes", writeback.DefaultMaxStagedBytes)
+	}
+	if err != nil {
+		sb.log.Warn("pruning kept changes", "err", err)
+	}
+}
+
 // salvage is runstate's hook for the leftovers of a run that died: any
 // read-write directory it had is moved to staged/ instead of being deleted
-// with the run, and reported.
-func (sb *Sandbox) salvage(runDir string) {
+// with the run, and reported. An error keeps the run directory.
+func (sb *Sandbox) salvage(runDir string) error {
 	matches, _ := filepath.Glob(filepath.Join(runDir, "dirs", "*", writeback.PendingFile))
+	var errs []error
 	for _, m := range matches {
 		src := filepath.Dir(m)
 		p, err := writeback.LoadPending(src)
 		if err != nil {
 			continue
 		}
-		dst := filepath.Join(sb.cfg.StateDir, "staged", filepath.Base(runDir)+"-"+filepath.Base(src))
+		dst := filepath.Join(sb.stagedDir(), filepath.Base(runDir)+"-"+filepath.Base(src))
 		if _, err := writeback.Stage(src, dst); err != nil {
 			sb.log.Warn("could not keep the changes of a crashed run", "dir", p.Host, "err", err)
+			errs = append(errs, err)
 			continue
 		}
 		sb.log.Warn("an earlier run ended without writing back its read-write directory; its changes are kept",
 			"dir", p.Host, "kept", dst, "recover", "mvmctl recover "+dst)
+		sb.pruneStaged()
 	}
+	return errors.Join(errs...)
 }

@@ -73,6 +73,7 @@ type Sandbox struct {
 	closing    bool
 	abandon    bool // skip the guest's graceful shutdown (Run after an interrupt)
 	keepLogs   bool
+	keepRun    bool // the run directory holds the only copy of a guest's changes
 	consoleLog string // where the console log was kept
 	writeBacks []WriteBack
 
@@ -213,6 +214,14 @@ func (sb *Sandbox) cleanUp(context.Context) error {
 			sb.consoleLog = p
 			sb.mu.Unlock()
 		}
+	}
+	sb.mu.Lock()
+	keepRun := sb.keepRun
+	sb.mu.Unlock()
+	if keepRun {
+		// The next run salvages it once this process has let go.
+		sb.run.Release()
+		return nil
 	}
 	if err := sb.run.Remove(); err != nil {
 		sb.log.Warn("remove run directory", "err", err)

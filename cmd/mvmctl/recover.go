@@ -1,10 +1,15 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -12,67 +17,163 @@ import (
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
-func newRecoverCommand(g *globalOptions) *cobra.Command {
-	return &cobra.Command{
-		Use:   "recover [STAGED_DIR...]",
-		Short: "Write back the kept changes of read-write directories",
-		Long: `When the changes a guest made to a read-write --add-dir cannot be written
-back (the host directory became unwritable, mvmctl was killed, the guest's
-filesystem needed repair that failed...), mvmctl keeps them in a staged
-directory under its state directory and names it. recover applies such
-staged changes to their host directory and removes them once applied.
+// exitCodeInterrupted is the status of a recover stopped by SIGINT or
+// SIGTERM, as a shell reports a command killed by SIGINT.
+const exitCodeInterrupted = 130
 
-Without arguments it lists what is staged.`,
+func newRecoverCommand(g *globalOptions) *cobra.Command {
+	var discard, all bool
+	cmd := &cobra.Command{
+		Use:   "recover [--discard] [--all | STAGED_DIR...]",
+		Short: "Write back (or discard) the kept changes of read-write directories",
+		Long: `When the changes a guest made to a read-write --add-dir cannot be written
+back (the host directory became unwritable or full, the change set is
+invalid, mvmctl was killed, the write-back was interrupted...), mvmctl keeps
+them in a staged directory under its state directory and names it.
+
+Without arguments, recover lists what is staged: directory, host directory,
+age and size on disk. With STAGED_DIRs (or --all) it applies them to their
+host directory, with the same checks as a write-back at the end of a run,
+and removes each once applied; an interrupted or failed one stays staged.
+With --discard it removes them without applying anything.
+
+At most ` + fmt.Sprint(writeback.DefaultMaxStaged) + ` change sets, taking at most ` + fmt.Sprint(writeback.DefaultMaxStagedBytes>>30) + ` GiB, are kept; beyond that
+the oldest are dropped, with a warning.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			state, err := xdg.StateDir()
 			if err != nil {
 				return err
 			}
 			staged := filepath.Join(state, "staged")
-			if len(args) == 0 {
-				return listStaged(cmd, staged)
+			if all {
+				if len(args) > 0 {
+					return errors.New("--all takes no STAGED_DIR arguments")
+				}
+				list, err := writeback.ListStaged(staged)
+				if err != nil {
+					return err
+				}
+				for _, s := range list {
+					args = append(args, s.Dir)
+				}
+				if len(args) == 0 {
+					fmt.Fprintln(cmd.ErrOrStderr(), "nothing is staged")
+					return nil
+				}
 			}
+			if len(args) == 0 {
+				if discard {
+					return errors.New("--discard needs STAGED_DIR arguments or --all")
+				}
+				return listStaged(cmd.OutOrStdout(), cmd.ErrOrStderr(), staged)
+			}
+			if discard {
+				var errs []error
+				for _, dir := range args {
+					if err := writeback.Discard(dir); err != nil {
+						errs = append(errs, err)
+						continue
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "discarded %s\n", dir)
+				}
+				return errors.Join(errs...)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
 			var errs []error
 			for _, dir := range args {
-				if err := recoverOne(cmd, dir); err != nil {
+				if err := recoverOne(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), dir); err != nil {
 					errs = append(errs, fmt.Errorf("%s: %w", dir, err))
+				}
+				if ctx.Err() != nil {
+					return &exitError{code: exitCodeInterrupted, err: errors.Join(errs...)}
 				}
 			}
 			return errors.Join(errs...)
 		},
 	}
+	cmd.Flags().BoolVar(&discard, "discard", false, "remove the staged changes instead of applying them")
+	cmd.Flags().BoolVar(&all, "all", false, "every staged change set")
+	return cmd
 }
 
-func listStaged(cmd *cobra.Command, staged string) error {
-	entries, err := os.ReadDir(staged)
-	if err != nil && !os.IsNotExist(err) {
+func listStaged(stdout, stderr io.Writer, staged string) error {
+	list, err := writeback.ListStaged(staged)
+	if err != nil {
 		return err
 	}
-	n := 0
-	for _, e := range entries {
-		dir := filepath.Join(staged, e.Name())
-		p, err := writeback.LoadPending(dir)
-		if err != nil {
-			continue
-		}
-		fmt.Fprintf(cmd.OutOrStdout(), "%s\t%s\t%s\n", dir, p.Host, p.Created.Local().Format("2006-01-02 15:04:05"))
-		n++
+	if len(list) == 0 {
+		fmt.Fprintln(stderr, "nothing is staged")
+		return nil
 	}
-	if n == 0 {
-		fmt.Fprintln(cmd.ErrOrStderr(), "nothing is staged")
+	for _, s := range list {
+		host := s.Pending.Host
+		if s.Err != nil {
+			host = "(unreadable record: " + s.Err.Error() + ")"
+		}
+		fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\n", s.Dir, host, age(time.Since(s.Created())), size(s.Size))
 	}
 	return nil
 }
 
-func recoverOne(cmd *cobra.Command, dir string) error {
+func age(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return "just now"
+	case d < time.Hour:
+		return fmt.Sprintf("%dm ago", int(d/time.Minute))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d/time.Hour))
+	}
+	return fmt.Sprintf("%dd ago", int(d/(24*time.Hour)))
+}
+
+func size(n int64) string {
+	switch {
+	case n < 1<<20:
+		return fmt.Sprintf("%d KiB", (n+1023)>>10)
+	case n < 1<<30:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	}
+	return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+}
+
+func recoverOne(ctx context.Context, stdout, stderr io.Writer, dir string) error {
 	p, err := writeback.LoadPending(dir)
 	if err != nil {
 		return err
 	}
-	st, err := writeback.Commit(cmd.Context(), p.Lower, p.Upper, p.Host)
-	if err != nil {
-		return fmt.Errorf("write back to %s: %w (the staged data is left in place)", p.Host, err)
+	st, err := writeback.Commit(ctx, p)
+	if errors.Is(err, writeback.ErrHostDirReplaced) && noSymlinks(p.Host) {
+		// Not the directory the run started with, but one the user put
+		// at that very path (recreated, restored, or a filesystem whose
+		// device number changed across a reboot), with no symlink on the
+		// way to it: the user asked for it by name.
+		fmt.Fprintf(stderr, "mvmctl: %s is not the directory the run started with; writing the changes into the one there now\n", p.Host)
+		p.HostDev, p.HostIno = 0, 0
+		st, err = writeback.Commit(ctx, p)
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "wrote back %s: %s\n", p.Host, st)
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return fmt.Errorf("write-back to %s interrupted: %w (the staged changes are left in place; run recover again to apply them)", p.Host, err)
+		}
+		return fmt.Errorf("write back to %s: %w (the staged changes are left in place)", p.Host, err)
+	}
+	fmt.Fprintf(stdout, "wrote back %s: %s\n", p.Host, st)
 	return os.RemoveAll(dir)
+}
+
+// noSymlinks reports whether no component of the absolute path p is a
+// symlink.
+func noSymlinks(p string) bool {
+	if !filepath.IsAbs(p) {
+		return false
+	}
+	for q := filepath.Clean(p); q != "/"; q = filepath.Dir(q) {
+		fi, err := os.Lstat(q)
+		if err != nil || fi.Mode()&os.ModeSymlink != 0 {
+			return false
+		}
+	}
+	return true
 }

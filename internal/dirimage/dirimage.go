@@ -164,21 +164,3 @@ func mkfs(ctx context.Context, img string, size int64, label string, extra ...st
 	}
 	return nil
 }
-
-// Repair replays the journal of an image the guest did not unmount
-// cleanly and fixes what e2fsck can fix safely (`e2fsck -p`). It returns
-// an error when the filesystem still has problems; its data should then
-// be kept, not written back.
-func Repair(ctx context.Context, img string) error {
-	cmd := exec.CommandContext(ctx, "e2fsck", "-p", img)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() == 1 {
-		return nil // errors corrected
-	}
-	if err != nil {
-		return fmt.Errorf("e2fsck -p %s: %w: %s", img, err, bytes.TrimSpace(out.Bytes()))
-	}
-	return nil
-}

@@ -113,6 +113,13 @@ func (r *Run) Keep(name, dir, suffix string) (string, error) {
 	return dst, nil
 }
 
+// Release gives up the run's lock without removing its directory, so that
+// the next Reclaim treats it as a dead run's (and salvages what it holds),
+// even one in this same process.
+func (r *Run) Release() {
+	r.lock.Close()
+}
+
 // Remove deletes the run directory and releases the lock.
 func (r *Run) Remove() error {
 	err := os.RemoveAll(r.Dir)
@@ -132,8 +139,9 @@ func Reclaim(root string, log *slog.Logger) ([]string, error) {
 
 // ReclaimSalvaging is Reclaim with a hook that runs on each dead run's
 // directory (its VMM already killed) before it is removed, to move out
-// what must outlive the run.
-func ReclaimSalvaging(root string, log *slog.Logger, salvage func(dir string)) ([]string, error) {
+// what must outlive the run. A directory whose salvage fails is kept (it
+// may hold the only copy of something), for a later reclaim to retry.
+func ReclaimSalvaging(root string, log *slog.Logger, salvage func(dir string) error) ([]string, error) {
 	entries, err := os.ReadDir(root)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -162,7 +170,7 @@ func ReclaimSalvaging(root string, log *slog.Logger, salvage func(dir string)) (
 }
 
 // reclaimOne removes dir if its owner is gone.
-func reclaimOne(dir string, salvage func(string)) (bool, error) {
+func reclaimOne(dir string, salvage func(string) error) (bool, error) {
 	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -184,7 +192,9 @@ func reclaimOne(dir string, salvage func(string)) (bool, error) {
 	}
 	killOrphanVMM(dir)
 	if salvage != nil {
-		salvage(dir)
+		if err := salvage(dir); err != nil {
+			return false, fmt.Errorf("reclaim %s: kept: %w", dir, err)
+		}
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return false, fmt.Errorf("reclaim %s: %w", dir, err)

@@ -565,7 +565,7 @@ func TestReclaimSalvaging(t *testing.T) {
 
 	var salvaged []string
 	vmmGone := false
-	got, err := ReclaimSalvaging(root, discard, func(dir string) {
+	got, err := ReclaimSalvaging(root, discard, func(dir string) error {
 		salvaged = append(salvaged, dir)
 		if !exists(t, filepath.Join(dir, "lock")) {
 			t.Errorf("salvage(%s) called after the directory was emptied", dir)
@@ -579,6 +579,7 @@ func TestReclaimSalvaging(t *testing.T) {
 				t.Error(err)
 			}
 		}
+		return nil
 	})
 	if err != nil {
 		t.Fatalf("ReclaimSalvaging: %v", err)
@@ -602,5 +603,20 @@ func TestReclaimSalvaging(t *testing.T) {
 	}
 	if !exists(t, live.Dir) {
 		t.Errorf("live run removed")
+	}
+}
+
+func TestReclaimKeepsWhatCouldNotBeSalvaged(t *testing.T) {
+	root := t.TempDir()
+	dir := makeDeadRun(t, root, "dead")
+	if err := os.WriteFile(filepath.Join(dir, "changes"), []byte("only copy"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ReclaimSalvaging(root, discard, func(string) error { return errors.New("disk full") })
+	if err == nil || len(got) != 0 {
+		t.Fatalf("ReclaimSalvaging = %q, %v; want nothing removed and an error", got, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "changes")); err != nil || string(b) != "only copy" {
+		t.Errorf("run directory content after a failed salvage: %q, %v", b, err)
 	}
 }

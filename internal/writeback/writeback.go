@@ -7,25 +7,43 @@
 // what the guest changed, and host files the guest never touched keep
 // whatever the host has, including edits made while the VM ran.
 //
-// Both images are read with internal/ext4 after the VM has stopped: no
-// root, no mount.
+// The guest may be hostile and the scratch image is its to write, raw
+// bytes included. So a write-back:
+//
+//   - checks the image with a full e2fsck (see checkImage), then reads it
+//     with internal/ext4, which bounds-checks everything;
+//   - validates the whole change set before touching the host (names that
+//     are not single file names, duplicates, directories reached twice,
+//     too many entries or levels): an invalid one is not applied at all
+//     and yields *InvalidChangeSetError;
+//   - refuses, with *NoSpaceError, one that would not fit on the host;
+//   - works only through directory descriptors of the share, never
+//     following a symlink at any depth (see hostfs.go), so nothing outside
+//     the share is written, deleted or linked to;
+//   - grants no privilege: device nodes and sockets are not written back,
+//     set-user-ID and set-group-ID bits are dropped, no extended attribute
+//     (file capabilities, ACLs) is written, and what it creates belongs to
+//     the user running it, or, when that is root, to the owner of the
+//     shared directory;
+//   - keeps holes: only the data the image stores is written;
+//   - stops promptly when its context is cancelled, leaving no temporary
+//     file behind; the error then wraps the context's error.
+//
+// A failed write-back leaves its change set where it was (Stage moves it
+// somewhere durable), and Commit may be run on it again: it is
+// idempotent, re-applying the same set of changes.
 package writeback
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
-	"path/filepath"
-	"sort"
 	"strconv"
-	"time"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/ext4"
 )
 
@@ -33,394 +51,172 @@ import (
 // upper layer (the guest agent creates it, with "work" beside it).
 const UpperDir = "upper"
 
+// ErrHostDirReplaced means the shared directory is no longer the
+// directory the run started with (its path now leads elsewhere, a symlink
+// or another directory in its place): the write-back is refused.
+var ErrHostDirReplaced = errors.New("the shared directory was replaced since the run started")
+
 // Stats counts what a write-back did.
 type Stats struct {
-	Written, Deleted, Dirs, Links, Skipped int
-	Bytes                                  int64
+	// Written counts files, symlinks and fifos written; Bytes the file
+	// data written (holes excluded).
+	Written, Deleted, Dirs, Links int
+	Bytes                         int64
+	// Devices and Sockets count the device nodes and sockets of the
+	// change set, which are never written back (the host path is left as
+	// it is). SetIDDropped counts the entries whose set-user-ID or
+	// set-group-ID bits were dropped.
+	Devices, Sockets, SetIDDropped int
+}
+
+// String summarises stats for logs.
+func (s Stats) String() string {
+	out := strconv.Itoa(s.Written) + " written (" + strconv.FormatInt(s.Bytes, 10) + " bytes), " +
+		strconv.Itoa(s.Deleted) + " deleted, " + strconv.Itoa(s.Dirs) + " directories, " +
+		strconv.Itoa(s.Links) + " hard links"
+	var dropped []string
+	if s.Devices > 0 {
+		dropped = append(dropped, strconv.Itoa(s.Devices)+" device nodes")
+	}
+	if s.Sockets > 0 {
+		dropped = append(dropped, strconv.Itoa(s.Sockets)+" sockets")
+	}
+	if len(dropped) > 0 {
+		out += "; not written back: " + strings.Join(dropped, ", ")
+	}
+	if s.SetIDDropped > 0 {
+		out += "; set-id bits dropped on " + strconv.Itoa(s.SetIDDropped)
+	}
+	return out
 }
 
 // Apply writes the changes recorded in the upper layer of upper (an
 // opened scratch image) into hostDir. lower is the image of hostDir the
 // guest started from, used to tell changed directory attributes from
-// unchanged ones. Ownership is applied only when running as root.
-func Apply(upper, lower *ext4.FS, hostDir string) (Stats, error) {
-	root, err := upper.Lookup(UpperDir)
-	if err != nil {
-		return Stats{}, fmt.Errorf("upper layer: %w", err)
-	}
-	lowerRoot, err := lower.Inode(ext4.RootIno)
-	if err != nil {
-		return Stats{}, fmt.Errorf("lower image: %w", err)
-	}
-	a := &applier{upper: upper, lower: lower, root: os.Geteuid() == 0, links: map[uint32]string{}}
-	if err := a.dir(root, lowerRoot, hostDir); err != nil {
-		return a.stats, err
-	}
-	if err := a.dirAttrs(root, lowerRoot, hostDir); err != nil {
-		return a.stats, err
-	}
-	return a.stats, nil
-}
-
-type applier struct {
-	upper, lower *ext4.FS
-	root         bool
-	links        map[uint32]string // inode -> host path already written
-	stats        Stats
-}
-
-// dir applies the entries of upper directory u onto host directory h. l is
-// the matching lower directory, nil when there is none (a new or opaque
-// directory).
-func (a *applier) dir(u, l *ext4.Inode, h string) error {
-	ents, err := a.upper.ReadDir(u)
-	if err != nil {
-		return err
-	}
-	sort.Slice(ents, func(i, j int) bool { return ents[i].Name < ents[j].Name })
-	var lowerEnts map[string]uint32
-	if l != nil {
-		le, err := a.lower.ReadDir(l)
-		if err != nil {
-			return err
-		}
-		lowerEnts = make(map[string]uint32, len(le))
-		for _, e := range le {
-			lowerEnts[e.Name] = e.Ino
-		}
-	}
-	for _, e := range ents {
-		in, err := a.upper.Inode(e.Ino)
-		if err != nil {
-			return err
-		}
-		hp := filepath.Join(h, e.Name)
-		var lin *ext4.Inode
-		if ino, ok := lowerEnts[e.Name]; ok {
-			if lin, err = a.lower.Inode(ino); err != nil {
-				return err
-			}
-		}
-		if err := a.entry(in, lin, hp); err != nil {
-			return fmt.Errorf("write back %s: %w", hp, err)
-		}
-	}
-	return nil
-}
-
-func (a *applier) entry(in, lin *ext4.Inode, hp string) error {
-	switch {
-	case in.IsWhiteout():
-		a.stats.Deleted++
-		return os.RemoveAll(hp)
-	case in.Mode.IsDir():
-		opaque, _, err := a.upper.Xattr(in, "trusted.overlay.opaque")
-		if err != nil {
-			return err
-		}
-		if fi, err := os.Lstat(hp); err == nil && !fi.IsDir() {
-			if err := os.Remove(hp); err != nil {
-				return err
-			}
-		}
-		created := true
-		if err := os.Mkdir(hp, 0o700); errors.Is(err, fs.ErrExist) {
-			created = false
-		} else if err != nil {
-			return err
-		}
-		if string(opaque) == "y" || lin == nil || !lin.Mode.IsDir() {
-			// A directory the guest created or replaced: whatever the
-			// host has there beyond the guest's entries goes.
-			lin = nil
-			if err := a.pruneExtra(in, hp); err != nil {
-				return err
-			}
-		}
-		a.stats.Dirs++
-		if err := a.dir(in, lin, hp); err != nil {
-			return err
-		}
-		if created {
-			// The host had no directory here (the host deleted it during
-			// the run): it gets all of the guest's attributes.
-			lin = nil
-		}
-		return a.dirAttrs(in, lin, hp)
-	}
-	if prev, ok := a.links[in.Ino]; ok && in.Nlink > 1 {
-		if err := removeNonDir(hp); err != nil {
-			return err
-		}
-		a.stats.Links++
-		return os.Link(prev, hp)
-	}
-	var err error
-	switch {
-	case in.Mode.IsRegular():
-		err = a.file(in, hp)
-	case in.Mode&fs.ModeSymlink != 0:
-		err = a.symlink(in, hp)
-	case in.Mode&fs.ModeNamedPipe != 0:
-		if err = removeNonDir(hp); err == nil {
-			err = unix.Mkfifo(hp, uint32(in.Mode.Perm()))
-		}
-	case in.Mode&fs.ModeDevice != 0:
-		if err = removeNonDir(hp); err == nil {
-			typ := uint32(unix.S_IFBLK)
-			if in.Mode&fs.ModeCharDevice != 0 {
-				typ = unix.S_IFCHR
-			}
-			err = unix.Mknod(hp, typ|uint32(in.Mode.Perm()), int(unix.Mkdev(in.Major, in.Minor)))
-			if errors.Is(err, unix.EPERM) {
-				a.stats.Skipped++ // device nodes need root on the host
-				return nil
-			}
-		}
-	default:
-		a.stats.Skipped++ // sockets
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if in.Nlink > 1 {
-		a.links[in.Ino] = hp
-	}
-	return a.attrs(in, hp, in.Mode&fs.ModeSymlink != 0)
-}
-
-// file writes a regular file atomically: to a temporary name beside it,
-// then renamed over whatever was there.
-func (a *applier) file(in *ext4.Inode, hp string) error {
-	if fi, err := os.Lstat(hp); err == nil && fi.IsDir() {
-		if err := os.RemoveAll(hp); err != nil {
-			return err
-		}
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(hp), ".mvm-writeback-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := a.upper.CopyFile(in, tmp); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(in.Mode.Perm() | in.Mode&(fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), hp); err != nil {
-		return err
-	}
-	a.stats.Written++
-	a.stats.Bytes += in.Size
-	return nil
-}
-
-func (a *applier) symlink(in *ext4.Inode, hp string) error {
-	target, err := a.upper.Readlink(in)
-	if err != nil {
-		return err
-	}
-	if err := removeNonDir(hp); err != nil {
-		return err
-	}
-	a.stats.Written++
-	return os.Symlink(target, hp)
-}
-
-// attrs sets owner (as root only) and times; mode was set on creation
-// (symlinks have none).
-func (a *applier) attrs(in *ext4.Inode, hp string, symlink bool) error {
-	if a.root {
-		if err := os.Lchown(hp, int(in.UID), int(in.GID)); err != nil {
-			return err
-		}
-	}
-	if !symlink {
-		// chown may clear set-id bits, and the umask trims what mkfifo
-		// and mknod create: set the mode last.
-		if err := os.Chmod(hp, in.Mode.Perm()|in.Mode&(fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)); err != nil {
-			return err
-		}
-	}
-	return setTimes(hp, in)
-}
-
-// dirAttrs applies a directory's mode, owner and mtime when they differ
-// from the lower directory's (or always, for a directory the guest made),
-// after its entries, whose writing changed the host's mtime.
-func (a *applier) dirAttrs(in, lin *ext4.Inode, hp string) error {
-	if lin != nil && lin.Mode == in.Mode && lin.UID == in.UID && lin.GID == in.GID && lin.Mtime.Equal(in.Mtime) {
-		return nil
-	}
-	if a.root && (lin == nil || lin.UID != in.UID || lin.GID != in.GID) {
-		if err := os.Lchown(hp, int(in.UID), int(in.GID)); err != nil {
-			return err
-		}
-	}
-	if lin == nil || lin.Mode != in.Mode {
-		if err := os.Chmod(hp, in.Mode.Perm()|in.Mode&(fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)); err != nil {
-			return err
-		}
-	}
-	return setTimes(hp, in)
-}
-
-// pruneExtra removes host entries of hp that the upper directory u does
-// not have.
-func (a *applier) pruneExtra(u *ext4.Inode, hp string) error {
-	ents, err := a.upper.ReadDir(u)
-	if err != nil {
-		return err
-	}
-	keep := make(map[string]bool, len(ents))
-	for _, e := range ents {
-		keep[e.Name] = true
-	}
-	host, err := os.ReadDir(hp)
-	if err != nil {
-		return err
-	}
-	for _, e := range host {
-		if !keep[e.Name()] {
-			if err := os.RemoveAll(filepath.Join(hp, e.Name())); err != nil {
-				return err
-			}
-			a.stats.Deleted++
-		}
-	}
-	return nil
-}
-
-func removeNonDir(p string) error {
-	fi, err := os.Lstat(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if fi.IsDir() {
-		return os.RemoveAll(p)
-	}
-	return os.Remove(p)
-}
-
-func setTimes(p string, in *ext4.Inode) error {
-	ts := []unix.Timespec{unix.NsecToTimespec(in.Atime.UnixNano()), unix.NsecToTimespec(in.Mtime.UnixNano())}
-	if err := unix.UtimesNanoAt(unix.AT_FDCWD, p, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return fmt.Errorf("set times of %s: %w", p, err)
-	}
-	return nil
-}
-
-// String summarises stats for logs.
-func (s Stats) String() string {
-	return strconv.Itoa(s.Written) + " written (" + strconv.FormatInt(s.Bytes, 10) + " bytes), " +
-		strconv.Itoa(s.Deleted) + " deleted, " + strconv.Itoa(s.Dirs) + " directories, " +
-		strconv.Itoa(s.Links) + " hard links, " + strconv.Itoa(s.Skipped) + " skipped"
-}
-
-// Commit makes the scratch image consistent (replaying its journal if the
-// guest did not unmount it) and applies its changes to hostDir.
-func Commit(ctx context.Context, lowerImg, upperImg, hostDir string) (Stats, error) {
-	if err := dirimage.Repair(ctx, upperImg); err != nil {
-		return Stats{}, err
-	}
-	uf, err := os.Open(upperImg)
+// unchanged ones. It validates the whole change set first and checks that
+// it fits; see the package documentation for what it guarantees.
+func Apply(ctx context.Context, upper, lower *ext4.FS, hostDir string) (Stats, error) {
+	root, err := openShare(hostDir, 0, 0)
 	if err != nil {
 		return Stats{}, err
 	}
-	defer uf.Close()
-	lf, err := os.Open(lowerImg)
+	defer unix.Close(root)
+	return apply(ctx, upper, lower, root)
+}
+
+func apply(ctx context.Context, upper, lower *ext4.FS, root int) (Stats, error) {
+	cs, err := plan(ctx, upper, lower)
 	if err != nil {
 		return Stats{}, err
 	}
-	defer lf.Close()
-	upper, err := ext4.Open(uf)
+	if err := checkSpace(root, cs); err != nil {
+		return Stats{}, err
+	}
+	a := &applier{ctx: ctx, upper: upper, cs: cs, root: root, written: map[int32]devIno{}}
+	if unix.Geteuid() == 0 {
+		var st unix.Stat_t
+		if err := unix.Fstat(root, &st); err != nil {
+			return Stats{}, err
+		}
+		a.chown, a.uid, a.gid = true, int(st.Uid), int(st.Gid)
+	}
+	err = a.apply()
+	return a.stats, err
+}
+
+// openShare opens the shared directory. The path is the user's (it may
+// go through symlinks of theirs); when dev and ino are set, it must still
+// lead to that directory.
+func openShare(hostDir string, dev, ino uint64) (int, error) {
+	fd, err := unix.Open(hostDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
+		return -1, fmt.Errorf("open %s: %w", hostDir, err)
+	}
+	if ino != 0 {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+		if uint64(st.Dev) != dev || st.Ino != ino {
+			unix.Close(fd)
+			return -1, fmt.Errorf("%s: %w", hostDir, ErrHostDirReplaced)
+		}
+	}
+	return fd, nil
+}
+
+// Commit checks the scratch image of p (replaying its journal if the
+// guest did not unmount it), validates its change set and applies it to
+// p.Host, then flushes the host filesystem. On error nothing of an
+// invalid or oversized change set was applied (*InvalidChangeSetError,
+// *NoSpaceError); an error wrapping context.Canceled means ctx ended it
+// part way. Either way the images are left as they are, for Stage.
+func Commit(ctx context.Context, p Pending) (Stats, error) {
+	if err := ctx.Err(); err != nil {
+		return Stats{}, fmt.Errorf("write-back not started: %w", err)
+	}
+	root, err := openShare(p.Host, p.HostDev, p.HostIno)
+	if err != nil {
+		return Stats{}, err
+	}
+	defer unix.Close(root)
+	if err := checkImage(ctx, p.Upper); err != nil {
+		return Stats{}, err
+	}
+	upper, closeUpper, err := openImage(p.Upper)
+	if err != nil {
+		if errors.Is(err, ext4.ErrCorrupt) || errors.Is(err, ext4.ErrUnsupported) || errors.Is(err, ext4.ErrNeedsRecovery) {
+			return Stats{}, &InvalidChangeSetError{Reason: "unreadable scratch image", Err: err}
+		}
 		return Stats{}, fmt.Errorf("scratch image: %w", err)
 	}
-	lower, err := ext4.Open(lf)
+	defer closeUpper()
+	lower, closeLower, err := openImage(p.Lower)
 	if err != nil {
 		return Stats{}, fmt.Errorf("directory image: %w", err)
 	}
-	st, err := Apply(upper, lower, hostDir)
+	defer closeLower()
+	st, err := apply(ctx, upper, lower, root)
 	if err != nil {
 		return st, err
 	}
 	// The images go away after this; make sure what replaced them is on
 	// disk first.
-	if err := syncDir(hostDir); err != nil {
-		return st, fmt.Errorf("sync %s: %w", hostDir, err)
+	if err := unix.Syncfs(root); err != nil {
+		return st, fmt.Errorf("sync %s: %w", p.Host, err)
 	}
 	return st, nil
 }
 
-// syncDir flushes the filesystem holding dir.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
+// openImage opens an image file for the ext4 reader.
+func openImage(path string) (*ext4.FS, func(), error) {
+	f, err := os.Open(path)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer f.Close()
-	return unix.Syncfs(int(f.Fd()))
-}
-
-// Pending describes a write-back that has not happened yet: its images and
-// where they go. It is saved beside the images (PendingFile) so that data
-// outlives a crash of mvmctl and can be applied later with `mvmctl
-// recover`.
-type Pending struct {
-	Host    string    `json:"host"`
-	Guest   string    `json:"guest"`
-	Lower   string    `json:"lower"`
-	Upper   string    `json:"upper"`
-	Created time.Time `json:"created"`
-}
-
-// PendingFile is the name of the record in a write-back's directory.
-const PendingFile = "writeback.json"
-
-// SavePending writes p into dir.
-func SavePending(dir string, p Pending) error {
-	b, err := json.MarshalIndent(p, "", "  ")
+	fi, err := f.Stat()
 	if err != nil {
-		return err
+		f.Close()
+		return nil, nil, err
 	}
-	return os.WriteFile(filepath.Join(dir, PendingFile), append(b, '\n'), 0o600)
-}
-
-// LoadPending reads the record of dir; image paths in it are resolved
-// relative to dir, so a staged directory can be moved.
-func LoadPending(dir string) (Pending, error) {
-	b, err := os.ReadFile(filepath.Join(dir, PendingFile))
+	fsys, err := ext4.Open(f, fi.Size())
 	if err != nil {
-		return Pending{}, err
+		f.Close()
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
-	var p Pending
-	if err := json.Unmarshal(b, &p); err != nil {
-		return Pending{}, fmt.Errorf("%s: %w", filepath.Join(dir, PendingFile), err)
-	}
-	p.Lower = filepath.Join(dir, filepath.Base(p.Lower))
-	p.Upper = filepath.Join(dir, filepath.Base(p.Upper))
-	return p, nil
+	return fsys, func() { f.Close() }, nil
 }
 
-// Stage moves the write-back directory src (images and record) to dst, a
-// place that outlives the run, and returns dst.
-func Stage(src, dst string) (string, error) {
-	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-		return "", err
+func formatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return strconv.FormatInt(n, 10) + " B"
 	}
-	if err := os.Rename(src, dst); err != nil {
-		return "", fmt.Errorf("keep %s: %w", src, err)
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
 	}
-	return dst, nil
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
