@@ -39,16 +39,10 @@ type WriteBackStats struct {
 }
 
 func (s WriteBackStats) String() string {
-	out := strconv.Itoa(s.Written) + " written (" + strconv.FormatInt(s.Bytes, 10) + " bytes), " +
-		strconv.Itoa(s.Deleted) + " deleted, " + strconv.Itoa(s.Dirs) + " directories, " +
-		strconv.Itoa(s.Links) + " hard links"
-	if n := s.Devices + s.Sockets; n > 0 {
-		out += ", " + strconv.Itoa(n) + " device nodes and sockets not written"
-	}
-	if s.SetIDDropped > 0 {
-		out += ", " + strconv.Itoa(s.SetIDDropped) + " set-id bits dropped"
-	}
-	return out
+	return writeback.Stats{
+		Written: s.Written, Deleted: s.Deleted, Dirs: s.Dirs, Links: s.Links, Bytes: s.Bytes,
+		Devices: s.Devices, Sockets: s.Sockets, SetIDDropped: s.SetIDDropped,
+	}.String()
 }
 
 // dirPlan is one shared directory of a sandbox: its images in the run
@@ -173,10 +167,7 @@ func (sb *Sandbox) writeBack(ctx context.Context) error {
 			pend = writeback.Pending{Host: d.spec.Host, Guest: d.spec.Guest, Lower: d.lower, Upper: d.upper}
 		}
 		st, err := writeback.Commit(ctx, pend)
-		wb.Stats = WriteBackStats{
-			Written: st.Written, Deleted: st.Deleted, Dirs: st.Dirs, Links: st.Links, Bytes: st.Bytes,
-			Devices: st.Devices, Sockets: st.Sockets, SetIDDropped: st.SetIDDropped,
-		}
+		wb.Stats = WriteBackStats(st)
 		if err != nil {
 			sb.log.Debug("write-back failed", "dir", d.spec.Host, "err", err)
 			werr := &WriteBackError{Host: d.spec.Host, Err: err}
