@@ -33,8 +33,8 @@ type WriteBack struct {
 // the guest made are never written back, and set-user-ID and set-group-ID
 // bits are dropped: a guest cannot plant privilege on the host.
 type WriteBackStats struct {
-	Written, Deleted, Dirs, Links int
-	Bytes                         int64
+	Written, Deleted, Dirs, Links  int
+	Bytes                          int64
 	Devices, Sockets, SetIDDropped int
 }
 

@@ -73,7 +73,7 @@ type Sandbox struct {
 	closing    bool
 	abandon    bool // skip the guest's graceful shutdown (Run after an interrupt)
 	keepLogs   bool
-	keepRun    bool // the run directory holds the only copy of a guest's changes
+	keepRun    bool   // the run directory holds the only copy of a guest's changes
 	consoleLog string // where the console log was kept
 	writeBacks []WriteBack
 
