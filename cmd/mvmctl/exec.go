@@ -20,6 +20,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
 	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/envvar"
+	"github.com/mvm-sh/mvm/internal/execreq"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/image"
 	"github.com/mvm-sh/mvm/internal/launchplan"
@@ -205,13 +206,13 @@ func (o *execOptions) request(argv []string) (runner.Request, error) {
 	}
 	// Lowest to highest: apps[0].env, entrypoint.env (merged by the
 	// launch plan), --env.
-	env := envvar.Merge(envvar.FromMap(plan.Env), cliEnv)
+	env := envvar.Merge(plan.Env, cliEnv)
 	workdir := plan.WorkingDir
 	if o.workdir != "" {
 		workdir = o.workdir
 	}
-	if workdir != "" && !filepath.IsAbs(workdir) {
-		return req, fmt.Errorf("invalid --workdir %q: must be an absolute guest path", workdir)
+	if err := execreq.Check(argv, env, workdir); err != nil {
+		return req, err
 	}
 	dirs, err := adddir.Resolve(o.addDirs)
 	if err != nil {
