@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -589,6 +590,97 @@ func TestBuildCancelled(t *testing.T) {
 			t.Errorf("image left behind: %v", err)
 		}
 		cancel()
+	}
+}
+
+// TestBuildXattrs: extended attributes and ACLs reach the image, in the
+// inode when they fit and in a block when not; e2fsck checks their
+// layout and hashes, debugfs (which decodes ACLs back) reads their values.
+func TestBuildXattrs(t *testing.T) {
+	src := t.TempDir()
+	le := binary.LittleEndian
+	acl := func(entries ...[3]uint32) []byte {
+		b := le.AppendUint32(nil, 2)
+		for _, e := range entries {
+			b = le.AppendUint16(b, uint16(e[0]))
+			b = le.AppendUint16(b, uint16(e[1]))
+			b = le.AppendUint32(b, e[2])
+		}
+		return b
+	}
+	const undefined = 0xffffffff
+	access := acl([3]uint32{1, 6, undefined}, [3]uint32{2, 4, 1234}, [3]uint32{4, 4, undefined}, [3]uint32{8, 5, 99}, [3]uint32{0x10, 7, undefined}, [3]uint32{0x20, 0, undefined})
+	dflt := acl([3]uint32{1, 7, undefined}, [3]uint32{4, 5, undefined}, [3]uint32{0x20, 5, undefined})
+	attrs := map[string]map[string][]byte{
+		"small": {"user.a": []byte("1")},
+		"two":   {"user.mime_type": []byte("text/plain"), "user.origin": []byte("https://example.com/x")},
+		"big":   {"user.big": bytes.Repeat([]byte("v"), 1000), "user.other": []byte("o")},
+		"acl":   {"system.posix_acl_access": access, "user.x": nil},
+		"dir":   {"system.posix_acl_default": dflt, "system.posix_acl_access": access},
+	}
+	if os.Geteuid() == 0 {
+		attrs["small"]["trusted.t"] = []byte("trusted")
+		attrs["two"]["security.capability"] = []byte("\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+	}
+	for name, xs := range attrs {
+		p := filepath.Join(src, name)
+		if name == "dir" {
+			if err := os.Mkdir(p, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			writeFile(t, p, []byte(name), 0o644)
+		}
+		for k, v := range xs {
+			if err := unix.Lsetxattr(p, k, v, 0); err != nil {
+				t.Fatalf("setxattr %s %s: %v", name, k, err)
+			}
+		}
+	}
+	_, img, _ := build(t, src)
+	for name, xs := range attrs {
+		for k := range xs {
+			want, err := getxattr(filepath.Join(src, name), k) // as the host returns it
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := filepath.Join(t.TempDir(), "value")
+			if b, err := exec.Command("debugfs", "-R", fmt.Sprintf("ea_get -f %s /%s %s", out, name, k), img).CombinedOutput(); err != nil {
+				t.Fatalf("debugfs ea_get: %v\n%s", err, b)
+			}
+			got, err := os.ReadFile(out)
+			if strings.HasPrefix(k, "system.posix_acl_") && len(got) >= 4 {
+				// debugfs gives the id 0 where it means nothing; the kernel
+				// gives ACL_UNDEFINED_ID.
+				for e := got[4:]; len(e) >= 8; e = e[8:] {
+					if tag := le.Uint16(e); tag != 2 && tag != 8 {
+						le.PutUint32(e[4:], undefined)
+					}
+				}
+			}
+			if err != nil || !bytes.Equal(got, want) {
+				t.Errorf("%s %s: image has %q (%v), host %q", name, k, got, err, want)
+			}
+		}
+	}
+
+	// Where they went: the inode for small sets, a block for large ones.
+	for name, inBlock := range map[string]bool{"small": false, "two": os.Geteuid() == 0, "big": true, "acl": false, "dir": false} {
+		out, err := exec.Command("debugfs", "-R", "stat /"+name, img).CombinedOutput()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := !strings.Contains(string(out), "File ACL: 0"); got != inBlock {
+			t.Errorf("%s: attributes in a block: %v, want %v\n%s", name, got, inBlock, out)
+		}
+	}
+}
+
+func TestDiskACLRejectsGarbage(t *testing.T) {
+	for _, v := range [][]byte{nil, {2, 0, 0}, {1, 0, 0, 0}, {2, 0, 0, 0, 1, 0}, {2, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0}} {
+		if _, err := diskACL(v); err == nil {
+			t.Errorf("diskACL(%x) accepted", v)
+		}
 	}
 }
 

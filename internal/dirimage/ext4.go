@@ -358,6 +358,23 @@ func (w *imageWriter) writeNode(n *node) error {
 			blocks += uint64(e.len)
 		}
 	}
+	rec := make([]byte, inodeSize)
+	if len(n.xattrs) > 0 && !inodeXattrs(rec, n.xattrs) {
+		b, err := xattrBlock(n.xattrs)
+		if err != nil {
+			return fmt.Errorf("inode of %s: %w", n.path, err)
+		}
+		at, _, err := w.alloc(1)
+		if err != nil {
+			return err
+		}
+		if err := w.data.writeAt(b, int64(at)*blockSize); err != nil {
+			return err
+		}
+		le.PutUint32(rec[104:], uint32(at))
+		le.PutUint16(rec[118:], uint16(at>>32))
+		blocks++
+	}
 	if blocks*(blockSize/512) > 0xffffffff {
 		return fmt.Errorf("%s: over 2 TiB of data", n.path)
 	}
@@ -368,7 +385,6 @@ func (w *imageWriter) writeNode(n *node) error {
 		return fmt.Errorf("%s: more than %d hard links", n.path, maxLinks)
 	}
 
-	rec := make([]byte, inodeSize)
 	le.PutUint16(rec[0:], uint16(n.mode))
 	le.PutUint16(rec[2:], uint16(n.uid))
 	le.PutUint32(rec[4:], uint32(size))
@@ -658,7 +674,7 @@ func (w *imageWriter) writeMetadata(label string) error {
 	le.PutUint32(sb[76:], 1)                 // dynamic revision
 	le.PutUint32(sb[84:], firstIno)
 	le.PutUint16(sb[88:], inodeSize)
-	le.PutUint32(sb[92:], compatDirIndex)
+	le.PutUint32(sb[92:], compatDirIndex|compatXattr)
 	le.PutUint32(sb[96:], incompatFiletype|incompatExtents)
 	le.PutUint32(sb[100:], roCompatSparse|roCompatLargeFile|roCompatDirNlink|roCompatExtraIsz)
 	if _, err := rand.Read(sb[104:120]); err != nil { // UUID

@@ -25,8 +25,9 @@ type node struct {
 	rdev     uint64
 	links    uint32 // names inside the tree; for a directory 2 + subdirectories
 	parent   uint32 // a directory's parent
-	path     string // host path, for a regular file (opened to copy it)
+	path     string // host path: a regular file is opened to copy it
 	target   string // symlink target
+	xattrs   []xattr
 	kids     []dirent
 }
 
@@ -71,6 +72,11 @@ func scan(ctx context.Context, dir string) (*tree, error) {
 	}
 	root := newNode(&st)
 	root.ino = 2
+	root.path = dir
+	var err error
+	if root.xattrs, err = readXattrs(dir); err != nil {
+		return nil, err
+	}
 	t := &tree{nodes: []*node{root}}
 	t.stats.Dirs = 1
 	t.stats.Bytes = blockSize
@@ -126,7 +132,12 @@ func scan(ctx context.Context, dir string) (*tree, error) {
 			}
 			n := newNode(&st)
 			n.ino = next
+			n.path = filepath.Join(p.path, name)
 			next++
+			if n.xattrs, err = readXattrs(n.path); err != nil {
+				f.Close()
+				return nil, err
+			}
 			if typ != unix.S_IFDIR && st.Nlink > 1 {
 				seen[key] = n
 			}
@@ -136,11 +147,10 @@ func scan(ctx context.Context, dir string) (*tree, error) {
 				t.stats.Bytes += blockSize
 				p.n.links++ // the child's ".."
 				n.parent = p.n.ino
-				subdirs = append(subdirs, pending{filepath.Join(p.path, name), n})
+				subdirs = append(subdirs, pending{n.path, n})
 			case unix.S_IFREG:
 				t.stats.Files++
 				t.stats.Bytes += (n.size + blockSize - 1) &^ (blockSize - 1)
-				n.path = filepath.Join(p.path, name)
 			case unix.S_IFLNK:
 				t.stats.Others++
 				t.stats.Bytes += blockSize // a long target takes a block
