@@ -126,10 +126,12 @@ const (
 // htreeDir lays out a directory as a hash tree. It reports false when the
 // entries need more leaves than two index levels can address; the
 // directory is then written as a plain list, which the kernel still reads.
-func htreeDir(self, parent uint32, ents []dentry, seed [4]uint32) ([][]byte, bool) {
+// hash is the directory hash (dirHash with the filesystem's seed; tests
+// use weaker ones to make collisions).
+func htreeDir(self, parent uint32, ents []dentry, hash func(string) uint32) ([][]byte, bool) {
 	sorted := slices.Clone(ents)
 	for i := range sorted {
-		sorted[i].hash = dirHash(sorted[i].name, seed)
+		sorted[i].hash = hash(sorted[i].name)
 	}
 	slices.SortStableFunc(sorted, func(a, b dentry) int {
 		switch {
@@ -206,7 +208,7 @@ func dirBlocks(self, parent uint32, ents []dentry, seed [4]uint32) (blocks [][]b
 	if len(lin) == 1 {
 		return lin, false
 	}
-	if h, ok := htreeDir(self, parent, ents, seed); ok {
+	if h, ok := htreeDir(self, parent, ents, func(name string) uint32 { return dirHash(name, seed) }); ok {
 		return h, true
 	}
 	return lin, false

@@ -694,3 +694,64 @@ func TestBuildErrors(t *testing.T) {
 		}
 	}
 }
+
+// FuzzBuild makes a small tree from the input (names with any bytes,
+// files of any size with runs of zeros and holes, directories, symlinks
+// of any length, hard links, fifos), builds its image, and checks it with
+// e2fsck and against the host through internal/ext4.
+func FuzzBuild(f *testing.F) {
+	f.Add([]byte("\x00a\x10\x01b\x02c\x03d\x04e\x05"))
+	f.Add([]byte("\x01dir\x00\x00file\x90\x02\x03link-to-something-rather-long-indeed-more-than-sixty-bytes-long\x04x"))
+	f.Add(bytes.Repeat([]byte("\x00name\xff"), 30))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		src := t.TempDir()
+		dirs := []string{src}
+		var files []string
+		for i := 0; len(data) >= 2 && i < 40; i++ {
+			op, n := data[0], int(data[1])
+			data = data[2:]
+			name := fmt.Sprintf("%d", i)
+			if k := min(n%32, len(data)); k > 0 {
+				name += string(bytes.ReplaceAll(bytes.ReplaceAll(data[:k], []byte{0}, []byte{1}), []byte("/"), []byte{2}))
+				data = data[k:]
+			}
+			p := filepath.Join(dirs[int(op>>3)%len(dirs)], name)
+			switch op % 6 {
+			case 0, 1: // a file: n selects its size and where zeros go
+				size := n * n * 37 % (300 << 10)
+				b := pattern(size, op)
+				if n%3 == 0 && size > 8192 {
+					clear(b[4096 : size/2])
+				}
+				writeFile(t, p, b, 0o644)
+				if n%4 == 1 { // and a hole at the end
+					if err := os.Truncate(p, int64(size)+int64(n)*100000); err != nil {
+						t.Fatal(err)
+					}
+				}
+				files = append(files, p)
+			case 2:
+				if err := os.Mkdir(p, os.FileMode(0o700|n&0o77)); err != nil {
+					t.Fatal(err)
+				}
+				dirs = append(dirs, p)
+			case 3:
+				if err := os.Symlink(strings.Repeat("t", 1+n*16%4000), p); err != nil {
+					t.Fatal(err)
+				}
+			case 4:
+				if len(files) > 0 {
+					if err := os.Link(files[n%len(files)], p); err != nil {
+						t.Fatal(err)
+					}
+				}
+			case 5:
+				if err := unix.Mkfifo(p, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		fsys, _, _ := build(t, src)
+		compareTrees(t, describeHost(t, src), describeImage(t, fsys))
+	})
+}
