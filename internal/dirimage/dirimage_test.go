@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -564,32 +565,70 @@ func TestSplitKeepsEqualHashesTogether(t *testing.T) {
 	}
 }
 
-// TestBuildCancelled: a cancelled build stops at once, whether in the
-// scan or in the copy, and leaves no image.
+// countdown is a context that reports itself cancelled from its after-th
+// Err call on (never if after is 0), so that a test can cancel a build at
+// an exact point of its work.
+type countdown struct {
+	context.Context
+	after int64
+	calls atomic.Int64
+}
+
+func (c *countdown) Err() error {
+	if n := c.calls.Add(1); c.after > 0 && n >= c.after {
+		return context.Canceled
+	}
+	return nil
+}
+
+// TestBuildCancelled: a build stops at the first check after its context
+// is cancelled, in the scan or in the copy, and leaves no image; and the
+// checks come often enough that a cancellation at any moment is acted on
+// within milliseconds.
 func TestBuildCancelled(t *testing.T) {
 	src := t.TempDir()
 	for i := range 3000 {
 		writeFile(t, filepath.Join(src, fmt.Sprintf("d%d/f%d", i%30, i)), pattern(20000, byte(i)), 0o644)
 	}
+	writeFile(t, filepath.Join(src, "big"), pattern(64<<20, 1), 0o644)
 	img := filepath.Join(t.TempDir(), "lower.img")
+	count := &countdown{Context: context.Background()}
+	if _, err := Build(count, src, img, "x"); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(img)
+	checks := count.calls.Load()
+	if checks < 100 {
+		t.Fatalf("only %d cancellation checks in a build of 3000 files", checks)
+	}
+	for _, after := range []int64{1, 2, 20, checks / 3, checks - 70, checks - 1} {
+		_, err := Build(&countdown{Context: context.Background(), after: after}, src, img, "x")
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("cancelled at check %d of %d: error %v", after, checks, err)
+		}
+		if _, err := os.Stat(img); !os.IsNotExist(err) {
+			t.Errorf("cancelled at check %d of %d: image left behind (%v)", after, checks, err)
+		}
+	}
+	// Wall-clock: cancel a real context during the build.
 	start := time.Now()
 	if _, err := Build(context.Background(), src, img, "x"); err != nil {
 		t.Fatal(err)
 	}
 	full := time.Since(start)
-	os.Remove(img)
-	for _, after := range []time.Duration{0, full / 10, full / 3} {
+	for _, frac := range []time.Duration{10, 3, 2} {
 		ctx, cancel := context.WithCancel(context.Background())
-		time.AfterFunc(after, cancel)
-		start := time.Now()
+		var cancelled time.Time
+		time.AfterFunc(full/frac, func() { cancelled = time.Now(); cancel() })
 		_, err := Build(ctx, src, img, "x")
-		if took := time.Since(start); !errors.Is(err, context.Canceled) || took > after+100*time.Millisecond {
-			t.Errorf("cancelled after %s (a whole build takes %s): error %v after %s", after, full, err, took)
-		}
-		if _, err := os.Stat(img); !os.IsNotExist(err) {
-			t.Errorf("image left behind: %v", err)
-		}
+		done := time.Now()
 		cancel()
+		if err == nil {
+			continue // finished first: nothing to measure
+		}
+		if !errors.Is(err, context.Canceled) || done.Sub(cancelled) > 100*time.Millisecond {
+			t.Errorf("cancelled after %s (a whole build takes %s): error %v %s later", full/frac, full, err, done.Sub(cancelled))
+		}
 	}
 }
 
