@@ -59,17 +59,23 @@ func Build(ctx context.Context, dir, img, label string) (Stats, error) {
 	if err != nil {
 		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
 	}
-	// The layout is planned from sizes taken by the scan; a tree that
-	// grows while it is copied gets a larger image.
+	if err := t.write(ctx, img, label); err != nil {
+		os.Remove(img)
+		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
+	}
+	return t.stats, nil
+}
+
+// write writes the image of a scanned tree. The layout is planned from
+// the sizes the scan saw; a tree that needs more (it grew meanwhile, or
+// its filesystem compresses, so that allocation undercounts) gets a
+// larger layout.
+func (t *tree) write(ctx context.Context, img, label string) error {
 	var extra uint64
 	for attempt := 0; ; attempt++ {
-		err = writeImage(ctx, t, img, label, extra)
-		if err == nil {
-			return t.stats, nil
-		}
+		err := writeImage(ctx, t, img, label, extra)
 		if !errors.Is(err, errImageFull) || attempt == 2 {
-			os.Remove(img)
-			return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
+			return err
 		}
 		extra = extra*2 + uint64(t.stats.Bytes/blockSize) + 1024
 	}

@@ -508,6 +508,49 @@ func TestBuildExtentTrees(t *testing.T) {
 	writeFile(t, filepath.Join(src, "huge"), pattern(blocksPerGroup*blockSize+3*blockSize+1, 9), 0o644)
 	fsys, _, _ := build(t, src)
 	compareTrees(t, describeHost(t, src), describeImage(t, fsys))
+
+	// Where the host allocated less than the data (compression), the
+	// first layout is too small and a larger one is made.
+	tr, err := scan(context.Background(), src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range tr.nodes {
+		n.alloc = 0
+	}
+	img := filepath.Join(t.TempDir(), "img")
+	if err := writeImage(context.Background(), tr, img, "x", 0); !errors.Is(err, errImageFull) {
+		t.Fatalf("layout from allocation alone: %v, want errImageFull", err)
+	}
+	if err := tr.write(context.Background(), img, "x"); err != nil {
+		t.Fatal(err)
+	}
+	fsck(t, img)
+}
+
+// TestBuildHugeSparseFile: a 1 TiB file with two blocks of data makes a
+// small image, not one with metadata for 1 TiB.
+func TestBuildHugeSparseFile(t *testing.T) {
+	src := t.TempDir()
+	f, err := os.Create(filepath.Join(src, "sparse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, 1<<40 - 5} {
+		if _, err := f.WriteAt([]byte("data!"), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	fsys, img, _ := build(t, src)
+	in := lookup(t, fsys, "sparse")
+	fi, err := os.Stat(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.Size != 1<<40 || fi.Size() > 1<<30 || blocks512(t, img, in.Ino) != 16 {
+		t.Errorf("size %d in an image of %d bytes, %d sectors", in.Size, fi.Size(), blocks512(t, img, in.Ino))
+	}
 }
 
 func TestDirHash(t *testing.T) {

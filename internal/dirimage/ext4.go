@@ -24,7 +24,8 @@ import (
 // The format is deliberately plain, what ext4 has read since Linux 2.6.28
 // and e2fsck checks: 4 KiB blocks, 32768 blocks per group, 256-byte inodes
 // (nanosecond timestamps), extents, file types in directory entries, hash
-// tree directories, sparse superblock backups, no journal (the guest
+// tree directories, sparse superblock backups, 48-bit block counts
+// (huge_file: files up to 16 TiB), no journal (the guest
 // mounts it read-only), no checksums, no flex_bg, no lost+found. Blocks
 // are given out in order, so the used blocks of each group, and the used
 // inodes, are a prefix: the bitmaps and counters follow from where
@@ -49,6 +50,7 @@ const (
 	incompatExtents   = 0x40
 	roCompatSparse    = 0x1
 	roCompatLargeFile = 0x2
+	roCompatHugeFile  = 0x8
 	roCompatDirNlink  = 0x20
 	roCompatExtraIsz  = 0x40
 	flagUnsignedHash  = 0x2
@@ -132,13 +134,21 @@ func planGeometry(inodes, blocks uint64) (geometry, error) {
 }
 
 // estimateBlocks bounds the data blocks the tree needs: file contents,
-// extent tree blocks, directory blocks and long symlink targets.
+// extent tree blocks, directory blocks, long symlink targets and
+// attribute blocks. A sparse file counts what the host allocated for it,
+// so that a 1 TiB file with a few bytes of data does not make a 1 TiB
+// image with 8192 groups of metadata; on a filesystem that compresses,
+// allocation can be less than the data, and Build then retries with room
+// for all of it.
 func estimateBlocks(t *tree) uint64 {
 	var total uint64 = 16
 	for _, n := range t.nodes {
+		if len(n.xattrs) > 0 {
+			total++
+		}
 		switch {
 		case n.isReg():
-			b := uint64(n.size+blockSize-1) / blockSize
+			b := uint64(min(n.size, n.alloc+blockSize)+blockSize-1) / blockSize
 			total += b + treeBlocksBound(b)
 		case n.isDir():
 			bytes := 24
@@ -375,9 +385,6 @@ func (w *imageWriter) writeNode(n *node) error {
 		le.PutUint16(rec[118:], uint16(at>>32))
 		blocks++
 	}
-	if blocks*(blockSize/512) > 0xffffffff {
-		return fmt.Errorf("%s: over 2 TiB of data", n.path)
-	}
 	links := n.links
 	if n.isDir() && links > maxLinks {
 		links = 1 // dir_nlink: too many subdirectories to count
@@ -395,7 +402,9 @@ func (w *imageWriter) writeNode(n *node) error {
 	putTime(rec, 144, 148, w.now) // i_crtime: made now
 	le.PutUint16(rec[24:], uint16(n.gid))
 	le.PutUint16(rec[26:], uint16(links))
+	// i_blocks in 512-byte units, 48 bits with huge_file.
 	le.PutUint32(rec[28:], uint32(blocks*(blockSize/512)))
+	le.PutUint16(rec[116:], uint16(blocks*(blockSize/512)>>32))
 	le.PutUint32(rec[32:], flags)
 	copy(rec[40:100], iblock[:])
 	le.PutUint16(rec[120:], uint16(n.uid>>16))
@@ -676,7 +685,7 @@ func (w *imageWriter) writeMetadata(label string) error {
 	le.PutUint16(sb[88:], inodeSize)
 	le.PutUint32(sb[92:], compatDirIndex|compatXattr)
 	le.PutUint32(sb[96:], incompatFiletype|incompatExtents)
-	le.PutUint32(sb[100:], roCompatSparse|roCompatLargeFile|roCompatDirNlink|roCompatExtraIsz)
+	le.PutUint32(sb[100:], roCompatSparse|roCompatLargeFile|roCompatHugeFile|roCompatDirNlink|roCompatExtraIsz)
 	if _, err := rand.Read(sb[104:120]); err != nil { // UUID
 		return err
 	}

@@ -19,6 +19,7 @@ type node struct {
 	mode     uint32 // st_mode: type and permission bits
 	uid, gid uint32
 	size     int64
+	alloc    int64 // bytes the host filesystem allocated (st_blocks)
 	atime    unix.Timespec
 	mtime    unix.Timespec
 	ctime    unix.Timespec
@@ -183,6 +184,7 @@ func newNode(st *unix.Stat_t) *node {
 		uid:   st.Uid,
 		gid:   st.Gid,
 		size:  st.Size,
+		alloc: st.Blocks * 512,
 		atime: st.Atim,
 		mtime: st.Mtim,
 		ctime: st.Ctim,
