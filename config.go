@@ -11,6 +11,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/adddir"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/envvar"
+	"github.com/mvm-sh/mvm/internal/execreq"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
@@ -181,29 +182,34 @@ type Cmd struct {
 // SIGKILL.
 const DefaultKillGrace = 2 * time.Second
 
-// check validates a command before it is sent to the guest.
+// check validates a command before it is sent to the guest: the limits
+// are those of execreq (what the guest's execve and the protocol carry).
 func (c *Cmd) check() ([]envvar.Var, error) {
 	if len(c.Argv) == 0 || c.Argv[0] == "" {
 		return nil, invalid("Cmd.Argv", "no command given")
 	}
 	for i, a := range c.Argv {
-		if strings.ContainsRune(a, 0) {
-			return nil, invalid("Cmd.Argv", "argument %d contains a NUL byte", i)
+		if err := execreq.Arg(a); err != nil {
+			return nil, invalid("Cmd.Argv", "argument %d %w", i, err)
 		}
 	}
 	vars := make([]envvar.Var, 0, len(c.Env))
 	for _, kv := range c.Env {
 		name, value, ok := strings.Cut(kv, "=")
-		if !ok || !envvar.ValidName(name) {
-			return nil, invalid("Cmd.Env", "%q: want KEY=VALUE with KEY matching [A-Za-z_][A-Za-z0-9_]*", kv)
+		if !ok {
+			return nil, invalid("Cmd.Env", "%s: want KEY=VALUE", execreq.Quote(kv))
 		}
-		if strings.ContainsRune(value, 0) {
-			return nil, invalid("Cmd.Env", "the value of %s contains a NUL byte", name)
+		v := envvar.Var{Name: name, Value: value}
+		if err := execreq.Env(v); err != nil {
+			return nil, invalid("Cmd.Env", "%s: %w", execreq.Quote(name), err)
 		}
-		vars = append(vars, envvar.Var{Name: name, Value: value})
+		vars = append(vars, v)
 	}
-	if c.Dir != "" && (!strings.HasPrefix(c.Dir, "/") || strings.ContainsRune(c.Dir, 0)) {
-		return nil, invalid("Cmd.Dir", "%q: must be an absolute guest path", c.Dir)
+	if err := execreq.Dir(c.Dir); err != nil {
+		return nil, invalid("Cmd.Dir", "%s: %w", execreq.Quote(c.Dir), err)
+	}
+	if err := execreq.Total(c.Argv, vars); err != nil {
+		return nil, &RequestError{Field: "Cmd", Err: err}
 	}
 	if c.Timeout < 0 || c.KillGrace < 0 {
 		return nil, invalid("Cmd.Timeout", "negative durations are not allowed")

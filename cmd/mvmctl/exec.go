@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -16,6 +15,7 @@ import (
 	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/adddir"
 	"github.com/mvm-sh/mvm/internal/envvar"
+	"github.com/mvm-sh/mvm/internal/execreq"
 	"github.com/mvm-sh/mvm/internal/launchplan"
 	"github.com/mvm-sh/mvm/internal/units"
 )
@@ -155,13 +155,13 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 	}
 	// Lowest to highest: apps[0].env, entrypoint.env (merged by the
 	// launch plan), --env.
-	env := envvar.Merge(envvar.FromMap(plan.Env), cliEnv)
+	env := envvar.Merge(plan.Env, cliEnv)
 	workdir := plan.WorkingDir
 	if o.workdir != "" {
 		workdir = o.workdir
 	}
-	if workdir != "" && !filepath.IsAbs(workdir) {
-		return cfg, c, fmt.Errorf("invalid --workdir %q: must be an absolute guest path", workdir)
+	if err := execreq.Check(argv, env, workdir); err != nil {
+		return cfg, c, err
 	}
 	dirs, err := adddir.Resolve(o.addDirs)
 	if err != nil {

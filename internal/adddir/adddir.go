@@ -10,7 +10,9 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 )
 
 // Mode says whether the guest may write to a shared directory. The zero
@@ -176,7 +178,9 @@ func (p Parser) Resolve(specs []string) ([]Spec, error) {
 //   - its guest path equals an earlier spec's, since only one can be
 //     mounted there;
 //   - its guest path is nested inside an earlier spec's or vice versa,
-//     since the result would then depend on mount order.
+//     since the result would then depend on mount order;
+//   - its host directory is the same as an earlier spec's, or inside it,
+//     or contains it, whatever the modes (see overlap).
 //
 // An empty list yields an empty, non-nil slice.
 func Check(specs []Spec) ([]Spec, error) {
@@ -193,6 +197,7 @@ func Check(specs []Spec) ([]Spec, error) {
 // checked against.
 type checker struct {
 	out []Spec
+	ids []hostID // of out's host directories
 }
 
 func (c *checker) add(s Spec) error {
@@ -234,8 +239,100 @@ func (c *checker) add(s Spec) error {
 			return fmt.Errorf("--add-dir %q: guest path %q contains %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
 		}
 	}
-	c.out = append(c.out, s)
+	id, err := identify(host)
+	if err != nil {
+		return fmt.Errorf("--add-dir %q: host path %q: %w", raw, host, err)
+	}
+	for i, prev := range c.out {
+		switch c.ids[i].relation(id) {
+		case same:
+			return fmt.Errorf("--add-dir %q: host path %q is the same directory as %q from --add-dir %q; share it once", raw, host, prev.Host, prev.Raw)
+		case contains:
+			return fmt.Errorf("--add-dir %q: host path %q is inside %q from --add-dir %q; shared host directories must not overlap", raw, host, prev.Host, prev.Raw)
+		case inside:
+			return fmt.Errorf("--add-dir %q: host path %q contains %q from --add-dir %q; shared host directories must not overlap", raw, host, prev.Host, prev.Raw)
+		}
+	}
+	c.out, c.ids = append(c.out, s), append(c.ids, id)
 	return nil
+}
+
+// fileID is what makes a directory the same directory, whatever path
+// reaches it (symlinks, bind mounts, a second mount of one filesystem).
+type fileID struct{ dev, ino uint64 }
+
+// hostID identifies a host directory and all its ancestors.
+type hostID struct {
+	self fileID
+	// up holds the IDs of the directory's ancestors, from its parent to
+	// "/", after symlinks are resolved.
+	up []fileID
+}
+
+type relation int
+
+const (
+	disjoint relation = iota
+	same              // the same directory
+	contains          // the receiver is an ancestor of the argument
+	inside            // the receiver lies under the argument
+)
+
+// relation tells how directory h relates to directory o.
+func (h hostID) relation(o hostID) relation {
+	switch {
+	case h.self == o.self:
+		return same
+	case slices.Contains(o.up, h.self):
+		return contains
+	case slices.Contains(h.up, o.self):
+		return inside
+	}
+	return disjoint
+}
+
+// identify returns the IDs of dir and of each of its ancestors. Two shares
+// must not overlap: with one inside another, the guest could replace a
+// subdirectory of the outer share with a symlink and the inner share's
+// write-back would then follow it out of both, and even read-only, a file
+// would be seen through two mounts that do not see each other's changes.
+// Comparing paths is not enough: symlinks and bind mounts give one
+// directory many names, so the check compares device and inode numbers of
+// the directory and of every ancestor of its resolved path. What it cannot
+// see is a bind mount of a subdirectory of one share placed outside it
+// (the mount's ancestors are the mount point's, not the source's).
+func identify(dir string) (hostID, error) {
+	resolved, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return hostID{}, err
+	}
+	var h hostID
+	for p := resolved; ; p = filepath.Dir(p) {
+		id, err := statID(p)
+		if err != nil {
+			return hostID{}, err
+		}
+		if p == resolved {
+			h.self = id
+		} else {
+			h.up = append(h.up, id)
+		}
+		if p == filepath.Dir(p) {
+			return h, nil
+		}
+	}
+}
+
+func statID(p string) (fileID, error) {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return fileID{}, err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileID{}, fmt.Errorf("stat %s: no device and inode numbers", p)
+	}
+	return fileID{dev: uint64(st.Dev), ino: st.Ino}, nil
 }
 
 // isReserved reports whether mounting at the cleaned guest path g would

@@ -3,9 +3,11 @@ package adddir
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -256,7 +258,11 @@ func TestResolve(t *testing.T) {
 	fileLink := filepath.Join(base, "filelink")
 	broken := filepath.Join(base, "broken")
 	missing := filepath.Join(base, "missing")
-	for _, d := range []string{a, b, c} {
+	aOut := filepath.Join(a, "out")
+	aDeep := filepath.Join(a, "x", "y")
+	ab := filepath.Join(base, "ab")
+	aToB := filepath.Join(a, "tob")
+	for _, d := range []string{a, b, c, aOut, filepath.Dir(aDeep), aDeep, ab} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -264,7 +270,7 @@ func TestResolve(t *testing.T) {
 	if err := os.WriteFile(file, []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for target, name := range map[string]string{a: link, file: fileLink, missing: broken} {
+	for target, name := range map[string]string{a: link, file: fileLink, missing: broken, b: aToB} {
 		if err := os.Symlink(target, name); err != nil {
 			t.Fatal(err)
 		}
@@ -309,11 +315,59 @@ func TestResolve(t *testing.T) {
 			},
 		},
 		{
-			name:  "same host at two guest paths",
-			specs: []string{a + ":/x", a + ":/y"},
+			name:    "same host at two guest paths",
+			specs:   []string{a + ":/x", a + ":/y"},
+			wantErr: `--add-dir "` + a + `:/y": host path "` + a + `" is the same directory as "` + a + `" from --add-dir "` + a + `:/x"; share it once`,
+		},
+		{
+			name:    "same host through a symlink",
+			specs:   []string{a + ":/x:rw", link + ":/y"},
+			wantErr: `--add-dir "` + link + `:/y": host path "` + link + `" is the same directory as "` + a + `" from --add-dir "` + a + `:/x:rw"; share it once`,
+		},
+		{
+			name:    "same host spelled with dot-dot",
+			specs:   []string{a + ":/x", b + "/../a:/y"},
+			wantErr: `--add-dir "` + b + `/../a:/y": host path "` + a + `" is the same directory as "` + a + `" from --add-dir "` + a + `:/x"; share it once`,
+		},
+		{
+			name:    "host nested inside an earlier share",
+			specs:   []string{a + ":/proj:rw", aOut + ":/out:rw"},
+			wantErr: `--add-dir "` + aOut + `:/out:rw": host path "` + aOut + `" is inside "` + a + `" from --add-dir "` + a + `:/proj:rw"; shared host directories must not overlap`,
+		},
+		{
+			name:    "host containing an earlier share",
+			specs:   []string{aOut + ":/out", a + ":/proj"},
+			wantErr: `--add-dir "` + a + `:/proj": host path "` + a + `" contains "` + aOut + `" from --add-dir "` + aOut + `:/out"; shared host directories must not overlap`,
+		},
+		{
+			name:    "host nested two levels down, read-only",
+			specs:   []string{a + ":/proj", aDeep + ":/deep"},
+			wantErr: `--add-dir "` + aDeep + `:/deep": host path "` + aDeep + `" is inside "` + a + `" from --add-dir "` + a + `:/proj"; shared host directories must not overlap`,
+		},
+		{
+			name:    "host nested through a symlink",
+			specs:   []string{link + "/out:/out:rw", a + ":/proj"},
+			wantErr: `--add-dir "` + a + `:/proj": host path "` + a + `" contains "` + link + `/out" from --add-dir "` + link + `/out:/out:rw"; shared host directories must not overlap`,
+		},
+		{
+			name:    "a symlink inside a share pointing to another share",
+			specs:   []string{b + ":/b", aToB + ":/x"},
+			wantErr: `--add-dir "` + aToB + `:/x": host path "` + aToB + `" is the same directory as "` + b + `" from --add-dir "` + b + `:/b"; share it once`,
+		},
+		{
+			name:  "siblings with a common prefix do not overlap",
+			specs: []string{a + ":/a", ab + ":/ab"},
 			want: []Spec{
-				{Raw: a + ":/x", Host: a, Guest: "/x", Mode: ReadOnly},
-				{Raw: a + ":/y", Host: a, Guest: "/y", Mode: ReadOnly},
+				{Raw: a + ":/a", Host: a, Guest: "/a", Mode: ReadOnly},
+				{Raw: ab + ":/ab", Host: ab, Guest: "/ab", Mode: ReadOnly},
+			},
+		},
+		{
+			name:  "an inner directory beside an outer share's sibling",
+			specs: []string{aOut + ":/out", b + ":/b"},
+			want: []Spec{
+				{Raw: aOut + ":/out", Host: aOut, Guest: "/out", Mode: ReadOnly},
+				{Raw: b + ":/b", Host: b, Guest: "/b", Mode: ReadOnly},
 			},
 		},
 		{
@@ -450,35 +504,43 @@ func TestResolveTilde(t *testing.T) {
 	if err := os.Mkdir(configs, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	got, err := Parser{HomeDir: fakeHome(home)}.Resolve([]string{"~/configs:/etc/configs", "~:/home/me:rw"})
+	data := t.TempDir()
+	got, err := Parser{HomeDir: fakeHome(home)}.Resolve([]string{"~/configs:/etc/configs", data + ":/data"})
+	if err != nil {
+		t.Fatalf("Resolve: %v", err)
+	}
+	got2, err := Parser{HomeDir: fakeHome(home)}.Resolve([]string{"~:/home/me:rw"})
 	if err != nil {
 		t.Fatalf("Resolve: %v", err)
 	}
 	want := []Spec{
 		{Raw: "~/configs:/etc/configs", Host: configs, Guest: "/etc/configs", Mode: ReadOnly},
+		{Raw: data + ":/data", Host: data, Guest: "/data", Mode: ReadOnly},
 		{Raw: "~:/home/me:rw", Host: home, Guest: "/home/me", Mode: ReadWrite},
 	}
-	if diff := cmp.Diff(want, got); diff != "" {
+	if diff := cmp.Diff(want, append(got, got2...)); diff != "" {
 		t.Errorf("Resolve mismatch (-want +got):\n%s", diff)
 	}
 }
 
 func TestResolveRelativeHost(t *testing.T) {
 	base := t.TempDir()
-	if err := os.Mkdir(filepath.Join(base, "src"), 0o755); err != nil {
-		t.Fatal(err)
+	for _, d := range []string{"src", "cwd"} {
+		if err := os.Mkdir(filepath.Join(base, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
-	t.Chdir(base)
+	t.Chdir(filepath.Join(base, "cwd"))
 	wd, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := Resolve([]string{"src:/work", ".:/cwd"})
+	got, err := Resolve([]string{"../src:/work", ".:/cwd"})
 	if err != nil {
 		t.Fatalf("Resolve: %v", err)
 	}
 	want := []Spec{
-		{Raw: "src:/work", Host: filepath.Join(wd, "src"), Guest: "/work", Mode: ReadOnly},
+		{Raw: "../src:/work", Host: filepath.Join(filepath.Dir(wd), "src"), Guest: "/work", Mode: ReadOnly},
 		{Raw: ".:/cwd", Host: wd, Guest: "/cwd", Mode: ReadOnly},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -509,4 +571,60 @@ func errString(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// TestResolveBindMount checks overlaps that no path comparison sees: a
+// directory bind-mounted elsewhere is the same directory, and one inside
+// it is inside the other share. It runs the checks in a private mount
+// namespace (unshare(1), as root or in a user namespace) so that nothing
+// is mounted on the host.
+func TestResolveBindMount(t *testing.T) {
+	base := t.TempDir()
+	for _, d := range []string{"proj/out", "mnt"} {
+		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command("unshare", "--mount", "--map-root-user", "--propagation", "private",
+		os.Args[0], "-test.run=^TestResolveBindMountChild$", "-test.v")
+	ns, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Env = append(os.Environ(), "ADDDIR_BIND_BASE="+base, "ADDDIR_HOST_MNTNS="+ns)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestResolveBindMountChild") {
+		t.Fatalf("checks in a mount namespace: %v\n%s", err, out)
+	}
+}
+
+// TestResolveBindMountChild is TestResolveBindMount's other half; on its
+// own (without ADDDIR_BIND_BASE) it has nothing to check.
+func TestResolveBindMountChild(t *testing.T) {
+	base := os.Getenv("ADDDIR_BIND_BASE")
+	if base == "" {
+		return
+	}
+	// Never mount anything in the namespace the tests were started in.
+	if ns, err := os.Readlink("/proc/self/ns/mnt"); err != nil || ns == os.Getenv("ADDDIR_HOST_MNTNS") {
+		t.Fatalf("not in a private mount namespace (%s, %v)", ns, err)
+	}
+	proj, out, mnt := filepath.Join(base, "proj"), filepath.Join(base, "proj/out"), filepath.Join(base, "mnt")
+	if err := syscall.Mount(proj, mnt, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatalf("bind mount: %v", err)
+	}
+	tests := []struct {
+		specs   []string
+		wantErr string
+	}{
+		{[]string{proj + ":/a", mnt + ":/b"}, `--add-dir "` + mnt + `:/b": host path "` + mnt + `" is the same directory as "` + proj + `" from --add-dir "` + proj + `:/a"; share it once`},
+		{[]string{mnt + ":/a:rw", out + ":/b:rw"}, `--add-dir "` + out + `:/b:rw": host path "` + out + `" is inside "` + mnt + `" from --add-dir "` + mnt + `:/a:rw"; shared host directories must not overlap`},
+		{[]string{mnt + "/out:/a", proj + ":/b"}, `--add-dir "` + proj + `:/b": host path "` + proj + `" contains "` + mnt + `/out" from --add-dir "` + mnt + `/out:/a"; shared host directories must not overlap`},
+	}
+	for _, tt := range tests {
+		_, err := Resolve(tt.specs)
+		if got := errString(err); got != tt.wantErr {
+			t.Errorf("Resolve(%q) = %q, want %q", tt.specs, got, tt.wantErr)
+		}
+	}
 }

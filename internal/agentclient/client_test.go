@@ -159,7 +159,7 @@ func TestExec(t *testing.T) {
 		{name: "exit code", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", "echo out; echo err >&2; exit 7"}}, wantCode: 7, wantOut: "out\n", wantErr: "err\n"},
 		{name: "stdin", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", "cat; exit 3"}, Stdin: strings.NewReader("hello\n")}, wantCode: 3, wantOut: "hello\n"},
 		{name: "no stdin reads dev null", spec: agentclient.ExecSpec{Argv: []string{"cat"}}},
-		{name: "env and dir", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", `printf '%s|' "$A" "$PWD"`}, Env: []agentclient.EnvVar{{"A", "x y $(z)"}}, Dir: "/tmp"}, wantOut: "x y $(z)|/tmp|"},
+		{name: "env and dir", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", `printf '%s|' "$A" "$PWD"`}, Env: []agentclient.EnvVar{{Name: "A", Value: "x y $(z)"}}, Dir: "/tmp"}, wantOut: "x y $(z)|/tmp|"},
 		{name: "signal death", spec: agentclient.ExecSpec{Argv: []string{"sh", "-c", "kill -9 $$"}}, wantSignal: syscall.SIGKILL},
 		{name: "timeout", spec: agentclient.ExecSpec{Argv: []string{"sleep", "30"}, Timeout: 300 * time.Millisecond}, wantSignal: syscall.SIGKILL, timedOut: true},
 		{name: "not found", spec: agentclient.ExecSpec{Argv: []string{"mvm-no-such-command"}}, reason: agentclient.StartNotFound},

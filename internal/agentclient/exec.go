@@ -13,6 +13,7 @@ import (
 
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/envvar"
 	"github.com/mvm-sh/mvm/internal/mux"
 )
 
@@ -43,7 +44,7 @@ type ExecSpec struct {
 }
 
 // EnvVar is one environment variable.
-type EnvVar struct{ Name, Value string }
+type EnvVar = envvar.Var
 
 // Stream names one of a command's output streams.
 type Stream int

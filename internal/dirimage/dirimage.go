@@ -1,19 +1,19 @@
 // Package dirimage turns host directories into ext4 disk images for the
-// guest, without root and without mounting anything: mke2fs copies the
-// tree in (`mkfs.ext4 -d`). A directory shared read-only becomes one such
-// image, attached read-only; a read-write one gets, in addition, an empty
-// sparse scratch image that holds the guest's overlay upper layer.
+// guest, without root and without mounting anything. A directory shared
+// read-only becomes one such image, written by this package (see
+// ext4.go), attached read-only; a read-write one gets, in addition, an
+// empty sparse scratch image (`mkfs.ext4`) that holds the guest's overlay
+// upper layer.
 package dirimage
 
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
+	"time"
 
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 )
@@ -23,7 +23,6 @@ func Deps() []hostdeps.Dep {
 	return []hostdeps.Dep{
 		hostdeps.Program("mkfs.ext4", "e2fsprogs"),
 		hostdeps.Program("e2fsck", "e2fsprogs"),
-		hostdeps.Program("debugfs", "e2fsprogs"),
 	}
 }
 
@@ -39,84 +38,47 @@ type Stats struct {
 	Bytes int64
 }
 
-// Measure walks dir. It does not follow symlinks.
-func Measure(dir string) (Stats, error) {
-	var s Stats
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		switch {
-		case d.IsDir():
-			s.Dirs++
-			s.Bytes += 4096
-		case d.Type().IsRegular():
-			s.Files++
-			fi, err := d.Info()
-			if err != nil {
-				return err
-			}
-			s.Bytes += (fi.Size() + 4095) &^ 4095
-		default:
-			s.Others++
-			s.Bytes += 4096 // a long symlink target takes a block
-		}
-		return nil
-	})
-	if err != nil {
-		return Stats{}, fmt.Errorf("measure %s: %w", dir, err)
-	}
-	return s, nil
-}
-
 // sizeFor picks an image size for a tree: its blocks, inode tables and
 // ext4's own metadata, with room to spare. The image file is sparse, so a
 // generous size costs nothing.
-func sizeFor(s Stats) (size int64, inodes int) {
-	inodes = s.Files + s.Dirs + s.Others + 64
-	size = s.Bytes + s.Bytes/8 + int64(inodes)*256 + 16<<20
-	return (size + 1<<20 - 1) &^ (1<<20 - 1), inodes
+func sizeFor(s Stats) int64 {
+	inodes := s.Files + s.Dirs + s.Others + 64
+	size := s.Bytes + s.Bytes/8 + int64(inodes)*256 + 16<<20
+	return (size + 1<<20 - 1) &^ (1<<20 - 1)
 }
 
-// Build writes an ext4 image of dir's content (the root directory's owner
-// and mode included) to img. It has no journal: the guest mounts it
-// read-only.
+// Build writes an ext4 image of dir's content (the root directory's owner,
+// mode and times included) to img, with the filesystem label label.
+// Everything the guest can see of the tree is kept: names (any bytes),
+// modes, owners, timestamps to the nanosecond, symlinks, hard links
+// within the tree, fifos, sockets and device nodes, and holes in sparse
+// files. Extended attributes are not copied. It has no journal: the guest
+// mounts it read-only. A cancelled ctx stops it within milliseconds.
 func Build(ctx context.Context, dir, img, label string) (Stats, error) {
-	st, err := Measure(dir)
+	t, err := scan(ctx, dir)
 	if err != nil {
-		return Stats{}, err
+		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
 	}
-	size, inodes := sizeFor(st)
-	// A tree whose metadata outgrows the estimate (very many tiny files
-	// in deep directories) gets a larger image; the file stays sparse.
-	for attempt := 0; ; attempt++ {
-		err := mkfs(ctx, img, size, label,
-			"-d", dir, "-N", strconv.Itoa(inodes*(1<<attempt)),
-			"-O", "^has_journal,^resize_inode")
-		if err == nil {
-			return st, dropLostFound(ctx, dir, img)
-		}
-		if attempt == 2 || ctx.Err() != nil {
-			return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
-		}
-		size *= 2
+	if err := t.write(ctx, img, label); err != nil {
+		os.Remove(img)
+		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
 	}
+	return t.stats, nil
 }
 
-// dropLostFound removes the lost+found directory mke2fs adds, unless the
-// host directory has one of its own: the guest should see the host's
-// tree, nothing more.
-func dropLostFound(ctx context.Context, dir, img string) error {
-	if _, err := os.Lstat(filepath.Join(dir, "lost+found")); err == nil {
-		return nil
+// write writes the image of a scanned tree. The layout is planned from
+// the sizes the scan saw; a tree that needs more (it grew meanwhile, or
+// its filesystem compresses, so that allocation undercounts) gets a
+// larger layout.
+func (t *tree) write(ctx context.Context, img, label string) error {
+	var extra uint64
+	for attempt := 0; ; attempt++ {
+		err := writeImage(ctx, t, img, label, extra)
+		if !errors.Is(err, errImageFull) || attempt == 2 {
+			return err
+		}
+		extra = extra*2 + uint64(t.stats.Bytes/blockSize) + 1024
 	}
-	cmd := exec.CommandContext(ctx, "debugfs", "-w", "-R", "rmdir /lost+found", img)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("debugfs rmdir /lost+found: %w: %s", err, bytes.TrimSpace(out.Bytes()))
-	}
-	return nil
 }
 
 // Scratch writes an empty ext4 image of the given size to img, for an
@@ -134,8 +96,7 @@ func Scratch(ctx context.Context, img string, size int64, label string) error {
 // it plus ScratchSpace, plus what ext4 keeps for itself (journal, inode
 // tables), so the guest really sees ScratchSpace free.
 func ScratchSize(s Stats) int64 {
-	size, _ := sizeFor(s)
-	return size + ScratchSpace + ScratchSpace/8
+	return sizeFor(s) + ScratchSpace + ScratchSpace/8
 }
 
 func mkfs(ctx context.Context, img string, size int64, label string, extra ...string) error {
@@ -159,6 +120,8 @@ func mkfs(ctx context.Context, img string, size int64, label string, extra ...st
 	cmd := exec.CommandContext(ctx, "mkfs.ext4", args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
+	// On cancellation mke2fs is killed; do not wait long for its output.
+	cmd.WaitDelay = 100 * time.Millisecond
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("mkfs.ext4: %w: %s", err, bytes.TrimSpace(out.Bytes()))
 	}

@@ -5,18 +5,53 @@
 package envvar
 
 import (
+	"errors"
 	"fmt"
-	"regexp"
 	"sort"
+	"strings"
 )
 
 // Var is one variable.
 type Var struct{ Name, Value string }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+var (
+	// ErrBadName is the class of errors for a name ValidName refuses.
+	ErrBadName = errors.New("invalid variable name")
+	// ErrNUL is the class of errors for a value with a NUL byte, which
+	// execve cannot pass: the command would see it cut short.
+	ErrNUL = errors.New("contains a NUL byte")
+)
 
-// ValidName reports whether name is a portable environment variable name.
-func ValidName(name string) bool { return nameRE.MatchString(name) }
+// ValidName reports whether name matches [A-Za-z_][A-Za-z0-9_]*, the
+// names a POSIX shell and env(1) accept: anything else could not be read
+// back as $NAME, and a name with '=' would change the value's meaning.
+func ValidName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case c == '_', 'A' <= c && c <= 'Z', 'a' <= c && c <= 'z':
+		case '0' <= c && c <= '9' && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// Validate checks the name and that the value has no NUL byte. Lengths
+// are checked with the rest of the command (internal/execreq).
+func (v Var) Validate() error {
+	if !ValidName(v.Name) {
+		return fmt.Errorf("%w %s (must match [A-Za-z_][A-Za-z0-9_]*)", ErrBadName, quote(v.Name))
+	}
+	if strings.IndexByte(v.Value, 0) >= 0 {
+		return fmt.Errorf("value %w", ErrNUL)
+	}
+	return nil
+}
 
 // ParseFlags parses -e/--env values in order. KEY=VALUE sets KEY to
 // everything after the first '=' (the value may be empty or contain '=').
@@ -25,9 +60,9 @@ func ValidName(name string) bool { return nameRE.MatchString(name) }
 func ParseFlags(specs []string, lookup func(string) (string, bool)) ([]Var, error) {
 	var out []Var
 	for _, s := range specs {
-		name, value, hasValue := cut(s)
+		name, value, hasValue := strings.Cut(s, "=")
 		if !ValidName(name) {
-			return nil, fmt.Errorf("invalid --env %q: name %q must match [A-Za-z_][A-Za-z0-9_]*", s, name)
+			return nil, fmt.Errorf("invalid --env %s: %w %s (must match [A-Za-z_][A-Za-z0-9_]*)", quote(s), ErrBadName, quote(name))
 		}
 		if !hasValue {
 			v, ok := lookup(name)
@@ -36,10 +71,11 @@ func ParseFlags(specs []string, lookup func(string) (string, bool)) ([]Var, erro
 			}
 			value = v
 		}
-		if containsNUL(value) {
-			return nil, fmt.Errorf("invalid --env %q: value contains a NUL byte", name)
+		v := Var{Name: name, Value: value}
+		if err := v.Validate(); err != nil {
+			return nil, fmt.Errorf("invalid --env %s: %w", quote(name), err)
 		}
-		out = append(out, Var{Name: name, Value: value})
+		out = append(out, v)
 	}
 	return out, nil
 }
@@ -73,20 +109,10 @@ func Merge(layers ...[]Var) []Var {
 	return out
 }
 
-func cut(s string) (name, value string, ok bool) {
-	for i := 0; i < len(s); i++ {
-		if s[i] == '=' {
-			return s[:i], s[i+1:], true
-		}
+// quote quotes s for a one-line message, cut short when long.
+func quote(s string) string {
+	if len(s) > 64 {
+		return fmt.Sprintf("%q...", s[:64])
 	}
-	return s, "", false
-}
-
-func containsNUL(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] == 0 {
-			return true
-		}
-	}
-	return false
+	return fmt.Sprintf("%q", s)
 }

@@ -1,6 +1,8 @@
 package envvar
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -69,5 +71,39 @@ func TestFromMapSorted(t *testing.T) {
 	want := []Var{{"a", "1"}, {"b", "2"}, {"c", "3"}}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("FromMap mismatch (-want +got):\n%s", d)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		v      Var
+		wantIs error
+	}{
+		{Var{"A", "1"}, nil},
+		{Var{"_", ""}, nil},
+		{Var{"a_B9", "x=y\n\xff"}, nil},
+		{Var{"", "1"}, ErrBadName},
+		{Var{"9A", "1"}, ErrBadName},
+		{Var{"A=B", "1"}, ErrBadName},
+		{Var{"A\x00", "1"}, ErrBadName},
+		{Var{"Ä", "1"}, ErrBadName},
+		{Var{"A", "\x00"}, ErrNUL},
+		{Var{"A", "ab\x00cd"}, ErrNUL},
+	}
+	for _, tt := range tests {
+		err := tt.v.Validate()
+		if !errors.Is(err, tt.wantIs) || (tt.wantIs == nil) != (err == nil) {
+			t.Errorf("%+v.Validate() = %v, want %v", tt.v, err, tt.wantIs)
+		}
+		if got := ValidName(tt.v.Name); got != !errors.Is(err, ErrBadName) {
+			t.Errorf("ValidName(%q) = %v, disagrees with Validate (%v)", tt.v.Name, got, err)
+		}
+	}
+}
+
+func TestParseFlagsLongNameIsShortened(t *testing.T) {
+	_, err := ParseFlags([]string{strings.Repeat("-", 100000) + "=x"}, nil)
+	if err == nil || len(err.Error()) > 300 || !errors.Is(err, ErrBadName) {
+		t.Errorf("error for a 100 kB bad name: %.300v (%d bytes)", err, len(fmt.Sprint(err)))
 	}
 }

@@ -6,14 +6,21 @@ package launchplan
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
 	"strings"
+
+	"github.com/mvm-sh/mvm/internal/envvar"
+	"github.com/mvm-sh/mvm/internal/execreq"
 )
 
 // Entrypoint is what mvmctl exec needs from a launch plan to start the
 // workload: the argv, the directory to run it in and its environment.
+// Everything in it has passed internal/execreq's checks (no NUL bytes,
+// lengths the guest can execute), so a plan the guest could not run fails
+// here, before a VM boots.
 type Entrypoint struct {
 	// Command is the argv; it always has at least one element and the
 	// first is never empty.
@@ -22,8 +29,8 @@ type Entrypoint struct {
 	// set one.
 	WorkingDir string
 	// Env is the app-level environment overridden by the entrypoint's own,
-	// so the more specific setting wins. It is never nil.
-	Env map[string]string
+	// so the more specific setting wins, sorted by name. It is never nil.
+	Env []envvar.Var
 }
 
 // Load reads and parses the launch plan at path. It exists so callers get
@@ -121,6 +128,9 @@ func parseEntrypoint(source, where string, ep any, parent map[string]any, parent
 		if !ok {
 			return Entrypoint{}, fmt.Errorf("launch plan %q: %s.command[%d] must be a string, got %s", source, where, i, jsonType(a))
 		}
+		if err := execreq.Arg(s); err != nil {
+			return Entrypoint{}, fmt.Errorf("launch plan %q: %s.command[%d] %w", source, where, i, err)
+		}
 		out.Command[i] = s
 	}
 	if out.Command[0] == "" {
@@ -132,18 +142,26 @@ func parseEntrypoint(source, where string, ep any, parent map[string]any, parent
 		if !ok {
 			return Entrypoint{}, fmt.Errorf("launch plan %q: %s.working_dir must be a string, got %s", source, where, jsonType(wd))
 		}
-		if !strings.HasPrefix(s, "/") {
-			return Entrypoint{}, fmt.Errorf("launch plan %q: %s.working_dir %q must be an absolute path", source, where, s)
+		err := execreq.Dir(s)
+		if s == "" {
+			err = execreq.ErrNotAbsolute
+		}
+		if err != nil {
+			return Entrypoint{}, fmt.Errorf("launch plan %q: %s.working_dir %s %w", source, where, execreq.Quote(s), err)
 		}
 		out.WorkingDir = s
 	}
 
-	out.Env = map[string]string{}
-	if err := mergeEnv(out.Env, source, parentEnvWhere, parent); err != nil {
+	env := map[string]string{}
+	if err := mergeEnv(env, source, parentEnvWhere, parent); err != nil {
 		return Entrypoint{}, err
 	}
-	if err := mergeEnv(out.Env, source, where+".env", obj); err != nil {
+	if err := mergeEnv(env, source, where+".env", obj); err != nil {
 		return Entrypoint{}, err
+	}
+	out.Env = envvar.FromMap(env)
+	if err := execreq.Total(out.Command, out.Env); err != nil {
+		return Entrypoint{}, fmt.Errorf("launch plan %q: %w", source, err)
 	}
 	return out, nil
 }
@@ -166,12 +184,18 @@ func mergeEnv(dst map[string]string, source, where string, holder map[string]any
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		if !validEnvName(k) {
-			return fmt.Errorf("launch plan %q: %s: invalid variable name %q (must match [A-Za-z_][A-Za-z0-9_]*)", source, where, k)
+		if err := (envvar.Var{Name: k}).Validate(); err != nil {
+			return fmt.Errorf("launch plan %q: %s: %w", source, where, err)
 		}
 		s, ok := env[k].(string)
 		if !ok {
-			return fmt.Errorf("launch plan %q: %s: value of %q must be a string, got %s", source, where, k, jsonType(env[k]))
+			return fmt.Errorf("launch plan %q: %s: value of %s must be a string, got %s", source, where, execreq.Quote(k), jsonType(env[k]))
+		}
+		if err := execreq.Env(envvar.Var{Name: k, Value: s}); err != nil {
+			if errors.Is(err, execreq.ErrNUL) {
+				return fmt.Errorf("launch plan %q: %s: value of %s %w", source, where, execreq.Quote(k), execreq.ErrNUL)
+			}
+			return fmt.Errorf("launch plan %q: %s: %s %w", source, where, execreq.Quote(k), err)
 		}
 		dst[k] = s
 	}
@@ -182,24 +206,6 @@ func mergeEnv(dst map[string]string, source, where string, holder map[string]any
 func present(obj map[string]any, key string) (any, bool) {
 	v, ok := obj[key]
 	return v, ok && v != nil
-}
-
-// validEnvName reports whether s matches ^[A-Za-z_][A-Za-z0-9_]*$, the
-// names a POSIX shell and env(1) accept.
-func validEnvName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c == '_', 'A' <= c && c <= 'Z', 'a' <= c && c <= 'z':
-		case '0' <= c && c <= '9' && i > 0:
-		default:
-			return false
-		}
-	}
-	return true
 }
 
 // jsonType names the JSON type of a decoded value for error messages.

@@ -2,6 +2,7 @@ package launchplan
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -10,6 +11,9 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/mvm-sh/mvm/internal/envvar"
+	"github.com/mvm-sh/mvm/internal/execreq"
 )
 
 const src = "launch.json"
@@ -24,7 +28,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "minimal app",
 			doc:  `{"apps":[{"name":"hello","entrypoint":{"command":["python","-m","hello"]}}]}`,
-			want: Entrypoint{Command: []string{"python", "-m", "hello"}, Env: map[string]string{}},
+			want: Entrypoint{Command: []string{"python", "-m", "hello"}, Env: []envvar.Var{}},
 		},
 		{
 			name: "with working_dir and env",
@@ -36,7 +40,7 @@ func TestParse(t *testing.T) {
 			want: Entrypoint{
 				Command:    []string{"./server"},
 				WorkingDir: "/app",
-				Env:        map[string]string{"PORT": "8080", "LOG_LEVEL": "info"},
+				Env:        []envvar.Var{{Name: "LOG_LEVEL", Value: "info"}, {Name: "PORT", Value: "8080"}},
 			},
 		},
 		{
@@ -47,7 +51,7 @@ func TestParse(t *testing.T) {
 			}]}`,
 			want: Entrypoint{
 				Command: []string{"run"},
-				Env:     map[string]string{"X": "from-entrypoint", "Y": "kept"},
+				Env:     []envvar.Var{{Name: "X", Value: "from-entrypoint"}, {Name: "Y", Value: "kept"}},
 			},
 		},
 		{
@@ -58,27 +62,27 @@ func TestParse(t *testing.T) {
 				"future_field":{"nested":true},
 				"apps":[{"name":"a","image":"x","entrypoint":{"command":["true"],"user":"root"},"ports":[80]}]
 			}`,
-			want: Entrypoint{Command: []string{"true"}, Env: map[string]string{}},
+			want: Entrypoint{Command: []string{"true"}, Env: []envvar.Var{}},
 		},
 		{
 			name: "empty string values and empty env objects",
 			doc:  `{"apps":[{"entrypoint":{"command":["sh","-c",""],"env":{"EMPTY":""}},"env":{}}]}`,
-			want: Entrypoint{Command: []string{"sh", "-c", ""}, Env: map[string]string{"EMPTY": ""}},
+			want: Entrypoint{Command: []string{"sh", "-c", ""}, Env: []envvar.Var{{Name: "EMPTY", Value: ""}}},
 		},
 		{
 			name: "null fields count as absent",
 			doc:  `{"entrypoint":null,"apps":[{"entrypoint":{"command":["x"],"working_dir":null,"env":null},"env":null}]}`,
-			want: Entrypoint{Command: []string{"x"}, Env: map[string]string{}},
+			want: Entrypoint{Command: []string{"x"}, Env: []envvar.Var{}},
 		},
 		{
 			name: "env names with underscores and digits",
 			doc:  `{"apps":[{"entrypoint":{"command":["x"]},"env":{"_A1":"1","a_b_2":"2","Z":"3"}}]}`,
-			want: Entrypoint{Command: []string{"x"}, Env: map[string]string{"_A1": "1", "a_b_2": "2", "Z": "3"}},
+			want: Entrypoint{Command: []string{"x"}, Env: []envvar.Var{{Name: "Z", Value: "3"}, {Name: "_A1", Value: "1"}, {Name: "a_b_2", Value: "2"}}},
 		},
 		{
 			name: "compiled shape",
 			doc:  `{"version":"0","entrypoint":{"command":["/bin/app","--flag"],"working_dir":"/srv"}}`,
-			want: Entrypoint{Command: []string{"/bin/app", "--flag"}, WorkingDir: "/srv", Env: map[string]string{}},
+			want: Entrypoint{Command: []string{"/bin/app", "--flag"}, WorkingDir: "/srv", Env: []envvar.Var{}},
 		},
 		{
 			name: "compiled shape env precedence",
@@ -88,18 +92,18 @@ func TestParse(t *testing.T) {
 			}`,
 			want: Entrypoint{
 				Command: []string{"run"},
-				Env:     map[string]string{"X": "from-entrypoint", "Y": "kept"},
+				Env:     []envvar.Var{{Name: "X", Value: "from-entrypoint"}, {Name: "Y", Value: "kept"}},
 			},
 		},
 		{
 			name: "compiled shape with null apps",
 			doc:  `{"apps":null,"entrypoint":{"command":["run"]}}`,
-			want: Entrypoint{Command: []string{"run"}, Env: map[string]string{}},
+			want: Entrypoint{Command: []string{"run"}, Env: []envvar.Var{}},
 		},
 		{
 			name: "app shape ignores top-level env",
 			doc:  `{"env":{"TOP":"1"},"apps":[{"entrypoint":{"command":["run"]}}]}`,
-			want: Entrypoint{Command: []string{"run"}, Env: map[string]string{}},
+			want: Entrypoint{Command: []string{"run"}, Env: []envvar.Var{}},
 		},
 
 		{
@@ -256,6 +260,61 @@ func TestParse(t *testing.T) {
 			wantErr: `launch plan "launch.json": apps[0].env must be an object, got array`,
 		},
 		{
+			name:    "NUL in a command argument",
+			doc:     `{"apps":[{"entrypoint":{"command":["sh","-c","echo a\u0000b"]}}]}`,
+			wantErr: `launch plan "launch.json": apps[0].entrypoint.command[2] contains a NUL byte`,
+		},
+		{
+			name:    "NUL in the program name",
+			doc:     `{"entrypoint":{"command":["\u0000"]}}`,
+			wantErr: `launch plan "launch.json": entrypoint.command[0] contains a NUL byte`,
+		},
+		{
+			name:    "NUL in an env value",
+			doc:     `{"apps":[{"entrypoint":{"command":["x"],"env":{"A":"1\u00002"}}}]}`,
+			wantErr: `launch plan "launch.json": apps[0].entrypoint.env: value of "A" contains a NUL byte`,
+		},
+		{
+			name:    "NUL in an app env value",
+			doc:     `{"apps":[{"entrypoint":{"command":["x"]},"env":{"A":"\u0000"}}]}`,
+			wantErr: `launch plan "launch.json": apps[0].env: value of "A" contains a NUL byte`,
+		},
+		{
+			name:    "NUL in an env name",
+			doc:     `{"entrypoint":{"command":["x"],"env":{"A\u0000B":"1"}}}`,
+			wantErr: `launch plan "launch.json": entrypoint.env: invalid variable name "A\x00B" (must match [A-Za-z_][A-Za-z0-9_]*)`,
+		},
+		{
+			name:    "NUL in working_dir",
+			doc:     `{"apps":[{"entrypoint":{"command":["x"],"working_dir":"/srv\u0000/app"}}]}`,
+			wantErr: `launch plan "launch.json": apps[0].entrypoint.working_dir "/srv\x00/app" contains a NUL byte`,
+		},
+		{
+			name:    "argument over MAX_ARG_STRLEN",
+			doc:     `{"entrypoint":{"command":["echo","` + strings.Repeat("a", execreq.MaxString+1) + `"]}}`,
+			wantErr: `launch plan "launch.json": entrypoint.command[1] is too long: 131072 bytes, the limit is 131071`,
+		},
+		{
+			name: "argument at MAX_ARG_STRLEN",
+			doc:  `{"entrypoint":{"command":["echo","` + strings.Repeat("a", execreq.MaxString) + `"]}}`,
+			want: Entrypoint{Command: []string{"echo", strings.Repeat("a", execreq.MaxString)}, Env: []envvar.Var{}},
+		},
+		{
+			name:    "env string over MAX_ARG_STRLEN",
+			doc:     `{"entrypoint":{"command":["x"],"env":{"AB":"` + strings.Repeat("v", execreq.MaxString-2) + `"}}}`,
+			wantErr: `launch plan "launch.json": entrypoint.env: "AB" is too long: NAME=VALUE is 131072 bytes, the limit is 131071`,
+		},
+		{
+			name:    "working_dir over PATH_MAX",
+			doc:     `{"entrypoint":{"command":["x"],"working_dir":"/` + strings.Repeat("d", execreq.MaxDir) + `"}}`,
+			wantErr: `launch plan "launch.json": entrypoint.working_dir "/` + strings.Repeat("d", 63) + `"... is too long: 4096 bytes, the limit is 4095`,
+		},
+		{
+			name:    "command and env over the total",
+			doc:     `{"entrypoint":{"command":["x","` + strings.Repeat("a", 100000) + `"],"env":` + bigEnv(7, 100000) + `}}`,
+			wantErr: `launch plan "launch.json": command and environment are too long: 800103 bytes, the limit is 786432 (each string counts its length plus 9)`,
+		},
+		{
 			name:    "invalid JSON",
 			doc:     `{"apps":[`,
 			wantErr: `parse launch plan "launch.json": invalid JSON: unexpected end of JSON input`,
@@ -321,7 +380,7 @@ func TestLoad(t *testing.T) {
 		{
 			name: "reads a real file",
 			path: good,
-			want: Entrypoint{Command: []string{"python", "-m", "hello"}, WorkingDir: "/app", Env: map[string]string{"A": "1"}},
+			want: Entrypoint{Command: []string{"python", "-m", "hello"}, WorkingDir: "/app", Env: []envvar.Var{{Name: "A", Value: "1"}}},
 		},
 		{
 			name:    "missing file",
@@ -367,6 +426,7 @@ func FuzzParse(f *testing.F) {
 		`{"apps":[{},{}]}`,
 		`[]`,
 		`{`,
+		`{"entrypoint":{"command":["a\u0000"],"working_dir":"/\u0000","env":{"A":"\u0000"}}}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -384,7 +444,21 @@ func FuzzParse(f *testing.F) {
 		if ep.WorkingDir != "" && !strings.HasPrefix(ep.WorkingDir, "/") {
 			t.Errorf("Parse accepted relative working dir %q", ep.WorkingDir)
 		}
+		// Whatever Parse accepts, the guest can run.
+		if err := execreq.Check(ep.Command, ep.Env, ep.WorkingDir); err != nil {
+			t.Errorf("Parse accepted %q, which execreq refuses: %v", data, err)
+		}
 	})
+}
+
+// bigEnv returns a JSON env object of n variables V0..Vn-1, each value
+// size bytes long.
+func bigEnv(n, size int) string {
+	var parts []string
+	for i := range n {
+		parts = append(parts, fmt.Sprintf("%q:%q", fmt.Sprintf("V%d", i), strings.Repeat("v", size)))
+	}
+	return "{" + strings.Join(parts, ",") + "}"
 }
 
 func errString(err error) string {
