@@ -16,7 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-var dirsReadyRE = regexp.MustCompile(`add-dirs ready (\d+)ms`)
+var dirsReadyRE = regexp.MustCompile(`prepare disks (\d+)ms`)
 
 // TestAddDirImageAsTheGuestSeesIt shares a tree with every kind of file
 // and attribute, and one flat directory of 30 000 files, read-only, and
