@@ -138,7 +138,8 @@ func Classify(err error) error {
 		errors.Is(err, syscall.ECONNRESET),
 		errors.Is(err, mux.ErrSessionClosed),
 		errors.Is(err, mux.ErrStreamReset),
-		errors.Is(err, mux.ErrWriteClosed):
+		errors.Is(err, mux.ErrWriteClosed),
+		errors.Is(err, mux.ErrReadClosed):
 		if errors.Is(err, ErrClosed) {
 			return err
 		}
