@@ -4,6 +4,7 @@
 #   make bootstrap   build the default guest image (kernel + initramfs)
 #   make test        unit tests and the end-to-end suite on real VMs
 #   make bench       benchmarks against bare baselines (prints ratios)
+#   make fuzz        run every fuzz target for FUZZTIME (default 30s) each
 #   make install     install into $(PREFIX)
 
 PREFIX  ?= /usr/local
@@ -41,6 +42,20 @@ e2e: build
 
 bench: build
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 1x ./test/bench/ -mvmctl=$(CURDIR)/bin/mvmctl
+
+# Fuzz targets as PACKAGE:TARGET. Their seed corpora also run as plain
+# tests in `make unit`.
+FUZZTIME ?= 30s
+FUZZ_TARGETS += ./internal/mux:FuzzClientSession
+FUZZ_TARGETS += ./internal/agentproto:FuzzReadResponse
+FUZZ_TARGETS += ./internal/agentproto:FuzzReadExecEvent
+
+.PHONY: fuzz
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) $${t%%:*}; \
+	done
 
 # Regenerate the agent protocol's Go code (needs protoc and protoc-gen-go).
 proto:

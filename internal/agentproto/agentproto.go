@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/mux"
 )
 
@@ -51,6 +52,14 @@ const PortName = "org.mvm.agent.0"
 // pieces, so only a hostile or broken peer ever comes near it.
 const MaxMessageSize = 1 << 20
 
+// MaxResponseSize caps a Response, which is always small (a hello reply, a
+// pong echoing the host's payload, an error). The cap matters because a
+// HelloReply's repeated capabilities decode into far more memory than
+// they take on the wire (an empty string is 2 bytes there and 16 in a Go
+// slice): a 1 MiB reply of them makes a reader allocate over 40 MiB, one
+// of this size about 3 MiB.
+const MaxResponseSize = 64 << 10
+
 // ChunkSize is how much stdout/stderr/stdin one message carries at most.
 // Larger chunks mean fewer frames and syscalls per byte, which is what
 // bulk output costs in an emulated guest; the agent enlarges its pipes so
@@ -79,9 +88,15 @@ func NewReader(r io.Reader) *Reader {
 }
 
 // Read decodes the next message into m. It returns io.EOF only when the
-// stream ended cleanly between two messages.
+// stream ended cleanly between two messages. The size prefix is checked
+// against the cap (MaxMessageSize, MaxResponseSize for a Response) before
+// anything is allocated; a message that fits the reader's buffer (every
+// output chunk does) is decoded in place.
 func (r *Reader) Read(m proto.Message) error {
-	err := protodelim.UnmarshalOptions{MaxSize: MaxMessageSize}.UnmarshalFrom(r.br, m)
+	// Unknown fields are dropped: nothing re-encodes a message it read,
+	// and keeping them costs several times their size in allocations.
+	opts := protodelim.UnmarshalOptions{MaxSize: sizeLimit(m), UnmarshalOptions: proto.UnmarshalOptions{DiscardUnknown: true}}
+	err := opts.UnmarshalFrom(r.br, m)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
 			return io.EOF
@@ -89,6 +104,14 @@ func (r *Reader) Read(m proto.Message) error {
 		return Classify(fmt.Errorf("read message: %w", err))
 	}
 	return nil
+}
+
+// sizeLimit is the cap on a framed m.
+func sizeLimit(m proto.Message) int64 {
+	if _, ok := m.(*agentpb.Response); ok {
+		return MaxResponseSize
+	}
+	return MaxMessageSize
 }
 
 // Marshal frames m. Callers that share a stream between goroutines write the
@@ -101,8 +124,8 @@ func Marshal(m proto.Message) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("marshal %T: %w", m, err)
 	}
-	if len(b) > MaxMessageSize {
-		return nil, fmt.Errorf("marshal %T: %d bytes exceeds the %d byte limit", m, len(b), MaxMessageSize)
+	if limit := int(sizeLimit(m)); len(b) > limit {
+		return nil, fmt.Errorf("marshal %T: %d bytes exceeds the %d byte limit", m, len(b), limit)
 	}
 	return b, nil
 }
