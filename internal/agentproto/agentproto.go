@@ -69,9 +69,10 @@ const ChunkSize = 128 << 10
 // SessionConfig is the stream multiplexer's configuration on both ends. A
 // 1 MiB window (yamux starts at 256 KiB) keeps a bulk output stream from
 // stalling on window updates when the guest is slow to be scheduled (TCG).
-// There are no keepalives: the peer is a VM that may be paused (snapshots,
-// a debugger) and a missed ping must not end the session; liveness comes
-// from the VMM process instead.
+// The session sends no keepalives of its own: the peer is a VM that may be
+// paused (snapshots, a debugger) and a missed ping must not end the
+// session. A caller that knows the VM runs checks liveness with
+// mux.Session.Ping, which the agent answers from its reader.
 func SessionConfig() mux.Config {
 	return mux.Config{Window: 1 << 20}
 }
