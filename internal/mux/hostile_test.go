@@ -546,3 +546,38 @@ func TestFloodIntoSlowReaderIsBounded(t *testing.T) {
 	}
 	t.Logf("heap at most %d KiB above the start", (int64(maxHeap)-int64(base))>>10)
 }
+
+// Frames a correct peer may send around the end of a stream, or that name
+// nothing, are skipped without ending the session.
+func TestToleratedFrames(t *testing.T) {
+	c, peer := rawClient(t)
+	gone, _ := c.Open()
+	live, _ := c.Open()
+	_ = gone.Reset()
+	go func() { _, _ = io.Copy(io.Discard, peer) }()
+	for _, f := range [][]byte{
+		frame(typeData, 0, gone.ID(), 4, []byte("late")), // in flight when we reset it
+		frame(typeWindowUpdate, flagFIN, gone.ID(), 100, nil),
+		frame(typeWindowUpdate, flagRST, 999, 0, nil),
+		frame(typeData, 0, 777, 3, []byte("abc")), // a stream that never was
+		frame(typePing, flagACK, 0, 424242, nil),  // a pong nobody asked for
+		frame(typeData, 0, live.ID(), 0, nil),
+		frame(typeData, flagACK, live.ID(), 2, []byte("ok")),
+	} {
+		if _, err := peer.Write(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, 2)
+	if _, err := io.ReadFull(live, got); err != nil || string(got) != "ok" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	select {
+	case <-c.Done():
+		t.Fatalf("session ended: %v", c.Err())
+	default:
+	}
+	if n := c.NumStreams(); n != 1 {
+		t.Errorf("%d streams kept, want 1", n)
+	}
+}
