@@ -215,7 +215,7 @@ func (w *slowWriter) Write(p []byte) (int, error) {
 // arrives.
 func TestOutputFloodIntoSlowReader(t *testing.T) {
 	e := newEnv(t)
-	const size = 64 << 20
+	const size = 32 << 20 // 32 windows' worth
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	// About 16 MiB/s at most (64 KiB per write from the pipe, then 4 ms).
