@@ -4,7 +4,7 @@
 #   make bootstrap   build the default guest image (kernel + initramfs)
 #   make test        unit tests and the end-to-end suite on real VMs
 #   make bench       benchmarks against bare baselines (prints ratios)
-#   make fuzz        each fuzz target for FUZZTIME (default 30s)
+#   make fuzz        run every fuzz target for FUZZTIME (default 30s) each
 #   make install     install into $(PREFIX)
 
 PREFIX  ?= /usr/local
@@ -47,14 +47,20 @@ e2e: build
 bench: build
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 1x ./test/bench/ -mvmctl=$(CURDIR)/bin/mvmctl
 
-# Fuzz targets (package:Func), each run for FUZZTIME. Inputs are whole
+# Fuzz targets as PACKAGE:TARGET, each run for FUZZTIME. Their seed
+# corpora also run as plain tests in `make unit`. Some inputs are whole
 # disk images: minimizing one for long would eat the run.
 FUZZTIME ?= 30s
 FUZZ_TARGETS += ./internal/ext4:FuzzReader ./internal/writeback:FuzzChangeSet
+FUZZ_TARGETS += ./internal/mux:FuzzClientSession
+FUZZ_TARGETS += ./internal/agentproto:FuzzReadResponse
+FUZZ_TARGETS += ./internal/agentproto:FuzzReadExecEvent
+
+.PHONY: fuzz
 fuzz:
-	@for t in $(FUZZ_TARGETS); do \
-		echo "fuzz $${t##*:} ($${t%%:*}) for $(FUZZTIME)"; \
-		$(GO) test -run '^$$' -fuzz "^$${t##*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $${t%%:*} || exit 1; \
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $${t%%:*}; \
 	done
 
 # Regenerate the agent protocol's Go code (needs protoc and protoc-gen-go).

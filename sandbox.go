@@ -42,8 +42,8 @@ const (
 // is declared dead (frozen, or stuck without its VMM noticing). Generous:
 // an emulated guest under load is slow. Variables for tests.
 var (
-	keepaliveInterval = 3 * time.Second
-	keepaliveTimeout  = 10 * time.Second
+	keepaliveInterval = 2 * time.Second
+	keepaliveTimeout  = 5 * time.Second
 )
 
 // Sandbox is a running VM that commands can be run in, one after another

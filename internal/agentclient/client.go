@@ -145,14 +145,14 @@ func (c *Client) Close() error { return c.sess.Close() }
 
 // call runs a one-request, one-response call on a new stream.
 func (c *Client) call(ctx context.Context, req *agentpb.Request) (*agentpb.Response, error) {
-	st, err := c.sess.Open()
+	st, err := c.sess.OpenContext(ctx)
 	if err != nil {
-		return nil, agentproto.Classify(err)
+		return nil, ctxErr(ctx, agentproto.Classify(err))
 	}
 	defer st.Close()
 	stop := context.AfterFunc(ctx, func() { _ = st.Reset() })
 	defer stop()
-	if err := agentproto.Write(st, req); err != nil {
+	if err := agentproto.WriteContext(ctx, st, req); err != nil {
 		return nil, ctxErr(ctx, err)
 	}
 	var resp agentpb.Response

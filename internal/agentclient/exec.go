@@ -137,7 +137,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 	if len(spec.Argv) == 0 {
 		return nil, errors.New("exec: empty argv")
 	}
-	st, err := c.sess.Open()
+	st, err := c.sess.OpenContext(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("exec: open stream: %w", agentproto.Classify(err))
 	}
@@ -162,7 +162,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 	for _, e := range spec.Env {
 		req.Env = append(req.Env, &agentpb.EnvVar{Name: e.Name, Value: e.Value})
 	}
-	if err := agentproto.Write(st, &agentpb.Request{Call: &agentpb.Request_Exec{Exec: req}}); err != nil {
+	if err := agentproto.WriteContext(ctx, st, &agentpb.Request{Call: &agentpb.Request_Exec{Exec: req}}); err != nil {
 		st.Close()
 		return nil, fmt.Errorf("exec: send request: %w", err)
 	}

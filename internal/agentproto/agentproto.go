@@ -10,6 +10,7 @@ package agentproto
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/mux"
 )
 
@@ -59,6 +61,14 @@ const VsockPort = 5252
 // pieces, so only a hostile or broken peer ever comes near it.
 const MaxMessageSize = 1 << 20
 
+// MaxResponseSize caps a Response, which is always small (a hello reply, a
+// pong echoing the host's payload, an error). The cap matters because a
+// HelloReply's repeated capabilities decode into far more memory than
+// they take on the wire (an empty string is 2 bytes there and 16 in a Go
+// slice): a 1 MiB reply of them makes a reader allocate over 40 MiB, one
+// of this size about 3 MiB.
+const MaxResponseSize = 64 << 10
+
 // ChunkSize is how much stdout/stderr/stdin one message carries at most.
 // Larger chunks mean fewer frames and syscalls per byte, which is what
 // bulk output costs in an emulated guest; the agent enlarges its pipes so
@@ -68,9 +78,10 @@ const ChunkSize = 128 << 10
 // SessionConfig is the stream multiplexer's configuration on both ends. A
 // 1 MiB window (yamux starts at 256 KiB) keeps a bulk output stream from
 // stalling on window updates when the guest is slow to be scheduled (TCG).
-// There are no keepalives: the peer is a VM that may be paused (snapshots,
-// a debugger) and a missed ping must not end the session; liveness comes
-// from the VMM process instead.
+// The session sends no keepalives of its own: the peer is a VM that may be
+// paused (snapshots, a debugger) and a missed ping must not end the
+// session. A caller that knows the VM runs checks liveness with
+// mux.Session.Ping, which the agent answers from its reader.
 func SessionConfig() mux.Config {
 	return mux.Config{Window: 1 << 20}
 }
@@ -87,9 +98,15 @@ func NewReader(r io.Reader) *Reader {
 }
 
 // Read decodes the next message into m. It returns io.EOF only when the
-// stream ended cleanly between two messages.
+// stream ended cleanly between two messages. The size prefix is checked
+// against the cap (MaxMessageSize, MaxResponseSize for a Response) before
+// anything is allocated; a message that fits the reader's buffer (every
+// output chunk does) is decoded in place.
 func (r *Reader) Read(m proto.Message) error {
-	err := protodelim.UnmarshalOptions{MaxSize: MaxMessageSize}.UnmarshalFrom(r.br, m)
+	// Unknown fields are dropped: nothing re-encodes a message it read,
+	// and keeping them costs several times their size in allocations.
+	opts := protodelim.UnmarshalOptions{MaxSize: sizeLimit(m), UnmarshalOptions: proto.UnmarshalOptions{DiscardUnknown: true}}
+	err := opts.UnmarshalFrom(r.br, m)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
 			return io.EOF
@@ -97,6 +114,14 @@ func (r *Reader) Read(m proto.Message) error {
 		return Classify(fmt.Errorf("read message: %w", err))
 	}
 	return nil
+}
+
+// sizeLimit is the cap on a framed m.
+func sizeLimit(m proto.Message) int64 {
+	if _, ok := m.(*agentpb.Response); ok {
+		return MaxResponseSize
+	}
+	return MaxMessageSize
 }
 
 // Marshal frames m. Callers that share a stream between goroutines write the
@@ -109,8 +134,8 @@ func Marshal(m proto.Message) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("marshal %T: %w", m, err)
 	}
-	if len(b) > MaxMessageSize {
-		return nil, fmt.Errorf("marshal %T: %d bytes exceeds the %d byte limit", m, len(b), MaxMessageSize)
+	if limit := int(sizeLimit(m)); len(b) > limit {
+		return nil, fmt.Errorf("marshal %T: %d bytes exceeds the %d byte limit", m, len(b), limit)
 	}
 	return b, nil
 }
@@ -122,6 +147,24 @@ func Write(w io.Writer, m proto.Message) error {
 		return err
 	}
 	if _, err := w.Write(b); err != nil {
+		return Classify(fmt.Errorf("write %T: %w", m, err))
+	}
+	return nil
+}
+
+// ContextWriter is a stream whose writes can be abandoned (mux.Stream).
+type ContextWriter interface {
+	WriteContext(ctx context.Context, p []byte) (int, error)
+}
+
+// WriteContext is Write on a stream that gives up when ctx ends: a guest
+// that stops reading must not hold the caller.
+func WriteContext(ctx context.Context, w ContextWriter, m proto.Message) error {
+	b, err := Marshal(m)
+	if err != nil {
+		return err
+	}
+	if _, err := w.WriteContext(ctx, b); err != nil {
 		return Classify(fmt.Errorf("write %T: %w", m, err))
 	}
 	return nil
@@ -146,7 +189,8 @@ func Classify(err error) error {
 		errors.Is(err, syscall.ECONNRESET),
 		errors.Is(err, mux.ErrSessionClosed),
 		errors.Is(err, mux.ErrStreamReset),
-		errors.Is(err, mux.ErrWriteClosed):
+		errors.Is(err, mux.ErrWriteClosed),
+		errors.Is(err, mux.ErrReadClosed):
 		if errors.Is(err, ErrClosed) {
 			return err
 		}

@@ -2,6 +2,7 @@ package mux
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"errors"
 	"io"
@@ -251,6 +252,9 @@ func TestInteropWithYamux(t *testing.T) {
 		c := Client(a, Config{})
 		defer c.Close()
 		roundTrip(t, c.Open, data)
+		if _, err := c.Ping(context.Background()); err != nil {
+			t.Errorf("our ping against a yamux session: %v", err)
+		}
 	})
 	t.Run("their client", func(t *testing.T) {
 		a, b := socketpair(t)

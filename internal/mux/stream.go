@@ -2,8 +2,10 @@ package mux
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
+	"math"
 	"sync"
 )
 
@@ -14,22 +16,36 @@ type Stream struct {
 	s  *Session
 	id uint32
 
-	mu          sync.Mutex
-	recv        [][]byte // received, unread chunks
-	recvWindow  uint32   // what the peer may still send
-	unacked     uint32   // consumed but not yet granted back
-	sendWindow  uint32   // what we may still send
-	remoteFIN   bool
-	localFIN    bool
-	readClosed  bool // Close: further data is dropped
-	err         error
-	readable    chan struct{}
-	writable    chan struct{}
-	writeSerial sync.Mutex
+	mu         sync.Mutex
+	buf        []byte // received data; buf[off:] is unread
+	off        int
+	recvWindow uint32 // what the peer may still send
+	unacked    uint32 // consumed but not yet granted back
+	sendWindow uint32 // what we may still send
+	remoteFIN  bool
+	localFIN   bool
+	readClosed bool // Close: further data is dropped
+	err        error
+	readable   chan struct{}
+	writable   chan struct{}
+	dead       chan struct{} // closed when err is set
+	wser       chan struct{} // held by the stream's current writer
+
+	// Guarded by s.ctl.mu: the stream's pending window update.
+	ctlQueued bool
+	ctlFlags  uint16
+	ctlGrant  uint32
 }
 
 // ID is the stream's id (odd: opened by the client).
 func (st *Stream) ID() uint32 { return st.id }
+
+// Err is why the stream failed (reset or session end), or nil.
+func (st *Stream) Err() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.err
+}
 
 func notify(ch chan struct{}) {
 	select {
@@ -38,47 +54,84 @@ func notify(ch chan struct{}) {
 	}
 }
 
-// receive reads a data frame's payload into the stream (called by the
-// session's reader; never blocks on the stream's consumer).
+// receive consumes a data frame's payload into the stream. It is called by
+// the session's reader and never waits for the stream's consumer: the
+// length is checked against the window before anything is buffered, so
+// what a stream holds never exceeds the window it granted.
 func (st *Stream) receive(br *bufio.Reader, length uint32) error {
-	buf := make([]byte, length)
-	if _, err := io.ReadFull(br, buf); err != nil {
-		return err
-	}
 	st.mu.Lock()
-	defer st.mu.Unlock()
-	if length > st.recvWindow {
-		return fmt.Errorf("%w: stream %d sent %d bytes into a window of %d", errProtocol, st.id, length, st.recvWindow)
+	switch {
+	case st.remoteFIN:
+		st.mu.Unlock()
+		return protoErr("data on stream %d after its FIN", st.id)
+	case length > st.recvWindow:
+		w := st.recvWindow
+		st.mu.Unlock()
+		return protoErr("stream %d sent %d bytes into a window of %d", st.id, length, w)
 	}
 	st.recvWindow -= length
-	if st.readClosed || st.err != nil {
-		// Nobody will read it: grant the window straight back.
-		st.unacked += length
-		st.grantLocked()
-		return nil
+	st.mu.Unlock()
+	for remaining := int(length); remaining > 0; {
+		if br.Buffered() == 0 {
+			if _, err := br.Peek(1); err != nil {
+				return err
+			}
+		}
+		piece, _ := br.Peek(min(remaining, br.Buffered()))
+		st.mu.Lock()
+		if st.readClosed || st.err != nil {
+			// Nobody will read it: grant the window straight back.
+			st.unacked += uint32(len(piece))
+			st.grantLocked()
+		} else {
+			st.appendLocked(piece)
+			notify(st.readable)
+		}
+		st.mu.Unlock()
+		_, _ = br.Discard(len(piece))
+		remaining -= len(piece)
 	}
-	st.recv = append(st.recv, buf)
-	notify(st.readable)
 	return nil
 }
 
+// appendLocked buffers p, reusing the space already read when that makes
+// room. The buffer holds at most a window of unread data, so it stays
+// within a small multiple of the window however the peer cuts its frames.
+func (st *Stream) appendLocked(p []byte) {
+	if st.off > 0 && len(st.buf)+len(p) > cap(st.buf) {
+		n := copy(st.buf, st.buf[st.off:])
+		st.buf, st.off = st.buf[:n], 0
+	}
+	st.buf = append(st.buf, p...)
+}
+
 // grantLocked returns consumed window to the peer once half of it is used,
-// so window updates stay rare.
+// so window updates stay rare. The update goes out through the session's
+// control queue, where it merges with any update not yet written.
 func (st *Stream) grantLocked() {
-	if st.unacked < st.s.cfg.Window/2 && !(st.readClosed && st.unacked > 0) {
+	if st.unacked == 0 || st.remoteFIN || st.err != nil {
+		return
+	}
+	if st.unacked < st.s.cfg.Window/2 && !st.readClosed {
 		return
 	}
 	delta := st.unacked
 	st.unacked = 0
 	st.recvWindow += delta
-	go func() { _ = st.s.writeControl(typeWindowUpdate, 0, st.id, delta) }()
+	st.s.queueStream(st, 0, delta)
 }
 
-func (st *Stream) addSendWindow(n uint32) {
+func (st *Stream) addSendWindow(n uint32) error {
 	st.mu.Lock()
+	if uint64(st.sendWindow)+uint64(n) > math.MaxUint32 {
+		w := st.sendWindow
+		st.mu.Unlock()
+		return protoErr("window update of %d on stream %d overflows its window of %d", n, st.id, w)
+	}
 	st.sendWindow += n
 	st.mu.Unlock()
 	notify(st.writable)
+	return nil
 }
 
 func (st *Stream) remoteClose() {
@@ -97,6 +150,7 @@ func (st *Stream) fail(err error) {
 	st.mu.Lock()
 	if st.err == nil {
 		st.err = err
+		close(st.dead)
 	}
 	st.mu.Unlock()
 	notify(st.readable)
@@ -106,31 +160,33 @@ func (st *Stream) fail(err error) {
 // Read reads received data. It returns io.EOF once the peer has closed its
 // side and everything it sent has been read.
 func (st *Stream) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
 	for {
 		st.mu.Lock()
-		if len(st.recv) > 0 {
-			n := 0
-			for n < len(p) && len(st.recv) > 0 {
-				c := copy(p[n:], st.recv[0])
-				n += c
-				if c == len(st.recv[0]) {
-					st.recv[0] = nil
-					st.recv = st.recv[1:]
-				} else {
-					st.recv[0] = st.recv[0][c:]
-				}
+		if st.off < len(st.buf) {
+			n := copy(p, st.buf[st.off:])
+			st.off += n
+			if st.off == len(st.buf) {
+				st.buf, st.off = st.buf[:0], 0
 			}
 			st.unacked += uint32(n)
 			st.grantLocked()
 			st.mu.Unlock()
 			return n, nil
 		}
-		if st.err != nil {
+		switch {
+		case st.err != nil:
 			err := st.err
+			st.buf = nil
 			st.mu.Unlock()
 			return 0, err
-		}
-		if st.remoteFIN {
+		case st.readClosed:
+			st.mu.Unlock()
+			return 0, ErrReadClosed
+		case st.remoteFIN:
+			st.buf = nil
 			st.mu.Unlock()
 			return 0, io.EOF
 		}
@@ -139,9 +195,28 @@ func (st *Stream) Read(p []byte) (int, error) {
 	}
 }
 
+// acquire takes the stream's writer slot.
+func (st *Stream) acquire(ctx context.Context) error {
+	select {
+	case st.wser <- struct{}{}:
+		return nil
+	default:
+	}
+	select {
+	case st.wser <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-st.dead:
+		return st.Err()
+	}
+}
+
+func (st *Stream) release() { <-st.wser }
+
 // reserve waits until n bytes (at least 1, at most n) of send window are
 // free and takes them; with whole set, it waits for all n.
-func (st *Stream) reserve(n uint32, whole bool) (uint32, error) {
+func (st *Stream) reserve(ctx context.Context, n uint32, whole bool) (uint32, error) {
 	for {
 		st.mu.Lock()
 		switch {
@@ -159,25 +234,44 @@ func (st *Stream) reserve(n uint32, whole bool) (uint32, error) {
 			return got, nil
 		}
 		st.mu.Unlock()
-		<-st.writable
+		select {
+		case <-st.writable:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
 	}
 }
 
-// Write sends p, in frames of at most 64 KiB, waiting for window as
-// needed.
-func (st *Stream) Write(p []byte) (int, error) {
-	st.writeSerial.Lock()
-	defer st.writeSerial.Unlock()
+// unreserve gives back window taken for a frame that was not sent.
+func (st *Stream) unreserve(n uint32) {
+	st.mu.Lock()
+	st.sendWindow += n
+	st.mu.Unlock()
+	notify(st.writable)
+}
+
+// Write sends p; see WriteContext.
+func (st *Stream) Write(p []byte) (int, error) { return st.WriteContext(context.Background(), p) }
+
+// WriteContext sends p, in frames of at most 64 KiB, waiting for window as
+// needed. It gives up when ctx ends, the stream is reset or the session
+// ends; ctx ending while a frame is half written ends the session.
+func (st *Stream) WriteContext(ctx context.Context, p []byte) (int, error) {
+	if err := st.acquire(ctx); err != nil {
+		return 0, err
+	}
+	defer st.release()
 	frame := make([]byte, HeaderSize+min(len(p), maxFrame))
 	written := 0
 	for written < len(p) {
-		got, err := st.reserve(uint32(min(len(p)-written, maxFrame)), false)
+		got, err := st.reserve(ctx, uint32(min(len(p)-written, maxFrame)), false)
 		if err != nil {
 			return written, err
 		}
 		f := frame[:HeaderSize+int(got)]
 		copy(f[HeaderSize:], p[written:written+int(got)])
-		if err := st.writeFrameLocked(f); err != nil {
+		if err := st.writeData(ctx, f); err != nil {
+			st.unreserve(got)
 			return written, err
 		}
 		written += int(got)
@@ -185,49 +279,73 @@ func (st *Stream) Write(p []byte) (int, error) {
 	return written, nil
 }
 
-// WriteFrame sends frame[HeaderSize:] as one data frame, writing the header
-// into frame[:HeaderSize] itself: the payload is never copied. It waits
-// until the whole payload fits the peer's window, so the payload must not
-// exceed the 256 KiB initial window.
+// WriteFrame sends frame[HeaderSize:]; see WriteFrameContext.
 func (st *Stream) WriteFrame(frame []byte) error {
+	return st.WriteFrameContext(context.Background(), frame)
+}
+
+// WriteFrameContext sends frame[HeaderSize:] as one data frame, writing
+// the header into frame[:HeaderSize] itself: the payload is never copied
+// and the frame goes out in one write. It waits until the whole payload
+// fits the peer's window, so the payload must not exceed the 256 KiB
+// initial window.
+func (st *Stream) WriteFrameContext(ctx context.Context, frame []byte) error {
 	n := len(frame) - HeaderSize
 	if n <= 0 || n > initialWindow {
 		return fmt.Errorf("mux: frame payload of %d bytes (want 1..%d)", n, initialWindow)
 	}
-	st.writeSerial.Lock()
-	defer st.writeSerial.Unlock()
-	if _, err := st.reserve(uint32(n), true); err != nil {
+	if err := st.acquire(ctx); err != nil {
 		return err
 	}
-	return st.writeFrameLocked(frame)
+	defer st.release()
+	if _, err := st.reserve(ctx, uint32(n), true); err != nil {
+		return err
+	}
+	if err := st.writeData(ctx, frame); err != nil {
+		st.unreserve(uint32(n))
+		return err
+	}
+	return nil
 }
 
-func (st *Stream) writeFrameLocked(frame []byte) error {
-	st.s.wmu.Lock()
-	defer st.s.wmu.Unlock()
+func (st *Stream) writeData(ctx context.Context, frame []byte) error {
+	if err := st.s.lock(ctx, st); err != nil {
+		return err
+	}
+	defer st.s.unlock()
 	putHeader(frame, typeData, 0, st.id, uint32(len(frame)-HeaderSize))
-	return st.s.writeLocked(frame)
+	return st.s.writeLocked(ctx, frame)
 }
 
 // CloseWrite half-closes the stream: the peer reads end-of-file after the
-// data sent so far. Reading goes on.
+// data sent so far. Reading goes on. A Write still waiting for window
+// fails with ErrWriteClosed; one in the middle of a frame is waited for.
+// The FIN itself is queued, never waited for.
 func (st *Stream) CloseWrite() error {
-	st.writeSerial.Lock()
-	defer st.writeSerial.Unlock()
 	st.mu.Lock()
 	if st.localFIN || st.err != nil {
 		st.mu.Unlock()
 		return nil
 	}
 	st.localFIN = true
-	both := st.remoteFIN
 	st.mu.Unlock()
 	notify(st.writable)
-	err := st.s.writeControl(typeWindowUpdate, flagFIN, st.id, 0)
+	// Frames already past reserve go out before the FIN.
+	if err := st.acquire(context.Background()); err != nil {
+		return nil
+	}
+	st.release()
+	st.mu.Lock()
+	both := st.remoteFIN
+	failed := st.err != nil
+	st.mu.Unlock()
+	if !failed {
+		st.s.queueStream(st, flagFIN, 0)
+	}
 	if both {
 		st.s.forget(st.id)
 	}
-	return err
+	return nil
 }
 
 // Close half-closes the stream and stops reading: data still arriving is
@@ -235,24 +353,25 @@ func (st *Stream) CloseWrite() error {
 func (st *Stream) Close() error {
 	st.mu.Lock()
 	st.readClosed = true
-	st.unacked += sumLen(st.recv)
-	st.recv = nil
+	st.unacked += uint32(len(st.buf) - st.off)
+	st.buf, st.off = nil, 0
 	st.grantLocked()
 	st.mu.Unlock()
+	notify(st.readable)
 	return st.CloseWrite()
 }
 
-// Reset aborts the stream in both directions and tells the peer.
+// Reset aborts the stream in both directions and tells the peer. It never
+// blocks: waiting readers and writers return ErrStreamReset, and the RST
+// is queued.
 func (st *Stream) Reset() error {
+	st.mu.Lock()
+	already := st.err != nil
+	st.mu.Unlock()
 	st.fail(ErrStreamReset)
 	st.s.forget(st.id)
-	return st.s.writeControl(typeWindowUpdate, flagRST, st.id, 0)
-}
-
-func sumLen(bs [][]byte) uint32 {
-	var n uint32
-	for _, b := range bs {
-		n += uint32(len(b))
+	if !already {
+		st.s.queueStream(st, flagRST, 0)
 	}
-	return n
+	return nil
 }

@@ -87,3 +87,22 @@ func TestInterruptWhileBooting(t *testing.T) {
 	}
 	e.assertClean()
 }
+
+// A guest that halts or powers off on its own (the reboot(2) call made
+// directly, which without ACPI stops the CPUs but not the VMM) is noticed
+// at once through the VMM's events, not at a timeout.
+func TestGuestHaltIsNoticed(t *testing.T) {
+	e := newEnv(t)
+	for _, argv := range [][]string{{"poweroff", "-f"}, {"halt", "-f"}} {
+		t.Run(argv[0], func(t *testing.T) {
+			r := e.run(nil, append([]string{"exec", "--timeout", "0", "--"}, argv...)...)
+			if r.code != 125 || !strings.Contains(string(r.stderr), "the guest halted or powered off") {
+				t.Fatalf("got %s\nwant 125 and a message", r)
+			}
+			if r.elapsed > 15*time.Second {
+				t.Errorf("took %s to notice", r.elapsed)
+			}
+		})
+	}
+	e.assertClean()
+}

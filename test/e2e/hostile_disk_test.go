@@ -50,52 +50,13 @@ func tools(t *testing.T) string {
 	return toolsDir
 }
 
-// measured is a result with mvmctl's own peak RSS (VmHWM, sampled; the
-// rusage of the child would include QEMU's).
-type measured struct {
-	result
-	rssKB int64
-}
-
-// runMeasured runs mvmctl to completion like e.run, sampling its peak
-// RSS.
-func (e *env) runMeasured(args ...string) measured {
+// runMeasuredArgs is runMeasured with a five-minute limit and the output
+// kept in the result.
+func (e *env) runMeasuredArgs(args ...string) measured {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := e.command(ctx, args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	var peak int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		status := fmt.Sprintf("/proc/%d/status", cmd.Process.Pid)
-		for {
-			b, err := os.ReadFile(status)
-			if err != nil || bytes.Contains(b, []byte("State:\tZ")) {
-				return
-			}
-			if m := regexp.MustCompile(`VmHWM:\s+(\d+) kB`).FindSubmatch(b); m != nil {
-				n, _ := strconv.ParseInt(string(m[1]), 10, 64)
-				peak = max(peak, n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
-	err := cmd.Wait()
-	<-done
-	r := measured{result: result{stdout: out.Bytes(), stderr: errb.Bytes(), elapsed: time.Since(start)}, rssKB: peak}
-	if ee, ok := err.(*exec.ExitError); ok {
-		r.code = ee.ExitCode()
-	} else if err != nil {
-		e.t.Fatalf("run mvmctl %q: %v", args, err)
-	}
-	return r
+	return e.runMeasured(ctx, nil, nil, args...)
 }
 
 var writeBackMS = regexp.MustCompile(`write-back (\d+)ms`)
@@ -149,8 +110,8 @@ func TestHostileDiskCraftedEntries(t *testing.T) {
 			share, sib := shareWithSibling(t)
 			shareBefore, sibBefore := snapshot(t, share), snapshot(t, sib)
 			script := `echo ordinary > /w/ordinary.txt; ` + tc.script + ` && echo attacked; exit 7`
-			r := e.runMeasured("-v", "exec", "-d", toolsDir+":/tools:ro", "-d", share+":/w:rw", "--", "sh", "-c", script)
-			t.Logf("exit %d in %s (write-back %s), mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), writeBackTime(r.result), r.rssKB)
+			r := e.runMeasuredArgs("-v", "exec", "-d", toolsDir+":/tools:ro", "-d", share+":/w:rw", "--", "sh", "-c", script)
+			t.Logf("exit %d in %s (write-back %s), mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), writeBackTime(r.result), r.peakKiB())
 			if r.code != 7 || !strings.Contains(string(r.stdout), "attacked") {
 				t.Fatalf("got %s\nwant the command's own status 7 after the attack", r.result)
 			}
@@ -173,13 +134,13 @@ func TestHostileDiskCraftedEntries(t *testing.T) {
 			if _, err := os.Lstat("/tmp/x"); err == nil {
 				t.Errorf("/tmp/x exists")
 			}
-			if r.elapsed > 90*time.Second || r.rssKB > 200<<10 {
-				t.Errorf("mvmctl took %s and %d KiB", r.elapsed, r.rssKB)
+			if r.elapsed > 90*time.Second || r.peakKiB() > 200<<10 {
+				t.Errorf("mvmctl took %s and %d KiB", r.elapsed, r.peakKiB())
 			}
 			// recover goes through the same checks: refused again,
 			// quickly, the staged data left in place.
 			if kept != nil {
-				rr := e.runMeasured("recover", string(kept[1]))
+				rr := e.runMeasuredArgs("recover", string(kept[1]))
 				if rr.code == 0 || !strings.Contains(string(rr.stderr), "invalid change set") || rr.elapsed > 30*time.Second {
 					t.Errorf("recover of the invalid set: %s", rr.result)
 				}
@@ -198,9 +159,9 @@ func TestHostileDiskOversizedDirectory(t *testing.T) {
 	e := newEnv(t)
 	share, sib := shareWithSibling(t)
 	sibBefore := snapshot(t, sib)
-	r := e.runMeasured("-v", "exec", "-d", tools(t)+":/tools:ro", "-d", share+":/w:rw", "--", "sh", "-c",
+	r := e.runMeasuredArgs("-v", "exec", "-d", tools(t)+":/tools:ro", "-d", share+":/w:rw", "--", "sh", "-c",
 		`mkdir /w/d; echo x > /w/d/x; sync; /tools/diskattack size upper/d 274877906944 && echo attacked`)
-	t.Logf("exit %d in %s (write-back %s), mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), writeBackTime(r.result), r.rssKB)
+	t.Logf("exit %d in %s (write-back %s), mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), writeBackTime(r.result), r.peakKiB())
 	if r.code != 0 || !strings.Contains(string(r.stdout), "attacked") {
 		t.Fatalf("got %s", r.result)
 	}
@@ -210,8 +171,8 @@ func TestHostileDiskOversizedDirectory(t *testing.T) {
 	if d := diffTrees(sibBefore, snapshot(t, sib)); d != "" {
 		t.Errorf("the directory beside the share changed:\n%s", d)
 	}
-	if r.rssKB > 200<<10 {
-		t.Errorf("mvmctl peak RSS %d KiB", r.rssKB)
+	if r.peakKiB() > 200<<10 {
+		t.Errorf("mvmctl peak RSS %d KiB", r.peakKiB())
 	}
 	e.assertClean()
 }
@@ -239,7 +200,7 @@ func TestHostileDiskNoPrivilege(t *testing.T) {
 mknod disk b 8 0 && chmod 666 disk && mknod mem c 1 1 && mknod fifo p && chmod 666 fifo &&
 echo x > owned && chown 4321:4321 owned && mkdir d && chmod 2777 d && mkdir sticky && chmod 1777 sticky &&
 echo y > d/f && chown 0:0 d/f && ln -s /etc/shadow link && ls -ln`
-	r := e.runMeasured("-v", "exec", "-d", share+":/w:rw", "--", "sh", "-c", script)
+	r := e.runMeasuredArgs("-v", "exec", "-d", share+":/w:rw", "--", "sh", "-c", script)
 	if r.code != 0 {
 		t.Fatalf("got %s", r.result)
 	}
@@ -278,8 +239,8 @@ echo y > d/f && chown 0:0 d/f && ln -s /etc/shadow link && ls -ln`
 func TestHostileDiskSparse100G(t *testing.T) {
 	e := newEnv(t)
 	share, _ := shareWithSibling(t)
-	r := e.runMeasured("-v", "exec", "-d", share+":/w:rw", "--", "sh", "-c", `truncate -s 100G /w/huge && echo tail >> /w/huge`)
-	t.Logf("exit %d in %s (write-back %s), mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), writeBackTime(r.result), r.rssKB)
+	r := e.runMeasuredArgs("-v", "exec", "-d", share+":/w:rw", "--", "sh", "-c", `truncate -s 100G /w/huge && echo tail >> /w/huge`)
+	t.Logf("exit %d in %s (write-back %s), mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), writeBackTime(r.result), r.peakKiB())
 	if r.code != 0 {
 		t.Fatalf("got %s", r.result)
 	}
@@ -321,8 +282,8 @@ func TestHostileDiskNoSpace(t *testing.T) {
 	share := filepath.Join(small, "share")
 	writeFile(t, filepath.Join(share, "keep.txt"), "host file\n", 0o644)
 	before := snapshot(t, share)
-	r := e.runMeasured("exec", "-d", share+":/w:rw", "--", "sh", "-c", `dd if=/dev/zero of=/w/big bs=1048576 count=48 2>/dev/null; exit 5`)
-	t.Logf("exit %d in %s, mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), r.rssKB)
+	r := e.runMeasuredArgs("exec", "-d", share+":/w:rw", "--", "sh", "-c", `dd if=/dev/zero of=/w/big bs=1048576 count=48 2>/dev/null; exit 5`)
+	t.Logf("exit %d in %s, mvmctl peak RSS %d KiB", r.code, r.elapsed.Round(time.Millisecond), r.peakKiB())
 	if r.code != 5 {
 		t.Fatalf("got %s\nwant the command's own 5", r.result)
 	}
@@ -385,8 +346,8 @@ func TestHostileDiskNoSpace(t *testing.T) {
 		t.Fatalf("staged changes after an interrupted recover: %v", err)
 	}
 
-	rr := e.runMeasured("recover", staged)
-	t.Logf("recover: exit %d in %s, peak RSS %d KiB", rr.code, rr.elapsed.Round(time.Millisecond), rr.rssKB)
+	rr := e.runMeasuredArgs("recover", staged)
+	t.Logf("recover: exit %d in %s, peak RSS %d KiB", rr.code, rr.elapsed.Round(time.Millisecond), rr.peakKiB())
 	if rr.code != 0 {
 		t.Fatalf("recover: %s", rr.result)
 	}

@@ -182,6 +182,10 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 	if err := m.startLocked(cmd); err != nil {
 		return fail(fmt.Errorf("start %s: %w", bin, err))
 	}
+	// Negotiate QMP in the background and watch its events, so that a
+	// guest that halts without ending the VMM is noticed at once.
+	m.qmp.Start()
+	go m.watchEvents()
 	return m, nil
 }
 
@@ -359,6 +363,17 @@ func (m *machine) exitError(err error) error {
 		msg += ": " + tail
 	}
 	return errors.New("vmm exited unexpectedly: " + msg)
+}
+
+// watchEvents turns QMP events that mean "the guest is gone" into Done.
+func (m *machine) watchEvents() {
+	for ev := range m.qmp.Events() {
+		if reason := guestGone(ev.Name, ev.Data); reason != nil {
+			m.log.Debug("guest gone", "event", ev.Name, "reason", reason)
+			m.markDone(reason)
+			return
+		}
+	}
 }
 
 // ErrGuestHalted reports a guest that shut its devices down or stopped
