@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mvm-sh/mvm/internal/atomicfile"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/initramfs"
@@ -164,24 +165,9 @@ func ensureInitrd(s Store, opts BootstrapOptions, progress func(Event)) (path, k
 		progress(Event{Step: "initramfs", Detail: "cached " + path})
 		return path, key, nil
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return "", "", err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-initrd-*")
-	if err != nil {
-		return "", "", err
-	}
-	defer os.Remove(tmp.Name())
-	err = initramfs.Write(tmp, initramfs.Spec{Agent: opts.Agent, Busybox: opts.Busybox, Applets: applets})
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
+	err = atomicfile.Write(path, 0o644, func(w io.Writer) error {
+		return initramfs.Write(w, initramfs.Spec{Agent: opts.Agent, Busybox: opts.Busybox, Applets: applets})
+	})
 	if err != nil {
 		return "", "", fmt.Errorf("write initramfs: %w", err)
 	}

@@ -12,6 +12,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/mvm-sh/mvm/internal/atomicfile"
 )
 
 // DefaultName is the image `mvmctl exec` uses unless told otherwise.
@@ -86,28 +88,5 @@ func (s Store) Save(img Image) error {
 	if err != nil {
 		return err
 	}
-	return writeAtomic(s.manifest(img.Name), append(b, '\n'))
-}
-
-func writeAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.WriteBytes(s.manifest(img.Name), 0o644, append(b, '\n'))
 }

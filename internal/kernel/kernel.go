@@ -25,6 +25,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mvm-sh/mvm/internal/atomicfile"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 )
 
@@ -256,7 +257,7 @@ func (b *Builder) Build(ctx context.Context, dst string) error {
 	if err != nil {
 		return err
 	}
-	if err := copyAtomic(filepath.Join(out, "vmlinux"), dst); err != nil {
+	if err := atomicfile.Copy(filepath.Join(out, "vmlinux"), dst, 0o644); err != nil {
 		return err
 	}
 	report(Progress{Phase: "done", Step: steps, Total: steps})
@@ -308,32 +309,4 @@ func VerifyConfig(configPath string, fragment []byte) error {
 		return fmt.Errorf("kernel config lost fragment settings (unmet dependencies in this kernel version?): %s", strings.Join(lost, "; "))
 	}
 	return nil
-}
-
-func copyAtomic(src, dst string) error {
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		return err
-	}
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	tmp, err := os.CreateTemp(filepath.Dir(dst), ".tmp-"+filepath.Base(dst)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := io.Copy(tmp, in); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), dst)
 }

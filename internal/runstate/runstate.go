@@ -130,13 +130,6 @@ func (r *Run) Remove() error {
 	return nil
 }
 
-// Reclaim removes the directories under root whose owners are gone, killing
-// any VMM they left running. It returns the names it removed. A missing
-// root is not an error.
-func Reclaim(root string, log *slog.Logger) ([]string, error) {
-	return ReclaimSalvaging(root, log, nil)
-}
-
 // ReclaimSalvaging is Reclaim with a hook that runs on each dead run's
 // directory (its VMM already killed) before it is removed, to move out
 // what must outlive the run. A directory whose salvage fails is kept (it

@@ -317,7 +317,7 @@ func TestKeepMissingFile(t *testing.T) {
 }
 
 func TestReclaimMissingRoot(t *testing.T) {
-	got, err := Reclaim(filepath.Join(t.TempDir(), "nope"), discard)
+	got, err := ReclaimSalvaging(filepath.Join(t.TempDir(), "nope"), discard, nil)
 	if err != nil || got != nil {
 		t.Errorf("Reclaim(missing) = %q, %v; want nil, nil", got, err)
 	}
@@ -328,7 +328,7 @@ func TestReclaimRootNotADirectory(t *testing.T) {
 	if err := os.WriteFile(root, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	got, err := Reclaim(root, discard)
+	got, err := ReclaimSalvaging(root, discard, nil)
 	if err == nil || !strings.Contains(err.Error(), "reclaim runs") {
 		t.Errorf("Reclaim(file) = %q, %v; want a reclaim runs error", got, err)
 	}
@@ -402,7 +402,7 @@ func TestReclaimDirectories(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	got, err := Reclaim(root, discard)
+	got, err := ReclaimSalvaging(root, discard, nil)
 	if err != nil {
 		t.Fatalf("Reclaim: %v", err)
 	}
@@ -422,7 +422,7 @@ func TestReclaimDirectories(t *testing.T) {
 	}
 
 	// A second pass finds nothing more to do.
-	got, err = Reclaim(root, discard)
+	got, err = ReclaimSalvaging(root, discard, nil)
 	if err != nil || len(got) != 0 {
 		t.Errorf("second Reclaim = %q, %v; want nothing", got, err)
 	}
@@ -468,7 +468,7 @@ func TestReclaimKillsOrphanVMM(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(s.pid())+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	got, err := Reclaim(root, discard)
+	got, err := ReclaimSalvaging(root, discard, nil)
 	if err != nil {
 		t.Fatalf("Reclaim: %v", err)
 	}
@@ -514,7 +514,7 @@ func TestReclaimSparesUnrelatedProcess(t *testing.T) {
 			if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(s.pid())+"\n"), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			got, err := Reclaim(root, discard)
+			got, err := ReclaimSalvaging(root, discard, nil)
 			if err != nil {
 				t.Fatalf("Reclaim: %v", err)
 			}
