@@ -27,6 +27,9 @@ const (
 	// bootTimeout bounds boot-to-hello. TCG boots in about a second on an
 	// idle host; this only catches a guest that will never answer.
 	bootTimeout = 60 * time.Second
+	// mountTimeout bounds mounting the shared directories (tens of
+	// milliseconds each, emulated): the keepalive does not run yet.
+	mountTimeout = 30 * time.Second
 	// stopTimeout bounds a polite VMM stop before it is killed.
 	stopTimeout = 2 * time.Second
 	// shutdownTimeout bounds the guest's own shutdown (sync, unmount)
@@ -312,7 +315,12 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 // mount mounts the shared directories in the guest. Its undo is the
 // guest's shutdown, which syncs and unmounts them.
 func (sb *Sandbox) mount(ctx context.Context) (undoFunc, error) {
-	if err := sb.guestCall(ctx, func(ctx context.Context) error { return mountAll(ctx, sb.client, sb.dirs) }); err != nil {
+	mctx, cancel := context.WithTimeout(ctx, mountTimeout)
+	defer cancel()
+	if err := sb.guestCall(mctx, func(ctx context.Context) error { return mountAll(ctx, sb.client, sb.dirs) }); err != nil {
+		if mctx.Err() == context.DeadlineExceeded && ctx.Err() == nil {
+			err = &VMError{Op: "mount", Err: fmt.Errorf("the guest did not mount the shared directories within %s", mountTimeout)}
+		}
 		return sb.shutdownGuest, err
 	}
 	return sb.shutdownGuest, nil

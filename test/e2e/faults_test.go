@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -103,6 +104,63 @@ func TestGuestHaltIsNoticed(t *testing.T) {
 				t.Errorf("took %s to notice", r.elapsed)
 			}
 		})
+	}
+	e.assertClean()
+}
+
+// A SIGTERM while a large shared directory is being turned into an image
+// ends mvmctl within a second, leaving nothing behind.
+func TestSIGTERMDuringImageBuild(t *testing.T) {
+	e := newEnv(t)
+	flat := t.TempDir()
+	for i := 0; i < 60000; i++ {
+		if err := os.WriteFile(filepath.Join(flat, fmt.Sprintf("f%06d", i)), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := e.command(ctx, "exec", "-d", flat+":/flat", "--", "true")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// The image's directory appears as the build starts.
+	building := func() bool {
+		m, _ := filepath.Glob(filepath.Join(e.runDir, "*", "dirs", "0"))
+		return len(m) > 0
+	}
+	if !waitFor(20*time.Second, building) {
+		t.Fatal("the build never started")
+	}
+	start := time.Now()
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Wait()
+	if el := time.Since(start); el > 1500*time.Millisecond {
+		t.Errorf("mvmctl ended %s after SIGTERM, want about a second at most", el)
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 143 {
+		t.Errorf("exit %d, want 143; stderr %q", code, stderr.String())
+	}
+	e.assertClean()
+}
+
+// --timeout T ends mvmctl by T plus the documented grace even when the
+// guest does nothing at all (the agent froze after starting the command).
+func TestTimeoutBackstopFrozenGuest(t *testing.T) {
+	cache := hostileCache(t)
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r := e.runMeasured(ctx, nil, []string{"MVM_CACHE_DIR=" + cache, "MVM_KERNEL_ARGS=mvm.hostile=frozen"},
+		"exec", "--timeout", "1", "--", "sleep", "1000")
+	// 1 s, plus the 2 s kill grace and 3 s the host waits, plus boot.
+	if r.code != 124 || !strings.Contains(string(r.stderr), "did not stop the command") {
+		t.Fatalf("got %s\nwant 124 from the host's backstop", r.result)
+	}
+	if r.elapsed > 12*time.Second {
+		t.Errorf("took %s", r.elapsed)
 	}
 	e.assertClean()
 }
