@@ -51,6 +51,39 @@ type Config struct {
 	// RawPorts are extra byte streams to the guest, reached through
 	// RawPorter (benchmarks compare the agent protocol against one).
 	RawPorts []string
+	// Snapshot, with a backend that implements Snapshotter, either boots
+	// a machine whose state can be saved (Save) or starts one from saved
+	// state (Restore). Everything else in the Config must describe the
+	// same machine as when the snapshot was taken (drive paths may
+	// differ; their number, order and read-only flags may not).
+	Snapshot *Snapshot
+}
+
+// Snapshot names a snapshot's files: Dir holds the guest's RAM ("ram", a
+// sparse file mapped by the VMM) and the device state ("state").
+type Snapshot struct {
+	Dir string
+	// Restore starts from the saved state instead of booting. The RAM
+	// file is then mapped copy-on-write: no run ever writes it, so any
+	// number of runs can share one snapshot.
+	Restore bool
+}
+
+// Snapshotter is implemented by backends that can save machines and start
+// machines from saved state (Config.Snapshot).
+type Snapshotter interface {
+	// SnapshotKey identifies what a snapshot depends on in the VMM (its
+	// binary and version): a snapshot is never restored under another
+	// key.
+	SnapshotKey(ctx context.Context) (string, error)
+}
+
+// SnapshotSaver is implemented by machines booted with Config.Snapshot
+// set (not Restore): SaveSnapshot pauses the guest, writes its device
+// state next to its RAM file, and stops the machine. The caller makes
+// sure the guest is idle first (no stream open, nothing in flight).
+type SnapshotSaver interface {
+	SaveSnapshot(ctx context.Context) error
 }
 
 // ConsoleLogLimit bounds what is kept of the guest's console: its last

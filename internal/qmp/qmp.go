@@ -16,9 +16,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // MaxLine caps one message from QEMU. The largest replies of the commands
@@ -161,15 +165,37 @@ func (c *Client) Execute(ctx context.Context, command string, args any) (json.Ra
 	if c.readyErr != nil {
 		return nil, fmt.Errorf("qmp handshake: %w", c.readyErr)
 	}
-	ret, err := c.call(ctx, command, args)
+	ret, err := c.call(ctx, command, args, nil)
 	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", command, err)
 	}
 	return ret, nil
 }
 
-// call sends a command and waits for the reply with its id.
-func (c *Client) call(ctx context.Context, command string, args any) (json.RawMessage, error) {
+// ExecuteWithFile is Execute with f's descriptor passed along (SCM_RIGHTS),
+// as QMP's getfd and add-fd expect: that is how a VMM confined to a
+// directory it cannot read is handed a file to migrate to or from.
+func (c *Client) ExecuteWithFile(ctx context.Context, command string, args any, f *os.File) (json.RawMessage, error) {
+	c.Start()
+	select {
+	case <-c.ready:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("qmp handshake: %w", ctx.Err())
+	}
+	if c.readyErr != nil {
+		return nil, fmt.Errorf("qmp handshake: %w", c.readyErr)
+	}
+	ret, err := c.call(ctx, command, args, unix.UnixRights(int(f.Fd())))
+	runtime.KeepAlive(f)
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", command, err)
+	}
+	return ret, nil
+}
+
+// call sends a command, with oob as ancillary data when set, and waits
+// for the reply with its id.
+func (c *Client) call(ctx context.Context, command string, args any, oob []byte) (json.RawMessage, error) {
 	ch := make(chan reply, 1)
 	c.mu.Lock()
 	if c.err != nil {
@@ -195,7 +221,7 @@ func (c *Client) call(ctx context.Context, command string, args any) (json.RawMe
 	if err != nil {
 		return nil, err
 	}
-	if err := c.write(ctx, append(b, '\n')); err != nil {
+	if err := c.write(ctx, append(b, '\n'), oob); err != nil {
 		return nil, err
 	}
 	select {
@@ -214,8 +240,9 @@ func (c *Client) call(ctx context.Context, command string, args any) (json.RawMe
 	}
 }
 
-// write writes one line, giving up when ctx ends.
-func (c *Client) write(ctx context.Context, b []byte) error {
+// write writes one line (with oob as ancillary data, on a unix socket),
+// giving up when ctx ends.
+func (c *Client) write(ctx context.Context, b, oob []byte) error {
 	select {
 	case c.wlock <- struct{}{}:
 	case <-ctx.Done():
@@ -235,7 +262,17 @@ func (c *Client) write(ctx context.Context, b []byte) error {
 		}
 		mu.Unlock()
 	})
-	_, err := c.conn.Write(b)
+	var err error
+	if oob != nil {
+		uc, ok := c.conn.(*net.UnixConn)
+		if !ok {
+			err = errors.New("passing a file needs a unix socket")
+		} else {
+			_, _, err = uc.WriteMsgUnix(b, oob, nil)
+		}
+	} else {
+		_, err = c.conn.Write(b)
+	}
 	stop()
 	mu.Lock()
 	writing = false

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -43,6 +44,12 @@ type argsConfig struct {
 	runAs, chroot string
 }
 
+// Snapshot files in Snapshot.Dir.
+const (
+	snapshotRAM   = "ram"
+	snapshotState = "state"
+)
+
 // agentPortID is the agent port's device id, which QMP's VSERPORT_CHANGE
 // events name.
 const agentPortID = "agentport"
@@ -77,10 +84,30 @@ func buildArgs(a argsConfig) ([]string, error) {
 	}
 	kargs = append(kargs, c.KernelArgs...)
 
+	machine := "microvm,acpi=off"
+	var memArgs []string
+	if sn := c.Snapshot; sn != nil {
+		// Guest RAM in a file: written through while booting a machine
+		// to snapshot (share=on), mapped copy-on-write when restoring
+		// (share=off), so the file never changes once saved. With
+		// x-ignore-shared the migration stream then holds only device
+		// state, a few dozen KB.
+		share := "on"
+		if sn.Restore {
+			share = "off"
+		}
+		machine += ",memory-backend=ram0"
+		memArgs = []string{"-object", "memory-backend-file,id=ram0,size=" + strconv.FormatUint(c.MemoryMiB, 10) + "M" +
+			",mem-path=" + qemuOptValue(filepath.Join(sn.Dir, snapshotRAM)) + ",share=" + share}
+		if sn.Restore {
+			// Device state arrives over QMP (migrate-incoming).
+			memArgs = append(memArgs, "-incoming", "defer")
+		}
+	}
 	args := []string{
 		"-name", qemuOptValue(c.Name),
 		// microvm: no PCI, no ACPI, no firmware tables to build or parse.
-		"-M", "microvm,acpi=off",
+		"-M", machine,
 		"-nodefaults", "-no-user-config", "-display", "none",
 		// A guest reboot is how the guest powers off.
 		"-no-reboot",
@@ -89,6 +116,9 @@ func buildArgs(a argsConfig) ([]string, error) {
 	args = append(args,
 		"-smp", strconv.Itoa(c.CPUs),
 		"-m", strconv.FormatUint(c.MemoryMiB, 10)+"M",
+	)
+	args = append(args, memArgs...)
+	args = append(args,
 		// Modern (virtio 1.0) MMIO transport: fewer exits than legacy.
 		"-global", "virtio-mmio.force-legacy=false",
 		"-kernel", c.Kernel,

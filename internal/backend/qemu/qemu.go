@@ -131,6 +131,16 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		m.raw[name] = c
 		a.rawFDs = append(a.rawFDs, fd)
 	}
+	incomingFD := -1
+	if sn := cfg.Snapshot; sn != nil && sn.Restore {
+		state, err := os.Open(filepath.Join(sn.Dir, snapshotState))
+		if err != nil {
+			return fail(fmt.Errorf("open snapshot: %w", err))
+		}
+		childEnds = append(childEnds, state)
+		incomingFD = 2 + len(childEnds)
+	}
+	m.snapshot = cfg.Snapshot
 	var jailer string
 	if b.Confine && os.Geteuid() == 0 {
 		if jailer, err = FindJailer(); err != nil {
@@ -185,7 +195,16 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 	// Negotiate QMP in the background and watch its events, so that a
 	// guest that halts without ending the VMM is noticed at once.
 	m.qmp.Start()
-	go m.watchEvents()
+	events := m.qmp.Events()
+	if incomingFD >= 0 {
+		if err := m.restore(ctx, incomingFD, events); err != nil {
+			stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
+			_ = m.Stop(stopCtx)
+			cancel()
+			return nil, err
+		}
+	}
+	go m.watchEvents(events)
 	return m, nil
 }
 
@@ -283,6 +302,8 @@ type machine struct {
 	guestErr error // why the guest is gone, when the VMM said so before exiting
 	err      error // set before done is closed
 
+	snapshot *backend.Snapshot
+
 	doneOnce sync.Once
 	done     chan struct{} // the guest can no longer run
 	exited   chan struct{} // the VMM process is gone and the console saved
@@ -366,8 +387,8 @@ func (m *machine) exitError(err error) error {
 }
 
 // watchEvents turns QMP events that mean "the guest is gone" into Done.
-func (m *machine) watchEvents() {
-	for ev := range m.qmp.Events() {
+func (m *machine) watchEvents(events <-chan qmp.Event) {
+	for ev := range events {
 		if reason := guestGone(ev.Name, ev.Data); reason != nil {
 			m.log.Debug("guest gone", "event", ev.Name, "reason", reason)
 			m.markDone(reason)
