@@ -3,19 +3,13 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/agentclient"
-	"github.com/mvm-sh/mvm/internal/backend"
-	"github.com/mvm-sh/mvm/internal/backend/qemu"
 )
 
 // TestAgentSessionSoak drives one VM's agent directly: many round trips
@@ -23,26 +17,7 @@ import (
 // call is lost or stalls and no byte is lost. A lost frame shows up here
 // as a timeout.
 func TestAgentSessionSoak(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(cacheDir, "images", "default.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var img struct{ Kernel, Initrd string }
-	if err := json.Unmarshal(b, &img); err != nil {
-		t.Fatal(err)
-	}
-	choice, err := accel.Host{}.Resolve(accel.Auto)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := qemu.New(nil).Start(context.Background(), backend.Config{
-		Name: "soak", RunDir: t.TempDir(), Kernel: img.Kernel, Initrd: img.Initrd,
-		CPUs: 2, MemoryMiB: 256, Accel: choice.Kind,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Stop(context.Background())
+	m := startMachine(t, machineConfig(t, "soak"))
 	conn, err := m.DialAgent(context.Background())
 	if err != nil {
 		t.Fatal(err)

@@ -2,20 +2,14 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"io"
-	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
-	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/agentproto"
-	"github.com/mvm-sh/mvm/internal/backend"
-	"github.com/mvm-sh/mvm/internal/backend/qemu"
 	"github.com/mvm-sh/mvm/internal/mux"
 )
 
@@ -29,26 +23,7 @@ const maxLoadedPing = 3 * time.Second
 // (mux.Session.Ping, what a host keepalive uses) while a command keeps
 // every guest CPU busy and floods stdout, under TCG.
 func TestSessionPingUnderGuestLoad(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(cacheDir, "images", "default.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var img struct{ Kernel, Initrd string }
-	if err := json.Unmarshal(b, &img); err != nil {
-		t.Fatal(err)
-	}
-	choice, err := accel.Host{}.Resolve(accel.Auto)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := qemu.New(nil).Start(context.Background(), backend.Config{
-		Name: "ping-load", RunDir: t.TempDir(), Kernel: img.Kernel, Initrd: img.Initrd,
-		CPUs: 2, MemoryMiB: 256, Accel: choice.Kind,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Stop(context.Background())
+	m := startMachine(t, machineConfig(t, "ping-load"))
 	conn, err := m.DialAgent(context.Background())
 	if err != nil {
 		t.Fatal(err)

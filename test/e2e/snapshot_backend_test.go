@@ -2,13 +2,9 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
@@ -17,23 +13,9 @@ import (
 // The QEMU backend's snapshot primitive on its own: boot to an idle agent,
 // save, restore twice from the same files, and talk to the agent.
 func TestBackendSnapshotRestore(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(cacheDir, "images", "default.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var img struct{ Kernel, Initrd string }
-	if err := json.Unmarshal(b, &img); err != nil {
-		t.Fatal(err)
-	}
-	choice, err := accel.Host{}.Resolve(accel.Auto)
-	if err != nil {
-		t.Fatal(err)
-	}
 	snap := t.TempDir()
-	cfg := backend.Config{
-		Name: "snap", RunDir: t.TempDir(), Kernel: img.Kernel, Initrd: img.Initrd,
-		CPUs: 2, MemoryMiB: 256, Accel: choice.Kind, Snapshot: &backend.Snapshot{Dir: snap},
-	}
+	cfg := machineConfig(t, "snap")
+	cfg.Snapshot = &backend.Snapshot{Dir: snap}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	be := qemu.New(nil)
