@@ -156,26 +156,18 @@ type message struct {
 // Execute runs one command and returns its "return" value. ctx bounds the
 // whole call, negotiation included.
 func (c *Client) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
-	c.Start()
-	select {
-	case <-c.ready:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("qmp handshake: %w", ctx.Err())
-	}
-	if c.readyErr != nil {
-		return nil, fmt.Errorf("qmp handshake: %w", c.readyErr)
-	}
-	ret, err := c.call(ctx, command, args, nil)
-	if err != nil {
-		return nil, fmt.Errorf("qmp %s: %w", command, err)
-	}
-	return ret, nil
+	return c.execute(ctx, command, args, nil)
 }
 
 // ExecuteWithFile is Execute with f's descriptor passed along (SCM_RIGHTS),
 // as QMP's getfd and add-fd expect: that is how a VMM confined to a
 // directory it cannot read is handed a file to migrate to or from.
 func (c *Client) ExecuteWithFile(ctx context.Context, command string, args any, f *os.File) (json.RawMessage, error) {
+	defer runtime.KeepAlive(f)
+	return c.execute(ctx, command, args, unix.UnixRights(int(f.Fd())))
+}
+
+func (c *Client) execute(ctx context.Context, command string, args any, oob []byte) (json.RawMessage, error) {
 	c.Start()
 	select {
 	case <-c.ready:
@@ -185,8 +177,7 @@ func (c *Client) ExecuteWithFile(ctx context.Context, command string, args any, 
 	if c.readyErr != nil {
 		return nil, fmt.Errorf("qmp handshake: %w", c.readyErr)
 	}
-	ret, err := c.call(ctx, command, args, unix.UnixRights(int(f.Fd())))
-	runtime.KeepAlive(f)
+	ret, err := c.call(ctx, command, args, oob)
 	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", command, err)
 	}
