@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -141,15 +142,16 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "%v", err)
 		return
 	}
-	cwd := req.Cwd
-	if cwd == "" {
-		cwd = "/"
-	}
-	if err := ensureDir(cwd); err != nil {
+	// A relative working directory is relative to the root, as it was
+	// to the agent's own working directory, /.
+	cwd := path.Join("/", req.Cwd)
+	root := s.srv.cmdRoot()
+	id := rootIdentity
+	if err := ensureDir(root, cwd); err != nil {
 		fail(agentpb.StartFailure_REASON_CWD, errnoOf(err), "working directory %q: %v", cwd, err)
 		return
 	}
-	path, err := lookPath(req.Argv[0], envValue(env, "PATH"))
+	path, err := lookPath(root, req.Argv[0], envValue(env, "PATH"), cwd, id)
 	if err != nil {
 		reason, errno := classifyStartErr(err)
 		fail(reason, errno, "%s: %v", req.Argv[0], err)
@@ -188,6 +190,12 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		// timeouts and signals reach everything it spawned, and detaches
 		// it from the agent's console.
 		Sys: &syscall.SysProcAttr{Setsid: true},
+	}
+	if !root.isHost() {
+		// The command's root is the template's; the agent stays where
+		// it is. Go's fork applies the chroot before the working
+		// directory, so cwd and path are paths inside the root.
+		attr.Sys.Chroot = root.path
 	}
 	pid, status, err := s.reaper.start(func() (int, error) {
 		return syscall.ForkExec(path, req.Argv, attr)
@@ -438,18 +446,13 @@ func envValue(env []string, key string) string {
 	return ""
 }
 
-func ensureDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	fi, err := os.Stat(dir)
+// ensureDir creates the working directory dir inside root when missing.
+func ensureDir(root *fsRoot, dir string) error {
+	fd, err := root.mkdirAll(dir, 0o755)
 	if err != nil {
 		return err
 	}
-	if !fi.IsDir() {
-		return unix.ENOTDIR
-	}
-	return nil
+	return unix.Close(fd)
 }
 
 func classifyStartErr(err error) (agentpb.StartFailure_Reason, syscall.Errno) {

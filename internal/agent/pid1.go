@@ -267,32 +267,76 @@ func PowerOff(log *slog.Logger) {
 func powerOff(log *slog.Logger) {
 	_ = unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
-	for _, mnt := range dataMounts() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			log.Warn("unmount", "path", mnt, "err", err)
-			_ = unix.Mount("", mnt, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
-		}
-	}
+	unmountAll(log, time.Second)
 	unix.Sync()
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART); err != nil {
 		log.Error("reboot", "err", err)
 	}
 }
 
-// dataMounts lists the mounts the agent made for the host (block devices
-// and overlays), innermost first, leaving the kernel filesystems alone.
-func dataMounts() []string {
+// unmountAll unmounts everything the agent mounted for the host and for
+// commands (drives, overlays, a command root and the kernel filesystems
+// inside it), innermost first, so that host-side readers of a disk image
+// see a clean filesystem. The processes just killed may hold a mount busy
+// for a moment while they exit: busy mounts are retried for up to wait.
+// What still cannot be unmounted is remounted read-only, which flushes and
+// marks a block filesystem clean, and detached.
+func unmountAll(log *slog.Logger, wait time.Duration) {
+	deadline := time.Now().Add(wait)
+	for {
+		left := agentMounts()
+		if len(left) == 0 {
+			return
+		}
+		progress := false
+		for _, mnt := range left {
+			if unix.Unmount(mnt, 0) == nil {
+				progress = true
+			}
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		if !progress {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	for _, mnt := range agentMounts() {
+		err := unix.Unmount(mnt, 0)
+		if err == nil {
+			continue
+		}
+		log.Warn("unmount", "path", mnt, "err", err)
+		_ = unix.Mount("", mnt, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+		_ = unix.Unmount(mnt, unix.MNT_DETACH)
+	}
+}
+
+// agentMounts lists the mount points the agent made after its own early
+// and late mounts, innermost (latest) first: /proc/self/mounts lists
+// mounts in the order they were made.
+func agentMounts() []string {
 	f, err := os.Open("/proc/self/mounts")
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
+	keep := map[string]bool{"/": true}
+	for _, m := range earlyMounts {
+		keep[m.target] = true
+	}
+	for _, m := range lateMounts {
+		keep[m.target] = true
+	}
 	var out []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) >= 3 && (strings.HasPrefix(fields[0], "/dev/") || fields[2] == "overlay") {
-			out = append(out, unescapeMount(fields[1]))
+		if len(fields) < 3 {
+			continue
+		}
+		if target := unescapeMount(fields[1]); !keep[target] {
+			out = append(out, target)
 		}
 	}
 	slices.Reverse(out)

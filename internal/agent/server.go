@@ -44,6 +44,14 @@ type Server struct {
 	running  int           // execs between start and Exited
 	idle     chan struct{} // closed while running == 0
 	stopping bool          // EndCommands was called: no new execs
+
+	// fsMu guards the filesystem state that Root and Mount change: the
+	// commands' root and the drives the agent has mounted.
+	fsMu      sync.Mutex
+	root      *fsRoot
+	rootLabel string          // the template's label, once a Root call set one
+	mounted   map[string]bool // device paths the agent mounted
+	drives    drives
 }
 
 // Options are the hooks that differ between an agent running as the guest's
@@ -77,7 +85,15 @@ func NewServer(log *slog.Logger, version string, opts Options) *Server {
 		log: log, version: version, reaper: processReaper(), opts: opts,
 		drainGrace: drainGrace, selfExitGrace: selfExitGrace, termGrace: termGrace,
 		sessions: make(map[*session]struct{}), idle: idle,
+		root: hostRoot, mounted: make(map[string]bool), drives: guestDrives,
 	}
+}
+
+// cmdRoot is the root the next command runs in.
+func (s *Server) cmdRoot() *fsRoot {
+	s.fsMu.Lock()
+	defer s.fsMu.Unlock()
+	return s.root
 }
 
 // capabilities is what this agent announces in HelloReply.
@@ -90,7 +106,7 @@ func (s *Server) capabilities() []string {
 		agentproto.CapSignal,
 	}
 	if s.opts.Mounts {
-		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel)
+		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot)
 	}
 	if s.opts.OnShutdown != nil {
 		caps = append(caps, agentproto.CapShutdown)
@@ -230,15 +246,27 @@ func (ss *session) serveStream(st *mux.Stream) {
 		if ready := ss.srv.opts.Ready; ready != nil {
 			<-ready
 		}
-		if err := mountDevice(call.Mount); err != nil {
-			code := agentpb.Error_CODE_INTERNAL
-			if errors.Is(err, errInvalidMount) {
-				code = agentpb.Error_CODE_INVALID_ARGUMENT
-			}
-			_ = replyError(st, code, err.Error())
+		if err := ss.srv.mountDevice(call.Mount); err != nil {
+			_ = replyError(st, errorCode(err), err.Error())
 			return
 		}
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Mount{Mount: &agentpb.MountReply{}}})
+	case *agentpb.Request_Root:
+		if !ss.srv.opts.Mounts {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "root is not served by this agent")
+			return
+		}
+		if ready := ss.srv.opts.Ready; ready != nil {
+			<-ready
+		}
+		start := time.Now()
+		if err := ss.srv.setRoot(call.Root); err != nil {
+			ss.log.Debug("root failed", "err", err)
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		ss.log.Debug("root set", "template", call.Root.LowerLabel, "took", time.Since(start))
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Root{Root: &agentpb.RootReply{}}})
 	case *agentpb.Request_Hello:
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
 	default:
@@ -382,6 +410,17 @@ func refuseExec(st io.Writer, msg string) {
 	_ = agentproto.Write(st, &agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: &agentpb.Exited{
 		StartFailure: &agentpb.StartFailure{Reason: agentpb.StartFailure_REASON_OTHER, Errno: int32(unix.ESHUTDOWN), Message: msg},
 	}}})
+}
+
+// errorCode maps a failed call's error to the protocol's code.
+func errorCode(err error) agentpb.Error_Code {
+	switch {
+	case errors.Is(err, errInvalidRequest):
+		return agentpb.Error_CODE_INVALID_ARGUMENT
+	case errors.Is(err, errPrecondition):
+		return agentpb.Error_CODE_FAILED_PRECONDITION
+	}
+	return agentpb.Error_CODE_INTERNAL
 }
 
 func replyError(w io.Writer, code agentpb.Error_Code, msg string) error {

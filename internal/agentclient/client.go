@@ -223,3 +223,32 @@ func (c *Client) Mount(ctx context.Context, m Mount) error {
 	}
 	return nil
 }
+
+// Root describes a template root (see agent.proto's Root): the drives are
+// named by the labels of the filesystems on them.
+type Root struct {
+	// Template is the label of the template's ext4 drive, attached
+	// read-only.
+	Template string
+	// Upper is the label of the run's writable layer: an empty ext4
+	// drive (mkfs.ext4 -L), another drive than the template's.
+	Upper string
+	// Hostname, when set, becomes the guest's host name and goes into
+	// the root's /etc/hostname and /etc/hosts.
+	Hostname string
+}
+
+// Root makes the template the root filesystem of every later command and
+// waits until it is ready. It needs agentproto.CapRoot, and must come
+// before any Mount (whose targets are then paths inside the root).
+func (c *Client) Root(ctx context.Context, r Root) error {
+	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Root{Root: &agentpb.Root{
+		LowerLabel: r.Template,
+		UpperLabel: r.Upper,
+		Hostname:   r.Hostname,
+	}}})
+	if err != nil {
+		return fmt.Errorf("root %s: %w", r.Template, err)
+	}
+	return nil
+}

@@ -26,9 +26,11 @@ import (
 
 // Protocol versions. A session runs at the highest version both sides speak;
 // a peer whose range does not overlap is refused with an Error of code
-// VERSION, never left hanging.
+// VERSION, never left hanging. Version 2 adds calls and fields, each
+// announced as a capability, and keeps every version 1 message meaning
+// what it meant, so both ends still accept version 1 peers.
 const (
-	Version    uint32 = 1
+	Version    uint32 = 2
 	MinVersion uint32 = 1
 )
 
@@ -44,6 +46,9 @@ const (
 	// CapMountLabel: Mount finds drives by filesystem label
 	// (Mount.device_label, Mount.upper_label), not only by serial.
 	CapMountLabel = "mount.label"
+	// CapRoot: the Root call (version 2): commands run in a template's
+	// root filesystem under a writable overlay.
+	CapRoot = "root"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

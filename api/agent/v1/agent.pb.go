@@ -1,4 +1,5 @@
-// The mvm guest agent protocol, version 1.
+// The mvm guest agent protocol, version 2 (docs/protocol.md lists what
+// changed since version 1 and the compatibility rules).
 //
 // docs/protocol.md describes the transport this file rides on: one byte
 // stream between host and guest (a virtio-serial port, or vsock), carrying a
@@ -9,7 +10,8 @@
 // Each stream starts with one Request from the host. What follows depends on
 // the call:
 //
-//   hello, ping, signal, shutdown: the agent writes one Response and closes.
+//   hello, ping, signal, mount, root, shutdown: the agent writes one
+//         Response and closes.
 //   exec: the host may go on writing ExecInput messages (stdin, EOF); the
 //         agent writes ExecEvent messages until, and ending with, Exited.
 //
@@ -54,6 +56,10 @@ const (
 	// Hello was missing, repeated, or its version is not served.
 	Error_CODE_VERSION  Error_Code = 4
 	Error_CODE_INTERNAL Error_Code = 5
+	// The call is well formed but the agent's state does not allow it
+	// (a root is already set, drives are already mounted...). Since
+	// version 2.
+	Error_CODE_FAILED_PRECONDITION Error_Code = 6
 )
 
 // Enum value maps for Error_Code.
@@ -65,14 +71,16 @@ var (
 		3: "CODE_NOT_FOUND",
 		4: "CODE_VERSION",
 		5: "CODE_INTERNAL",
+		6: "CODE_FAILED_PRECONDITION",
 	}
 	Error_Code_value = map[string]int32{
-		"CODE_UNSPECIFIED":      0,
-		"CODE_UNSUPPORTED":      1,
-		"CODE_INVALID_ARGUMENT": 2,
-		"CODE_NOT_FOUND":        3,
-		"CODE_VERSION":          4,
-		"CODE_INTERNAL":         5,
+		"CODE_UNSPECIFIED":         0,
+		"CODE_UNSUPPORTED":         1,
+		"CODE_INVALID_ARGUMENT":    2,
+		"CODE_NOT_FOUND":           3,
+		"CODE_VERSION":             4,
+		"CODE_INTERNAL":            5,
+		"CODE_FAILED_PRECONDITION": 6,
 	}
 )
 
@@ -226,6 +234,7 @@ type Request struct {
 	//	*Request_Signal
 	//	*Request_Shutdown
 	//	*Request_Mount
+	//	*Request_Root
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -322,6 +331,15 @@ func (x *Request) GetMount() *Mount {
 	return nil
 }
 
+func (x *Request) GetRoot() *Root {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Root); ok {
+			return x.Root
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -350,6 +368,11 @@ type Request_Mount struct {
 	Mount *Mount `protobuf:"bytes,6,opt,name=mount,proto3,oneof"`
 }
 
+type Request_Root struct {
+	// Since version 2 (capability "root").
+	Root *Root `protobuf:"bytes,7,opt,name=root,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -362,6 +385,8 @@ func (*Request_Shutdown) isRequest_Call() {}
 
 func (*Request_Mount) isRequest_Call() {}
 
+func (*Request_Root) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -372,6 +397,7 @@ type Response struct {
 	//	*Response_Signal
 	//	*Response_Shutdown
 	//	*Response_Mount
+	//	*Response_Root
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -460,6 +486,15 @@ func (x *Response) GetMount() *MountReply {
 	return nil
 }
 
+func (x *Response) GetRoot() *RootReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Root); ok {
+			return x.Root
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -493,6 +528,10 @@ type Response_Mount struct {
 	Mount *MountReply `protobuf:"bytes,5,opt,name=mount,proto3,oneof"`
 }
 
+type Response_Root struct {
+	Root *RootReply `protobuf:"bytes,6,opt,name=root,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -506,6 +545,8 @@ func (*Response_Signal) isResponse_Result() {}
 func (*Response_Shutdown) isResponse_Result() {}
 
 func (*Response_Mount) isResponse_Result() {}
+
+func (*Response_Root) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -813,12 +854,14 @@ func (x *Pong) GetPayload() []byte {
 type Exec struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// argv[0] is looked up in PATH (from env, else the agent's default) when it
-	// has no slash, exactly as execvp does. No shell is involved.
+	// has no slash, exactly as execvp does, inside the command's root (see
+	// Root). No shell is involved.
 	Argv []string `protobuf:"bytes,1,rep,name=argv,proto3" json:"argv,omitempty"`
 	// The complete environment, in order; later entries win. The agent adds
 	// PATH and HOME when they are absent.
 	Env []*EnvVar `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty"`
-	// Working directory; created (like mkdir -p) when missing. Default "/".
+	// Working directory inside the command's root; created (like mkdir -p)
+	// when missing. Default "/".
 	Cwd string `protobuf:"bytes,3,opt,name=cwd,proto3" json:"cwd,omitempty"`
 	// When false the command's stdin is /dev/null and ExecInput stdin data is
 	// refused. When true the command reads what the host sends until Stdin.eof.
@@ -1739,37 +1782,150 @@ func (*ShutdownReply) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
+// Root makes a template the root filesystem of every later command: the
+// ext4 drive labelled lower_label (the template, mounted read-only and
+// never written) under an overlay whose changes land on the ext4 drive
+// labelled upper_label (the run's writable layer, created empty by the
+// host). The agent itself stays in its initramfs; each command is
+// chrooted into the new root, and later Mount targets are paths inside it.
+// Served by an agent running as the guest's init (capability "root"),
+// once per boot and before any Mount.
+type Root struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Label of the template's ext4 filesystem (1 to 16 bytes, as Mount's
+	// device_label).
+	LowerLabel string `protobuf:"bytes,1,opt,name=lower_label,json=lowerLabel,proto3" json:"lower_label,omitempty"`
+	// Label of the ext4 filesystem that takes the writable layer; it must be
+	// another drive than the template's.
+	UpperLabel string `protobuf:"bytes,2,opt,name=upper_label,json=upperLabel,proto3" json:"upper_label,omitempty"`
+	// Host name written to the root's /etc/hostname and /etc/hosts, and set
+	// as the guest's host name. Empty keeps the current one.
+	Hostname      string `protobuf:"bytes,3,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Root) Reset() {
+	*x = Root{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Root) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Root) ProtoMessage() {}
+
+func (x *Root) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Root.ProtoReflect.Descriptor instead.
+func (*Root) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Root) GetLowerLabel() string {
+	if x != nil {
+		return x.LowerLabel
+	}
+	return ""
+}
+
+func (x *Root) GetUpperLabel() string {
+	if x != nil {
+		return x.UpperLabel
+	}
+	return ""
+}
+
+func (x *Root) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+type RootReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RootReply) Reset() {
+	*x = RootReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RootReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RootReply) ProtoMessage() {}
+
+func (x *RootReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RootReply.ProtoReflect.Descriptor instead.
+func (*RootReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xa5\x02\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xcf\x02\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
 	"\x04exec\x18\x03 \x01(\v2\x12.mvm.agent.v1.ExecH\x00R\x04exec\x12.\n" +
 	"\x06signal\x18\x04 \x01(\v2\x14.mvm.agent.v1.SignalH\x00R\x06signal\x124\n" +
 	"\bshutdown\x18\x05 \x01(\v2\x16.mvm.agent.v1.ShutdownH\x00R\bshutdown\x12+\n" +
-	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mountB\x06\n" +
-	"\x04call\"\xbf\x02\n" +
+	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mount\x12(\n" +
+	"\x04root\x18\a \x01(\v2\x12.mvm.agent.v1.RootH\x00R\x04rootB\x06\n" +
+	"\x04call\"\xee\x02\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
 	"\x06signal\x18\x03 \x01(\v2\x19.mvm.agent.v1.SignalReplyH\x00R\x06signal\x129\n" +
 	"\bshutdown\x18\x04 \x01(\v2\x1b.mvm.agent.v1.ShutdownReplyH\x00R\bshutdown\x120\n" +
-	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12+\n" +
+	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12-\n" +
+	"\x04root\x18\x06 \x01(\v2\x17.mvm.agent.v1.RootReplyH\x00R\x04root\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
-	"\x06result\"\xd8\x01\n" +
+	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.mvm.agent.v1.Error.CodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\x86\x01\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xa4\x01\n" +
 	"\x04Code\x12\x14\n" +
 	"\x10CODE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10CODE_UNSUPPORTED\x10\x01\x12\x19\n" +
 	"\x15CODE_INVALID_ARGUMENT\x10\x02\x12\x12\n" +
 	"\x0eCODE_NOT_FOUND\x10\x03\x12\x10\n" +
 	"\fCODE_VERSION\x10\x04\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\x05\"\x92\x01\n" +
+	"\rCODE_INTERNAL\x10\x05\x12\x1c\n" +
+	"\x18CODE_FAILED_PRECONDITION\x10\x06\"\x92\x01\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmax_version\x18\x01 \x01(\rR\n" +
 	"maxVersion\x12\x1f\n" +
@@ -1853,7 +2009,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"MountReply\"\n" +
 	"\n" +
 	"\bShutdown\"\x0f\n" +
-	"\rShutdownReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\rShutdownReply\"d\n" +
+	"\x04Root\x12\x1f\n" +
+	"\vlower_label\x18\x01 \x01(\tR\n" +
+	"lowerLabel\x12\x1f\n" +
+	"\vupper_label\x18\x02 \x01(\tR\n" +
+	"upperLabel\x12\x1a\n" +
+	"\bhostname\x18\x03 \x01(\tR\bhostname\"\v\n" +
+	"\tRootReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1868,7 +2031,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -1895,6 +2058,8 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*MountReply)(nil),       // 22: mvm.agent.v1.MountReply
 	(*Shutdown)(nil),         // 23: mvm.agent.v1.Shutdown
 	(*ShutdownReply)(nil),    // 24: mvm.agent.v1.ShutdownReply
+	(*Root)(nil),             // 25: mvm.agent.v1.Root
+	(*RootReply)(nil),        // 26: mvm.agent.v1.RootReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -1903,26 +2068,28 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	19, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
 	23, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
 	21, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
-	7,  // 6: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 7: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	20, // 8: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	24, // 9: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	22, // 10: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	5,  // 11: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 12: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	11, // 13: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	13, // 14: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	15, // 15: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	16, // 16: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	17, // 17: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 18: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	18, // 19: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 20: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	21, // [21:21] is the sub-list for method output_type
-	21, // [21:21] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	25, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
+	7,  // 7: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 8: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	20, // 9: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	24, // 10: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	22, // 11: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	26, // 12: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	5,  // 13: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 14: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	11, // 15: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	13, // 16: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	15, // 17: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	16, // 18: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	17, // 19: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 20: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	18, // 21: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 22: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	23, // [23:23] is the sub-list for method output_type
+	23, // [23:23] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1937,6 +2104,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Signal)(nil),
 		(*Request_Shutdown)(nil),
 		(*Request_Mount)(nil),
+		(*Request_Root)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -1944,6 +2112,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Signal)(nil),
 		(*Response_Shutdown)(nil),
 		(*Response_Mount)(nil),
+		(*Response_Root)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[9].OneofWrappers = []any{
@@ -1960,7 +2129,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
