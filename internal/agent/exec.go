@@ -147,6 +147,13 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	cwd := path.Join("/", req.Cwd)
 	root := s.srv.cmdRoot()
 	id := rootIdentity
+	if req.User != "" || envValue(env, "HOME") == "" {
+		if id, err = resolveUser(root, req.User); err != nil {
+			fail(agentpb.StartFailure_REASON_USER, 0, "%v", err)
+			return
+		}
+	}
+	env = withDefault(env, "HOME", id.home)
 	if err := ensureDir(root, cwd); err != nil {
 		fail(agentpb.StartFailure_REASON_CWD, errnoOf(err), "working directory %q: %v", cwd, err)
 		return
@@ -190,6 +197,9 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		// timeouts and signals reach everything it spawned, and detaches
 		// it from the agent's console.
 		Sys: &syscall.SysProcAttr{Setsid: true},
+	}
+	if id.explicit {
+		attr.Sys.Credential = &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}
 	}
 	if !root.isHost() {
 		// The command's root is the template's; the agent stays where
@@ -410,7 +420,7 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 }
 
 // buildEnv turns the request env into execve form: later entries win, and
-// PATH and HOME are supplied when absent.
+// PATH is supplied when absent (HOME comes with the command's identity).
 func buildEnv(vars []*agentpb.EnvVar) ([]string, error) {
 	idx := make(map[string]int, len(vars)+2)
 	env := make([]string, 0, len(vars)+2)
@@ -431,10 +441,17 @@ func buildEnv(vars []*agentpb.EnvVar) ([]string, error) {
 	if _, ok := idx["PATH"]; !ok {
 		set("PATH", DefaultPath)
 	}
-	if _, ok := idx["HOME"]; !ok {
-		set("HOME", "/root")
-	}
 	return env, nil
+}
+
+// withDefault adds key=value to env unless env has key.
+func withDefault(env []string, key, value string) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, key+"=") {
+			return env
+		}
+	}
+	return append(env, key+"="+value)
 }
 
 func envValue(env []string, key string) string {

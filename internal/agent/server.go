@@ -105,6 +105,10 @@ func (s *Server) capabilities() []string {
 		agentproto.CapExecTimeout,
 		agentproto.CapSignal,
 	}
+	if unix.Geteuid() == 0 {
+		// Only root can become another user.
+		caps = append(caps, agentproto.CapExecUser)
+	}
 	if s.opts.Mounts {
 		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot)
 	}

@@ -40,6 +40,12 @@ type ExecSpec struct {
 	// KillGrace is the SIGTERM-to-SIGKILL grace on timeout; 0 kills at
 	// once.
 	KillGrace time.Duration
+	// User runs the command as another user, docker-style ("uid",
+	// "uid:gid", "name", "name:group"...), resolved in the command
+	// root's /etc/passwd and /etc/group; "" is root. It needs
+	// agentproto.CapExecUser: an agent without it ignores the field and
+	// runs the command as root.
+	User string
 }
 
 // EnvVar is one environment variable.
@@ -95,6 +101,7 @@ const (
 	StartNotExecutable             // argv[0] exists but cannot be executed
 	StartCwd                       // the working directory is unusable
 	StartInvalid                   // the request itself is invalid
+	StartUser                      // ExecSpec.User names no user or group of the root
 )
 
 func startReason(r agentpb.StartFailure_Reason) StartReason {
@@ -107,6 +114,8 @@ func startReason(r agentpb.StartFailure_Reason) StartReason {
 		return StartCwd
 	case agentpb.StartFailure_REASON_INVALID:
 		return StartInvalid
+	case agentpb.StartFailure_REASON_USER:
+		return StartUser
 	}
 	return StartOther
 }
@@ -154,6 +163,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 		TimeoutMillis:   uint64(spec.Timeout.Milliseconds()),
 		KillGraceMillis: uint64(spec.KillGrace.Milliseconds()),
 		Id:              p.id,
+		User:            spec.User,
 	}
 	if spec.Timeout > 0 && req.TimeoutMillis == 0 {
 		req.TimeoutMillis = 1

@@ -49,6 +49,9 @@ const (
 	// CapRoot: the Root call (version 2): commands run in a template's
 	// root filesystem under a writable overlay.
 	CapRoot = "root"
+	// CapExecUser: Exec.user runs the command as another user, resolved
+	// in the command root's /etc/passwd and /etc/group (version 2).
+	CapExecUser = "exec.user"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

@@ -271,5 +271,7 @@ func templateTree(t *testing.T, dir string) string {
 	if err := os.Symlink("/opt/hello.sh", filepath.Join(dir, "usr/local/bin/hello")); err != nil {
 		t.Fatal(err)
 	}
+	// Only root may run this one.
+	writeFile(t, filepath.Join(dir, "usr/local/bin/rootonly"), "#!/bin/sh\necho root only\n", 0o700)
 	return dir
 }

@@ -174,6 +174,9 @@ const (
 	StartFailure_REASON_INVALID StartFailure_Reason = 4
 	// Anything else (fork failed, out of memory...).
 	StartFailure_REASON_OTHER StartFailure_Reason = 5
+	// Exec.user names a user or group the command's root does not have
+	// (or its /etc/passwd or /etc/group cannot be read). Since version 2.
+	StartFailure_REASON_USER StartFailure_Reason = 6
 )
 
 // Enum value maps for StartFailure_Reason.
@@ -185,6 +188,7 @@ var (
 		3: "REASON_CWD",
 		4: "REASON_INVALID",
 		5: "REASON_OTHER",
+		6: "REASON_USER",
 	}
 	StartFailure_Reason_value = map[string]int32{
 		"REASON_UNSPECIFIED":    0,
@@ -193,6 +197,7 @@ var (
 		"REASON_CWD":            3,
 		"REASON_INVALID":        4,
 		"REASON_OTHER":          5,
+		"REASON_USER":           6,
 	}
 )
 
@@ -858,7 +863,7 @@ type Exec struct {
 	// Root). No shell is involved.
 	Argv []string `protobuf:"bytes,1,rep,name=argv,proto3" json:"argv,omitempty"`
 	// The complete environment, in order; later entries win. The agent adds
-	// PATH and HOME when they are absent.
+	// PATH and HOME (the user's home directory) when they are absent.
 	Env []*EnvVar `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty"`
 	// Working directory inside the command's root; created (like mkdir -p)
 	// when missing. Default "/".
@@ -875,7 +880,16 @@ type Exec struct {
 	// A name the host gives the exec so that later Signal calls can find it.
 	// Must be unique among running execs of the session; empty means the
 	// exec cannot be signalled by id.
-	Id            string `protobuf:"bytes,7,opt,name=id,proto3" json:"id,omitempty"`
+	Id string `protobuf:"bytes,7,opt,name=id,proto3" json:"id,omitempty"`
+	// Who the command runs as, as docker's --user: "uid", "uid:gid",
+	// "name", "name:group", "uid:group" or "name:gid", names resolved in
+	// the command root's /etc/passwd and /etc/group. Without a group, the
+	// primary group is the user's and the supplementary groups are every
+	// group that lists the user; with one, that group alone. A name that
+	// does not resolve is a start failure (REASON_USER). Empty: root.
+	// HOME defaults to the user's home directory. Since version 2
+	// (capability "exec.user").
+	User          string `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -955,6 +969,13 @@ func (x *Exec) GetKillGraceMillis() uint64 {
 func (x *Exec) GetId() string {
 	if x != nil {
 		return x.Id
+	}
+	return ""
+}
+
+func (x *Exec) GetUser() string {
+	if x != nil {
+		return x.User
 	}
 	return ""
 }
@@ -1943,7 +1964,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
-	"\apayload\x18\x01 \x01(\fR\apayload\"\xcd\x01\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"\xe1\x01\n" +
 	"\x04Exec\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12&\n" +
 	"\x03env\x18\x02 \x03(\v2\x14.mvm.agent.v1.EnvVarR\x03env\x12\x10\n" +
@@ -1951,7 +1972,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x04 \x01(\bR\x05stdin\x12%\n" +
 	"\x0etimeout_millis\x18\x05 \x01(\x04R\rtimeoutMillis\x12*\n" +
 	"\x11kill_grace_millis\x18\x06 \x01(\x04R\x0fkillGraceMillis\x12\x0e\n" +
-	"\x02id\x18\a \x01(\tR\x02id\"2\n" +
+	"\x02id\x18\a \x01(\tR\x02id\x12\x12\n" +
+	"\x04user\x18\b \x01(\tR\x04user\"2\n" +
 	"\x06EnvVar\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\"A\n" +
@@ -1980,11 +2002,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\x12\x1b\n" +
 	"\ttimed_out\x18\x03 \x01(\bR\btimedOut\x12?\n" +
 	"\rstart_failure\x18\x04 \x01(\v2\x1a.mvm.agent.v1.StartFailureR\fstartFailure\x12'\n" +
-	"\x0fduration_micros\x18\x05 \x01(\x04R\x0edurationMicros\"\x83\x02\n" +
+	"\x0fduration_micros\x18\x05 \x01(\x04R\x0edurationMicros\"\x94\x02\n" +
 	"\fStartFailure\x129\n" +
 	"\x06reason\x18\x01 \x01(\x0e2!.mvm.agent.v1.StartFailure.ReasonR\x06reason\x12\x14\n" +
 	"\x05errno\x18\x02 \x01(\x05R\x05errno\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\x87\x01\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\x98\x01\n" +
 	"\x06Reason\x12\x16\n" +
 	"\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10REASON_NOT_FOUND\x10\x01\x12\x19\n" +
@@ -1992,7 +2014,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"REASON_CWD\x10\x03\x12\x12\n" +
 	"\x0eREASON_INVALID\x10\x04\x12\x10\n" +
-	"\fREASON_OTHER\x10\x05\"9\n" +
+	"\fREASON_OTHER\x10\x05\x12\x0f\n" +
+	"\vREASON_USER\x10\x06\"9\n" +
 	"\x06Signal\x12\x17\n" +
 	"\aexec_id\x18\x01 \x01(\tR\x06execId\x12\x16\n" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\r\n" +
