@@ -165,7 +165,13 @@ func (r driveRef) check() error {
 
 // drives is where the agent looks for disks: sysfs's block directory and
 // the directory of their device nodes.
-type drives struct{ sysBlock, devDir string }
+type drives struct {
+	sysBlock, devDir string
+	// flush, if set, is called for each disk before its superblock is
+	// read, and for the disk a serial names: a restored snapshot may
+	// have swapped the image behind it.
+	flush func(dev string)
+}
 
 var guestDrives = drives{sysBlock: "/sys/block", devDir: "/dev"}
 
@@ -181,6 +187,9 @@ func (d drives) find(ref driveRef, timeout time.Duration) (string, error) {
 			devs, err = d.byLabel(ref.label)
 		} else {
 			devs = d.bySerial(ref.serial)
+			if len(devs) == 1 && d.flush != nil {
+				d.flush(devs[0])
+			}
 		}
 		switch {
 		case err != nil:
@@ -258,6 +267,9 @@ func (d drives) byLabel(label string) ([]string, error) {
 			continue
 		}
 		dev := filepath.Join(d.devDir, e.Name())
+		if d.flush != nil {
+			d.flush(dev)
+		}
 		got, ok := readLabel(dev)
 		if ok && got == label {
 			out = append(out, dev)

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -185,10 +186,14 @@ func loopbackUp() error {
 	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
 }
 
-// ApplyHello sets the guest clock from the host's and credits the host's
-// random bytes to the guest's entropy pool. Both matter most after a
-// snapshot restore, where the clock is stale and every clone would
-// otherwise share one random state.
+// ApplyHello sets the guest clock from the host's, credits the host's
+// random bytes to the guest's entropy pool and makes the kernel reseed its
+// random number generator from it. Both matter most after a snapshot
+// restore, where the clock is stale and every clone would otherwise share
+// one random state: crediting entropy alone changes what the kernel will
+// mix in at its next scheduled reseed (up to a minute later), while
+// RNDRESEEDCRNG makes the very next read of /dev/urandom or getrandom
+// come from the new state.
 func ApplyHello(log *slog.Logger, h *agentpb.Hello) {
 	if ns := h.GetHostTimeUnixNano(); ns > 0 {
 		tv := unix.NsecToTimeval(ns)
@@ -204,23 +209,34 @@ func ApplyHello(log *slog.Logger, h *agentpb.Hello) {
 }
 
 // addEntropy feeds seed to the kernel with RNDADDENTROPY, which (unlike a
-// plain write to /dev/urandom) also credits it.
+// plain write to /dev/urandom) also credits it, then forces a reseed of
+// the kernel's CRNG with RNDRESEEDCRNG.
 func addEntropy(seed []byte) error {
 	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-	buf := make([]byte, 8+len(seed)+3)
-	*(*int32)(unsafe.Pointer(&buf[0])) = int32(len(seed) * 8)
-	*(*int32)(unsafe.Pointer(&buf[4])) = int32(len(seed))
-	copy(buf[8:], seed)
+	buf := randPoolInfo(seed)
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
 	if errno != 0 {
-		return errno
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); errno != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
+}
+
+// randPoolInfo lays seed out as RNDADDENTROPY's argument, struct
+// rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, with
+// every bit credited.
+func randPoolInfo(seed []byte) []byte {
+	buf := make([]byte, 8+len(seed)+3)
+	binary.NativeEndian.PutUint32(buf[0:], uint32(len(seed)*8))
+	binary.NativeEndian.PutUint32(buf[4:], uint32(len(seed)))
+	copy(buf[8:], seed)
+	return buf
 }
 
 // powerSignals ask init to end the system: busybox's halt, poweroff and

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"bytes"
-	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -135,6 +134,13 @@ func (s *Server) setRootWait(req *agentpb.Root, wait time.Duration) error {
 	if err := s.prepareRootTree(r, req.Hostname); err != nil {
 		return fail(err)
 	}
+	if s.hasBootID {
+		if err := r.bindFile(bootIDFile, bootIDProc); err != nil {
+			return fail(fmt.Errorf("root: %w", err))
+		}
+		done = append(done, filepath.Join(rootDir, bootIDProc))
+		s.bootIDBound[rootDir] = true
+	}
 	s.root, s.rootLabel = r, req.LowerLabel
 	s.mounted[lowerDev], s.mounted[upperDev] = true, true
 	return nil
@@ -265,7 +271,8 @@ func hostsFile(old []byte, hostname string) []byte {
 // systemd writes them.
 func newMachineID() string {
 	var b [16]byte
-	_, _ = rand.Read(b[:])
+	// getrandom(2) directly: crypto/rand would add 200 KiB to the agent.
+	_, _ = unix.Getrandom(b[:], 0)
 	// Version 4 and the RFC 4122 variant, as systemd-machine-id-setup
 	// makes them.
 	b[6] = b[6]&0x0f | 0x40

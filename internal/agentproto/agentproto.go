@@ -52,6 +52,15 @@ const (
 	// CapExecUser: Exec.user runs the command as another user, resolved
 	// in the command root's /etc/passwd and /etc/group (version 2).
 	CapExecUser = "exec.user"
+	// CapSnapshot: the agent can be snapshotted and restored (version
+	// 2): the Quiesce call, a new session on a connection that carried
+	// one, Hello.boot_id, a reseed of the kernel's random number
+	// generator at every hello, and drive caches flushed before a drive
+	// is first mounted (its image may have been swapped at restore).
+	CapSnapshot = "snapshot"
+	// CapHelloHostname: Hello.hostname sets the guest's host name
+	// (version 2).
+	CapHelloHostname = "hello.hostname"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

@@ -240,6 +240,7 @@ type Request struct {
 	//	*Request_Shutdown
 	//	*Request_Mount
 	//	*Request_Root
+	//	*Request_Quiesce
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -345,6 +346,15 @@ func (x *Request) GetRoot() *Root {
 	return nil
 }
 
+func (x *Request) GetQuiesce() *Quiesce {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Quiesce); ok {
+			return x.Quiesce
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -378,6 +388,11 @@ type Request_Root struct {
 	Root *Root `protobuf:"bytes,7,opt,name=root,proto3,oneof"`
 }
 
+type Request_Quiesce struct {
+	// Since version 2 (capability "snapshot").
+	Quiesce *Quiesce `protobuf:"bytes,8,opt,name=quiesce,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -392,6 +407,8 @@ func (*Request_Mount) isRequest_Call() {}
 
 func (*Request_Root) isRequest_Call() {}
 
+func (*Request_Quiesce) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -403,6 +420,7 @@ type Response struct {
 	//	*Response_Shutdown
 	//	*Response_Mount
 	//	*Response_Root
+	//	*Response_Quiesce
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -500,6 +518,15 @@ func (x *Response) GetRoot() *RootReply {
 	return nil
 }
 
+func (x *Response) GetQuiesce() *QuiesceReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Quiesce); ok {
+			return x.Quiesce
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -537,6 +564,10 @@ type Response_Root struct {
 	Root *RootReply `protobuf:"bytes,6,opt,name=root,proto3,oneof"`
 }
 
+type Response_Quiesce struct {
+	Quiesce *QuiesceReply `protobuf:"bytes,7,opt,name=quiesce,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -552,6 +583,8 @@ func (*Response_Shutdown) isResponse_Result() {}
 func (*Response_Mount) isResponse_Result() {}
 
 func (*Response_Root) isResponse_Result() {}
+
+func (*Response_Quiesce) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -619,8 +652,20 @@ type Hello struct {
 	// Host wall clock (Unix nanoseconds) when the hello was written; the agent
 	// sets the guest clock from it.
 	HostTimeUnixNano int64 `protobuf:"varint,3,opt,name=host_time_unix_nano,json=hostTimeUnixNano,proto3" json:"host_time_unix_nano,omitempty"`
-	// Random bytes the agent mixes into the guest's entropy pool.
-	Entropy       []byte `protobuf:"bytes,4,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// Random bytes the agent mixes into the guest's entropy pool. Since
+	// version 2 (capability "snapshot") the agent then forces the kernel's
+	// random number generator to reseed, so that clones restored from one
+	// snapshot never produce the same random bytes.
+	Entropy []byte `protobuf:"bytes,4,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// The guest's host name from now on (sethostname, and /etc/hostname and
+	// /etc/hosts of the command root); empty keeps it. Since version 2
+	// (capability "hello.hostname").
+	Hostname string `protobuf:"bytes,5,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// 16 random bytes that become the guest's boot id as commands read it
+	// (/proc/sys/kernel/random/boot_id, as a UUID): a restored snapshot
+	// would otherwise give every clone the boot id of the snapshotted boot.
+	// Empty keeps the kernel's. Since version 2 (capability "snapshot").
+	BootId        []byte `protobuf:"bytes,6,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -679,6 +724,20 @@ func (x *Hello) GetHostTimeUnixNano() int64 {
 func (x *Hello) GetEntropy() []byte {
 	if x != nil {
 		return x.Entropy
+	}
+	return nil
+}
+
+func (x *Hello) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *Hello) GetBootId() []byte {
+	if x != nil {
+		return x.BootId
 	}
 	return nil
 }
@@ -1913,11 +1972,93 @@ func (*RootReply) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
+// Quiesce prepares the agent for a snapshot of the VM: the host sends it
+// when it has no other call in flight, and pauses the VM once it has read
+// the reply. The reply is the last thing the agent writes in this session:
+// from then on it drops whatever the session would write, so nothing of
+// the old session reaches the host's next one (after a restore, or on
+// the same connection). The next session starts with a new hello (a frame
+// opening stream 1), on the same connection or after the host
+// reconnected. Refused (CODE_FAILED_PRECONDITION) while a command runs or
+// once a drive is mounted: drives are swapped at restore, so they are
+// mounted after it. Since version 2 (capability "snapshot").
+type Quiesce struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Quiesce) Reset() {
+	*x = Quiesce{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quiesce) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quiesce) ProtoMessage() {}
+
+func (x *Quiesce) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
+func (*Quiesce) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+}
+
+type QuiesceReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QuiesceReply) Reset() {
+	*x = QuiesceReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QuiesceReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QuiesceReply) ProtoMessage() {}
+
+func (x *QuiesceReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QuiesceReply.ProtoReflect.Descriptor instead.
+func (*QuiesceReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xcf\x02\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\x82\x03\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -1925,15 +2066,17 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06signal\x18\x04 \x01(\v2\x14.mvm.agent.v1.SignalH\x00R\x06signal\x124\n" +
 	"\bshutdown\x18\x05 \x01(\v2\x16.mvm.agent.v1.ShutdownH\x00R\bshutdown\x12+\n" +
 	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mount\x12(\n" +
-	"\x04root\x18\a \x01(\v2\x12.mvm.agent.v1.RootH\x00R\x04rootB\x06\n" +
-	"\x04call\"\xee\x02\n" +
+	"\x04root\x18\a \x01(\v2\x12.mvm.agent.v1.RootH\x00R\x04root\x121\n" +
+	"\aquiesce\x18\b \x01(\v2\x15.mvm.agent.v1.QuiesceH\x00R\aquiesceB\x06\n" +
+	"\x04call\"\xa6\x03\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
 	"\x06signal\x18\x03 \x01(\v2\x19.mvm.agent.v1.SignalReplyH\x00R\x06signal\x129\n" +
 	"\bshutdown\x18\x04 \x01(\v2\x1b.mvm.agent.v1.ShutdownReplyH\x00R\bshutdown\x120\n" +
 	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12-\n" +
-	"\x04root\x18\x06 \x01(\v2\x17.mvm.agent.v1.RootReplyH\x00R\x04root\x12+\n" +
+	"\x04root\x18\x06 \x01(\v2\x17.mvm.agent.v1.RootReplyH\x00R\x04root\x126\n" +
+	"\aquiesce\x18\a \x01(\v2\x1a.mvm.agent.v1.QuiesceReplyH\x00R\aquiesce\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -1946,14 +2089,16 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0eCODE_NOT_FOUND\x10\x03\x12\x10\n" +
 	"\fCODE_VERSION\x10\x04\x12\x11\n" +
 	"\rCODE_INTERNAL\x10\x05\x12\x1c\n" +
-	"\x18CODE_FAILED_PRECONDITION\x10\x06\"\x92\x01\n" +
+	"\x18CODE_FAILED_PRECONDITION\x10\x06\"\xc7\x01\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmax_version\x18\x01 \x01(\rR\n" +
 	"maxVersion\x12\x1f\n" +
 	"\vmin_version\x18\x02 \x01(\rR\n" +
 	"minVersion\x12-\n" +
 	"\x13host_time_unix_nano\x18\x03 \x01(\x03R\x10hostTimeUnixNano\x12\x18\n" +
-	"\aentropy\x18\x04 \x01(\fR\aentropy\"\xda\x01\n" +
+	"\aentropy\x18\x04 \x01(\fR\aentropy\x12\x1a\n" +
+	"\bhostname\x18\x05 \x01(\tR\bhostname\x12\x17\n" +
+	"\aboot_id\x18\x06 \x01(\fR\x06bootId\"\xda\x01\n" +
 	"\n" +
 	"HelloReply\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12#\n" +
@@ -2039,7 +2184,9 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\vupper_label\x18\x02 \x01(\tR\n" +
 	"upperLabel\x12\x1a\n" +
 	"\bhostname\x18\x03 \x01(\tR\bhostname\"\v\n" +
-	"\tRootReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\tRootReply\"\t\n" +
+	"\aQuiesce\"\x0e\n" +
+	"\fQuiesceReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -2054,7 +2201,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -2083,6 +2230,8 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*ShutdownReply)(nil),    // 24: mvm.agent.v1.ShutdownReply
 	(*Root)(nil),             // 25: mvm.agent.v1.Root
 	(*RootReply)(nil),        // 26: mvm.agent.v1.RootReply
+	(*Quiesce)(nil),          // 27: mvm.agent.v1.Quiesce
+	(*QuiesceReply)(nil),     // 28: mvm.agent.v1.QuiesceReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -2092,27 +2241,29 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	23, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
 	21, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
 	25, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
-	7,  // 7: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 8: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	20, // 9: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	24, // 10: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	22, // 11: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	26, // 12: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	5,  // 13: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 14: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	11, // 15: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	13, // 16: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	15, // 17: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	16, // 18: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	17, // 19: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 20: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	18, // 21: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 22: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	23, // [23:23] is the sub-list for method output_type
-	23, // [23:23] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	27, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
+	7,  // 8: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 9: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	20, // 10: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	24, // 11: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	22, // 12: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	26, // 13: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	28, // 14: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	5,  // 15: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 16: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	11, // 17: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	13, // 18: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	15, // 19: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	16, // 20: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	17, // 21: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 22: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	18, // 23: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 24: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -2128,6 +2279,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Shutdown)(nil),
 		(*Request_Mount)(nil),
 		(*Request_Root)(nil),
+		(*Request_Quiesce)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -2136,6 +2288,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Shutdown)(nil),
 		(*Response_Mount)(nil),
 		(*Response_Root)(nil),
+		(*Response_Quiesce)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[9].OneofWrappers = []any{
@@ -2152,7 +2305,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
