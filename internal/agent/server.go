@@ -111,6 +111,7 @@ func (s *Server) capabilities() []string {
 		agentproto.CapExecStdin,
 		agentproto.CapExecTimeout,
 		agentproto.CapSignal,
+		agentproto.CapExecTTY,
 	}
 	if unix.Geteuid() == 0 {
 		// Only root can become another user.

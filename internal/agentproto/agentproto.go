@@ -61,6 +61,9 @@ const (
 	// CapHelloHostname: Hello.hostname sets the guest's host name
 	// (version 2).
 	CapHelloHostname = "hello.hostname"
+	// CapExecTTY: Exec.tty runs the command on a pseudo-terminal of the
+	// size Exec.window, resized by ExecInput.resize (version 2).
+	CapExecTTY = "exec.tty"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

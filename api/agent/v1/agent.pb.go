@@ -157,7 +157,7 @@ func (x Output_Fd) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Output_Fd.Descriptor instead.
 func (Output_Fd) EnumDescriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13, 0}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14, 0}
 }
 
 type StartFailure_Reason int32
@@ -225,7 +225,7 @@ func (x StartFailure_Reason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use StartFailure_Reason.Descriptor instead.
 func (StartFailure_Reason) EnumDescriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15, 0}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16, 0}
 }
 
 // Request is the first message on every stream.
@@ -948,7 +948,16 @@ type Exec struct {
 	// does not resolve is a start failure (REASON_USER). Empty: root.
 	// HOME defaults to the user's home directory. Since version 2
 	// (capability "exec.user").
-	User          string `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
+	User string `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
+	// Run the command on a pseudo-terminal: it becomes the command's
+	// controlling terminal and its stdin, stdout and stderr, all output
+	// comes as Output on FD_STDOUT (one stream, as on any terminal), stdin
+	// data is typed into it, and ExecInput.resize resizes it. TERM defaults
+	// to "xterm". Since version 2 (capability "exec.tty").
+	Tty bool `protobuf:"varint,9,opt,name=tty,proto3" json:"tty,omitempty"`
+	// The terminal's size when the command starts (with tty; zero rows and
+	// columns when unset).
+	Window        *WindowSize `protobuf:"bytes,10,opt,name=window,proto3" json:"window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1039,6 +1048,90 @@ func (x *Exec) GetUser() string {
 	return ""
 }
 
+func (x *Exec) GetTty() bool {
+	if x != nil {
+		return x.Tty
+	}
+	return false
+}
+
+func (x *Exec) GetWindow() *WindowSize {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+// WindowSize is a terminal's size: rows and columns, and optionally its
+// size in pixels. Each is at most 65535.
+type WindowSize struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rows          uint32                 `protobuf:"varint,1,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,2,opt,name=cols,proto3" json:"cols,omitempty"`
+	XPixels       uint32                 `protobuf:"varint,3,opt,name=x_pixels,json=xPixels,proto3" json:"x_pixels,omitempty"`
+	YPixels       uint32                 `protobuf:"varint,4,opt,name=y_pixels,json=yPixels,proto3" json:"y_pixels,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WindowSize) Reset() {
+	*x = WindowSize{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WindowSize) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WindowSize) ProtoMessage() {}
+
+func (x *WindowSize) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WindowSize.ProtoReflect.Descriptor instead.
+func (*WindowSize) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *WindowSize) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *WindowSize) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+func (x *WindowSize) GetXPixels() uint32 {
+	if x != nil {
+		return x.XPixels
+	}
+	return 0
+}
+
+func (x *WindowSize) GetYPixels() uint32 {
+	if x != nil {
+		return x.YPixels
+	}
+	return 0
+}
+
 type EnvVar struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1049,7 +1142,7 @@ type EnvVar struct {
 
 func (x *EnvVar) Reset() {
 	*x = EnvVar{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1061,7 +1154,7 @@ func (x *EnvVar) String() string {
 func (*EnvVar) ProtoMessage() {}
 
 func (x *EnvVar) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1074,7 +1167,7 @@ func (x *EnvVar) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvVar.ProtoReflect.Descriptor instead.
 func (*EnvVar) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *EnvVar) GetName() string {
@@ -1097,6 +1190,7 @@ type ExecInput struct {
 	// Types that are valid to be assigned to Input:
 	//
 	//	*ExecInput_Stdin
+	//	*ExecInput_Resize
 	Input         isExecInput_Input `protobuf_oneof:"input"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1104,7 +1198,7 @@ type ExecInput struct {
 
 func (x *ExecInput) Reset() {
 	*x = ExecInput{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1116,7 +1210,7 @@ func (x *ExecInput) String() string {
 func (*ExecInput) ProtoMessage() {}
 
 func (x *ExecInput) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1129,7 +1223,7 @@ func (x *ExecInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecInput.ProtoReflect.Descriptor instead.
 func (*ExecInput) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ExecInput) GetInput() isExecInput_Input {
@@ -1148,17 +1242,38 @@ func (x *ExecInput) GetStdin() *Stdin {
 	return nil
 }
 
+func (x *ExecInput) GetResize() *WindowSize {
+	if x != nil {
+		if x, ok := x.Input.(*ExecInput_Resize); ok {
+			return x.Resize
+		}
+	}
+	return nil
+}
+
 type isExecInput_Input interface {
 	isExecInput_Input()
 }
 
 type ExecInput_Stdin struct {
 	// Bytes for the command's stdin. Once eof is set, no more data follows
-	// and the command reads end-of-file after the bytes sent so far.
+	// and the command reads end-of-file after the bytes sent so far. On a
+	// terminal (Exec.tty) the bytes are typed as they are (0x03 is what
+	// the line discipline turns into SIGINT) and eof only stops input:
+	// a terminal has no end-of-file but the EOF character (0x04) the
+	// program's line discipline interprets.
 	Stdin *Stdin `protobuf:"bytes,1,opt,name=stdin,proto3,oneof"`
 }
 
+type ExecInput_Resize struct {
+	// A new window size for the terminal of an Exec with tty (ignored
+	// otherwise). Since version 2 (capability "exec.tty").
+	Resize *WindowSize `protobuf:"bytes,2,opt,name=resize,proto3,oneof"`
+}
+
 func (*ExecInput_Stdin) isExecInput_Input() {}
+
+func (*ExecInput_Resize) isExecInput_Input() {}
 
 type Stdin struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1170,7 +1285,7 @@ type Stdin struct {
 
 func (x *Stdin) Reset() {
 	*x = Stdin{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1182,7 +1297,7 @@ func (x *Stdin) String() string {
 func (*Stdin) ProtoMessage() {}
 
 func (x *Stdin) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1195,7 +1310,7 @@ func (x *Stdin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stdin.ProtoReflect.Descriptor instead.
 func (*Stdin) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Stdin) GetData() []byte {
@@ -1227,7 +1342,7 @@ type ExecEvent struct {
 
 func (x *ExecEvent) Reset() {
 	*x = ExecEvent{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1354,7 @@ func (x *ExecEvent) String() string {
 func (*ExecEvent) ProtoMessage() {}
 
 func (x *ExecEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1367,7 @@ func (x *ExecEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecEvent.ProtoReflect.Descriptor instead.
 func (*ExecEvent) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ExecEvent) GetEvent() isExecEvent_Event {
@@ -1321,7 +1436,7 @@ type Started struct {
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1333,7 +1448,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1346,7 +1461,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Started) GetPid() uint32 {
@@ -1367,7 +1482,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1379,7 +1494,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1392,7 +1507,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Output) GetFd() Output_Fd {
@@ -1430,7 +1545,7 @@ type Exited struct {
 
 func (x *Exited) Reset() {
 	*x = Exited{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1442,7 +1557,7 @@ func (x *Exited) String() string {
 func (*Exited) ProtoMessage() {}
 
 func (x *Exited) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1455,7 +1570,7 @@ func (x *Exited) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exited.ProtoReflect.Descriptor instead.
 func (*Exited) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Exited) GetCode() int32 {
@@ -1506,7 +1621,7 @@ type StartFailure struct {
 
 func (x *StartFailure) Reset() {
 	*x = StartFailure{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1633,7 @@ func (x *StartFailure) String() string {
 func (*StartFailure) ProtoMessage() {}
 
 func (x *StartFailure) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1646,7 @@ func (x *StartFailure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartFailure.ProtoReflect.Descriptor instead.
 func (*StartFailure) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StartFailure) GetReason() StartFailure_Reason {
@@ -1566,7 +1681,7 @@ type Signal struct {
 
 func (x *Signal) Reset() {
 	*x = Signal{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1578,7 +1693,7 @@ func (x *Signal) String() string {
 func (*Signal) ProtoMessage() {}
 
 func (x *Signal) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1591,7 +1706,7 @@ func (x *Signal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Signal.ProtoReflect.Descriptor instead.
 func (*Signal) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Signal) GetExecId() string {
@@ -1616,7 +1731,7 @@ type SignalReply struct {
 
 func (x *SignalReply) Reset() {
 	*x = SignalReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1628,7 +1743,7 @@ func (x *SignalReply) String() string {
 func (*SignalReply) ProtoMessage() {}
 
 func (x *SignalReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1641,7 +1756,7 @@ func (x *SignalReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalReply.ProtoReflect.Descriptor instead.
 func (*SignalReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 // Mount mounts an ext4 block device of the VM at a guest path (created if
@@ -1682,7 +1797,7 @@ type Mount struct {
 
 func (x *Mount) Reset() {
 	*x = Mount{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1694,7 +1809,7 @@ func (x *Mount) String() string {
 func (*Mount) ProtoMessage() {}
 
 func (x *Mount) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1707,7 +1822,7 @@ func (x *Mount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mount.ProtoReflect.Descriptor instead.
 func (*Mount) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Mount) GetDeviceSerial() string {
@@ -1760,7 +1875,7 @@ type MountReply struct {
 
 func (x *MountReply) Reset() {
 	*x = MountReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1772,7 +1887,7 @@ func (x *MountReply) String() string {
 func (*MountReply) ProtoMessage() {}
 
 func (x *MountReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1785,7 +1900,7 @@ func (x *MountReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MountReply.ProtoReflect.Descriptor instead.
 func (*MountReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 // Shutdown makes the agent sync and unmount filesystems and power the VM
@@ -1798,7 +1913,7 @@ type Shutdown struct {
 
 func (x *Shutdown) Reset() {
 	*x = Shutdown{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1810,7 +1925,7 @@ func (x *Shutdown) String() string {
 func (*Shutdown) ProtoMessage() {}
 
 func (x *Shutdown) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1823,7 +1938,7 @@ func (x *Shutdown) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Shutdown.ProtoReflect.Descriptor instead.
 func (*Shutdown) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 type ShutdownReply struct {
@@ -1834,7 +1949,7 @@ type ShutdownReply struct {
 
 func (x *ShutdownReply) Reset() {
 	*x = ShutdownReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1846,7 +1961,7 @@ func (x *ShutdownReply) String() string {
 func (*ShutdownReply) ProtoMessage() {}
 
 func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1859,7 +1974,7 @@ func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownReply.ProtoReflect.Descriptor instead.
 func (*ShutdownReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 // Root makes a template the root filesystem of every later command: the
@@ -1887,7 +2002,7 @@ type Root struct {
 
 func (x *Root) Reset() {
 	*x = Root{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1899,7 +2014,7 @@ func (x *Root) String() string {
 func (*Root) ProtoMessage() {}
 
 func (x *Root) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1912,7 +2027,7 @@ func (x *Root) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Root.ProtoReflect.Descriptor instead.
 func (*Root) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Root) GetLowerLabel() string {
@@ -1944,7 +2059,7 @@ type RootReply struct {
 
 func (x *RootReply) Reset() {
 	*x = RootReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1956,7 +2071,7 @@ func (x *RootReply) String() string {
 func (*RootReply) ProtoMessage() {}
 
 func (x *RootReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1969,7 +2084,7 @@ func (x *RootReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RootReply.ProtoReflect.Descriptor instead.
 func (*RootReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 // Quiesce prepares the agent for a snapshot of the VM: the host sends it
@@ -1990,7 +2105,7 @@ type Quiesce struct {
 
 func (x *Quiesce) Reset() {
 	*x = Quiesce{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2002,7 +2117,7 @@ func (x *Quiesce) String() string {
 func (*Quiesce) ProtoMessage() {}
 
 func (x *Quiesce) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2015,7 +2130,7 @@ func (x *Quiesce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
 func (*Quiesce) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 type QuiesceReply struct {
@@ -2026,7 +2141,7 @@ type QuiesceReply struct {
 
 func (x *QuiesceReply) Reset() {
 	*x = QuiesceReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2153,7 @@ func (x *QuiesceReply) String() string {
 func (*QuiesceReply) ProtoMessage() {}
 
 func (x *QuiesceReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2166,7 @@ func (x *QuiesceReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QuiesceReply.ProtoReflect.Descriptor instead.
 func (*QuiesceReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
@@ -2109,7 +2224,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
-	"\apayload\x18\x01 \x01(\fR\apayload\"\xe1\x01\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"\xa5\x02\n" +
 	"\x04Exec\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12&\n" +
 	"\x03env\x18\x02 \x03(\v2\x14.mvm.agent.v1.EnvVarR\x03env\x12\x10\n" +
@@ -2118,12 +2233,22 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0etimeout_millis\x18\x05 \x01(\x04R\rtimeoutMillis\x12*\n" +
 	"\x11kill_grace_millis\x18\x06 \x01(\x04R\x0fkillGraceMillis\x12\x0e\n" +
 	"\x02id\x18\a \x01(\tR\x02id\x12\x12\n" +
-	"\x04user\x18\b \x01(\tR\x04user\"2\n" +
+	"\x04user\x18\b \x01(\tR\x04user\x12\x10\n" +
+	"\x03tty\x18\t \x01(\bR\x03tty\x120\n" +
+	"\x06window\x18\n" +
+	" \x01(\v2\x18.mvm.agent.v1.WindowSizeR\x06window\"j\n" +
+	"\n" +
+	"WindowSize\x12\x12\n" +
+	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x02 \x01(\rR\x04cols\x12\x19\n" +
+	"\bx_pixels\x18\x03 \x01(\rR\axPixels\x12\x19\n" +
+	"\by_pixels\x18\x04 \x01(\rR\ayPixels\"2\n" +
 	"\x06EnvVar\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"A\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"u\n" +
 	"\tExecInput\x12+\n" +
-	"\x05stdin\x18\x01 \x01(\v2\x13.mvm.agent.v1.StdinH\x00R\x05stdinB\a\n" +
+	"\x05stdin\x18\x01 \x01(\v2\x13.mvm.agent.v1.StdinH\x00R\x05stdin\x122\n" +
+	"\x06resize\x18\x02 \x01(\v2\x18.mvm.agent.v1.WindowSizeH\x00R\x06resizeB\a\n" +
 	"\x05input\"-\n" +
 	"\x05Stdin\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
@@ -2201,7 +2326,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -2214,56 +2339,59 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*Ping)(nil),             // 8: mvm.agent.v1.Ping
 	(*Pong)(nil),             // 9: mvm.agent.v1.Pong
 	(*Exec)(nil),             // 10: mvm.agent.v1.Exec
-	(*EnvVar)(nil),           // 11: mvm.agent.v1.EnvVar
-	(*ExecInput)(nil),        // 12: mvm.agent.v1.ExecInput
-	(*Stdin)(nil),            // 13: mvm.agent.v1.Stdin
-	(*ExecEvent)(nil),        // 14: mvm.agent.v1.ExecEvent
-	(*Started)(nil),          // 15: mvm.agent.v1.Started
-	(*Output)(nil),           // 16: mvm.agent.v1.Output
-	(*Exited)(nil),           // 17: mvm.agent.v1.Exited
-	(*StartFailure)(nil),     // 18: mvm.agent.v1.StartFailure
-	(*Signal)(nil),           // 19: mvm.agent.v1.Signal
-	(*SignalReply)(nil),      // 20: mvm.agent.v1.SignalReply
-	(*Mount)(nil),            // 21: mvm.agent.v1.Mount
-	(*MountReply)(nil),       // 22: mvm.agent.v1.MountReply
-	(*Shutdown)(nil),         // 23: mvm.agent.v1.Shutdown
-	(*ShutdownReply)(nil),    // 24: mvm.agent.v1.ShutdownReply
-	(*Root)(nil),             // 25: mvm.agent.v1.Root
-	(*RootReply)(nil),        // 26: mvm.agent.v1.RootReply
-	(*Quiesce)(nil),          // 27: mvm.agent.v1.Quiesce
-	(*QuiesceReply)(nil),     // 28: mvm.agent.v1.QuiesceReply
+	(*WindowSize)(nil),       // 11: mvm.agent.v1.WindowSize
+	(*EnvVar)(nil),           // 12: mvm.agent.v1.EnvVar
+	(*ExecInput)(nil),        // 13: mvm.agent.v1.ExecInput
+	(*Stdin)(nil),            // 14: mvm.agent.v1.Stdin
+	(*ExecEvent)(nil),        // 15: mvm.agent.v1.ExecEvent
+	(*Started)(nil),          // 16: mvm.agent.v1.Started
+	(*Output)(nil),           // 17: mvm.agent.v1.Output
+	(*Exited)(nil),           // 18: mvm.agent.v1.Exited
+	(*StartFailure)(nil),     // 19: mvm.agent.v1.StartFailure
+	(*Signal)(nil),           // 20: mvm.agent.v1.Signal
+	(*SignalReply)(nil),      // 21: mvm.agent.v1.SignalReply
+	(*Mount)(nil),            // 22: mvm.agent.v1.Mount
+	(*MountReply)(nil),       // 23: mvm.agent.v1.MountReply
+	(*Shutdown)(nil),         // 24: mvm.agent.v1.Shutdown
+	(*ShutdownReply)(nil),    // 25: mvm.agent.v1.ShutdownReply
+	(*Root)(nil),             // 26: mvm.agent.v1.Root
+	(*RootReply)(nil),        // 27: mvm.agent.v1.RootReply
+	(*Quiesce)(nil),          // 28: mvm.agent.v1.Quiesce
+	(*QuiesceReply)(nil),     // 29: mvm.agent.v1.QuiesceReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
 	8,  // 1: mvm.agent.v1.Request.ping:type_name -> mvm.agent.v1.Ping
 	10, // 2: mvm.agent.v1.Request.exec:type_name -> mvm.agent.v1.Exec
-	19, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
-	23, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
-	21, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
-	25, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
-	27, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
+	20, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
+	24, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
+	22, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
+	26, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
+	28, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
 	7,  // 8: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
 	9,  // 9: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	20, // 10: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	24, // 11: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	22, // 12: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	26, // 13: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	28, // 14: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	21, // 10: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 11: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 12: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 13: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 14: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
 	5,  // 15: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
 	0,  // 16: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	11, // 17: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	13, // 18: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	15, // 19: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	16, // 20: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	17, // 21: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 22: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	18, // 23: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 24: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	12, // 17: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 18: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 19: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 20: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 21: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 22: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 23: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 24: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 25: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 26: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -2291,10 +2419,11 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Quiesce)(nil),
 		(*Response_Error)(nil),
 	}
-	file_api_agent_v1_agent_proto_msgTypes[9].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
 		(*ExecInput_Stdin)(nil),
+		(*ExecInput_Resize)(nil),
 	}
-	file_api_agent_v1_agent_proto_msgTypes[11].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[12].OneofWrappers = []any{
 		(*ExecEvent_Started)(nil),
 		(*ExecEvent_Output)(nil),
 		(*ExecEvent_Exited)(nil),
@@ -2305,7 +2434,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
