@@ -185,3 +185,30 @@ func TestRootRequestChecked(t *testing.T) {
 		t.Errorf("root after a mount: got %v, want a precondition error", err)
 	}
 }
+
+// FuzzHostsFile feeds arbitrary image /etc/hosts content to the rewrite:
+// it never panics, keeps a localhost entry, and names the host exactly
+// once, on the one 127.0.1.1 line.
+func FuzzHostsFile(f *testing.F) {
+	f.Add([]byte("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tdebian\n"))
+	f.Add([]byte("# empty\n\n\t\n127.0.1.1 a b c # x\n127.0.1.1\n"))
+	f.Add([]byte("\x00\xff localhost\r\n"))
+	f.Fuzz(func(t *testing.T, old []byte) {
+		out := string(hostsFile(old, "vm-host"))
+		if !strings.HasSuffix(out, "127.0.1.1\tvm-host\n") {
+			t.Fatalf("no host line at the end: %q", out)
+		}
+		n := 0
+		for _, line := range strings.Split(out, "\n") {
+			if f := strings.Fields(strings.SplitN(line, "#", 2)[0]); len(f) > 0 && f[0] == "127.0.1.1" {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Fatalf("%d 127.0.1.1 lines in %q", n, out)
+		}
+		if !strings.Contains(out, "localhost") {
+			t.Fatalf("no localhost in %q", out)
+		}
+	})
+}
