@@ -497,10 +497,14 @@ func stdinFor(forward bool) (child, agentEnd *os.File, err error) {
 func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
+	// A stopped timer, not time.After: an idle agent has no timer left
+	// to fire (it may be snapshotted and restored at any point).
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
 	case <-done:
 		return true
-	case <-time.After(d):
+	case <-t.C:
 		return false
 	}
 }
