@@ -55,7 +55,7 @@ FUZZ_TARGETS += ./internal/ext4:FuzzReader ./internal/writeback:FuzzChangeSet
 FUZZ_TARGETS += ./internal/mux:FuzzClientSession
 FUZZ_TARGETS += ./internal/agentproto:FuzzReadResponse
 FUZZ_TARGETS += ./internal/agentproto:FuzzReadExecEvent
-FUZZ_TARGETS += ./internal/agent:FuzzSuperblockLabel
+FUZZ_TARGETS += ./internal/agent:FuzzSuperblockLabel ./internal/agent:FuzzAccountFiles ./internal/agent:FuzzHostsFile
 FUZZ_TARGETS += ./internal/dirimage:FuzzHashTree ./internal/dirimage:FuzzBuild
 FUZZ_TARGETS += ./internal/launchplan:FuzzParse ./internal/adddir:FuzzParse
 

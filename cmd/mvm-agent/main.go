@@ -87,10 +87,11 @@ func main() {
 	serveSerial(ctx, log, srv, *port, isInit, vsock)
 }
 
-// serveSerial serves sessions on the virtio-serial port, one after the
-// other, for as long as the guest runs.
+// serveSerial serves sessions on the virtio-serial port for as long as the
+// guest runs. The port stays open across sessions (ServePort waits for a
+// host that disconnected); only a port that fails is opened again.
 func serveSerial(ctx context.Context, log *slog.Logger, srv *agent.Server, port string, isInit, vsock bool) {
-	for backoff := time.Millisecond; ; backoff = min(2*backoff, 100*time.Millisecond) {
+	for {
 		f, err := agent.OpenPort(port, 10*time.Second)
 		if err != nil {
 			if vsock && agent.VsockHasDevice() {
@@ -103,17 +104,9 @@ func serveSerial(ctx context.Context, log *slog.Logger, srv *agent.Server, port 
 			}
 			os.Exit(1)
 		}
-		start := time.Now()
-		if err := srv.ServeConn(ctx, f); err != nil {
-			log.Debug("session ended", "err", err)
-		}
+		err = srv.ServePort(ctx, f)
 		f.Close()
-		// A session that lasted is a host that went away; come back fast
-		// for the next one. Back off only while the port keeps ending at
-		// once (host not connected: reads return end-of-file).
-		if time.Since(start) > time.Second {
-			backoff = time.Millisecond
-		}
-		time.Sleep(backoff)
+		log.Warn("agent port failed; opening it again", "err", err)
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -141,61 +142,75 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "%v", err)
 		return
 	}
-	cwd := req.Cwd
-	if cwd == "" {
-		cwd = "/"
+	// A relative working directory is relative to the root, as it was
+	// to the agent's own working directory, /.
+	cwd := path.Join("/", req.Cwd)
+	root := s.srv.cmdRoot()
+	id := rootIdentity
+	if req.User != "" || envValue(env, "HOME") == "" {
+		if id, err = resolveUser(root, req.User); err != nil {
+			fail(agentpb.StartFailure_REASON_USER, 0, "%v", err)
+			return
+		}
 	}
-	if err := ensureDir(cwd); err != nil {
+	env = withDefault(env, "HOME", id.home)
+	if err := ensureDir(root, cwd); err != nil {
 		fail(agentpb.StartFailure_REASON_CWD, errnoOf(err), "working directory %q: %v", cwd, err)
 		return
 	}
-	path, err := lookPath(req.Argv[0], envValue(env, "PATH"))
+	path, err := lookPath(root, req.Argv[0], envValue(env, "PATH"), cwd, id)
 	if err != nil {
 		reason, errno := classifyStartErr(err)
 		fail(reason, errno, "%s: %v", req.Argv[0], err)
 		return
 	}
 
-	stdin, stdinW, err := stdinFor(req.Stdin)
+	var win *unix.Winsize
+	if req.Tty {
+		if win, err = winsize(req.Window); err != nil {
+			fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "%v", err)
+			return
+		}
+		env = withDefault(env, "TERM", "xterm")
+	}
+	sio, err := newStdio(root, req.Stdin, win)
 	if err != nil {
-		fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "stdin: %v", err)
+		fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "%v", err)
 		return
 	}
-	stdoutR, stdoutW, err := os.Pipe()
-	if err != nil {
-		closeAll(stdin, stdinW)
-		fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "stdout pipe: %v", err)
-		return
-	}
-	stderrR, stderrW, err := os.Pipe()
-	if err != nil {
-		closeAll(stdin, stdinW, stdoutR, stdoutW)
-		fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "stderr pipe: %v", err)
-		return
-	}
-
-	// A 1 MiB pipe (the default maximum) lets a fast writer run ahead of
-	// the agent, so output moves in large chunks with few wakeups.
-	for _, f := range []*os.File{stdoutR, stderrR} {
-		setPipeSize(f, maxPipeSize)
+	if req.Tty && id.uid != 0 {
+		// As grantpt(3) does: the terminal belongs to its user.
+		_ = sio.child[0].Chown(int(id.uid), -1)
 	}
 
 	attr := &syscall.ProcAttr{
 		Dir:   cwd,
 		Env:   env,
-		Files: []uintptr{stdin.Fd(), stdoutW.Fd(), stderrW.Fd()},
+		Files: []uintptr{sio.child[0].Fd(), sio.child[1].Fd(), sio.child[2].Fd()},
 		// A new session makes the command a process group leader, so
 		// timeouts and signals reach everything it spawned, and detaches
-		// it from the agent's console.
-		Sys: &syscall.SysProcAttr{Setsid: true},
+		// it from the agent's console. On a terminal, the terminal
+		// (its fd 0) becomes the session's controlling terminal, and
+		// the command's group its foreground group.
+		Sys: &syscall.SysProcAttr{Setsid: true, Setctty: req.Tty, Ctty: 0},
+	}
+	if id.explicit {
+		attr.Sys.Credential = &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}
+	}
+	if !root.isHost() {
+		// The command's root is the template's; the agent stays where
+		// it is. Go's fork applies the chroot before the working
+		// directory, so cwd and path are paths inside the root.
+		attr.Sys.Chroot = root.path
 	}
 	pid, status, err := s.reaper.start(func() (int, error) {
 		return syscall.ForkExec(path, req.Argv, attr)
 	})
-	// The child holds its own copies now.
-	closeAll(stdin, stdoutW, stderrW)
+	// The child holds its own copies now: on a terminal, the end of
+	// output is when no process has the slave open any more.
+	sio.startedChild()
 	if err != nil {
-		closeAll(stdinW, stdoutR, stderrR)
+		sio.closeAgentEnds()
 		reason, errno := classifyStartErr(err)
 		fail(reason, errno, "%s: %v", req.Argv[0], err)
 		return
@@ -212,12 +227,13 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 
 	_ = out.send(&agentpb.ExecEvent{Event: &agentpb.ExecEvent_Started{Started: &agentpb.Started{Pid: uint32(pid)}}})
 
-	go pumpStdin(in, stdinW)
+	go pumpInput(in, sio.stdinW, sio.master)
 
 	var drained sync.WaitGroup
-	drained.Add(2)
-	go pumpOutput(&drained, out, stdoutR, agentpb.Output_FD_STDOUT)
-	go pumpOutput(&drained, out, stderrR, agentpb.Output_FD_STDERR)
+	drained.Add(len(sio.outputs))
+	for _, o := range sio.outputs {
+		go pumpOutput(&drained, out, o.f, o.fd)
+	}
 
 	var timedOut atomic.Bool
 	if req.TimeoutMillis > 0 {
@@ -240,6 +256,11 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	// what closes the output pipes, and a throwaway VM has no use for
 	// strays.
 	_ = unix.Kill(-pid, unix.SIGKILL)
+	if req.Tty {
+		// A shell's jobs are groups of their own in its session, and
+		// hold the terminal: the whole session goes.
+		killSession(pid, unix.SIGKILL)
+	}
 	p.markReaped()
 	if !waitTimeout(&drained, s.srv.drainGrace) {
 		// Either the host reads slowly (a pump is waiting for send
@@ -248,8 +269,8 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		// their pipe holds now and stop, instead of waiting for an
 		// end-of-file that may never come.
 		s.log.Debug("output not at end-of-file after the command ended; sending what is buffered", "pid", pid)
-		for _, f := range []*os.File{stdoutR, stderrR} {
-			_ = f.SetReadDeadline(pastDeadline)
+		for _, o := range sio.outputs {
+			_ = o.f.SetReadDeadline(pastDeadline)
 		}
 		drained.Wait()
 	}
@@ -346,20 +367,31 @@ func readBuffered(r *os.File, p []byte, emit func(n int)) error {
 	return nil
 }
 
-// pumpStdin copies ExecInput stdin data into the command's stdin until the
-// host says eof or the stream ends. After the command stops reading (EPIPE)
-// the rest is drained and dropped, so the host's writes never block.
-func pumpStdin(in *agentproto.Reader, w *os.File) {
-	defer func() {
-		if w != nil {
+// pumpInput follows the host's ExecInput messages until the stream ends:
+// stdin data goes to w (the command's stdin pipe, or the terminal) until
+// the host says eof, and window sizes go to the terminal master (nil when
+// the command has none). A pipe is closed at eof, so the command reads
+// end-of-file; a terminal is not (that would hang it up): input just
+// stops. After the command stops reading (EPIPE, or EIO from a terminal
+// nobody has open) the rest is dropped, so the host's writes never block.
+func pumpInput(in *agentproto.Reader, w, master *os.File) {
+	tty := master != nil
+	stop := func() {
+		if w != nil && !tty {
 			w.Close()
 		}
-	}()
+		w = nil
+	}
+	defer stop()
 	var msg agentpb.ExecInput
 	for {
 		msg.Reset()
 		if err := in.Read(&msg); err != nil {
 			return
+		}
+		if ws := msg.GetResize(); ws != nil && tty {
+			_ = resize(master, ws)
+			continue
 		}
 		sd := msg.GetStdin()
 		if sd == nil {
@@ -367,13 +399,85 @@ func pumpStdin(in *agentproto.Reader, w *os.File) {
 		}
 		if w != nil && len(sd.Data) > 0 {
 			if _, err := w.Write(sd.Data); err != nil {
-				w.Close()
-				w = nil
+				stop()
 			}
 		}
-		if sd.Eof && w != nil {
-			w.Close()
-			w = nil
+		if sd.Eof {
+			stop()
+		}
+	}
+}
+
+// stdio is a command's standard files: what the child gets, what the
+// agent keeps (the output it forwards, where stdin goes).
+type stdio struct {
+	child   [3]*os.File // fds 0, 1, 2 of the command
+	outputs []output    // what the agent reads and forwards
+	stdinW  *os.File    // where the host's stdin goes; nil when not forwarded
+	master  *os.File    // the terminal's master, with tty
+	// childOnly are the child's files the agent closes once the child
+	// has them.
+	childOnly []*os.File
+}
+
+type output struct {
+	f  *os.File
+	fd agentpb.Output_Fd
+}
+
+// newStdio prepares a command's standard files: pipes (stdin from
+// /dev/null unless forwarded), or with ws a terminal of that size from
+// root's devpts, which is then all three.
+func newStdio(root *fsRoot, forwardStdin bool, ws *unix.Winsize) (*stdio, error) {
+	if ws != nil {
+		master, slave, err := openPTY(root, ws)
+		if err != nil {
+			return nil, fmt.Errorf("terminal: %w", err)
+		}
+		sio := &stdio{child: [3]*os.File{slave, slave, slave}, childOnly: []*os.File{slave}, master: master,
+			outputs: []output{{master, agentpb.Output_FD_STDOUT}}}
+		if forwardStdin {
+			sio.stdinW = master
+		}
+		return sio, nil
+	}
+	stdin, stdinW, err := stdinFor(forwardStdin)
+	if err != nil {
+		return nil, fmt.Errorf("stdin: %w", err)
+	}
+	stdoutR, stdoutW, err := os.Pipe()
+	if err != nil {
+		closeAll(stdin, stdinW)
+		return nil, fmt.Errorf("stdout pipe: %w", err)
+	}
+	stderrR, stderrW, err := os.Pipe()
+	if err != nil {
+		closeAll(stdin, stdinW, stdoutR, stdoutW)
+		return nil, fmt.Errorf("stderr pipe: %w", err)
+	}
+	// A 1 MiB pipe (the default maximum) lets a fast writer run ahead of
+	// the agent, so output moves in large chunks with few wakeups.
+	for _, f := range []*os.File{stdoutR, stderrR} {
+		setPipeSize(f, maxPipeSize)
+	}
+	return &stdio{
+		child:     [3]*os.File{stdin, stdoutW, stderrW},
+		childOnly: []*os.File{stdin, stdoutW, stderrW},
+		stdinW:    stdinW,
+		outputs:   []output{{stdoutR, agentpb.Output_FD_STDOUT}, {stderrR, agentpb.Output_FD_STDERR}},
+	}, nil
+}
+
+// startedChild closes the agent's copies of the child's files.
+func (sio *stdio) startedChild() { closeAll(sio.childOnly...) }
+
+// closeAgentEnds closes what the agent kept, for a command that did not
+// start.
+func (sio *stdio) closeAgentEnds() {
+	closeAll(sio.stdinW)
+	for _, o := range sio.outputs {
+		if o.f != sio.stdinW {
+			o.f.Close()
 		}
 	}
 }
@@ -393,16 +497,20 @@ func stdinFor(forward bool) (child, agentEnd *os.File, err error) {
 func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
+	// A stopped timer, not time.After: an idle agent has no timer left
+	// to fire (it may be snapshotted and restored at any point).
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
 	case <-done:
 		return true
-	case <-time.After(d):
+	case <-t.C:
 		return false
 	}
 }
 
 // buildEnv turns the request env into execve form: later entries win, and
-// PATH and HOME are supplied when absent.
+// PATH is supplied when absent (HOME comes with the command's identity).
 func buildEnv(vars []*agentpb.EnvVar) ([]string, error) {
 	idx := make(map[string]int, len(vars)+2)
 	env := make([]string, 0, len(vars)+2)
@@ -423,10 +531,17 @@ func buildEnv(vars []*agentpb.EnvVar) ([]string, error) {
 	if _, ok := idx["PATH"]; !ok {
 		set("PATH", DefaultPath)
 	}
-	if _, ok := idx["HOME"]; !ok {
-		set("HOME", "/root")
-	}
 	return env, nil
+}
+
+// withDefault adds key=value to env unless env has key.
+func withDefault(env []string, key, value string) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, key+"=") {
+			return env
+		}
+	}
+	return append(env, key+"="+value)
 }
 
 func envValue(env []string, key string) string {
@@ -438,18 +553,13 @@ func envValue(env []string, key string) string {
 	return ""
 }
 
-func ensureDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	fi, err := os.Stat(dir)
+// ensureDir creates the working directory dir inside root when missing.
+func ensureDir(root *fsRoot, dir string) error {
+	fd, err := root.mkdirAll(dir, 0o755)
 	if err != nil {
 		return err
 	}
-	if !fi.IsDir() {
-		return unix.ENOTDIR
-	}
-	return nil
+	return unix.Close(fd)
 }
 
 func classifyStartErr(err error) (agentpb.StartFailure_Reason, syscall.Errno) {

@@ -24,14 +24,15 @@ const layerRoot = "/run/mvm/layers"
 // they are attached before boot, so only a slow probe makes it wait.
 const driveWait = 2 * time.Second
 
-// errInvalidMount marks a Mount request the agent cannot act on at all
-// (answered with CODE_INVALID_ARGUMENT).
-var errInvalidMount = errors.New("invalid mount request")
+// errInvalidRequest marks a request (Mount, Root, a hello field) the agent
+// cannot act on at all (answered with CODE_INVALID_ARGUMENT).
+var errInvalidRequest = errors.New("invalid request")
 
-// mountDevice serves a Mount call.
-func mountDevice(req *agentpb.Mount) error {
+// mountDevice serves a Mount call. The target is a path inside the
+// commands' root (the agent's own root until a Root call).
+func (s *Server) mountDevice(req *agentpb.Mount) error {
 	if !path.IsAbs(req.Target) || path.Clean(req.Target) == "/" {
-		return fmt.Errorf("%w: target %q must be an absolute path other than /", errInvalidMount, req.Target)
+		return fmt.Errorf("%w: target %q must be an absolute path other than /", errInvalidRequest, req.Target)
 	}
 	lowerRef := driveRef{label: req.DeviceLabel, serial: req.DeviceSerial}
 	if err := lowerRef.check(); err != nil {
@@ -44,7 +45,10 @@ func mountDevice(req *agentpb.Mount) error {
 			return err
 		}
 	}
-	dev, err := guestDrives.find(lowerRef, driveWait)
+	s.fsMu.Lock()
+	defer s.fsMu.Unlock()
+	root := s.root
+	dev, err := s.drives.find(lowerRef, driveWait)
 	if err != nil {
 		return err
 	}
@@ -53,31 +57,31 @@ func mountDevice(req *agentpb.Mount) error {
 		if req.ReadOnly {
 			flags |= unix.MS_RDONLY
 		}
-		return mountAt(dev, req.Target, "ext4", flags, "")
+		if err := root.mountIn(dev, req.Target, "ext4", flags, ""); err != nil {
+			return err
+		}
+		s.mounted[dev] = true
+		return nil
 	}
-	upperDev, err := guestDrives.find(upperRef, driveWait)
+	upperDev, err := s.drives.find(upperRef, driveWait)
 	if err != nil {
 		return err
 	}
 	if upperDev == dev {
-		return fmt.Errorf("%w: %s and %s are the same drive", errInvalidMount, lowerRef, upperRef)
+		return fmt.Errorf("%w: %s and %s are the same drive", errInvalidRequest, lowerRef, upperRef)
 	}
 	layers := filepath.Join(layerRoot, lowerRef.name())
 	lower, rw := filepath.Join(layers, "lower"), filepath.Join(layers, "rw")
 	if err := mountAt(dev, lower, "ext4", unix.MS_RDONLY|unix.MS_NOATIME, ""); err != nil {
 		return err
 	}
+	s.mounted[dev] = true
 	if err := mountAt(upperDev, rw, "ext4", unix.MS_NOATIME, ""); err != nil {
 		return err
 	}
-	upper, work := filepath.Join(rw, "upper"), filepath.Join(rw, "work")
-	if err := os.Mkdir(upper, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-		return err
-	}
-	if err := os.Mkdir(work, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return err
-	}
-	if err := copyRootAttrs(lower, upper); err != nil {
+	s.mounted[upperDev] = true
+	upper, work, err := prepareUpper(lower, rw)
+	if err != nil {
 		return err
 	}
 	// redirect_dir and metacopy off: a renamed directory is copied up and a
@@ -85,7 +89,7 @@ func mountDevice(req *agentpb.Mount) error {
 	// files and plain directories, which is what the host writes back.
 	opts := "lowerdir=" + escapeOverlay(lower) + ",upperdir=" + escapeOverlay(upper) + ",workdir=" + escapeOverlay(work) +
 		",redirect_dir=off,metacopy=off,index=off,xino=off"
-	return mountAt("overlay", req.Target, "overlay", unix.MS_NOATIME, opts)
+	return root.mountIn("overlay", req.Target, "overlay", unix.MS_NOATIME, opts)
 }
 
 // copyRootAttrs gives the upper layer's root the owner, mode and times of
@@ -150,18 +154,24 @@ func (r driveRef) check() error {
 	n := r.name()
 	switch {
 	case n == "":
-		return fmt.Errorf("%w: no drive label or serial", errInvalidMount)
+		return fmt.Errorf("%w: no drive label or serial", errInvalidRequest)
 	case r.label != "" && len(r.label) > maxLabelLen:
-		return fmt.Errorf("%w: label %q is longer than %d bytes", errInvalidMount, r.label, maxLabelLen)
+		return fmt.Errorf("%w: label %q is longer than %d bytes", errInvalidRequest, r.label, maxLabelLen)
 	case n == "." || n == ".." || strings.ContainsAny(n, "/\x00"):
-		return fmt.Errorf("%w: drive name %q", errInvalidMount, n)
+		return fmt.Errorf("%w: drive name %q", errInvalidRequest, n)
 	}
 	return nil
 }
 
 // drives is where the agent looks for disks: sysfs's block directory and
 // the directory of their device nodes.
-type drives struct{ sysBlock, devDir string }
+type drives struct {
+	sysBlock, devDir string
+	// flush, if set, is called for each disk before its superblock is
+	// read, and for the disk a serial names: a restored snapshot may
+	// have swapped the image behind it.
+	flush func(dev string)
+}
 
 var guestDrives = drives{sysBlock: "/sys/block", devDir: "/dev"}
 
@@ -177,6 +187,9 @@ func (d drives) find(ref driveRef, timeout time.Duration) (string, error) {
 			devs, err = d.byLabel(ref.label)
 		} else {
 			devs = d.bySerial(ref.serial)
+			if len(devs) == 1 && d.flush != nil {
+				d.flush(devs[0])
+			}
 		}
 		switch {
 		case err != nil:
@@ -187,10 +200,32 @@ func (d drives) find(ref driveRef, timeout time.Duration) (string, error) {
 			return "", fmt.Errorf("%d drives (%s) have %s", len(devs), strings.Join(devs, ", "), ref)
 		}
 		if time.Now().After(deadline) {
-			return "", fmt.Errorf("no drive with %s after %s", ref, timeout)
+			return "", fmt.Errorf("no drive with %s after %s (the VM has %s)", ref, timeout, d.inventory())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// inventory describes the VM's disks and their labels, for errors that
+// say a drive was not found: a drive that holds no ext2/3/4 filesystem
+// shows up as such.
+func (d drives) inventory() string {
+	entries, _ := os.ReadDir(d.sysBlock)
+	var out []string
+	for _, e := range entries {
+		if _, err := os.Stat(filepath.Join(d.sysBlock, e.Name(), "device")); err != nil {
+			continue
+		}
+		if label, ok := readLabel(filepath.Join(d.devDir, e.Name())); ok {
+			out = append(out, fmt.Sprintf("%s: ext4 %q", e.Name(), label))
+		} else {
+			out = append(out, e.Name()+": no ext2/3/4 filesystem")
+		}
+	}
+	if len(out) == 0 {
+		return "no disks"
+	}
+	return strings.Join(out, ", ")
 }
 
 // bySerial lists the disks whose virtio-blk serial is serial.
@@ -232,6 +267,9 @@ func (d drives) byLabel(label string) ([]string, error) {
 			continue
 		}
 		dev := filepath.Join(d.devDir, e.Name())
+		if d.flush != nil {
+			d.flush(dev)
+		}
 		got, ok := readLabel(dev)
 		if ok && got == label {
 			out = append(out, dev)

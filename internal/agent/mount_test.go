@@ -160,7 +160,7 @@ func TestMountRequestChecked(t *testing.T) {
 		{Target: "relative", DeviceLabel: "ok"},
 		{Target: "/", DeviceLabel: "ok"},
 	} {
-		if err := mountDevice(req); !errors.Is(err, errInvalidMount) {
+		if err := NewServer(nil, "test", Options{}).mountDevice(req); !errors.Is(err, errInvalidRequest) {
 			t.Errorf("%v: got %v, want an invalid-request error", req, err)
 		}
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -185,10 +186,14 @@ func loopbackUp() error {
 	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
 }
 
-// ApplyHello sets the guest clock from the host's and credits the host's
-// random bytes to the guest's entropy pool. Both matter most after a
-// snapshot restore, where the clock is stale and every clone would
-// otherwise share one random state.
+// ApplyHello sets the guest clock from the host's, credits the host's
+// random bytes to the guest's entropy pool and makes the kernel reseed its
+// random number generator from it. Both matter most after a snapshot
+// restore, where the clock is stale and every clone would otherwise share
+// one random state: crediting entropy alone changes what the kernel will
+// mix in at its next scheduled reseed (up to a minute later), while
+// RNDRESEEDCRNG makes the very next read of /dev/urandom or getrandom
+// come from the new state.
 func ApplyHello(log *slog.Logger, h *agentpb.Hello) {
 	if ns := h.GetHostTimeUnixNano(); ns > 0 {
 		tv := unix.NsecToTimeval(ns)
@@ -204,23 +209,34 @@ func ApplyHello(log *slog.Logger, h *agentpb.Hello) {
 }
 
 // addEntropy feeds seed to the kernel with RNDADDENTROPY, which (unlike a
-// plain write to /dev/urandom) also credits it.
+// plain write to /dev/urandom) also credits it, then forces a reseed of
+// the kernel's CRNG with RNDRESEEDCRNG.
 func addEntropy(seed []byte) error {
 	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-	buf := make([]byte, 8+len(seed)+3)
-	*(*int32)(unsafe.Pointer(&buf[0])) = int32(len(seed) * 8)
-	*(*int32)(unsafe.Pointer(&buf[4])) = int32(len(seed))
-	copy(buf[8:], seed)
+	buf := randPoolInfo(seed)
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
 	if errno != 0 {
-		return errno
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); errno != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
+}
+
+// randPoolInfo lays seed out as RNDADDENTROPY's argument, struct
+// rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, with
+// every bit credited.
+func randPoolInfo(seed []byte) []byte {
+	buf := make([]byte, 8+len(seed)+3)
+	binary.NativeEndian.PutUint32(buf[0:], uint32(len(seed)*8))
+	binary.NativeEndian.PutUint32(buf[4:], uint32(len(seed)))
+	copy(buf[8:], seed)
+	return buf
 }
 
 // powerSignals ask init to end the system: busybox's halt, poweroff and
@@ -267,32 +283,76 @@ func PowerOff(log *slog.Logger) {
 func powerOff(log *slog.Logger) {
 	_ = unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
-	for _, mnt := range dataMounts() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			log.Warn("unmount", "path", mnt, "err", err)
-			_ = unix.Mount("", mnt, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
-		}
-	}
+	unmountAll(log, time.Second)
 	unix.Sync()
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART); err != nil {
 		log.Error("reboot", "err", err)
 	}
 }
 
-// dataMounts lists the mounts the agent made for the host (block devices
-// and overlays), innermost first, leaving the kernel filesystems alone.
-func dataMounts() []string {
+// unmountAll unmounts everything the agent mounted for the host and for
+// commands (drives, overlays, a command root and the kernel filesystems
+// inside it), innermost first, so that host-side readers of a disk image
+// see a clean filesystem. The processes just killed may hold a mount busy
+// for a moment while they exit: busy mounts are retried for up to wait.
+// What still cannot be unmounted is remounted read-only, which flushes and
+// marks a block filesystem clean, and detached.
+func unmountAll(log *slog.Logger, wait time.Duration) {
+	deadline := time.Now().Add(wait)
+	for {
+		left := agentMounts()
+		if len(left) == 0 {
+			return
+		}
+		progress := false
+		for _, mnt := range left {
+			if unix.Unmount(mnt, 0) == nil {
+				progress = true
+			}
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		if !progress {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	for _, mnt := range agentMounts() {
+		err := unix.Unmount(mnt, 0)
+		if err == nil {
+			continue
+		}
+		log.Warn("unmount", "path", mnt, "err", err)
+		_ = unix.Mount("", mnt, "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+		_ = unix.Unmount(mnt, unix.MNT_DETACH)
+	}
+}
+
+// agentMounts lists the mount points the agent made after its own early
+// and late mounts, innermost (latest) first: /proc/self/mounts lists
+// mounts in the order they were made.
+func agentMounts() []string {
 	f, err := os.Open("/proc/self/mounts")
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
+	keep := map[string]bool{"/": true}
+	for _, m := range earlyMounts {
+		keep[m.target] = true
+	}
+	for _, m := range lateMounts {
+		keep[m.target] = true
+	}
 	var out []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) >= 3 && (strings.HasPrefix(fields[0], "/dev/") || fields[2] == "overlay") {
-			out = append(out, unescapeMount(fields[1]))
+		if len(fields) < 3 {
+			continue
+		}
+		if target := unescapeMount(fields[1]); !keep[target] {
+			out = append(out, target)
 		}
 	}
 	slices.Reverse(out)

@@ -44,6 +44,18 @@ type Server struct {
 	running  int           // execs between start and Exited
 	idle     chan struct{} // closed while running == 0
 	stopping bool          // EndCommands was called: no new execs
+
+	// fsMu guards the filesystem state that Root and Mount change: the
+	// commands' root and the drives the agent has mounted.
+	fsMu      sync.Mutex
+	root      *fsRoot
+	rootLabel string          // the template's label, once a Root call set one
+	mounted   map[string]bool // device paths the agent mounted
+	drives    drives
+	// The host's boot id is bound over the proc file in these roots
+	// (by path); hasBootID: the host gave one.
+	bootIDBound map[string]bool
+	hasBootID   bool
 }
 
 // Options are the hooks that differ between an agent running as the guest's
@@ -73,11 +85,22 @@ func NewServer(log *slog.Logger, version string, opts Options) *Server {
 	}
 	idle := make(chan struct{})
 	close(idle)
-	return &Server{
+	s := &Server{
 		log: log, version: version, reaper: processReaper(), opts: opts,
 		drainGrace: drainGrace, selfExitGrace: selfExitGrace, termGrace: termGrace,
 		sessions: make(map[*session]struct{}), idle: idle,
+		root: hostRoot, mounted: make(map[string]bool), drives: guestDrives,
+		bootIDBound: make(map[string]bool),
 	}
+	s.drives.flush = s.flushUnmounted
+	return s
+}
+
+// cmdRoot is the root the next command runs in.
+func (s *Server) cmdRoot() *fsRoot {
+	s.fsMu.Lock()
+	defer s.fsMu.Unlock()
+	return s.root
 }
 
 // capabilities is what this agent announces in HelloReply.
@@ -88,9 +111,19 @@ func (s *Server) capabilities() []string {
 		agentproto.CapExecStdin,
 		agentproto.CapExecTimeout,
 		agentproto.CapSignal,
+		agentproto.CapExecTTY,
+	}
+	if unix.Geteuid() == 0 {
+		// Only root can become another user.
+		caps = append(caps, agentproto.CapExecUser)
 	}
 	if s.opts.Mounts {
-		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel)
+		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname)
+		if s.opts.OnHello != nil {
+			// The clock and the reseed come with the hello hook,
+			// the rest with owning the guest's filesystems.
+			caps = append(caps, agentproto.CapSnapshot)
+		}
 	}
 	if s.opts.OnShutdown != nil {
 		caps = append(caps, agentproto.CapShutdown)
@@ -98,16 +131,24 @@ func (s *Server) capabilities() []string {
 	return caps
 }
 
-// ServeConn runs one session over conn until the host goes away, ctx ends,
-// or the transport fails. Commands still running when the session ends are
-// killed: they belong to the session that started them.
+// ServeConn serves sessions over conn until the host closes it, ctx ends,
+// or the transport fails, and then closes conn. A host may start a new
+// session on the same connection (see channel). Commands still running
+// when a session ends are killed: they belong to the session that started
+// them.
 func (s *Server) ServeConn(ctx context.Context, conn io.ReadWriteCloser) error {
-	sess := mux.Server(conn, agentproto.SessionConfig())
+	defer conn.Close()
+	return s.serveChannel(ctx, newChannel(conn))
+}
+
+// serveSession runs one session on sc until it ends.
+func (s *Server) serveSession(ctx context.Context, sc *sessionConn) error {
+	sess := mux.Server(sc, agentproto.SessionConfig())
 	defer sess.Close()
 	stop := context.AfterFunc(ctx, func() { sess.Close() })
 	defer stop()
 
-	ss := &session{srv: s, log: s.log, reaper: s.reaper, procs: make(map[*proc]struct{}), byID: make(map[string]*proc)}
+	ss := &session{srv: s, log: s.log, reaper: s.reaper, conn: sc, procs: make(map[*proc]struct{}), byID: make(map[string]*proc)}
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
@@ -146,6 +187,7 @@ type session struct {
 	srv    *Server
 	log    *slog.Logger
 	reaper *reaper
+	conn   *sessionConn
 
 	mu    sync.Mutex
 	procs map[*proc]struct{} // every running command, for teardown
@@ -169,8 +211,17 @@ func (ss *session) hello(st *mux.Stream) error {
 		_ = replyError(st, agentpb.Error_CODE_VERSION, err.Error())
 		return err
 	}
+	if ss.srv.opts.Mounts {
+		if err := checkHelloIdentity(h.Hostname, h.BootId); err != nil {
+			_ = replyError(st, agentpb.Error_CODE_INVALID_ARGUMENT, err.Error())
+			return err
+		}
+	}
 	if ss.srv.opts.OnHello != nil {
 		ss.srv.opts.OnHello(h)
+	}
+	if ss.srv.opts.Mounts {
+		ss.srv.applyIdentity(h.Hostname, h.BootId)
 	}
 	return agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Hello{Hello: &agentpb.HelloReply{
 		Version:                v,
@@ -230,15 +281,43 @@ func (ss *session) serveStream(st *mux.Stream) {
 		if ready := ss.srv.opts.Ready; ready != nil {
 			<-ready
 		}
-		if err := mountDevice(call.Mount); err != nil {
-			code := agentpb.Error_CODE_INTERNAL
-			if errors.Is(err, errInvalidMount) {
-				code = agentpb.Error_CODE_INVALID_ARGUMENT
-			}
-			_ = replyError(st, code, err.Error())
+		if err := ss.srv.mountDevice(call.Mount); err != nil {
+			_ = replyError(st, errorCode(err), err.Error())
 			return
 		}
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Mount{Mount: &agentpb.MountReply{}}})
+	case *agentpb.Request_Root:
+		if !ss.srv.opts.Mounts {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "root is not served by this agent")
+			return
+		}
+		if ready := ss.srv.opts.Ready; ready != nil {
+			<-ready
+		}
+		start := time.Now()
+		if err := ss.srv.setRoot(call.Root); err != nil {
+			ss.log.Debug("root failed", "err", err)
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		ss.log.Debug("root set", "template", call.Root.LowerLabel, "took", time.Since(start))
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Root{Root: &agentpb.RootReply{}}})
+	case *agentpb.Request_Quiesce:
+		if !ss.srv.opts.Mounts || ss.srv.opts.OnHello == nil {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "quiesce is not served by this agent")
+			return
+		}
+		if ready := ss.srv.opts.Ready; ready != nil {
+			<-ready
+		}
+		if err := ss.srv.quiesce(); err != nil {
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Quiesce{Quiesce: &agentpb.QuiesceReply{}}})
+		// The reply is out: nothing more of this session may be.
+		ss.conn.setQuiet()
+		ss.log.Debug("quiesced; the next session may come from a restored snapshot")
 	case *agentpb.Request_Hello:
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
 	default:
@@ -382,6 +461,17 @@ func refuseExec(st io.Writer, msg string) {
 	_ = agentproto.Write(st, &agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: &agentpb.Exited{
 		StartFailure: &agentpb.StartFailure{Reason: agentpb.StartFailure_REASON_OTHER, Errno: int32(unix.ESHUTDOWN), Message: msg},
 	}}})
+}
+
+// errorCode maps a failed call's error to the protocol's code.
+func errorCode(err error) agentpb.Error_Code {
+	switch {
+	case errors.Is(err, errInvalidRequest):
+		return agentpb.Error_CODE_INVALID_ARGUMENT
+	case errors.Is(err, errPrecondition):
+		return agentpb.Error_CODE_FAILED_PRECONDITION
+	}
+	return agentpb.Error_CODE_INTERNAL
 }
 
 func replyError(w io.Writer, code agentpb.Error_Code, msg string) error {

@@ -177,7 +177,7 @@ func TestPingOnFreshSession(t *testing.T) {
 // exec.Cmd.Wait could.
 func runReaped(t testing.TB, argv ...string) ([]byte, error) {
 	t.Helper()
-	path, err := lookPath(argv[0], DefaultPath)
+	path, err := lookPath(hostRoot, argv[0], DefaultPath, "/", rootIdentity)
 	if err != nil {
 		return nil, err
 	}

@@ -68,9 +68,29 @@ func remoteError(e *agentpb.Error) *RemoteError {
 	return &RemoteError{Code: e.Code.String(), Message: e.Message}
 }
 
+// HelloOptions are what a hello may carry besides the clock and fresh
+// entropy, which every hello sends.
+type HelloOptions struct {
+	// Hostname sets the guest's host name (and the command root's
+	// /etc/hostname and /etc/hosts). It needs
+	// agentproto.CapHelloHostname; older agents ignore it.
+	Hostname string
+	// RenewBootID gives the guest a fresh random boot id, as commands
+	// read it from /proc/sys/kernel/random/boot_id: what a VM restored
+	// from a snapshot needs, since the kernel's is the snapshotted
+	// boot's. It needs agentproto.CapSnapshot; older agents ignore it.
+	RenewBootID bool
+}
+
 // Dial starts a session on conn and sends the hello. It returns without
 // waiting for the agent; Hello waits for the answer.
-func Dial(conn net.Conn) (*Client, error) {
+func Dial(conn net.Conn) (*Client, error) { return DialWithOptions(conn, HelloOptions{}) }
+
+// DialWithOptions is Dial with a hello that also carries opts. A VM
+// restored from a snapshot is reached this way too: its agent takes the
+// new hello as the start of a new session, whatever state the snapshotted
+// session left.
+func DialWithOptions(conn net.Conn, opts HelloOptions) (*Client, error) {
 	sess := mux.Client(conn, agentproto.SessionConfig())
 	c := &Client{sess: sess, helloDone: make(chan struct{})}
 	st, err := sess.Open()
@@ -80,12 +100,18 @@ func Dial(conn net.Conn) (*Client, error) {
 	}
 	seed := make([]byte, 32)
 	_, _ = rand.Read(seed)
-	req := &agentpb.Request{Call: &agentpb.Request_Hello{Hello: &agentpb.Hello{
+	hello := &agentpb.Hello{
 		MaxVersion:       agentproto.Version,
 		MinVersion:       agentproto.MinVersion,
 		HostTimeUnixNano: time.Now().UnixNano(),
 		Entropy:          seed,
-	}}}
+		Hostname:         opts.Hostname,
+	}
+	if opts.RenewBootID {
+		hello.BootId = make([]byte, 16)
+		_, _ = rand.Read(hello.BootId)
+	}
+	req := &agentpb.Request{Call: &agentpb.Request_Hello{Hello: hello}}
 	if err := agentproto.Write(st, req); err != nil {
 		sess.Close()
 		return nil, fmt.Errorf("send hello: %w", err)
@@ -220,6 +246,48 @@ func (c *Client) Mount(ctx context.Context, m Mount) error {
 	}}})
 	if err != nil {
 		return fmt.Errorf("mount %s: %w", m.Target, err)
+	}
+	return nil
+}
+
+// Root describes a template root (see agent.proto's Root): the drives are
+// named by the labels of the filesystems on them.
+type Root struct {
+	// Template is the label of the template's ext4 drive, attached
+	// read-only.
+	Template string
+	// Upper is the label of the run's writable layer: an empty ext4
+	// drive (mkfs.ext4 -L), another drive than the template's.
+	Upper string
+	// Hostname, when set, becomes the guest's host name and goes into
+	// the root's /etc/hostname and /etc/hosts.
+	Hostname string
+}
+
+// Root makes the template the root filesystem of every later command and
+// waits until it is ready. It needs agentproto.CapRoot, and must come
+// before any Mount (whose targets are then paths inside the root).
+func (c *Client) Root(ctx context.Context, r Root) error {
+	_, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Root{Root: &agentpb.Root{
+		LowerLabel: r.Template,
+		UpperLabel: r.Upper,
+		Hostname:   r.Hostname,
+	}}})
+	if err != nil {
+		return fmt.Errorf("root %s: %w", r.Template, err)
+	}
+	return nil
+}
+
+// Quiesce prepares the guest for a snapshot: it fails while a command
+// runs or once a drive is mounted, and when it returns the agent writes
+// nothing more in this session, so the host may pause the VM and save it.
+// The session is over for the host: the next one starts with a new hello
+// (DialWithOptions) on the restored VM's connection. It needs
+// agentproto.CapSnapshot.
+func (c *Client) Quiesce(ctx context.Context) error {
+	if _, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Quiesce{Quiesce: &agentpb.Quiesce{}}}); err != nil {
+		return fmt.Errorf("quiesce: %w", err)
 	}
 	return nil
 }

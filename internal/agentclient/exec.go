@@ -41,6 +41,26 @@ type ExecSpec struct {
 	// KillGrace is the SIGTERM-to-SIGKILL grace on timeout; 0 kills at
 	// once.
 	KillGrace time.Duration
+	// User runs the command as another user, docker-style ("uid",
+	// "uid:gid", "name", "name:group"...), resolved in the command
+	// root's /etc/passwd and /etc/group; "" is root. It needs
+	// agentproto.CapExecUser: an agent without it ignores the field and
+	// runs the command as root.
+	User string
+	// TTY, when set, runs the command on a pseudo-terminal of this size:
+	// the terminal is its stdin, stdout and stderr, everything it writes
+	// arrives on Stdout (Stderr gets nothing), and Stdin is typed into
+	// the terminal byte for byte (0x03 interrupts the foreground job as
+	// Ctrl-C does; the end of Stdin only stops input, see agent.proto).
+	// Resize changes the size. It needs agentproto.CapExecTTY: an agent
+	// without it ignores the field and runs the command on pipes.
+	TTY *TTY
+}
+
+// TTY is a terminal's size: rows and columns, and optionally pixels.
+type TTY struct {
+	Rows, Cols       uint16
+	XPixels, YPixels uint16
 }
 
 // EnvVar is one environment variable.
@@ -96,6 +116,7 @@ const (
 	StartNotExecutable             // argv[0] exists but cannot be executed
 	StartCwd                       // the working directory is unusable
 	StartInvalid                   // the request itself is invalid
+	StartUser                      // ExecSpec.User names no user or group of the root
 )
 
 func startReason(r agentpb.StartFailure_Reason) StartReason {
@@ -108,6 +129,8 @@ func startReason(r agentpb.StartFailure_Reason) StartReason {
 		return StartCwd
 	case agentpb.StartFailure_REASON_INVALID:
 		return StartInvalid
+	case agentpb.StartFailure_REASON_USER:
+		return StartUser
 	}
 	return StartOther
 }
@@ -155,6 +178,11 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 		TimeoutMillis:   uint64(spec.Timeout.Milliseconds()),
 		KillGraceMillis: uint64(spec.KillGrace.Milliseconds()),
 		Id:              p.id,
+		User:            spec.User,
+	}
+	if t := spec.TTY; t != nil {
+		req.Tty = true
+		req.Window = windowSize(t.Rows, t.Cols, t.XPixels, t.YPixels)
 	}
 	if spec.Timeout > 0 && req.TimeoutMillis == 0 {
 		req.TimeoutMillis = 1
@@ -199,6 +227,28 @@ func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
 		return fmt.Errorf("signal %s: %w", sig, err)
 	}
 	return nil
+}
+
+// Resize sets the size of the command's terminal (ExecSpec.TTY); the
+// guest kernel sends SIGWINCH to the terminal's foreground job when the
+// size changed. Without a terminal the agent ignores it.
+func (p *Process) Resize(ctx context.Context, rows, cols uint16) error {
+	msg := &agentpb.ExecInput{Input: &agentpb.ExecInput_Resize{Resize: windowSize(rows, cols, 0, 0)}}
+	errc := make(chan error, 1)
+	go func() { errc <- agentproto.Write(p.st, msg) }()
+	select {
+	case err := <-errc:
+		if err != nil {
+			return fmt.Errorf("resize: %w", err)
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func windowSize(rows, cols, x, y uint16) *agentpb.WindowSize {
+	return &agentpb.WindowSize{Rows: uint32(rows), Cols: uint32(cols), XPixels: uint32(x), YPixels: uint32(y)}
 }
 
 func (p *Process) markStarted() { p.startedOnce.Do(func() { close(p.started) }) }

@@ -28,9 +28,11 @@ import (
 
 // Protocol versions. A session runs at the highest version both sides speak;
 // a peer whose range does not overlap is refused with an Error of code
-// VERSION, never left hanging.
+// VERSION, never left hanging. Version 2 adds calls and fields, each
+// announced as a capability, and keeps every version 1 message meaning
+// what it meant, so both ends still accept version 1 peers.
 const (
-	Version    uint32 = 1
+	Version    uint32 = 2
 	MinVersion uint32 = 1
 )
 
@@ -46,6 +48,24 @@ const (
 	// CapMountLabel: Mount finds drives by filesystem label
 	// (Mount.device_label, Mount.upper_label), not only by serial.
 	CapMountLabel = "mount.label"
+	// CapRoot: the Root call (version 2): commands run in a template's
+	// root filesystem under a writable overlay.
+	CapRoot = "root"
+	// CapExecUser: Exec.user runs the command as another user, resolved
+	// in the command root's /etc/passwd and /etc/group (version 2).
+	CapExecUser = "exec.user"
+	// CapSnapshot: the agent can be snapshotted and restored (version
+	// 2): the Quiesce call, a new session on a connection that carried
+	// one, Hello.boot_id, a reseed of the kernel's random number
+	// generator at every hello, and drive caches flushed before a drive
+	// is first mounted (its image may have been swapped at restore).
+	CapSnapshot = "snapshot"
+	// CapHelloHostname: Hello.hostname sets the guest's host name
+	// (version 2).
+	CapHelloHostname = "hello.hostname"
+	// CapExecTTY: Exec.tty runs the command on a pseudo-terminal of the
+	// size Exec.window, resized by ExecInput.resize (version 2).
+	CapExecTTY = "exec.tty"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

@@ -1,4 +1,5 @@
-// The mvm guest agent protocol, version 1.
+// The mvm guest agent protocol, version 2 (docs/protocol.md lists what
+// changed since version 1 and the compatibility rules).
 //
 // docs/protocol.md describes the transport this file rides on: one byte
 // stream between host and guest (a virtio-serial port, or vsock), carrying a
@@ -9,7 +10,8 @@
 // Each stream starts with one Request from the host. What follows depends on
 // the call:
 //
-//   hello, ping, signal, shutdown: the agent writes one Response and closes.
+//   hello, ping, signal, mount, root, shutdown: the agent writes one
+//         Response and closes.
 //   exec: the host may go on writing ExecInput messages (stdin, EOF); the
 //         agent writes ExecEvent messages until, and ending with, Exited.
 //
@@ -54,6 +56,10 @@ const (
 	// Hello was missing, repeated, or its version is not served.
 	Error_CODE_VERSION  Error_Code = 4
 	Error_CODE_INTERNAL Error_Code = 5
+	// The call is well formed but the agent's state does not allow it
+	// (a root is already set, drives are already mounted...). Since
+	// version 2.
+	Error_CODE_FAILED_PRECONDITION Error_Code = 6
 )
 
 // Enum value maps for Error_Code.
@@ -65,14 +71,16 @@ var (
 		3: "CODE_NOT_FOUND",
 		4: "CODE_VERSION",
 		5: "CODE_INTERNAL",
+		6: "CODE_FAILED_PRECONDITION",
 	}
 	Error_Code_value = map[string]int32{
-		"CODE_UNSPECIFIED":      0,
-		"CODE_UNSUPPORTED":      1,
-		"CODE_INVALID_ARGUMENT": 2,
-		"CODE_NOT_FOUND":        3,
-		"CODE_VERSION":          4,
-		"CODE_INTERNAL":         5,
+		"CODE_UNSPECIFIED":         0,
+		"CODE_UNSUPPORTED":         1,
+		"CODE_INVALID_ARGUMENT":    2,
+		"CODE_NOT_FOUND":           3,
+		"CODE_VERSION":             4,
+		"CODE_INTERNAL":            5,
+		"CODE_FAILED_PRECONDITION": 6,
 	}
 )
 
@@ -149,7 +157,7 @@ func (x Output_Fd) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Output_Fd.Descriptor instead.
 func (Output_Fd) EnumDescriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13, 0}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14, 0}
 }
 
 type StartFailure_Reason int32
@@ -166,6 +174,9 @@ const (
 	StartFailure_REASON_INVALID StartFailure_Reason = 4
 	// Anything else (fork failed, out of memory...).
 	StartFailure_REASON_OTHER StartFailure_Reason = 5
+	// Exec.user names a user or group the command's root does not have
+	// (or its /etc/passwd or /etc/group cannot be read). Since version 2.
+	StartFailure_REASON_USER StartFailure_Reason = 6
 )
 
 // Enum value maps for StartFailure_Reason.
@@ -177,6 +188,7 @@ var (
 		3: "REASON_CWD",
 		4: "REASON_INVALID",
 		5: "REASON_OTHER",
+		6: "REASON_USER",
 	}
 	StartFailure_Reason_value = map[string]int32{
 		"REASON_UNSPECIFIED":    0,
@@ -185,6 +197,7 @@ var (
 		"REASON_CWD":            3,
 		"REASON_INVALID":        4,
 		"REASON_OTHER":          5,
+		"REASON_USER":           6,
 	}
 )
 
@@ -212,7 +225,7 @@ func (x StartFailure_Reason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use StartFailure_Reason.Descriptor instead.
 func (StartFailure_Reason) EnumDescriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15, 0}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16, 0}
 }
 
 // Request is the first message on every stream.
@@ -226,6 +239,8 @@ type Request struct {
 	//	*Request_Signal
 	//	*Request_Shutdown
 	//	*Request_Mount
+	//	*Request_Root
+	//	*Request_Quiesce
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -322,6 +337,24 @@ func (x *Request) GetMount() *Mount {
 	return nil
 }
 
+func (x *Request) GetRoot() *Root {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Root); ok {
+			return x.Root
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetQuiesce() *Quiesce {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Quiesce); ok {
+			return x.Quiesce
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -350,6 +383,16 @@ type Request_Mount struct {
 	Mount *Mount `protobuf:"bytes,6,opt,name=mount,proto3,oneof"`
 }
 
+type Request_Root struct {
+	// Since version 2 (capability "root").
+	Root *Root `protobuf:"bytes,7,opt,name=root,proto3,oneof"`
+}
+
+type Request_Quiesce struct {
+	// Since version 2 (capability "snapshot").
+	Quiesce *Quiesce `protobuf:"bytes,8,opt,name=quiesce,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -362,6 +405,10 @@ func (*Request_Shutdown) isRequest_Call() {}
 
 func (*Request_Mount) isRequest_Call() {}
 
+func (*Request_Root) isRequest_Call() {}
+
+func (*Request_Quiesce) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -372,6 +419,8 @@ type Response struct {
 	//	*Response_Signal
 	//	*Response_Shutdown
 	//	*Response_Mount
+	//	*Response_Root
+	//	*Response_Quiesce
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -460,6 +509,24 @@ func (x *Response) GetMount() *MountReply {
 	return nil
 }
 
+func (x *Response) GetRoot() *RootReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Root); ok {
+			return x.Root
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetQuiesce() *QuiesceReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Quiesce); ok {
+			return x.Quiesce
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -493,6 +560,14 @@ type Response_Mount struct {
 	Mount *MountReply `protobuf:"bytes,5,opt,name=mount,proto3,oneof"`
 }
 
+type Response_Root struct {
+	Root *RootReply `protobuf:"bytes,6,opt,name=root,proto3,oneof"`
+}
+
+type Response_Quiesce struct {
+	Quiesce *QuiesceReply `protobuf:"bytes,7,opt,name=quiesce,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -506,6 +581,10 @@ func (*Response_Signal) isResponse_Result() {}
 func (*Response_Shutdown) isResponse_Result() {}
 
 func (*Response_Mount) isResponse_Result() {}
+
+func (*Response_Root) isResponse_Result() {}
+
+func (*Response_Quiesce) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -573,8 +652,20 @@ type Hello struct {
 	// Host wall clock (Unix nanoseconds) when the hello was written; the agent
 	// sets the guest clock from it.
 	HostTimeUnixNano int64 `protobuf:"varint,3,opt,name=host_time_unix_nano,json=hostTimeUnixNano,proto3" json:"host_time_unix_nano,omitempty"`
-	// Random bytes the agent mixes into the guest's entropy pool.
-	Entropy       []byte `protobuf:"bytes,4,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// Random bytes the agent mixes into the guest's entropy pool. Since
+	// version 2 (capability "snapshot") the agent then forces the kernel's
+	// random number generator to reseed, so that clones restored from one
+	// snapshot never produce the same random bytes.
+	Entropy []byte `protobuf:"bytes,4,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// The guest's host name from now on (sethostname, and /etc/hostname and
+	// /etc/hosts of the command root); empty keeps it. Since version 2
+	// (capability "hello.hostname").
+	Hostname string `protobuf:"bytes,5,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// 16 random bytes that become the guest's boot id as commands read it
+	// (/proc/sys/kernel/random/boot_id, as a UUID): a restored snapshot
+	// would otherwise give every clone the boot id of the snapshotted boot.
+	// Empty keeps the kernel's. Since version 2 (capability "snapshot").
+	BootId        []byte `protobuf:"bytes,6,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -633,6 +724,20 @@ func (x *Hello) GetHostTimeUnixNano() int64 {
 func (x *Hello) GetEntropy() []byte {
 	if x != nil {
 		return x.Entropy
+	}
+	return nil
+}
+
+func (x *Hello) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *Hello) GetBootId() []byte {
+	if x != nil {
+		return x.BootId
 	}
 	return nil
 }
@@ -813,12 +918,14 @@ func (x *Pong) GetPayload() []byte {
 type Exec struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// argv[0] is looked up in PATH (from env, else the agent's default) when it
-	// has no slash, exactly as execvp does. No shell is involved.
+	// has no slash, exactly as execvp does, inside the command's root (see
+	// Root). No shell is involved.
 	Argv []string `protobuf:"bytes,1,rep,name=argv,proto3" json:"argv,omitempty"`
 	// The complete environment, in order; later entries win. The agent adds
-	// PATH and HOME when they are absent.
+	// PATH and HOME (the user's home directory) when they are absent.
 	Env []*EnvVar `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty"`
-	// Working directory; created (like mkdir -p) when missing. Default "/".
+	// Working directory inside the command's root; created (like mkdir -p)
+	// when missing. Default "/".
 	Cwd string `protobuf:"bytes,3,opt,name=cwd,proto3" json:"cwd,omitempty"`
 	// When false the command's stdin is /dev/null and ExecInput stdin data is
 	// refused. When true the command reads what the host sends until Stdin.eof.
@@ -832,7 +939,25 @@ type Exec struct {
 	// A name the host gives the exec so that later Signal calls can find it.
 	// Must be unique among running execs of the session; empty means the
 	// exec cannot be signalled by id.
-	Id            string `protobuf:"bytes,7,opt,name=id,proto3" json:"id,omitempty"`
+	Id string `protobuf:"bytes,7,opt,name=id,proto3" json:"id,omitempty"`
+	// Who the command runs as, as docker's --user: "uid", "uid:gid",
+	// "name", "name:group", "uid:group" or "name:gid", names resolved in
+	// the command root's /etc/passwd and /etc/group. Without a group, the
+	// primary group is the user's and the supplementary groups are every
+	// group that lists the user; with one, that group alone. A name that
+	// does not resolve is a start failure (REASON_USER). Empty: root.
+	// HOME defaults to the user's home directory. Since version 2
+	// (capability "exec.user").
+	User string `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
+	// Run the command on a pseudo-terminal: it becomes the command's
+	// controlling terminal and its stdin, stdout and stderr, all output
+	// comes as Output on FD_STDOUT (one stream, as on any terminal), stdin
+	// data is typed into it, and ExecInput.resize resizes it. TERM defaults
+	// to "xterm". Since version 2 (capability "exec.tty").
+	Tty bool `protobuf:"varint,9,opt,name=tty,proto3" json:"tty,omitempty"`
+	// The terminal's size when the command starts (with tty; zero rows and
+	// columns when unset).
+	Window        *WindowSize `protobuf:"bytes,10,opt,name=window,proto3" json:"window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -916,6 +1041,97 @@ func (x *Exec) GetId() string {
 	return ""
 }
 
+func (x *Exec) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *Exec) GetTty() bool {
+	if x != nil {
+		return x.Tty
+	}
+	return false
+}
+
+func (x *Exec) GetWindow() *WindowSize {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+// WindowSize is a terminal's size: rows and columns, and optionally its
+// size in pixels. Each is at most 65535.
+type WindowSize struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rows          uint32                 `protobuf:"varint,1,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,2,opt,name=cols,proto3" json:"cols,omitempty"`
+	XPixels       uint32                 `protobuf:"varint,3,opt,name=x_pixels,json=xPixels,proto3" json:"x_pixels,omitempty"`
+	YPixels       uint32                 `protobuf:"varint,4,opt,name=y_pixels,json=yPixels,proto3" json:"y_pixels,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WindowSize) Reset() {
+	*x = WindowSize{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WindowSize) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WindowSize) ProtoMessage() {}
+
+func (x *WindowSize) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WindowSize.ProtoReflect.Descriptor instead.
+func (*WindowSize) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *WindowSize) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *WindowSize) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+func (x *WindowSize) GetXPixels() uint32 {
+	if x != nil {
+		return x.XPixels
+	}
+	return 0
+}
+
+func (x *WindowSize) GetYPixels() uint32 {
+	if x != nil {
+		return x.YPixels
+	}
+	return 0
+}
+
 type EnvVar struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -926,7 +1142,7 @@ type EnvVar struct {
 
 func (x *EnvVar) Reset() {
 	*x = EnvVar{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1154,7 @@ func (x *EnvVar) String() string {
 func (*EnvVar) ProtoMessage() {}
 
 func (x *EnvVar) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1167,7 @@ func (x *EnvVar) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvVar.ProtoReflect.Descriptor instead.
 func (*EnvVar) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *EnvVar) GetName() string {
@@ -974,6 +1190,7 @@ type ExecInput struct {
 	// Types that are valid to be assigned to Input:
 	//
 	//	*ExecInput_Stdin
+	//	*ExecInput_Resize
 	Input         isExecInput_Input `protobuf_oneof:"input"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -981,7 +1198,7 @@ type ExecInput struct {
 
 func (x *ExecInput) Reset() {
 	*x = ExecInput{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -993,7 +1210,7 @@ func (x *ExecInput) String() string {
 func (*ExecInput) ProtoMessage() {}
 
 func (x *ExecInput) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1006,7 +1223,7 @@ func (x *ExecInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecInput.ProtoReflect.Descriptor instead.
 func (*ExecInput) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ExecInput) GetInput() isExecInput_Input {
@@ -1025,17 +1242,38 @@ func (x *ExecInput) GetStdin() *Stdin {
 	return nil
 }
 
+func (x *ExecInput) GetResize() *WindowSize {
+	if x != nil {
+		if x, ok := x.Input.(*ExecInput_Resize); ok {
+			return x.Resize
+		}
+	}
+	return nil
+}
+
 type isExecInput_Input interface {
 	isExecInput_Input()
 }
 
 type ExecInput_Stdin struct {
 	// Bytes for the command's stdin. Once eof is set, no more data follows
-	// and the command reads end-of-file after the bytes sent so far.
+	// and the command reads end-of-file after the bytes sent so far. On a
+	// terminal (Exec.tty) the bytes are typed as they are (0x03 is what
+	// the line discipline turns into SIGINT) and eof only stops input:
+	// a terminal has no end-of-file but the EOF character (0x04) the
+	// program's line discipline interprets.
 	Stdin *Stdin `protobuf:"bytes,1,opt,name=stdin,proto3,oneof"`
 }
 
+type ExecInput_Resize struct {
+	// A new window size for the terminal of an Exec with tty (ignored
+	// otherwise). Since version 2 (capability "exec.tty").
+	Resize *WindowSize `protobuf:"bytes,2,opt,name=resize,proto3,oneof"`
+}
+
 func (*ExecInput_Stdin) isExecInput_Input() {}
+
+func (*ExecInput_Resize) isExecInput_Input() {}
 
 type Stdin struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1047,7 +1285,7 @@ type Stdin struct {
 
 func (x *Stdin) Reset() {
 	*x = Stdin{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1059,7 +1297,7 @@ func (x *Stdin) String() string {
 func (*Stdin) ProtoMessage() {}
 
 func (x *Stdin) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1072,7 +1310,7 @@ func (x *Stdin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stdin.ProtoReflect.Descriptor instead.
 func (*Stdin) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Stdin) GetData() []byte {
@@ -1104,7 +1342,7 @@ type ExecEvent struct {
 
 func (x *ExecEvent) Reset() {
 	*x = ExecEvent{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1116,7 +1354,7 @@ func (x *ExecEvent) String() string {
 func (*ExecEvent) ProtoMessage() {}
 
 func (x *ExecEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1129,7 +1367,7 @@ func (x *ExecEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecEvent.ProtoReflect.Descriptor instead.
 func (*ExecEvent) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ExecEvent) GetEvent() isExecEvent_Event {
@@ -1198,7 +1436,7 @@ type Started struct {
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1210,7 +1448,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1223,7 +1461,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Started) GetPid() uint32 {
@@ -1244,7 +1482,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1256,7 +1494,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1269,7 +1507,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Output) GetFd() Output_Fd {
@@ -1307,7 +1545,7 @@ type Exited struct {
 
 func (x *Exited) Reset() {
 	*x = Exited{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1319,7 +1557,7 @@ func (x *Exited) String() string {
 func (*Exited) ProtoMessage() {}
 
 func (x *Exited) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1332,7 +1570,7 @@ func (x *Exited) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exited.ProtoReflect.Descriptor instead.
 func (*Exited) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Exited) GetCode() int32 {
@@ -1383,7 +1621,7 @@ type StartFailure struct {
 
 func (x *StartFailure) Reset() {
 	*x = StartFailure{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1395,7 +1633,7 @@ func (x *StartFailure) String() string {
 func (*StartFailure) ProtoMessage() {}
 
 func (x *StartFailure) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1408,7 +1646,7 @@ func (x *StartFailure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartFailure.ProtoReflect.Descriptor instead.
 func (*StartFailure) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StartFailure) GetReason() StartFailure_Reason {
@@ -1443,7 +1681,7 @@ type Signal struct {
 
 func (x *Signal) Reset() {
 	*x = Signal{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1455,7 +1693,7 @@ func (x *Signal) String() string {
 func (*Signal) ProtoMessage() {}
 
 func (x *Signal) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1468,7 +1706,7 @@ func (x *Signal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Signal.ProtoReflect.Descriptor instead.
 func (*Signal) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Signal) GetExecId() string {
@@ -1493,7 +1731,7 @@ type SignalReply struct {
 
 func (x *SignalReply) Reset() {
 	*x = SignalReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1505,7 +1743,7 @@ func (x *SignalReply) String() string {
 func (*SignalReply) ProtoMessage() {}
 
 func (x *SignalReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1756,7 @@ func (x *SignalReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalReply.ProtoReflect.Descriptor instead.
 func (*SignalReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 // Mount mounts an ext4 block device of the VM at a guest path (created if
@@ -1559,7 +1797,7 @@ type Mount struct {
 
 func (x *Mount) Reset() {
 	*x = Mount{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1809,7 @@ func (x *Mount) String() string {
 func (*Mount) ProtoMessage() {}
 
 func (x *Mount) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1822,7 @@ func (x *Mount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mount.ProtoReflect.Descriptor instead.
 func (*Mount) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Mount) GetDeviceSerial() string {
@@ -1637,7 +1875,7 @@ type MountReply struct {
 
 func (x *MountReply) Reset() {
 	*x = MountReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1649,7 +1887,7 @@ func (x *MountReply) String() string {
 func (*MountReply) ProtoMessage() {}
 
 func (x *MountReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1662,7 +1900,7 @@ func (x *MountReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MountReply.ProtoReflect.Descriptor instead.
 func (*MountReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 // Shutdown makes the agent sync and unmount filesystems and power the VM
@@ -1675,7 +1913,7 @@ type Shutdown struct {
 
 func (x *Shutdown) Reset() {
 	*x = Shutdown{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +1925,7 @@ func (x *Shutdown) String() string {
 func (*Shutdown) ProtoMessage() {}
 
 func (x *Shutdown) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +1938,7 @@ func (x *Shutdown) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Shutdown.ProtoReflect.Descriptor instead.
 func (*Shutdown) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 type ShutdownReply struct {
@@ -1711,7 +1949,7 @@ type ShutdownReply struct {
 
 func (x *ShutdownReply) Reset() {
 	*x = ShutdownReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1723,7 +1961,7 @@ func (x *ShutdownReply) String() string {
 func (*ShutdownReply) ProtoMessage() {}
 
 func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1736,47 +1974,246 @@ func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownReply.ProtoReflect.Descriptor instead.
 func (*ShutdownReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+}
+
+// Root makes a template the root filesystem of every later command: the
+// ext4 drive labelled lower_label (the template, mounted read-only and
+// never written) under an overlay whose changes land on the ext4 drive
+// labelled upper_label (the run's writable layer, created empty by the
+// host). The agent itself stays in its initramfs; each command is
+// chrooted into the new root, and later Mount targets are paths inside it.
+// Served by an agent running as the guest's init (capability "root"),
+// once per boot and before any Mount.
+type Root struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Label of the template's ext4 filesystem (1 to 16 bytes, as Mount's
+	// device_label).
+	LowerLabel string `protobuf:"bytes,1,opt,name=lower_label,json=lowerLabel,proto3" json:"lower_label,omitempty"`
+	// Label of the ext4 filesystem that takes the writable layer; it must be
+	// another drive than the template's.
+	UpperLabel string `protobuf:"bytes,2,opt,name=upper_label,json=upperLabel,proto3" json:"upper_label,omitempty"`
+	// Host name written to the root's /etc/hostname and /etc/hosts, and set
+	// as the guest's host name. Empty keeps the current one.
+	Hostname      string `protobuf:"bytes,3,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Root) Reset() {
+	*x = Root{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Root) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Root) ProtoMessage() {}
+
+func (x *Root) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Root.ProtoReflect.Descriptor instead.
+func (*Root) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *Root) GetLowerLabel() string {
+	if x != nil {
+		return x.LowerLabel
+	}
+	return ""
+}
+
+func (x *Root) GetUpperLabel() string {
+	if x != nil {
+		return x.UpperLabel
+	}
+	return ""
+}
+
+func (x *Root) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+type RootReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RootReply) Reset() {
+	*x = RootReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RootReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RootReply) ProtoMessage() {}
+
+func (x *RootReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RootReply.ProtoReflect.Descriptor instead.
+func (*RootReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+}
+
+// Quiesce prepares the agent for a snapshot of the VM: the host sends it
+// when it has no other call in flight, and pauses the VM once it has read
+// the reply. The reply is the last thing the agent writes in this session:
+// from then on it drops whatever the session would write, so nothing of
+// the old session reaches the host's next one (after a restore, or on
+// the same connection). The next session starts with a new hello (a frame
+// opening stream 1), on the same connection or after the host
+// reconnected. Refused (CODE_FAILED_PRECONDITION) while a command runs or
+// once a drive is mounted: drives are swapped at restore, so they are
+// mounted after it. Since version 2 (capability "snapshot").
+type Quiesce struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Quiesce) Reset() {
+	*x = Quiesce{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quiesce) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quiesce) ProtoMessage() {}
+
+func (x *Quiesce) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
+func (*Quiesce) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+}
+
+type QuiesceReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QuiesceReply) Reset() {
+	*x = QuiesceReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QuiesceReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QuiesceReply) ProtoMessage() {}
+
+func (x *QuiesceReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QuiesceReply.ProtoReflect.Descriptor instead.
+func (*QuiesceReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xa5\x02\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\x82\x03\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
 	"\x04exec\x18\x03 \x01(\v2\x12.mvm.agent.v1.ExecH\x00R\x04exec\x12.\n" +
 	"\x06signal\x18\x04 \x01(\v2\x14.mvm.agent.v1.SignalH\x00R\x06signal\x124\n" +
 	"\bshutdown\x18\x05 \x01(\v2\x16.mvm.agent.v1.ShutdownH\x00R\bshutdown\x12+\n" +
-	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mountB\x06\n" +
-	"\x04call\"\xbf\x02\n" +
+	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mount\x12(\n" +
+	"\x04root\x18\a \x01(\v2\x12.mvm.agent.v1.RootH\x00R\x04root\x121\n" +
+	"\aquiesce\x18\b \x01(\v2\x15.mvm.agent.v1.QuiesceH\x00R\aquiesceB\x06\n" +
+	"\x04call\"\xa6\x03\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
 	"\x06signal\x18\x03 \x01(\v2\x19.mvm.agent.v1.SignalReplyH\x00R\x06signal\x129\n" +
 	"\bshutdown\x18\x04 \x01(\v2\x1b.mvm.agent.v1.ShutdownReplyH\x00R\bshutdown\x120\n" +
-	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12+\n" +
+	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12-\n" +
+	"\x04root\x18\x06 \x01(\v2\x17.mvm.agent.v1.RootReplyH\x00R\x04root\x126\n" +
+	"\aquiesce\x18\a \x01(\v2\x1a.mvm.agent.v1.QuiesceReplyH\x00R\aquiesce\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
-	"\x06result\"\xd8\x01\n" +
+	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.mvm.agent.v1.Error.CodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\x86\x01\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xa4\x01\n" +
 	"\x04Code\x12\x14\n" +
 	"\x10CODE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10CODE_UNSUPPORTED\x10\x01\x12\x19\n" +
 	"\x15CODE_INVALID_ARGUMENT\x10\x02\x12\x12\n" +
 	"\x0eCODE_NOT_FOUND\x10\x03\x12\x10\n" +
 	"\fCODE_VERSION\x10\x04\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\x05\"\x92\x01\n" +
+	"\rCODE_INTERNAL\x10\x05\x12\x1c\n" +
+	"\x18CODE_FAILED_PRECONDITION\x10\x06\"\xc7\x01\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmax_version\x18\x01 \x01(\rR\n" +
 	"maxVersion\x12\x1f\n" +
 	"\vmin_version\x18\x02 \x01(\rR\n" +
 	"minVersion\x12-\n" +
 	"\x13host_time_unix_nano\x18\x03 \x01(\x03R\x10hostTimeUnixNano\x12\x18\n" +
-	"\aentropy\x18\x04 \x01(\fR\aentropy\"\xda\x01\n" +
+	"\aentropy\x18\x04 \x01(\fR\aentropy\x12\x1a\n" +
+	"\bhostname\x18\x05 \x01(\tR\bhostname\x12\x17\n" +
+	"\aboot_id\x18\x06 \x01(\fR\x06bootId\"\xda\x01\n" +
 	"\n" +
 	"HelloReply\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12#\n" +
@@ -1787,7 +2224,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
-	"\apayload\x18\x01 \x01(\fR\apayload\"\xcd\x01\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"\xa5\x02\n" +
 	"\x04Exec\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12&\n" +
 	"\x03env\x18\x02 \x03(\v2\x14.mvm.agent.v1.EnvVarR\x03env\x12\x10\n" +
@@ -1795,12 +2232,23 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x04 \x01(\bR\x05stdin\x12%\n" +
 	"\x0etimeout_millis\x18\x05 \x01(\x04R\rtimeoutMillis\x12*\n" +
 	"\x11kill_grace_millis\x18\x06 \x01(\x04R\x0fkillGraceMillis\x12\x0e\n" +
-	"\x02id\x18\a \x01(\tR\x02id\"2\n" +
+	"\x02id\x18\a \x01(\tR\x02id\x12\x12\n" +
+	"\x04user\x18\b \x01(\tR\x04user\x12\x10\n" +
+	"\x03tty\x18\t \x01(\bR\x03tty\x120\n" +
+	"\x06window\x18\n" +
+	" \x01(\v2\x18.mvm.agent.v1.WindowSizeR\x06window\"j\n" +
+	"\n" +
+	"WindowSize\x12\x12\n" +
+	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x02 \x01(\rR\x04cols\x12\x19\n" +
+	"\bx_pixels\x18\x03 \x01(\rR\axPixels\x12\x19\n" +
+	"\by_pixels\x18\x04 \x01(\rR\ayPixels\"2\n" +
 	"\x06EnvVar\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"A\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"u\n" +
 	"\tExecInput\x12+\n" +
-	"\x05stdin\x18\x01 \x01(\v2\x13.mvm.agent.v1.StdinH\x00R\x05stdinB\a\n" +
+	"\x05stdin\x18\x01 \x01(\v2\x13.mvm.agent.v1.StdinH\x00R\x05stdin\x122\n" +
+	"\x06resize\x18\x02 \x01(\v2\x18.mvm.agent.v1.WindowSizeH\x00R\x06resizeB\a\n" +
 	"\x05input\"-\n" +
 	"\x05Stdin\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
@@ -1824,11 +2272,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\x12\x1b\n" +
 	"\ttimed_out\x18\x03 \x01(\bR\btimedOut\x12?\n" +
 	"\rstart_failure\x18\x04 \x01(\v2\x1a.mvm.agent.v1.StartFailureR\fstartFailure\x12'\n" +
-	"\x0fduration_micros\x18\x05 \x01(\x04R\x0edurationMicros\"\x83\x02\n" +
+	"\x0fduration_micros\x18\x05 \x01(\x04R\x0edurationMicros\"\x94\x02\n" +
 	"\fStartFailure\x129\n" +
 	"\x06reason\x18\x01 \x01(\x0e2!.mvm.agent.v1.StartFailure.ReasonR\x06reason\x12\x14\n" +
 	"\x05errno\x18\x02 \x01(\x05R\x05errno\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\x87\x01\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\x98\x01\n" +
 	"\x06Reason\x12\x16\n" +
 	"\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10REASON_NOT_FOUND\x10\x01\x12\x19\n" +
@@ -1836,7 +2284,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"REASON_CWD\x10\x03\x12\x12\n" +
 	"\x0eREASON_INVALID\x10\x04\x12\x10\n" +
-	"\fREASON_OTHER\x10\x05\"9\n" +
+	"\fREASON_OTHER\x10\x05\x12\x0f\n" +
+	"\vREASON_USER\x10\x06\"9\n" +
 	"\x06Signal\x12\x17\n" +
 	"\aexec_id\x18\x01 \x01(\tR\x06execId\x12\x16\n" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\r\n" +
@@ -1853,7 +2302,16 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"MountReply\"\n" +
 	"\n" +
 	"\bShutdown\"\x0f\n" +
-	"\rShutdownReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\rShutdownReply\"d\n" +
+	"\x04Root\x12\x1f\n" +
+	"\vlower_label\x18\x01 \x01(\tR\n" +
+	"lowerLabel\x12\x1f\n" +
+	"\vupper_label\x18\x02 \x01(\tR\n" +
+	"upperLabel\x12\x1a\n" +
+	"\bhostname\x18\x03 \x01(\tR\bhostname\"\v\n" +
+	"\tRootReply\"\t\n" +
+	"\aQuiesce\"\x0e\n" +
+	"\fQuiesceReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1868,7 +2326,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -1881,48 +2339,59 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*Ping)(nil),             // 8: mvm.agent.v1.Ping
 	(*Pong)(nil),             // 9: mvm.agent.v1.Pong
 	(*Exec)(nil),             // 10: mvm.agent.v1.Exec
-	(*EnvVar)(nil),           // 11: mvm.agent.v1.EnvVar
-	(*ExecInput)(nil),        // 12: mvm.agent.v1.ExecInput
-	(*Stdin)(nil),            // 13: mvm.agent.v1.Stdin
-	(*ExecEvent)(nil),        // 14: mvm.agent.v1.ExecEvent
-	(*Started)(nil),          // 15: mvm.agent.v1.Started
-	(*Output)(nil),           // 16: mvm.agent.v1.Output
-	(*Exited)(nil),           // 17: mvm.agent.v1.Exited
-	(*StartFailure)(nil),     // 18: mvm.agent.v1.StartFailure
-	(*Signal)(nil),           // 19: mvm.agent.v1.Signal
-	(*SignalReply)(nil),      // 20: mvm.agent.v1.SignalReply
-	(*Mount)(nil),            // 21: mvm.agent.v1.Mount
-	(*MountReply)(nil),       // 22: mvm.agent.v1.MountReply
-	(*Shutdown)(nil),         // 23: mvm.agent.v1.Shutdown
-	(*ShutdownReply)(nil),    // 24: mvm.agent.v1.ShutdownReply
+	(*WindowSize)(nil),       // 11: mvm.agent.v1.WindowSize
+	(*EnvVar)(nil),           // 12: mvm.agent.v1.EnvVar
+	(*ExecInput)(nil),        // 13: mvm.agent.v1.ExecInput
+	(*Stdin)(nil),            // 14: mvm.agent.v1.Stdin
+	(*ExecEvent)(nil),        // 15: mvm.agent.v1.ExecEvent
+	(*Started)(nil),          // 16: mvm.agent.v1.Started
+	(*Output)(nil),           // 17: mvm.agent.v1.Output
+	(*Exited)(nil),           // 18: mvm.agent.v1.Exited
+	(*StartFailure)(nil),     // 19: mvm.agent.v1.StartFailure
+	(*Signal)(nil),           // 20: mvm.agent.v1.Signal
+	(*SignalReply)(nil),      // 21: mvm.agent.v1.SignalReply
+	(*Mount)(nil),            // 22: mvm.agent.v1.Mount
+	(*MountReply)(nil),       // 23: mvm.agent.v1.MountReply
+	(*Shutdown)(nil),         // 24: mvm.agent.v1.Shutdown
+	(*ShutdownReply)(nil),    // 25: mvm.agent.v1.ShutdownReply
+	(*Root)(nil),             // 26: mvm.agent.v1.Root
+	(*RootReply)(nil),        // 27: mvm.agent.v1.RootReply
+	(*Quiesce)(nil),          // 28: mvm.agent.v1.Quiesce
+	(*QuiesceReply)(nil),     // 29: mvm.agent.v1.QuiesceReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
 	8,  // 1: mvm.agent.v1.Request.ping:type_name -> mvm.agent.v1.Ping
 	10, // 2: mvm.agent.v1.Request.exec:type_name -> mvm.agent.v1.Exec
-	19, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
-	23, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
-	21, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
-	7,  // 6: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 7: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	20, // 8: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	24, // 9: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	22, // 10: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	5,  // 11: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 12: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	11, // 13: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	13, // 14: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	15, // 15: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	16, // 16: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	17, // 17: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 18: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	18, // 19: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 20: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	21, // [21:21] is the sub-list for method output_type
-	21, // [21:21] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	20, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
+	24, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
+	22, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
+	26, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
+	28, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
+	7,  // 8: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 9: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 10: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 11: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 12: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 13: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 14: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	5,  // 15: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 16: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 17: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 18: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 19: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 20: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 21: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 22: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 23: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 24: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 25: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 26: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1937,6 +2406,8 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Signal)(nil),
 		(*Request_Shutdown)(nil),
 		(*Request_Mount)(nil),
+		(*Request_Root)(nil),
+		(*Request_Quiesce)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -1944,12 +2415,15 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Signal)(nil),
 		(*Response_Shutdown)(nil),
 		(*Response_Mount)(nil),
+		(*Response_Root)(nil),
+		(*Response_Quiesce)(nil),
 		(*Response_Error)(nil),
 	}
-	file_api_agent_v1_agent_proto_msgTypes[9].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
 		(*ExecInput_Stdin)(nil),
+		(*ExecInput_Resize)(nil),
 	}
-	file_api_agent_v1_agent_proto_msgTypes[11].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[12].OneofWrappers = []any{
 		(*ExecEvent_Started)(nil),
 		(*ExecEvent_Output)(nil),
 		(*ExecEvent_Exited)(nil),
@@ -1960,7 +2434,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
