@@ -176,6 +176,23 @@ type Cmd struct {
 	// KillGrace is the SIGTERM-to-SIGKILL grace at the timeout (0 means
 	// DefaultKillGrace).
 	KillGrace time.Duration
+	// User runs the command as a user of the guest's root filesystem, as
+	// docker run --user does: "name", "uid", "name:group", "uid:gid";
+	// names are resolved in the root's /etc/passwd and /etc/group, with
+	// the user's supplementary groups. "" is root (or a template's User).
+	User string
+	// TTY, when set, runs the command on a pseudo-terminal of that size:
+	// it is the command's controlling terminal and its stdin, stdout and
+	// stderr, so all output arrives on Stdout, with the terminal's own
+	// conversions (\n becomes \r\n). Stdin, when set, is the terminal's
+	// input: a Ctrl-C typed there (byte 0x03) interrupts the foreground
+	// job through the guest's line discipline. Resize changes the size.
+	TTY *TTY
+}
+
+// TTY is a terminal's size in characters.
+type TTY struct {
+	Rows, Cols uint16
 }
 
 // DefaultKillGrace is how long a timed-out command has between SIGTERM and
@@ -213,6 +230,12 @@ func (c *Cmd) check() ([]envvar.Var, error) {
 	}
 	if c.Timeout < 0 || c.KillGrace < 0 {
 		return nil, invalid("Cmd.Timeout", "negative durations are not allowed")
+	}
+	if strings.ContainsAny(c.User, "\x00\n") || len(c.User) > 256 {
+		return nil, invalid("Cmd.User", "%s: not a user name or id", execreq.Quote(c.User))
+	}
+	if c.TTY != nil && (c.TTY.Rows == 0 || c.TTY.Cols == 0) {
+		return nil, invalid("Cmd.TTY", "a terminal of %dx%d: rows and columns must be positive", c.TTY.Rows, c.TTY.Cols)
 	}
 	return vars, nil
 }

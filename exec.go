@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/agentproto"
 )
 
 // hostTimeoutSlack is how much longer than a command's timeout plus kill
@@ -99,8 +100,12 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		cmd.KillGrace = DefaultKillGrace
 	}
 	p := &Process{sb: sb, cmd: cmd, apOK: make(chan struct{}), done: make(chan struct{}), outErr: make(chan error, 1)}
+	if err := sb.needs(cmd); err != nil {
+		return nil, err
+	}
 	spec := agentclient.ExecSpec{
 		Argv:          cmd.Argv,
+		User:          cmd.User,
 		Dir:           cmd.Dir,
 		Stdin:         cmd.Stdin,
 		Stdout:        cmd.Stdout,
@@ -111,6 +116,9 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	}
 	for _, v := range env {
 		spec.Env = append(spec.Env, agentclient.EnvVar{Name: v.Name, Value: v.Value})
+	}
+	if cmd.TTY != nil {
+		spec.TTY = &agentclient.TTY{Rows: cmd.TTY.Rows, Cols: cmd.TTY.Cols}
 	}
 	start := time.Now()
 	ap, err := sb.client.Exec(ctx, spec)
@@ -152,6 +160,33 @@ func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
 	defer cancel()
 	<-p.apOK
 	return p.ap.Signal(sctx, sig)
+}
+
+// Resize changes the size of the command's terminal (Cmd.TTY); the guest
+// sends SIGWINCH to its foreground job. Without a terminal it does
+// nothing.
+func (p *Process) Resize(ctx context.Context, rows, cols uint16) error {
+	if p.cmd.TTY == nil {
+		return nil
+	}
+	if rows == 0 || cols == 0 {
+		return invalid("Resize", "a terminal of %dx%d: rows and columns must be positive", rows, cols)
+	}
+	sctx, cancel := context.WithTimeout(ctx, signalTimeout)
+	defer cancel()
+	<-p.apOK
+	return p.ap.Resize(sctx, rows, cols)
+}
+
+// needs checks that the guest's agent serves what cmd uses.
+func (sb *Sandbox) needs(cmd Cmd) error {
+	if cmd.TTY != nil && !sb.hello.Has(agentproto.CapExecTTY) {
+		return invalid("Cmd.TTY", "the guest agent (%s) has no terminal support", sb.hello.AgentVersion)
+	}
+	if cmd.User != "" && !sb.hello.Has(agentproto.CapExecUser) {
+		return invalid("Cmd.User", "the guest agent (%s) cannot run commands as another user", sb.hello.AgentVersion)
+	}
+	return nil
 }
 
 // onOutputError is called by the agent client when writing the command's
@@ -258,7 +293,7 @@ func (p *Process) finish(outErr error) {
 			se.Err = ErrCommandNotFound
 		case agentclient.StartNotExecutable:
 			se.Err = ErrNotExecutable
-		case agentclient.StartInvalid:
+		case agentclient.StartInvalid, agentclient.StartUser:
 			se.Err = ErrInvalid
 		}
 		p.err = se

@@ -42,6 +42,7 @@ type runOptions struct {
 	signals       <-chan os.Signal
 	grace         time.Duration
 	teardownGrace time.Duration
+	started       func(*Process)
 }
 
 // DefaultInterruptGrace is how long a command has, after its first
@@ -62,6 +63,13 @@ const teardownBudget = 1500 * time.Millisecond
 // signal.Notify'ing ch; Run only reads it.
 func WithSignals(ch <-chan os.Signal) RunOption {
 	return func(o *runOptions) { o.signals = ch }
+}
+
+// WithStarted calls fn once the command runs (not if it could not be
+// started), with its Process: the place to put a terminal into raw mode
+// or follow its size with Process.Resize. fn must not block.
+func WithStarted(fn func(*Process)) RunOption {
+	return func(o *runOptions) { o.started = fn }
 }
 
 // WithInterruptGrace sets the interrupt grace (DefaultInterruptGrace).
@@ -158,11 +166,20 @@ func Run(ctx context.Context, cfg Config, cmd Cmd, opts ...RunOption) (Result, e
 // down on a second one or when the grace runs out.
 func waitInterruptible(p *Process, o runOptions, cancel context.CancelFunc) (ExitStatus, syscall.Signal, error) {
 	var (
-		grace <-chan time.Time
-		first syscall.Signal
+		grace   <-chan time.Time
+		first   syscall.Signal
+		started = p.Started()
 	)
+	if o.started == nil {
+		started = nil
+	}
 	for {
 		select {
+		case <-started:
+			started = nil
+			if p.PID() != 0 {
+				o.started(p)
+			}
 		case <-p.Done():
 			st, err := p.Wait()
 			return st, 0, err

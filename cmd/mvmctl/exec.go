@@ -30,6 +30,7 @@ type execOptions struct {
 	workdir     string
 	accel       string
 	interactive bool
+	tty         bool
 	kernel      string
 }
 
@@ -45,11 +46,19 @@ status.
 Arguments reach the guest exactly as given (no shell is involved). stdin is
 forwarded when it is not a terminal, or always with -i.
 
+With -t the command runs on a pseudo-terminal in the guest, sized like
+yours and following it: its stdout and stderr are then one stream (as on
+any terminal), and with -i your keys go to it raw (Ctrl-C interrupts its
+foreground job, not the VM). -t alone gives the command a terminal without
+forwarding stdin; -it needs a terminal on stdin. TERM is passed on (xterm
+if unset).
+
 Exit status: COMMAND's own; 128+N if it died of signal N (or mvmctl was
 interrupted by signal N); 124 on timeout; 125 if mvmctl or the VM failed,
 or writing COMMAND's output failed; 126 if COMMAND cannot be executed; 127
 if it was not found.`,
 		Example: `  mvmctl exec -- uname -a
+  mvmctl exec -it -- sh
   echo hi | mvmctl exec -- sh -c 'cat; exit 3'
   mvmctl exec --timeout 5s -- sleep 60
   mvmctl exec -e GREETING='hello world' -w /tmp -- sh -c 'echo "$GREETING"; pwd'
@@ -71,6 +80,7 @@ if it was not found.`,
 	f.StringVarP(&o.workdir, "workdir", "w", "", "working directory in the guest (created if missing; default /)")
 	f.StringVar(&o.accel, "accel", envOr("MVM_ACCEL", "auto"), "accelerator: auto, kvm or tcg (env MVM_ACCEL)")
 	f.BoolVarP(&o.interactive, "interactive", "i", false, "forward stdin even when it is a terminal")
+	f.BoolVarP(&o.tty, "tty", "t", false, "run COMMAND on a terminal (stdout and stderr become one stream); with -i, your terminal's keys go to it raw")
 	f.StringVar(&o.kernel, "kernel", "", "boot this vmlinux instead of the default image's kernel")
 	return cmd
 }
@@ -92,7 +102,25 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 	cfg.Logger = g.log
 	c.Stdout = cmd.OutOrStdout()
 	c.Stderr = cmd.ErrOrStderr()
-	if o.interactive || !term.IsTerminal(int(os.Stdin.Fd())) {
+	var ht *hostTerminal
+	switch {
+	case o.tty:
+		// docker's rules: -t gives the command a terminal; only -i
+		// forwards stdin, which must then be a terminal too.
+		var err error
+		if ht, err = newHostTerminal(o.interactive); err != nil {
+			return &exitError{code: exitFailure, err: err}
+		}
+		defer ht.restore()
+		sz := ht.size()
+		c.TTY = &sz
+		if o.interactive {
+			c.Stdin = os.Stdin
+		}
+		if !hasEnv(c.Env, "TERM") {
+			c.Env = append(c.Env, "TERM="+envOr("TERM", "xterm"))
+		}
+	case o.interactive || !term.IsTerminal(int(os.Stdin.Fd())):
 		c.Stdin = os.Stdin
 	}
 
@@ -105,7 +133,15 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 	defer signal.Stop(sigs)
 	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 
-	res, err := mvm.Run(cmd.Context(), cfg, c, mvm.WithSignals(sigs))
+	runOpts := []mvm.RunOption{mvm.WithSignals(sigs)}
+	if ht != nil {
+		runOpts = append(runOpts, mvm.WithStarted(ht.attach))
+	}
+	res, err := mvm.Run(cmd.Context(), cfg, c, runOpts...)
+	if ht != nil {
+		// Before anything below prints on the terminal.
+		ht.restore()
+	}
 	if g.verbose {
 		printTimings(cmd.ErrOrStderr(), res.Timings)
 	}
@@ -184,6 +220,16 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		c.Env = append(c.Env, v.Name+"="+v.Value)
 	}
 	return cfg, c, nil
+}
+
+// hasEnv reports whether env (KEY=VALUE) sets key.
+func hasEnv(env []string, key string) bool {
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); k == key {
+			return true
+		}
+	}
+	return false
 }
 
 func printTimings(w io.Writer, timings []mvm.Timing) {

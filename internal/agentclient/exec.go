@@ -234,17 +234,10 @@ func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
 // size changed. Without a terminal the agent ignores it.
 func (p *Process) Resize(ctx context.Context, rows, cols uint16) error {
 	msg := &agentpb.ExecInput{Input: &agentpb.ExecInput_Resize{Resize: windowSize(rows, cols, 0, 0)}}
-	errc := make(chan error, 1)
-	go func() { errc <- agentproto.Write(p.st, msg) }()
-	select {
-	case err := <-errc:
-		if err != nil {
-			return fmt.Errorf("resize: %w", err)
-		}
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := agentproto.WriteContext(ctx, p.st, msg); err != nil {
+		return fmt.Errorf("resize: %w", err)
 	}
+	return nil
 }
 
 func windowSize(rows, cols, x, y uint16) *agentpb.WindowSize {
