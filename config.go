@@ -24,6 +24,10 @@ const (
 	MaxCPUs = 64
 	// MinMemory is the least guest RAM the default image boots in.
 	MinMemory = 64 << 20
+	// MaxDrives is how many disks a VM can have: QEMU's microvm machine
+	// has eight virtio devices and the agent's channel takes one. A
+	// read-only shared directory takes one, a read-write one two.
+	MaxDrives = 7
 )
 
 // Config describes a sandbox. The zero value is valid: the default image
@@ -45,6 +49,9 @@ type Config struct {
 	KernelArgs []string
 	// Dirs are host directories shared with the guest.
 	Dirs []Dir
+	// NoSnapshot makes the sandbox boot even when a snapshot of its
+	// configuration could be restored (see PrepareSnapshot).
+	NoSnapshot bool
 
 	// CacheDir holds images (default: $XDG_CACHE_HOME/mvm), StateDir
 	// what outlives a run: kept console logs, staged write-backs
@@ -126,6 +133,17 @@ func resolve(cfg Config) (resolved, error) {
 	}
 	if r.dirs, err = adddir.Check(specs); err != nil {
 		return r, &RequestError{Field: "Dirs", Err: err}
+	}
+	drives := 0
+	for _, d := range r.dirs {
+		drives++
+		if d.Mode == adddir.ReadWrite {
+			drives++
+		}
+	}
+	if drives > MaxDrives {
+		return r, invalid("Dirs", "%d shared directories need %d drives; the VM has room for %d (a read-only directory takes one, a read-write one two)",
+			len(r.dirs), drives, MaxDrives)
 	}
 	if r.CacheDir == "" {
 		if r.CacheDir, err = xdg.CacheDir(); err != nil {

@@ -72,6 +72,8 @@ type Sandbox struct {
 	// keepalive settings, fixed at start
 	pingEvery, pingTimeout time.Duration
 
+	restored bool // the machine came from a snapshot
+
 	mu         sync.Mutex
 	closing    bool
 	abandon    bool // skip the guest's graceful shutdown (Run after an interrupt)
@@ -98,15 +100,8 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	if r.backend == nil {
-		deps := image.RuntimeDeps()
-		if len(r.dirs) > 0 {
-			deps = append(deps, dirimage.Deps()...)
-		}
-		if err := hostdeps.Check("mvm", deps...); err != nil {
-			return nil, err
-		}
-		r.backend = qemu.New(r.Logger)
+	if err := defaultBackend(&r); err != nil {
+		return nil, err
 	}
 	sb := &Sandbox{
 		cfg:         r,
@@ -135,6 +130,23 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 	}
 	go sb.monitor()
 	return sb, nil
+}
+
+// defaultBackend sets the QEMU backend unless a test gave another, after
+// checking that the host has what it runs.
+func defaultBackend(r *resolved) error {
+	if r.backend != nil {
+		return nil
+	}
+	deps := image.RuntimeDeps()
+	if len(r.dirs) > 0 {
+		deps = append(deps, dirimage.Deps()...)
+	}
+	if err := hostdeps.Check("mvm", deps...); err != nil {
+		return err
+	}
+	r.backend = qemu.New(r.Logger)
+	return nil
 }
 
 // loadImage finds what the sandbox boots.
@@ -244,19 +256,79 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		MemoryMiB:  sb.cfg.memMiB,
 		Accel:      sb.cfg.accel.Kind,
 	}
+	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
+	snap, why := sb.snapshot(ctx)
+	if snap != "" {
+		m, err := sb.restore(ctx, bc, snap)
+		if err == nil {
+			sb.life.annotate("restored from snapshot " + snap)
+			return sb.started(m), nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		// A snapshot that does not restore is discarded, so that the
+		// next bootstrap or template snapshot rebuilds it; this run
+		// boots.
+		sb.log.Warn("the snapshot could not be restored; booting instead (it is discarded: mvmctl bootstrap rebuilds it)", "snapshot", snap, "err", err)
+		discardSnapshot(snap)
+		why = "its snapshot failed to restore"
+	}
+	sb.life.annotate("cold boot: " + why)
 	for _, d := range sb.dirs {
 		bc.Drives = append(bc.Drives, d.drives()...)
 	}
-	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
 	m, err := sb.cfg.backend.Start(ctx, bc)
 	if err != nil {
 		return nil, &VMError{Op: "start vm", Err: err}
 	}
+	return sb.started(m), nil
+}
+
+// started records a machine that runs, and returns its undo.
+func (sb *Sandbox) started(m backend.Machine) undoFunc {
 	sb.m = m
 	if err := sb.run.RecordVMM(m.PID()); err != nil {
 		sb.log.Warn("record vmm pid", "err", err)
 	}
-	return sb.stopVM, nil
+	return sb.stopVM
+}
+
+// snapshot returns the snapshot this sandbox can restore, or "" and why it
+// boots instead.
+func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
+	switch {
+	case sb.cfg.NoSnapshot:
+		return "", "snapshots are off for this run"
+	case len(sb.dirs) > snapshotDirSlots:
+		return "", fmt.Sprintf("more than %d shared directories", snapshotDirSlots)
+	}
+	key, err := snapshotKey(ctx, sb.cfg, sb.img)
+	if err != nil {
+		return "", err.Error()
+	}
+	dir, err = findSnapshot(sb.cfg, key)
+	if err != nil {
+		return "", err.Error()
+	}
+	return dir, ""
+}
+
+// restore starts the machine from the snapshot in dir, with the run's
+// disks in the snapshot's drive slots.
+func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, dir string) (backend.Machine, error) {
+	drives, err := slotDrives(sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir)
+	if err != nil {
+		return nil, err
+	}
+	bc.Drives = drives
+	bc.Snapshot = &backend.Snapshot{Dir: dir, Restore: true}
+	m, err := sb.cfg.backend.Start(ctx, bc)
+	if err != nil {
+		return nil, err
+	}
+	sb.restored = true
+	return m, nil
 }
 
 // stopVM ends the VMM, politely while stopTimeout allows.
@@ -276,7 +348,10 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 	if err != nil {
 		return nil, &VMError{Op: "connect to guest agent", Err: err}
 	}
-	client, err := agentclient.Dial(conn)
+	// A restored guest is a clone: its boot id is the snapshot's until
+	// the hello renews it (the agent also reseeds its RNG and sets the
+	// clock at every hello).
+	client, err := agentclient.DialWithOptions(conn, agentclient.HelloOptions{RenewBootID: sb.restored})
 	if err != nil {
 		return nil, &VMError{Op: "connect to guest agent", Err: err}
 	}
@@ -299,9 +374,11 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 		return undo, &VMError{Op: "boot", Err: vmEnded(sb.m)}
 	}
 	switch {
-	case err == nil:
+	case err == nil && !sb.restored:
+		// A restored guest's uptimes are the snapshot's boot.
 		sb.life.annotate(fmt.Sprintf("guest kernel %s, agent init %s",
 			ms(sb.hello.AgentStart), ms(sb.hello.GuestUptime-sb.hello.AgentStart)))
+	case err == nil:
 	case ctx.Err() != nil:
 		return undo, ctx.Err()
 	case hctx.Err() != nil:

@@ -9,14 +9,17 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/units"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
 type bootstrapOptions struct {
-	kernel    string
-	jobs      int
-	noCompile bool
+	kernel     string
+	jobs       int
+	noCompile  bool
+	noSnapshot bool
 }
 
 func newBootstrapCommand(g *globalOptions) *cobra.Command {
@@ -31,9 +34,13 @@ func newBootstrapCommand(g *globalOptions) *cobra.Command {
     fragment, and cached by a hash of its inputs;
   - an initramfs holding the mvm guest agent and a static busybox userland.
 
-It is idempotent: when nothing changed it only checks the cache. With
---kernel it uses your vmlinux instead of compiling one (see docs/kernel.md
-for what it must have built in).`,
+  - a snapshot of the default VM (2 vCPUs, 512M) booted to its agent, which
+    "mvmctl exec" restores instead of booting (see docs/snapshots.md).
+
+It is idempotent: when nothing changed it only checks the cache (the
+snapshot is taken again, a second or two). With --kernel it uses your
+vmlinux instead of compiling one (see docs/kernel.md for what it must have
+built in).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBootstrap(cmd, g, o)
@@ -43,6 +50,7 @@ for what it must have built in).`,
 	f.StringVar(&o.kernel, "kernel", "", "use this uncompressed vmlinux instead of compiling one")
 	f.IntVarP(&o.jobs, "jobs", "j", 0, "parallel compile jobs (default: one per CPU)")
 	f.BoolVar(&o.noCompile, "no-compile", false, "fail instead of compiling the kernel when it is not cached")
+	f.BoolVar(&o.noSnapshot, "no-snapshot", false, "do not snapshot the default VM")
 	return cmd
 }
 
@@ -70,6 +78,16 @@ func runBootstrap(cmd *cobra.Command, g *globalOptions, o *bootstrapOptions) err
 		return err
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "kernel:    %s\ninitramfs: %s\n", img.Kernel, img.Initrd)
+	if o.noSnapshot {
+		return nil
+	}
+	p.println("snapshot: booting the default VM to save it")
+	info, err := mvm.PrepareSnapshot(cmd.Context(), mvm.Config{CacheDir: cache, Logger: g.log, Accel: mvm.Accel(envOr("MVM_ACCEL", "auto"))})
+	if err != nil {
+		return fmt.Errorf("snapshot the default VM: %w", err)
+	}
+	p.println(fmt.Sprintf("snapshot: saved in %s (%s on disk)", info.Took.Round(time.Millisecond), units.FormatBytes(info.Size)))
+	fmt.Fprintf(cmd.OutOrStdout(), "snapshot:  %s\n", info.Dir)
 	return nil
 }
 

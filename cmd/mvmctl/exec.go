@@ -32,6 +32,7 @@ type execOptions struct {
 	interactive bool
 	tty         bool
 	kernel      string
+	noSnapshot  bool
 }
 
 func newExecCommand(g *globalOptions) *cobra.Command {
@@ -82,6 +83,7 @@ if it was not found.`,
 	f.BoolVarP(&o.interactive, "interactive", "i", false, "forward stdin even when it is a terminal")
 	f.BoolVarP(&o.tty, "tty", "t", false, "run COMMAND on a terminal (stdout and stderr become one stream); with -i, your terminal's keys go to it raw")
 	f.StringVar(&o.kernel, "kernel", "", "boot this vmlinux instead of the default image's kernel")
+	f.BoolVar(&o.noSnapshot, "no-snapshot", false, "boot the VM even when a snapshot of it could be restored")
 	return cmd
 }
 
@@ -207,7 +209,8 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		CPUs:   o.cpus,
 		Memory: int64(mem) << 20,
 		Accel:  mvm.Accel(strings.ToLower(o.accel)),
-		Kernel: o.kernel,
+		Kernel:     o.kernel,
+		NoSnapshot: o.noSnapshot,
 		// MVM_KERNEL_ARGS adds guest kernel arguments, e.g. "mvm.debug"
 		// for agent debug logs in the console log.
 		KernelArgs: strings.Fields(os.Getenv("MVM_KERNEL_ARGS")),

@@ -163,3 +163,18 @@ func FormatMiB(mib uint64) string {
 		return strconv.FormatUint(mib, 10) + "M"
 	}
 }
+
+// FormatBytes renders a byte count for people: 512 B, 1.5 KiB, 42.0 MiB,
+// 3.2 GiB.
+func FormatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return strconv.FormatInt(n, 10) + " B"
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return strconv.FormatFloat(float64(n)/float64(div), 'f', 1, 64) + " " + string("KMGTP"[exp]) + "iB"
+}

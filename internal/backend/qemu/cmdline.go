@@ -38,7 +38,13 @@ type argsConfig struct {
 	qmpFD     int   // connected socket for QMP
 	consoleFD int   // connected socket for the serial console
 	rawFDs    []int // one per cfg.RawPorts, same order
-	sandbox   bool  // QEMU seccomp sandbox available
+	// driveFDs are, per drive, descriptors of its image: read-only, and
+	// read-write unless the drive is read-only. QEMU takes its images from
+	// these (an fdset) rather than by path: a chrooted VMM cannot open the
+	// path, and QEMU reopens images when their permissions change (when a
+	// migration ends, say), which it then does by duplicating one of them.
+	driveFDs  [][]int
+	sandbox   bool // QEMU seccomp sandbox available
 	// runAs ("uid:gid") and chroot confine the VMM once it has opened
 	// its files (as root only).
 	runAs, chroot string
@@ -144,12 +150,19 @@ func buildArgs(a argsConfig) ([]string, error) {
 			"-device", "virtserialport,bus=vser0.0,chardev="+id+",name="+qemuOptValue(name),
 		)
 	}
+	if len(a.driveFDs) != len(c.Drives) {
+		return nil, fmt.Errorf("%d drives but descriptors for %d", len(c.Drives), len(a.driveFDs))
+	}
 	for i, d := range c.Drives {
 		if len(d.Label) > 20 || strings.ContainsAny(d.Label, ",= ") {
 			return nil, fmt.Errorf("drive label %q: at most 20 characters, no ',', '=' or spaces", d.Label)
 		}
 		id := "drive" + strconv.Itoa(i)
-		opts := "file=" + qemuOptValue(d.Path) + ",if=none,id=" + id + ",format=raw,cache=unsafe,discard=unmap"
+		set := strconv.Itoa(i + 1)
+		for _, fd := range a.driveFDs[i] {
+			args = append(args, "-add-fd", "fd="+strconv.Itoa(fd)+",set="+set)
+		}
+		opts := "file=/dev/fdset/" + set + ",if=none,id=" + id + ",format=raw,cache=unsafe,discard=unmap"
 		if d.ReadOnly {
 			opts += ",readonly=on"
 		}

@@ -131,6 +131,13 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		m.raw[name] = c
 		a.rawFDs = append(a.rawFDs, fd)
 	}
+	for _, d := range cfg.Drives {
+		fds, err := openDrive(d, &childEnds)
+		if err != nil {
+			return fail(err)
+		}
+		a.driveFDs = append(a.driveFDs, fds)
+	}
 	incomingFD := -1
 	if sn := cfg.Snapshot; sn != nil && sn.Restore {
 		state, err := os.Open(filepath.Join(sn.Dir, snapshotState))
@@ -206,6 +213,26 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 	}
 	go m.watchEvents(events)
 	return m, nil
+}
+
+// openDrive opens a drive's image for QEMU: read-only, and read-write too
+// unless the drive is read-only. The files join the child's descriptors;
+// their numbers there are returned.
+func openDrive(d backend.Drive, childEnds *[]*os.File) ([]int, error) {
+	flags := []int{os.O_RDONLY}
+	if !d.ReadOnly {
+		flags = append(flags, os.O_RDWR)
+	}
+	var fds []int
+	for _, fl := range flags {
+		f, err := os.OpenFile(d.Path, fl, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open drive: %w", err)
+		}
+		*childEnds = append(*childEnds, f)
+		fds = append(fds, 2+len(*childEnds))
+	}
+	return fds, nil
 }
 
 // FindJailer locates the mvm-jailer binary: MVM_JAILER, then next to the

@@ -151,7 +151,12 @@ func (m *machine) waitMigration(ctx context.Context, query string) error {
 		case "completed":
 			return nil
 		case "failed", "cancelled":
-			return fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
+			msg := st.ErrorDesc
+			if msg == "" {
+				// QEMU 7.2 often leaves the reason on its stderr only.
+				msg = lastLines(m.vmmOut.String(), 3)
+			}
+			return fmt.Errorf("migration %s: %s", st.Status, msg)
 		}
 		select {
 		case <-ctx.Done():

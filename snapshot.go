@@ -1,0 +1,383 @@
+package mvm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/atomicfile"
+	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/image"
+)
+
+// A snapshot is a VM booted to an idle agent and saved: its RAM in a file
+// that every restore maps copy-on-write (so one snapshot serves any number
+// of runs, concurrently, and no run ever writes it), and its device state.
+// A run restores one instead of booting when everything that shaped the
+// saved machine matches (see snapshotKey); the run's own disks go into
+// drive slots the snapshot was taken with, which is what lets runs with
+// --add-dir restore too.
+
+// snapshotFormat changes whenever what a snapshot holds, or how runs use
+// it, changes.
+const snapshotFormat = "1"
+
+// snapshotDirSlots is how many shared directories a run may have and
+// still restore: each has a read-only slot for its image and a writable
+// one for its changes. QEMU's microvm machine has eight virtio devices:
+// the agent's channel, a template's two drives, and two directories.
+const snapshotDirSlots = 2
+
+// placeholderSize is the size of the files in the drive slots of a
+// snapshot. The guest learns a drive's capacity when it probes it, at
+// boot, and keeps it across the restore; it must be at least as large as
+// any image a run puts in the slot. The files are sparse: the size costs
+// nothing.
+const placeholderSize = 1 << 40
+
+// snapshotMeta is snapshot.json, written last: a snapshot directory
+// without it is incomplete and never used.
+type snapshotMeta struct {
+	Format  string    `json:"format"`
+	Key     string    `json:"key"`
+	Created time.Time `json:"created"`
+	// StateSHA256 is the device state file's digest, checked before each
+	// restore (it is small); RAMSize the RAM file's size.
+	StateSHA256 string `json:"state_sha256"`
+	RAMSize     int64  `json:"ram_size"`
+	CPUs        int    `json:"cpus"`
+	MemoryMiB   uint64 `json:"memory_mib"`
+	Accel       string `json:"accel"`
+}
+
+// SnapshotInfo describes a saved snapshot.
+type SnapshotInfo struct {
+	// Dir holds its files.
+	Dir string
+	// Size is what it takes on disk (the RAM file is sparse).
+	Size int64
+	// Took is how long booting and saving took.
+	Took time.Duration
+}
+
+// snapshotKey is everything a restored machine depends on: the VMM build,
+// the kernel and initramfs, the machine's shape and the drive layout. Two
+// configurations with one key can share a snapshot; any difference means
+// a cold boot.
+func snapshotKey(ctx context.Context, r resolved, img image.Image) (string, error) {
+	sn, ok := r.backend.(backend.Snapshotter)
+	if !ok {
+		return "", errors.New("the backend cannot restore snapshots")
+	}
+	vmm, err := sn.SnapshotKey(ctx)
+	if err != nil {
+		return "", err
+	}
+	kernel, err := fileIdentity(img.Kernel)
+	if err != nil {
+		return "", err
+	}
+	initrd, err := fileIdentity(img.Initrd)
+	if err != nil {
+		return "", err
+	}
+	return strings.Join([]string{
+		"format " + snapshotFormat,
+		"vmm " + vmm,
+		"kernel " + kernel,
+		"initrd " + initrd,
+		"args " + strings.Join(r.KernelArgs, " "),
+		"cpus " + strconv.Itoa(r.CPUs),
+		"memory " + strconv.FormatUint(r.memMiB, 10),
+		"accel " + string(r.accel.Kind),
+		"slots " + strconv.Itoa(snapshotDirSlots),
+	}, "\n"), nil
+}
+
+// fileIdentity names a file's content well enough for a cache key without
+// reading it: cached kernels and initramfs files are content-addressed
+// and never rewritten in place, and a user's own kernel changes its size
+// or modification time when it is rebuilt.
+func fileIdentity(path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", fmt.Errorf("stat %s: %w", path, err)
+	}
+	return fmt.Sprintf("%s size=%d mtime=%d.%09d ino=%d", path, st.Size, st.Mtim.Sec, st.Mtim.Nsec, st.Ino), nil
+}
+
+func snapshotRoot(r resolved) string { return filepath.Join(r.CacheDir, "snapshots") }
+
+func snapshotDir(r resolved, key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return filepath.Join(snapshotRoot(r), hex.EncodeToString(sum[:12]))
+}
+
+// findSnapshot returns the snapshot directory for key, or why there is
+// none usable.
+func findSnapshot(r resolved, key string) (string, error) {
+	dir := snapshotDir(r, key)
+	b, err := os.ReadFile(filepath.Join(dir, "snapshot.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", errors.New("no snapshot for this configuration (mvmctl bootstrap makes one for the default)")
+	}
+	if err != nil {
+		return "", err
+	}
+	var meta snapshotMeta
+	if err := json.Unmarshal(b, &meta); err != nil {
+		return "", fmt.Errorf("corrupt snapshot record: %w", err)
+	}
+	if meta.Format != snapshotFormat || meta.Key != key {
+		return "", errors.New("the snapshot was made for another configuration")
+	}
+	fi, err := os.Stat(filepath.Join(dir, "ram"))
+	if err != nil || fi.Size() != meta.RAMSize {
+		return "", errors.New("the snapshot's RAM file is missing or truncated")
+	}
+	sum, err := fileSHA256(filepath.Join(dir, "state"))
+	if err != nil || sum != meta.StateSHA256 {
+		return "", errors.New("the snapshot's device state is missing or corrupt")
+	}
+	return dir, nil
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// discardSnapshot removes a snapshot that failed to restore, so that it
+// is rebuilt rather than tried again. Runs restoring it right now keep
+// their open files.
+func discardSnapshot(dir string) {
+	trash := dir + ".discarded-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	if os.Rename(dir, trash) == nil {
+		_ = os.RemoveAll(trash)
+	}
+}
+
+// slotDrives is the drive layout of a snapshotted machine: for each of the
+// snapshotDirSlots directory slots, a read-only drive and a writable one.
+// Slots the run does not use hold placeholders: the shared read-only one
+// of the snapshot, and an empty sparse file of the run's for writable ones
+// (never shared: the guest could write it).
+func slotDrives(dirs []*dirPlan, roPlaceholder, runDir string) ([]backend.Drive, error) {
+	var drives []backend.Drive
+	for i := 0; i < snapshotDirSlots; i++ {
+		ro := backend.Drive{Path: roPlaceholder, ReadOnly: true}
+		rw := backend.Drive{}
+		if i < len(dirs) {
+			d := dirs[i]
+			ro = backend.Drive{Label: d.lowerLabel, Path: d.lower, ReadOnly: true}
+			if d.upper != "" {
+				rw = backend.Drive{Label: d.upperLabel, Path: d.upper}
+			}
+		}
+		if rw.Path == "" {
+			p := filepath.Join(runDir, "slot-"+strconv.Itoa(i)+".img")
+			if err := sparseFile(p, placeholderSize); err != nil {
+				return nil, err
+			}
+			rw.Path = p
+		}
+		drives = append(drives, ro, rw)
+	}
+	return drives, nil
+}
+
+func sparseFile(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// PrepareSnapshot boots cfg's image to an idle guest agent and saves it,
+// so that later sandboxes with a matching Config (same image, vCPUs,
+// memory, accelerator, kernel arguments, and at most two shared
+// directories) restore it instead of booting. It replaces the snapshot
+// for that configuration, atomically: runs restoring the old one are not
+// disturbed. Only Config's machine fields matter; Dirs must be empty.
+func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
+	start := time.Now()
+	if len(cfg.Dirs) > 0 {
+		return SnapshotInfo{}, invalid("Dirs", "a snapshot is taken without shared directories; runs add theirs")
+	}
+	r, err := resolve(cfg)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	img, err := loadImage(r)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := defaultBackend(&r); err != nil {
+		return SnapshotInfo{}, err
+	}
+	key, err := snapshotKey(ctx, r, img)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	final := snapshotDir(r, key)
+	if err := os.MkdirAll(snapshotRoot(r), 0o755); err != nil {
+		return SnapshotInfo{}, err
+	}
+	tmp, err := os.MkdirTemp(snapshotRoot(r), ".tmp-")
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return SnapshotInfo{}, err
+	}
+	// The machine's run directory holds its console log and the writable
+	// placeholders, which the snapshot does not need.
+	runDir, err := os.MkdirTemp(tmp, "run-")
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	roPlaceholder := filepath.Join(tmp, "placeholder")
+	if err := sparseFile(roPlaceholder, placeholderSize); err != nil {
+		return SnapshotInfo{}, err
+	}
+	drives, err := slotDrives(nil, roPlaceholder, runDir)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	bc := backend.Config{
+		Name: "snapshot", RunDir: runDir, ConsoleLog: filepath.Join(runDir, "console.log"),
+		Kernel: img.Kernel, Initrd: img.Initrd, KernelArgs: r.KernelArgs,
+		CPUs: r.CPUs, MemoryMiB: r.memMiB, Accel: r.accel.Kind,
+		Drives: drives, Snapshot: &backend.Snapshot{Dir: tmp},
+	}
+	m, err := r.backend.Start(ctx, bc)
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("boot for a snapshot: %w", err)
+	}
+	stopCtx := context.WithoutCancel(ctx)
+	defer func() { _ = m.Stop(stopCtx) }()
+	if err := quiesceForSnapshot(ctx, m); err != nil {
+		return SnapshotInfo{}, err
+	}
+	saver, ok := m.(backend.SnapshotSaver)
+	if !ok {
+		return SnapshotInfo{}, errors.New("the backend cannot save snapshots")
+	}
+	if err := saver.SaveSnapshot(ctx); err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := os.RemoveAll(runDir); err != nil {
+		return SnapshotInfo{}, err
+	}
+	sum, err := fileSHA256(filepath.Join(tmp, "state"))
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	fi, err := os.Stat(filepath.Join(tmp, "ram"))
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	meta := snapshotMeta{
+		Format: snapshotFormat, Key: key, Created: time.Now().UTC(), StateSHA256: sum, RAMSize: fi.Size(),
+		CPUs: r.CPUs, MemoryMiB: r.memMiB, Accel: string(r.accel.Kind),
+	}
+	b, err := json.MarshalIndent(meta, "", "  ")
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := atomicfile.WriteBytes(filepath.Join(tmp, "snapshot.json"), 0o644, append(b, '\n')); err != nil {
+		return SnapshotInfo{}, err
+	}
+	// Replace atomically: the old one moves aside (runs restoring it keep
+	// their open files), the new one takes its name.
+	old := final + ".old-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	if err := os.Rename(final, old); err == nil {
+		defer os.RemoveAll(old)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return SnapshotInfo{}, err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return SnapshotInfo{}, err
+	}
+	return SnapshotInfo{Dir: final, Size: diskUsage(final), Took: time.Since(start)}, nil
+}
+
+// quiesceForSnapshot waits for the freshly booted agent, warms it up with
+// one command (so the restored guest has its code paths translated and
+// cached), and leaves it idle: no stream open, nothing in flight.
+func quiesceForSnapshot(ctx context.Context, m backend.Machine) error {
+	conn, err := m.DialAgent(ctx)
+	if err != nil {
+		return err
+	}
+	c, err := agentclient.Dial(conn)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	hctx, cancel := context.WithTimeout(ctx, bootTimeout)
+	defer cancel()
+	h, err := c.Hello(hctx)
+	if err != nil {
+		select {
+		case <-m.Done():
+			_ = m.Stop(context.WithoutCancel(ctx))
+			return fmt.Errorf("boot for a snapshot: %w", vmEnded(m))
+		case <-time.After(100 * time.Millisecond):
+		}
+		return fmt.Errorf("boot for a snapshot: %w", err)
+	}
+	if !h.Has(agentproto.CapSnapshot) {
+		return fmt.Errorf("the guest agent (%s) cannot be snapshotted", h.AgentVersion)
+	}
+	p, err := c.Exec(hctx, agentclient.ExecSpec{Argv: []string{"true"}})
+	if err != nil {
+		return err
+	}
+	if st, err := p.Wait(hctx); err != nil || st.Code != 0 {
+		return fmt.Errorf("warm-up command: %+v %v", st, err)
+	}
+	return c.Quiesce(hctx)
+}
+
+// diskUsage is what the files under dir take on disk.
+func diskUsage(dir string) int64 {
+	var total int64
+	_ = filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				total += st.Blocks * 512
+			}
+		}
+		return nil
+	})
+	return total
+}
