@@ -43,7 +43,7 @@ func hostileCache(t *testing.T) string {
 		t.Fatal(err)
 	}
 	cache := filepath.Join(dir, "cache")
-	boot := exec.Command(mvmctl, "bootstrap", "--kernel", kernel)
+	boot := exec.Command(mvmctl, "bootstrap", "--no-snapshot", "--kernel", kernel)
 	boot.Env = append(os.Environ(), "MVM_AGENT="+bin, "MVM_CACHE_DIR="+cache)
 	if out, err := boot.CombinedOutput(); err != nil {
 		t.Fatalf("bootstrap with the hostile agent: %v\n%s", err, out)

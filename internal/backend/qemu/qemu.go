@@ -199,6 +199,12 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 	if err := m.startLocked(cmd); err != nil {
 		return fail(fmt.Errorf("start %s: %w", bin, err))
 	}
+	// The VMM has its copies; ours would keep its channels from ever
+	// reaching end-of-file (the console reader waits for that).
+	for _, f := range childEnds {
+		f.Close()
+	}
+	childEnds = nil
 	// Negotiate QMP in the background and watch its events, so that a
 	// guest that halts without ending the VMM is noticed at once.
 	m.qmp.Start()
