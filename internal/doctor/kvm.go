@@ -153,7 +153,7 @@ func kvmProblem(h *Host, k kvmFacts) (msg, fix string) {
 	if h.User != "" && slices.Contains(k.members, h.User) && !slices.Contains(h.Groups, k.gid) {
 		return desc + fmt.Sprintf(": you are in group %s, but this login session started before you were added; log in again, or for this shell", k.group), "newgrp " + k.group
 	}
-	return desc + fmt.Sprintf(": add yourself to group %s, then log in again", k.group), h.sudo("usermod -aG "+k.group+" "+userOr(h.User))
+	return desc + fmt.Sprintf(": add yourself to group %s, then log in again", k.group), h.sudo("usermod -aG " + k.group + " " + userOr(h.User))
 }
 
 func nameOr(name string, id int) string {
