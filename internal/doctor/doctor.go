@@ -121,6 +121,9 @@ type Host struct {
 	// KernelDeps are what compiling the guest kernel needs; nil uses
 	// kernel.Deps.
 	KernelDeps []hostdeps.Dep
+	// InitrdKey is the key of the initramfs bootstrap would make from
+	// an agent and a busybox; nil uses image.InitrdKey.
+	InitrdKey func(agent, busybox string) (string, error)
 
 	// ProbeTimeout bounds each QEMU probe (0: DefaultProbeTimeout).
 	ProbeTimeout time.Duration
@@ -351,7 +354,7 @@ func gather(ctx context.Context, h *Host) *facts {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			f.agentStatic, f.agentKey, f.agentErr = inspectAgent(h.Agent, h.Busybox)
+			f.agentStatic, f.agentKey, f.agentErr = h.inspectAgent()
 		}()
 	}
 	if h.CacheDir != "" {
@@ -373,14 +376,18 @@ func gather(ctx context.Context, h *Host) *facts {
 
 // inspectAgent checks that the agent is static and computes the
 // initramfs key it would give with busybox.
-func inspectAgent(agent, busybox string) (static bool, key string, err error) {
-	if static, err = hostdeps.IsStatic(agent); err != nil {
+func (h *Host) inspectAgent() (static bool, key string, err error) {
+	if static, err = hostdeps.IsStatic(h.Agent); err != nil {
 		return false, "", err
 	}
-	if _, serr := os.Stat(busybox); serr != nil {
+	if _, serr := os.Stat(h.Busybox); serr != nil {
 		return static, "", nil
 	}
-	key, err = image.InitrdKey(agent, busybox)
+	initrdKey := h.InitrdKey
+	if initrdKey == nil {
+		initrdKey = image.InitrdKey
+	}
+	key, err = initrdKey(h.Agent, h.Busybox)
 	return static, key, err
 }
 
