@@ -22,23 +22,53 @@ import (
 
 func checkE2fsprogs(h *Host) Result {
 	r := Result{ID: "e2fsprogs"}
-	if m := h.missing("--add-dir", dirimage.Deps()...); m != nil {
-		r.Status, r.Fix = Warn, h.install(m.Packages()...)
-		r.Message = "missing " + describeMissing(m) + ": --add-dir cannot make its images"
+	m := h.missing("--add-dir", dirimage.Deps()...)
+	if m == nil {
+		r.Status, r.Message = OK, "mkfs.ext4 and e2fsck (for --add-dir)"
 		return r
 	}
-	r.Status, r.Message = OK, "mkfs.ext4 and e2fsck (for --add-dir)"
+	// Debian leaves the sbin directories out of a regular user's PATH:
+	// the package is there, the programs are not found.
+	var inSbin []string
+	for _, d := range m.Missing {
+		for _, dir := range []string{"/usr/sbin", "/sbin"} {
+			if fi, err := os.Stat(h.path(filepath.Join(dir, d.What))); err == nil && fi.Mode().IsRegular() {
+				inSbin = append(inSbin, filepath.Join(dir, d.What))
+				break
+			}
+		}
+	}
+	if len(inSbin) == len(m.Missing) {
+		r.Status, r.Fix = Warn, `export PATH="$PATH:/usr/sbin:/sbin"`
+		r.Message = "--add-dir cannot find " + strings.Join(inSbin, " and ") + ": the sbin directories are not in PATH (add the fix to ~/.profile to keep it)"
+		return r
+	}
+	r.Status, r.Fix = Warn, h.install(m.Packages()...)
+	r.Message = "missing " + describeMissing(m) + ": --add-dir cannot make its images"
 	return r
+}
+
+// debianDeps are what building a template from Debian needs: mmdebstrap,
+// the archive's keyring, and without root newuidmap for its unshare mode.
+func debianDeps(h *Host) []hostdeps.Dep {
+	deps := []hostdeps.Dep{
+		hostdeps.Program("mmdebstrap", "mmdebstrap"),
+		hostdeps.File("/usr/share/keyrings/debian-archive-keyring.gpg", "debian-archive-keyring"),
+	}
+	if h.Euid != 0 {
+		deps = append(deps, hostdeps.Program("newuidmap", "uidmap"))
+	}
+	return deps
 }
 
 func checkMmdebstrap(h *Host) Result {
 	r := Result{ID: "mmdebstrap"}
-	if m := h.missing("Debian templates", hostdeps.Program("mmdebstrap", "mmdebstrap")); m != nil {
-		r.Status, r.Fix = Warn, h.install("mmdebstrap")
-		r.Message = "mmdebstrap is not installed: needed only to build templates from Debian"
+	if m := h.missing("Debian templates", debianDeps(h)...); m != nil {
+		r.Status, r.Fix = Warn, h.install(m.Packages()...)
+		r.Message = "missing " + describeMissing(m) + ": needed only to build templates from Debian"
 		return r
 	}
-	r.Status, r.Message = OK, "mmdebstrap (for templates from Debian)"
+	r.Status, r.Message = OK, "mmdebstrap and the Debian archive keyring (for templates from Debian)"
 	return r
 }
 

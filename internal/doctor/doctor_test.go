@@ -198,11 +198,11 @@ func TestAccel(t *testing.T) {
 		{name: "kvm", wantAccel: OK, accelHas: "kvm: hardware virtualisation (kvm_intel)", wantKVM: OK, kvmHas: "opens read-write", kvmFix: "-", wantReportAccel: "kvm"},
 		{name: "tcg requested", mode: "tcg", wantAccel: OK, accelHas: "tcg (requested)", wantKVM: OK, kvmHas: "opens read-write", kvmFix: "-", wantReportAccel: "tcg"},
 		{name: "pvm only", modules: []string{"kvm", "kvm_pvm"}, wantAccel: Warn, accelHas: "PVM-only", wantKVM: OK, kvmHas: "kvm_pvm", kvmFix: "-", wantReportAccel: "tcg"},
-		{name: "no module, vmx", noDev: true, modules: []string{}, cpuFlags: "fpu vmx", wantAccel: Warn, accelHas: "does not exist",
+		{name: "no module, vmx", noDev: true, modules: []string{}, cpuFlags: "fpu vmx", wantAccel: Warn, accelHas: "/dev/kvm cannot be used (see the kvm check)",
 			wantKVM: Warn, kvmHas: "kvm_intel module is not loaded", kvmFix: "sudo modprobe kvm_intel", wantReportAccel: "tcg"},
-		{name: "no module, svm", noDev: true, modules: []string{}, cpuFlags: "fpu svm", wantAccel: Warn, accelHas: "does not exist",
+		{name: "no module, svm", noDev: true, modules: []string{}, cpuFlags: "fpu svm", wantAccel: Warn, accelHas: "see the kvm check",
 			wantKVM: Warn, kvmHas: "kvm_amd module is not loaded", kvmFix: "sudo modprobe kvm_amd", wantReportAccel: "tcg"},
-		{name: "no virtualisation", noDev: true, modules: []string{}, cpuFlags: "fpu sse", wantAccel: Warn, accelHas: "does not exist",
+		{name: "no virtualisation", noDev: true, modules: []string{}, cpuFlags: "fpu sse", wantAccel: Warn, accelHas: "see the kvm check",
 			wantKVM: Warn, kvmHas: "no virtualisation extensions", kvmFix: "-", wantReportAccel: "tcg"},
 		{name: "kvm requested, none", mode: "kvm", noDev: true, modules: []string{}, cpuFlags: "fpu vmx", wantAccel: Fail, accelHas: "--accel kvm",
 			wantKVM: Fail, kvmHas: "does not exist", kvmFix: "modprobe kvm_intel"},
@@ -257,8 +257,10 @@ func TestKVMPermissions(t *testing.T) {
 			msg: "add yourself to group kvm", fix: "sudo usermod -aG kvm alice"},
 		{name: "added, session older", k: kvmFacts{mode: 0o660, gid: 993, group: "kvm", members: []string{"bob", "alice"}, openErr: denied}, groups: []int{1000},
 			msg: "log in again", fix: "newgrp kvm"},
-		{name: "root only", k: kvmFacts{mode: 0o600, gid: 0, group: "root", owner: "root", openErr: denied}, groups: []int{1000},
+		{name: "root only", k: kvmFacts{mode: 0o600, gid: 0, group: "root", owner: "root", openErr: denied, inKVMGroup: true}, groups: []int{1000, 993},
 			msg: "(mode 0600, root:root) cannot be opened by alice", fix: "sudo chgrp kvm /dev/kvm && sudo chmod 0660 /dev/kvm"},
+		{name: "root only, not in kvm", k: kvmFacts{mode: 0o600, gid: 0, group: "root", owner: "root", openErr: denied}, groups: []int{1000},
+			msg: "you need to be in group kvm", fix: "sudo chgrp kvm /dev/kvm && sudo chmod 0660 /dev/kvm && sudo usermod -aG kvm alice"},
 		{name: "other error", k: kvmFacts{mode: 0o660, openErr: errors.New("device busy")}, msg: "device busy"},
 	}
 	for _, tt := range tests {
@@ -327,10 +329,19 @@ func TestQEMU(t *testing.T) {
 
 func TestHostTools(t *testing.T) {
 	f := newFakeHost(t)
-	f.missing("mkfs.ext4", "e2fsck", "mmdebstrap")
+	f.missing("mkfs.ext4", "e2fsck", "mmdebstrap", "newuidmap")
 	r := f.run(t)
 	expect(t, r, "e2fsprogs", Warn, "mkfs.ext4 (e2fsprogs), e2fsck (e2fsprogs): --add-dir", "sudo apt-get install -y --no-install-recommends e2fsprogs")
-	expect(t, r, "mmdebstrap", Warn, "needed only to build templates from Debian", "mmdebstrap")
+	expect(t, r, "mmdebstrap", Warn, "mmdebstrap (mmdebstrap), newuidmap (uidmap): needed only to build templates from Debian", "sudo apt-get install -y --no-install-recommends mmdebstrap uidmap")
+	// Installed, but not in a regular user's PATH (Debian's default).
+	for _, p := range []string{"usr/sbin/mkfs.ext4", "sbin/e2fsck"} {
+		os.MkdirAll(filepath.Join(f.Root, filepath.Dir(p)), 0o755)
+		os.WriteFile(filepath.Join(f.Root, p), nil, 0o755)
+	}
+	expect(t, f.run(t), "e2fsprogs", Warn, "cannot find /usr/sbin/mkfs.ext4 and /sbin/e2fsck: the sbin directories are not in PATH", `export PATH="$PATH:/usr/sbin:/sbin"`)
+	// As root, mmdebstrap needs no uidmap.
+	f.Euid = 0
+	expect(t, f.run(t), "mmdebstrap", Warn, "missing mmdebstrap (mmdebstrap): needed", "apt-get install -y --no-install-recommends mmdebstrap")
 	if !r.OK {
 		t.Errorf("missing optional tools failed the report:\n%s", dump(r))
 	}

@@ -28,6 +28,7 @@ type kvmFacts struct {
 
 	owner, group string   // names of uid and gid ("" if unknown)
 	members      []string // the group's members in /etc/group
+	inKVMGroup   bool     // this process is in the group named kvm
 }
 
 func gatherKVM(h *Host) kvmFacts {
@@ -54,6 +55,9 @@ func gatherKVM(h *Host) kvmFacts {
 	}
 	k.owner = lookupName(h.path("/etc/passwd"), k.uid)
 	k.group, k.members = lookupGroup(h.path("/etc/group"), k.gid)
+	if gid, ok := lookupGID(h.path("/etc/group"), "kvm"); ok {
+		k.inKVMGroup = slices.Contains(h.Groups, gid)
+	}
 	return k
 }
 
@@ -107,6 +111,17 @@ func lookupGroup(group string, gid int) (string, []string) {
 	return "", nil
 }
 
+// lookupGID finds the id of a group by name.
+func lookupGID(group, name string) (int, bool) {
+	for _, fields := range colonFile(group) {
+		if len(fields) > 2 && fields[0] == name {
+			gid, err := strconv.Atoi(fields[2])
+			return gid, err == nil
+		}
+	}
+	return 0, false
+}
+
 func colonFile(path string) [][]string {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -148,7 +163,12 @@ func kvmProblem(h *Host, k kvmFacts) (msg, fix string) {
 	desc := fmt.Sprintf("/dev/kvm (mode %04o, %s:%s) cannot be opened by %s", k.mode, nameOr(k.owner, k.uid), nameOr(k.group, k.gid), nameOr(h.User, h.Uid))
 	if k.mode&0o060 != 0o060 || k.group == "" || k.gid == 0 {
 		// Only its owner can use it: udev normally makes it 0660 root:kvm.
-		return desc + "; udev normally makes it 0660 root:kvm", h.sudo("chgrp kvm /dev/kvm") + " && " + h.sudo("chmod 0660 /dev/kvm")
+		fix := h.sudo("chgrp kvm /dev/kvm") + " && " + h.sudo("chmod 0660 /dev/kvm")
+		if !k.inKVMGroup {
+			return desc + "; udev normally makes it 0660 root:kvm, and you need to be in group kvm (then log in again)",
+				fix + " && " + h.sudo("usermod -aG kvm "+userOr(h.User))
+		}
+		return desc + "; udev normally makes it 0660 root:kvm", fix
 	}
 	if h.User != "" && slices.Contains(k.members, h.User) && !slices.Contains(h.Groups, k.gid) {
 		return desc + fmt.Sprintf(": you are in group %s, but this login session started before you were added; log in again, or for this shell", k.group), "newgrp " + k.group
@@ -206,7 +226,11 @@ func checkAccel(h *Host, f *facts) Result {
 		return r
 	}
 	why := strings.TrimPrefix(f.accel.Reason, "software emulation: ")
-	_, fix := kvmProblem(h, f.kvm)
+	problem, fix := kvmProblem(h, f.kvm)
+	if problem != "" && (f.kvm.statErr != nil || f.kvm.openErr != nil) {
+		// The kvm line says why and what fixes it.
+		why = "/dev/kvm cannot be used (see the kvm check)"
+	}
 	r.Status, r.Fix = Warn, fix
 	r.Message = "tcg (software emulation, several times slower than KVM): " + why
 	return r
