@@ -137,7 +137,7 @@ const (
 	// DefaultProbeTimeout is generous: each probe takes 10-100 ms on an
 	// idle host, but a loaded one may be far slower, and a probe that
 	// times out reads as a broken QEMU.
-	DefaultProbeTimeout = 5 * time.Second
+	DefaultProbeTimeout = 3 * time.Second
 	// DefaultMinFree covers a kernel build (its source unpacks to about
 	// 1.5 GiB) or a read-write directory's scratch space.
 	DefaultMinFree = 2 << 30

@@ -206,6 +206,8 @@ func TestAccel(t *testing.T) {
 			wantKVM: Warn, kvmHas: "no virtualisation extensions", kvmFix: "-", wantReportAccel: "tcg"},
 		{name: "kvm requested, none", mode: "kvm", noDev: true, modules: []string{}, cpuFlags: "fpu vmx", wantAccel: Fail, accelHas: "--accel kvm",
 			wantKVM: Fail, kvmHas: "does not exist", kvmFix: "modprobe kvm_intel"},
+		{name: "kvm requested, pvm only", mode: "kvm", modules: []string{"kvm", "kvm_pvm"}, wantAccel: Fail, accelHas: "only PVM-aware guest kernels boot, and the default image's kernel is not one",
+			wantKVM: OK, kvmHas: "kvm_pvm", kvmFix: "-", wantReportAccel: "kvm"},
 		{name: "bogus mode", mode: "xen", wantAccel: Fail, accelHas: `invalid accelerator "xen"`, wantKVM: OK, kvmHas: "opens", kvmFix: "-"},
 	}
 	for _, tt := range tests {
@@ -227,8 +229,11 @@ func TestAccel(t *testing.T) {
 			r := f.run(t)
 			// The accelerator line repeats what fixes KVM.
 			accelFix := tt.kvmFix
-			if tt.wantAccel == OK || tt.mode == "xen" {
+			switch {
+			case tt.wantAccel == OK || tt.mode == "xen":
 				accelFix = "-"
+			case tt.name == "kvm requested, pvm only":
+				accelFix = "--accel auto"
 			}
 			a := expect(t, r, "accel", tt.wantAccel, tt.accelHas, accelFix)
 			expect(t, r, "kvm", tt.wantKVM, tt.kvmHas, tt.kvmFix)

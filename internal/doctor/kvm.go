@@ -218,6 +218,17 @@ func checkAccel(h *Host, f *facts) Result {
 		_, fix := kvmProblem(h, f.kvm)
 		r.Status, r.Message, r.Fix = Fail, f.accelErr.Error()+"; --accel auto falls back to software emulation", fix
 		return r
+	case f.accel.Kind == accel.KVM && !slices.Contains(f.kvm.modules, "kvm_intel") && !slices.Contains(f.kvm.modules, "kvm_amd"):
+		// Forced onto a KVM without a standard vendor module (PVM): a
+		// guest kernel that is not PVM-aware never boots. mvm's own
+		// kernel is not; one brought with --kernel may be.
+		r.Status, r.Fix = Warn, "mvmctl exec --accel auto -- COMMAND"
+		r.Message = "kvm (requested) without kvm_intel or kvm_amd: only PVM-aware guest kernels boot"
+		if f.imgErr == nil && !strings.HasPrefix(f.img.KernelKey, "user:") {
+			r.Status = Fail
+			r.Message += ", and the default image's kernel is not one"
+		}
+		return r
 	case f.accel.Kind == accel.KVM:
 		r.Status, r.Message = OK, "kvm: "+f.accel.Reason
 		return r
