@@ -7,6 +7,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/spf13/cobra"
 )
 
 // mvmctl runs the CLI in-process and returns what it printed on stdout
@@ -27,17 +29,22 @@ func TestEveryCommandHasExamples(t *testing.T) {
 	if root.Example == "" {
 		t.Error("mvmctl has no Example")
 	}
-	for _, c := range root.Commands() {
-		if c.Name() == "completion" || c.Name() == "help" {
-			continue // cobra's own, with their own help
-		}
-		if strings.TrimSpace(c.Example) == "" {
-			t.Errorf("mvmctl %s has no Example for --help", c.Name())
-		}
-		if !strings.Contains(c.Example, "mvmctl "+c.Name()) {
-			t.Errorf("mvmctl %s: the examples do not show the command: %q", c.Name(), c.Example)
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		for _, sub := range c.Commands() {
+			if sub.Name() == "completion" || sub.Name() == "help" {
+				continue // cobra's own, with their own help
+			}
+			path := sub.CommandPath()
+			if strings.TrimSpace(sub.Example) == "" {
+				t.Errorf("%s has no Example for --help", path)
+			} else if !strings.Contains(sub.Example, path) {
+				t.Errorf("%s: the examples do not show the command: %q", path, sub.Example)
+			}
+			walk(sub)
 		}
 	}
+	walk(root)
 }
 
 func TestCompletions(t *testing.T) {

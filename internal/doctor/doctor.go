@@ -96,9 +96,11 @@ type Host struct {
 	CacheDir, StateDir, RunDir, DataDir string
 	DirErr                              error
 
-	// QEMU is the QEMU binary, or QEMUErr why there is none.
-	QEMU    string
-	QEMUErr error
+	// QEMU is the QEMU binary, or QEMUErr why there is none; QEMUFromEnv
+	// says that MVM_QEMU named it.
+	QEMU        string
+	QEMUErr     error
+	QEMUFromEnv bool
 	// Jailer and Agent are mvm's own binaries (or why they were not
 	// found); Busybox is the busybox bootstrap puts in the initramfs.
 	Jailer    string
@@ -168,6 +170,7 @@ func Local(accelMode string) Host {
 	h.DirErr = errors.Join(errs...)
 
 	h.QEMU, h.QEMUErr = qemu.FindBinary()
+	h.QEMUFromEnv = os.Getenv("MVM_QEMU") != ""
 	if h.QEMUErr == nil {
 		if _, err := os.Stat(h.QEMU); err != nil {
 			h.QEMU, h.QEMUErr = "", fmt.Errorf("MVM_QEMU=%s: %w", h.QEMU, err)

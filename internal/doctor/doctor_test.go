@@ -298,6 +298,11 @@ func TestQEMU(t *testing.T) {
 			t.Error("report ok without QEMU")
 		}
 	})
+	t.Run("MVM_QEMU names nothing", func(t *testing.T) {
+		f := newFakeHost(t)
+		f.QEMU, f.QEMUErr, f.QEMUFromEnv = "", errors.New("MVM_QEMU=/opt/qemu: no such file or directory"), true
+		expect(t, f.run(t), "qemu", Fail, "MVM_QEMU=/opt/qemu", "unset MVM_QEMU")
+	})
 	t.Run("not QEMU", func(t *testing.T) {
 		f := newFakeHost(t)
 		f.QEMU = fakeQEMU{}.write(t, t.TempDir())

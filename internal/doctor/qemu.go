@@ -206,7 +206,14 @@ func hasOption(help, opt string) bool {
 	return false
 }
 
-func (h *Host) installQEMU() string { return h.install("qemu-system-x86") }
+// installQEMU is the fix for a missing or unfit QEMU: Debian's, unless
+// MVM_QEMU chose another.
+func (h *Host) installQEMU() string {
+	if h.QEMUFromEnv {
+		return "unset MVM_QEMU"
+	}
+	return h.install("qemu-system-x86")
+}
 
 func checkQEMU(h *Host, f *facts) Result {
 	r := Result{ID: "qemu"}
