@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/mvm-sh/mvm"
+	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 )
 
@@ -62,8 +63,10 @@ const doctorHint = "run `mvmctl doctor` for a full check"
 
 // doctorExplains reports whether err is a failure that `mvmctl doctor`
 // diagnoses: no image, missing host packages, an accelerator that cannot
-// be used, or a VM that did not start or boot (QEMU refusing its command
-// line or the image, a guest agent from another build).
+// be used, a VM that did not start or boot (QEMU refusing its command line
+// or the image), or a guest agent of another protocol version (an image
+// built by another mvmctl). A guest that breaks the protocol is not the
+// host's setup and gets no hint.
 func doctorExplains(err error) bool {
 	var (
 		missing *hostdeps.MissingError
@@ -76,7 +79,7 @@ func doctorExplains(err error) bool {
 	case errors.As(err, &req):
 		return req.Field == "Accel"
 	case errors.As(err, &vm):
-		return vm.Op == "start vm" || vm.Op == "boot" || vm.Op == "connect to guest agent"
+		return vm.Op == "start vm" || vm.Op == "boot" || errors.Is(err, agentclient.ErrVersion)
 	}
 	return false
 }
