@@ -74,6 +74,10 @@ func TestDoctorHealthy(t *testing.T) {
 	if l := doctorLine(t, r.stdout, "image"); !strings.Contains(l, "QEMU loads it") {
 		t.Errorf("image line does not say QEMU loads it: %s", l)
 	}
+	// The suite's image was bootstrapped from the agent beside mvmctl.
+	if l := doctorLine(t, r.stdout, "agent"); !strings.Contains(l, "the one in the default image") {
+		t.Errorf("agent line does not match the image: %s", l)
+	}
 	if !bytes.Contains(r.stdout, []byte("mvmctl exec can work here")) || bytes.Contains(r.stdout, []byte("\033[")) {
 		t.Errorf("summary or colours wrong on a pipe:\n%s", r.stdout)
 	}
