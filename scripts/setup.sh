@@ -1,8 +1,9 @@
 #!/bin/sh
 # Sets up mvm on a fresh Debian 12 / Ubuntu machine: installs the host
-# packages, makes sure a Go toolchain is there, builds mvmctl and the guest
-# agent, builds the default guest image (compiles the guest kernel once,
-# about 5 minutes on 2 cores) and runs a first command in a microVM.
+# packages (everything make test and make bench need too), makes sure a Go
+# toolchain is there, builds mvmctl and the guest agent, builds the default
+# guest image (compiles the guest kernel once, about 5 minutes on 2 cores),
+# checks the host with mvmctl doctor and runs a first command in a microVM.
 #
 #   ./scripts/setup.sh            # everything, then: mvmctl exec -- uname -a
 #   ./scripts/setup.sh --deps     # host packages and Go only
@@ -14,21 +15,43 @@ GO_VERSION=1.26.8
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
-# Packages: QEMU (the VMM), busybox-static (guest userland), e2fsprogs
-# (--add-dir images), the kernel source and what compiling it needs, and
-# curl/unzip to fetch Go if the machine has none.
+# Packages mvm needs, and what needs each:
+#   qemu-system-x86          the VMM
+#   busybox-static           the guest userland (mvmctl bootstrap)
+#   e2fsprogs                --add-dir images (mkfs.ext4, e2fsck); debugfs in the tests
+#   linux-source*, make, gcc, libc6-dev, flex, bison, bc, libelf-dev,
+#   xz-utils, bzip2, tar     compiling the guest kernel once; gcc and
+#                            libc6-dev also for the race detector (make test)
+#   git                      the version make build stamps in
+#   ca-certificates, curl, unzip   fetching Go when the machine has none
 KSRC=linux-source
 if grep -qs '^12' /etc/debian_version; then KSRC=linux-source-6.1; fi
 PKGS="qemu-system-x86 busybox-static e2fsprogs $KSRC make gcc libc6-dev flex bison bc libelf-dev xz-utils bzip2 tar git ca-certificates curl unzip"
+# Packages for benchmarks and optional features; setup goes on without
+# them where the distribution lacks one:
+#   rsync                    make bench: (e) compares the write-back with rsync -a --delete
+#   runsc                    make bench: gVisor's `runsc do`, the baseline of the
+#                            snapshot-restore benchmark
+#   mmdebstrap, debian-archive-keyring, uidmap
+#                            templates from Debian (mvmctl doctor warns without
+#                            them); uidmap lets mmdebstrap run without root
+EXTRA="rsync runsc mmdebstrap debian-archive-keyring uidmap"
 
-missing=
-for p in $PKGS; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-	echo "setup: installing$missing"
+missing() {
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || printf ' %s' "$p"
+	done
+}
+need=$(missing $PKGS)
+want=$(missing $EXTRA)
+if [ -n "$need$want" ]; then
+	echo "setup: installing$need$want"
 	$SUDO apt-get update -q
-	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+	install="$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends"
+	[ -z "$need" ] || $install $need
+	for p in $want; do
+		$install "$p" || echo "setup: could not install $p (see the comment in $0 for what needs it); going on"
+	done
 fi
 
 # Go: use the one on PATH or in /usr/local/go if it is new enough (the go
@@ -60,5 +83,8 @@ fi
 
 make build
 bin/mvmctl bootstrap
+# Everything a run needs, checked; a failing check stops here and says
+# what to run.
+bin/mvmctl doctor
 echo "setup: running a first command in a microVM"
 bin/mvmctl exec -- uname -a

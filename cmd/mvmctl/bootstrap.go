@@ -41,6 +41,11 @@ It is idempotent: when nothing changed it only checks the cache (the
 snapshot is taken again, a second or two). With --kernel it uses your
 vmlinux instead of compiling one (see docs/kernel.md for what it must have
 built in).`,
+		Example: `  mvmctl bootstrap                      # compile the kernel once, then only check the cache
+  mvmctl bootstrap -j 4
+  mvmctl bootstrap --kernel ./vmlinux   # boot your own kernel instead
+  mvmctl bootstrap --no-compile         # in CI: fail fast when the kernel is not cached
+  mvmctl bootstrap --no-snapshot        # no snapshot of the default VM (every exec boots)`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBootstrap(cmd, g, o)

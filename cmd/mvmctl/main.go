@@ -82,7 +82,12 @@ func newRootCommand(g *globalOptions) *cobra.Command {
 through a guest agent, streams its output, tears the VM down and exits with
 the command's exit code.
 
-Run "mvmctl bootstrap" once to build the guest kernel and initramfs.`,
+Run "mvmctl bootstrap" once to build the guest kernel and initramfs, and
+"mvmctl doctor" to check the host and learn how to fix what is missing.`,
+		Example: `  mvmctl doctor
+  mvmctl bootstrap
+  mvmctl exec -- uname -a
+  source <(mvmctl completion bash)    # TAB completion in this shell`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRun: func(cmd *cobra.Command, _ []string) {
@@ -94,6 +99,7 @@ Run "mvmctl bootstrap" once to build the guest kernel and initramfs.`,
 		},
 	}
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "print what mvmctl does, with timings, on stderr")
-	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newVersionCommand())
+	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newVersionCommand(), newDoctorCommand())
+	addCompletions(root)
 	return root
 }

@@ -39,6 +39,10 @@ With --discard it removes them without applying anything.
 
 At most ` + fmt.Sprint(writeback.DefaultMaxStaged) + ` change sets, taking at most ` + fmt.Sprint(writeback.DefaultMaxStagedBytes>>30) + ` GiB, are kept; beyond that
 the oldest are dropped, with a warning.`,
+		Example: `  mvmctl recover                                                   # list what is kept
+  mvmctl recover ~/.local/state/mvm/staged/exec-2253-d45ffdf6bf-0  # apply one
+  mvmctl recover --all                                             # apply everything kept
+  mvmctl recover --discard --all                                   # drop everything kept`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			state, err := xdg.StateDir()
 			if err != nil {

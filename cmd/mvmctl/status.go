@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/mvm-sh/mvm"
+	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/hostdeps"
 )
 
 // The exit-status contract of mvmctl exec (docs/exit-codes.md), which
@@ -49,5 +51,35 @@ func exitStatus(res mvm.Result, err error, timeout time.Duration) (int, string) 
 		// output is lost, which is mvmctl's failure, not the command's.
 		return exitFailure, out.Error()
 	}
-	return exitFailure, err.Error()
+	msg := err.Error()
+	if doctorExplains(err) {
+		msg += "\nmvmctl: " + doctorHint
+	}
+	return exitFailure, msg
+}
+
+// doctorHint follows the failures that come from how the host is set up.
+const doctorHint = "run `mvmctl doctor` for a full check"
+
+// doctorExplains reports whether err is a failure that `mvmctl doctor`
+// diagnoses: no image, missing host packages, an accelerator that cannot
+// be used, a VM that did not start or boot (QEMU refusing its command line
+// or the image), or a guest agent of another protocol version (an image
+// built by another mvmctl). A guest that breaks the protocol is not the
+// host's setup and gets no hint.
+func doctorExplains(err error) bool {
+	var (
+		missing *hostdeps.MissingError
+		req     *mvm.RequestError
+		vm      *mvm.VMError
+	)
+	switch {
+	case errors.Is(err, mvm.ErrNotBootstrapped), errors.As(err, &missing):
+		return true
+	case errors.As(err, &req):
+		return req.Field == "Accel"
+	case errors.As(err, &vm):
+		return vm.Op == "start vm" || vm.Op == "boot" || errors.Is(err, agentclient.ErrVersion)
+	}
+	return false
 }

@@ -3,11 +3,14 @@ package main
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/mvm-sh/mvm"
+	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/hostdeps"
 )
 
 func TestExitStatus(t *testing.T) {
@@ -41,9 +44,15 @@ func TestExitStatus(t *testing.T) {
 		{"interrupted by SIGHUP", mvm.Result{ExitStatus: mvm.ExitStatus{Code: -1}, Interrupted: syscall.SIGHUP},
 			fmt.Errorf("%w (hangup)", mvm.ErrInterrupted), 129, "*"},
 		{"command ended after a forwarded interrupt", exited(42), nil, 42, ""},
-		{"vm failed", notRun, &mvm.VMError{Op: "boot", Err: errors.New("no hello")}, 125, "boot: no hello"},
+		{"vm failed to boot", notRun, &mvm.VMError{Op: "boot", Err: errors.New("no hello")}, 125, "boot: no hello\nmvmctl: " + doctorHint},
+		{"vmm failed to start", notRun, &mvm.VMError{Op: "start vm", Err: errors.New("exec: qemu: not found")}, 125, "start vm: exec: qemu: not found\nmvmctl: " + doctorHint},
+		{"agent of another protocol", notRun, &mvm.VMError{Op: "connect to guest agent", Err: fmt.Errorf("%w: host speaks 2..2, agent 1", agentclient.ErrVersion)}, 125, "*doctor"},
+		{"guest broke the protocol at hello", notRun, &mvm.VMError{Op: "connect to guest agent", Err: errors.New("mux: protocol error: frame too large")}, 125, "connect to guest agent: mux: protocol error: frame too large"},
+		{"guest died while running", notRun, &mvm.VMError{Op: "run", Err: errors.New("the guest kernel panicked")}, 125, "run: the guest kernel panicked"},
+		{"missing host packages", notRun, fmt.Errorf("wrapped: %w", &hostdeps.MissingError{Purpose: "mvm", Missing: []hostdeps.Dep{{What: "qemu-system-x86_64", Package: "qemu-system-x86"}}}), 125, "*doctor"},
+		{"accelerator unusable", notRun, &mvm.RequestError{Field: "Accel", Err: errors.New("--accel kvm: /dev/kvm does not exist")}, 125, "Accel: --accel kvm: /dev/kvm does not exist\nmvmctl: " + doctorHint},
 		{"output failed", exited(0), &mvm.OutputError{Stream: "stdout", Err: syscall.ENOSPC}, 125, "write stdout: no space left on device"},
-		{"not bootstrapped", notRun, mvm.ErrNotBootstrapped, 125, "*"},
+		{"not bootstrapped", notRun, mvm.ErrNotBootstrapped, 125, mvm.ErrNotBootstrapped.Error() + "\nmvmctl: " + doctorHint},
 		{"invalid", notRun, &mvm.RequestError{Field: "CPUs", Err: errors.New("too many")}, 125, "CPUs: too many"},
 	}
 	for _, tt := range tests {
@@ -55,6 +64,10 @@ func TestExitStatus(t *testing.T) {
 			switch {
 			case tt.wantMsg == "*" && msg == "":
 				t.Errorf("no message, want one")
+			case tt.wantMsg == "*doctor":
+				if !strings.HasSuffix(msg, "\nmvmctl: "+doctorHint) {
+					t.Errorf("message = %q, want it to end with the doctor hint", msg)
+				}
 			case tt.wantMsg != "*" && msg != tt.wantMsg:
 				t.Errorf("message = %q, want %q", msg, tt.wantMsg)
 			}

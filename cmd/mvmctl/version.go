@@ -11,9 +11,10 @@ import (
 
 func newVersionCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:   "version",
-		Short: "Print version information",
-		Args:  cobra.NoArgs,
+		Use:     "version",
+		Short:   "Print version information",
+		Example: `  mvmctl version`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fmt.Fprintf(cmd.OutOrStdout(), "mvmctl %s\nagent protocol %d (accepts %d..%d)\n%s %s/%s\n",
 				version, agentproto.Version, agentproto.MinVersion, agentproto.Version,

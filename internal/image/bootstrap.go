@@ -152,14 +152,9 @@ func ensureInitrd(s Store, opts BootstrapOptions, progress func(Event)) (path, k
 	if err != nil {
 		return "", "", err
 	}
-	h := sha256.New()
-	fmt.Fprintf(h, "layout %s\napplets %s\n", initramfs.LayoutVersion, strings.Join(applets, " "))
-	for _, f := range []string{opts.Agent, opts.Busybox} {
-		if err := hashFile(h, f); err != nil {
-			return "", "", err
-		}
+	if key, err = initrdKey(opts.Agent, opts.Busybox, applets); err != nil {
+		return "", "", err
 	}
-	key = hex.EncodeToString(h.Sum(nil))[:24]
 	path = s.InitrdPath(key)
 	if _, err := os.Stat(path); err == nil {
 		progress(Event{Step: "initramfs", Detail: "cached " + path})
@@ -173,6 +168,28 @@ func ensureInitrd(s Store, opts BootstrapOptions, progress func(Event)) (path, k
 	}
 	progress(Event{Step: "initramfs", Detail: "wrote " + path})
 	return path, key, nil
+}
+
+// InitrdKey is the key of the initramfs Bootstrap makes from agent and
+// busybox. An image whose InitrdKey differs was built from other binaries:
+// its guest runs another agent than the one beside mvmctl.
+func InitrdKey(agent, busybox string) (string, error) {
+	applets, err := initramfs.BusyboxApplets(busybox)
+	if err != nil {
+		return "", err
+	}
+	return initrdKey(agent, busybox, applets)
+}
+
+func initrdKey(agent, busybox string, applets []string) (string, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "layout %s\napplets %s\n", initramfs.LayoutVersion, strings.Join(applets, " "))
+	for _, f := range []string{agent, busybox} {
+		if err := hashFile(h, f); err != nil {
+			return "", err
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil))[:24], nil
 }
 
 func hashFile(h io.Writer, path string) error {

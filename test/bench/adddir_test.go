@@ -86,7 +86,8 @@ func comparePrepare(b *testing.B, work, src string, rounds int, what string) {
 	b.ReportMetric(float64(mo)/float64(mc), "x-cp")
 }
 
-var writeBackRE = regexp.MustCompile(`write-back (\d+)ms`)
+// writeBackRE finds the write-back step in the -v timing breakdown.
+var writeBackRE = regexp.MustCompile(`write back (\d+)ms`)
 
 // BenchmarkAddDirWriteBack is (e): after a guest rewrote 10% of the files
 // of the same tree in a read-write directory, the write-back mvmctl does

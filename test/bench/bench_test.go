@@ -166,6 +166,13 @@ const benchPort = "org.mvm.bench.0"
 func BenchmarkStdoutThroughput(b *testing.B) {
 	const size = 128 << 20
 	img := defaultImage(b)
+	// As root the backend confines QEMU with mvm-jailer, which is beside
+	// mvmctl, not beside this test binary.
+	jailer, err := filepath.Abs(filepath.Join(filepath.Dir(*mvmctl), "mvm-jailer"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Setenv("MVM_JAILER", jailer)
 	m, err := qemu.New(nil).Start(context.Background(), backend.Config{
 		Name: "bench", RunDir: b.TempDir(), Kernel: img.Kernel, Initrd: img.Initrd,
 		CPUs: mvm.DefaultCPUs, MemoryMiB: mvm.DefaultMemory >> 20, Accel: accelChoice(b),
