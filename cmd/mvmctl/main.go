@@ -94,6 +94,6 @@ Run "mvmctl bootstrap" once to build the guest kernel and initramfs.`,
 		},
 	}
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "print what mvmctl does, with timings, on stderr")
-	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newVersionCommand())
+	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newTemplateCommand(g), newVersionCommand())
 	return root
 }

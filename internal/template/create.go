@@ -145,7 +145,7 @@ func (s *Store) Create(ctx context.Context, name string, sp Spec, o Options) (*T
 	if err != nil {
 		return nil, err
 	}
-	defer nl.release()
+	defer s.unlockName(name, nl)
 	w, err := s.newWork()
 	if err != nil {
 		return nil, err

@@ -192,7 +192,22 @@ func (s *Store) collect(cands []objRef, implicit bool) (int, int64, error) {
 		n++
 		freed += size
 	}
+	if n > 0 {
+		s.dropKeys()
+	}
 	return n, freed, nil
+}
+
+// dropKeys removes the source keys of images that are gone.
+func (s *Store) dropKeys() {
+	dir := filepath.Join(s.cache, "keys")
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		if k, err := readKey(p); err != nil || !exists(s.objPath(kindImage, k.Image)) {
+			os.Remove(p)
+		}
+	}
 }
 
 // trash removes a directory: renamed away first (one step, so that the
@@ -219,7 +234,7 @@ func (s *Store) Remove(name string) error {
 	if err != nil {
 		return err
 	}
-	defer nl.release()
+	defer s.unlockName(name, nl)
 	t, err := s.Get(name)
 	if err != nil {
 		return err
@@ -231,9 +246,6 @@ func (s *Store) Remove(name string) error {
 		return err
 	}
 	s.forget(t, true)
-	// Unlinked while held: a process waiting on it notices, and locks
-	// the new one.
-	os.Remove(filepath.Join(s.lockDir(), name))
 	return nil
 }
 
@@ -343,18 +355,7 @@ func (s *Store) Prune() (PruneStats, error) {
 			st.Files += n
 		}
 	}
-	// Keys of images that are gone.
-	keysDir := filepath.Join(s.cache, "keys")
-	ents, err = os.ReadDir(keysDir)
-	if err != nil {
-		return st, err
-	}
-	for _, e := range ents {
-		p := filepath.Join(keysDir, e.Name())
-		if k, err := readKey(p); err != nil || !exists(s.objPath(kindImage, k.Image)) {
-			os.Remove(p)
-		}
-	}
+	s.dropKeys()
 	// Snapshots of revisions that are gone.
 	_, revs, err := s.references(false)
 	if err != nil {

@@ -524,3 +524,13 @@ func (s *Store) lockName(name string) (*flock, error) {
 	_, _ = l.f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
 	return l, nil
 }
+
+// unlockName releases a name's lock, removing the lock file first when
+// the name has no template (a failed create, a removal): unlinked while
+// held, so that a process waiting on it notices and locks a new one.
+func (s *Store) unlockName(name string, l *flock) {
+	if !exists(s.recordPath(name)) {
+		os.Remove(filepath.Join(s.lockDir(), name))
+	}
+	l.release()
+}

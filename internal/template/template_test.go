@@ -483,7 +483,7 @@ func TestBadInputs(t *testing.T) {
 	if _, err := s.Use("nope"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Use of an unknown template: %v", err)
 	}
-	for _, sub := range []string{s.objDir(kindImage), s.objDir(kindFile), s.tmpDir(), filepath.Join(s.cache, "keys"), filepath.Join(s.cache, "refs")} {
+	for _, sub := range []string{s.objDir(kindImage), s.objDir(kindFile), s.tmpDir(), filepath.Join(s.cache, "keys"), filepath.Join(s.cache, "refs"), s.lockDir()} {
 		if n := listDir(t, sub); len(n) != 0 {
 			t.Errorf("%s holds %v after failed creates", sub, n)
 		}
