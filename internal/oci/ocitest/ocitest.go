@@ -6,6 +6,7 @@ package ocitest
 import (
 	"archive/tar"
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log"
@@ -350,3 +351,69 @@ func (r *Registry) PushIndex(repo string, idx v1.ImageIndex) (name.Reference, er
 
 // Close stops the registry.
 func (r *Registry) Close() error { return r.srv.Close() }
+
+// WriteDockerSave writes an archive as `docker save` (Docker 25 and
+// later) does: uncompressed layers, from the tar files layers, under
+// blobs/sha256/, a config and manifest.json; for linux/amd64 with cfg.
+func WriteDockerSave(p, tag string, cfg v1.Config, layers ...string) error {
+	f, err := os.Create(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	tw := tar.NewWriter(f)
+	add := func(name string, size int64, r io.Reader) error {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Size: size, Mode: 0o644, ModTime: Epoch}); err != nil {
+			return err
+		}
+		_, err := io.Copy(tw, r)
+		return err
+	}
+	cf := v1.ConfigFile{OS: "linux", Architecture: "amd64", Config: cfg, Created: v1.Time{Time: Epoch}, RootFS: v1.RootFS{Type: "layers"}}
+	var paths []string
+	for _, l := range layers {
+		lf, err := os.Open(l)
+		if err != nil {
+			return err
+		}
+		h, size, err := v1.SHA256(lf)
+		if err != nil {
+			lf.Close()
+			return err
+		}
+		if _, err := lf.Seek(0, io.SeekStart); err != nil {
+			lf.Close()
+			return err
+		}
+		name := "blobs/sha256/" + h.Hex
+		err = add(name, size, lf)
+		lf.Close()
+		if err != nil {
+			return err
+		}
+		cf.RootFS.DiffIDs = append(cf.RootFS.DiffIDs, h)
+		paths = append(paths, name)
+	}
+	raw, err := json.Marshal(cf)
+	if err != nil {
+		return err
+	}
+	ch, _, err := v1.SHA256(bytes.NewReader(raw))
+	if err != nil {
+		return err
+	}
+	if err := add("blobs/sha256/"+ch.Hex, int64(len(raw)), bytes.NewReader(raw)); err != nil {
+		return err
+	}
+	m, err := json.Marshal([]map[string]any{{"Config": "blobs/sha256/" + ch.Hex, "RepoTags": []string{tag}, "Layers": paths}})
+	if err != nil {
+		return err
+	}
+	if err := add("manifest.json", int64(len(m)), bytes.NewReader(m)); err != nil {
+		return err
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}
