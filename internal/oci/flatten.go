@@ -31,8 +31,10 @@ type Limits struct {
 	// MaxBytes bounds the file content staged for one image, blocks of
 	// zeros in large files aside (default 64 GiB).
 	MaxBytes int64
-	// MaxStream bounds one uncompressed tar stream (default 1 TiB): what
-	// a decompression bomb of zeros can make the conversion read.
+	// MaxStream bounds one uncompressed tar stream, and the sum of the
+	// sizes of its files, holes of sparse entries included (default 256
+	// GiB): what a decompression bomb of zeros can make the conversion
+	// read.
 	MaxStream int64
 }
 
@@ -44,7 +46,7 @@ func (l Limits) withDefaults() Limits {
 		l.MaxBytes = 64 << 30
 	}
 	if l.MaxStream == 0 {
-		l.MaxStream = 1 << 40
+		l.MaxStream = 256 << 30
 	}
 	return l
 }
@@ -289,6 +291,10 @@ func decompress(r *bufio.Reader) (io.ReadCloser, error) {
 	return io.NopCloser(r), nil
 }
 
+// maxXattr bounds one extended attribute (name and value): ext4 keeps a
+// file's attributes in one block.
+const maxXattr = 4096
+
 type opKind uint8
 
 const (
@@ -374,6 +380,7 @@ func (f *Flattener) read(ctx context.Context, r io.Reader, whiteouts bool) (*cha
 	f.mu.Unlock()
 	stage := newStageFile(sf, &f.bytes, f.limits.MaxBytes)
 	c := &changes{}
+	var logical int64
 	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
@@ -390,6 +397,9 @@ func (f *Flattener) read(ctx context.Context, r io.Reader, whiteouts bool) (*cha
 			if err := ctx.Err(); err != nil {
 				return nil, err
 			}
+		}
+		if logical += max(h.Size, 0); logical > f.limits.MaxStream {
+			return nil, fmt.Errorf("%w: files of more than %d bytes in one layer", ErrInvalid, f.limits.MaxStream)
 		}
 		o, skip, err := f.entry(h, tr, stage, whiteouts, c)
 		if err != nil {
@@ -408,6 +418,11 @@ func (f *Flattener) read(ctx context.Context, r io.Reader, whiteouts bool) (*cha
 // entry turns one tar header (and its content) into an op.
 func (f *Flattener) entry(h *tar.Header, tr io.Reader, stage *stageFile, whiteouts bool, c *changes) (o op, skip bool, err error) {
 	p := cleanName(h.Name)
+	// Bounded now, not when the layer is applied: its entries wait in
+	// memory until then.
+	if len(p) > dirimage.MaxPath || len(h.Linkname) > dirimage.MaxTarget {
+		return op{}, false, fmt.Errorf("%w: name or link target longer than %d bytes", ErrInvalid, dirimage.MaxPath)
+	}
 	if whiteouts {
 		dir, base := path.Split(p)
 		switch {
@@ -445,6 +460,9 @@ func (f *Flattener) entry(h *tar.Header, tr io.Reader, stage *stageFile, whiteou
 		if !dirimage.SupportedXattr(name) {
 			c.dropped++
 			continue
+		}
+		if len(name)+len(v) > maxXattr {
+			return op{}, false, fmt.Errorf("%w: extended attribute %q of %d bytes", ErrInvalid, name, len(v))
 		}
 		if e.Xattrs == nil {
 			e.Xattrs = map[string][]byte{}

@@ -331,6 +331,8 @@ func TestHostileLayers(t *testing.T) {
 		{"entries", [][]byte{ocitest.Tar(ocitest.File("1", "", 0o644, 0, 0), ocitest.File("2", "", 0o644, 0, 0), ocitest.File("3", "", 0o644, 0, 0))}, Limits{MaxEntries: 2}},
 		{"bytes", [][]byte{ocitest.Tar(ocitest.File("a", "0123456789", 0o644, 0, 0)), ocitest.Tar(ocitest.File("b", "0123456789", 0o644, 0, 0))}, Limits{MaxBytes: 15}},
 		{"stream", [][]byte{ocitest.Tar(ocitest.File("a", strings.Repeat("x", 5000), 0o644, 0, 0))}, Limits{MaxStream: 4096}},
+		{"long name", [][]byte{ocitest.Tar(ocitest.File(strings.Repeat("d/", 2100)+"f", "", 0o644, 0, 0))}, Limits{}},
+		{"big xattr", [][]byte{ocitest.Tar(bigXattr())}, Limits{}},
 		{"not a tar", [][]byte{bytes.Repeat([]byte("garbage!"), 200)}, Limits{}},
 		{"truncated tar", [][]byte{ocitest.Tar(ocitest.File("a", strings.Repeat("x", 5000), 0o644, 0, 0))[:2048]}, Limits{}},
 	} {
@@ -483,4 +485,53 @@ func TestBadImages(t *testing.T) {
 			t.Errorf("%s: %q: want one line naming %s", c.ref, msg, c.names)
 		}
 	}
+}
+
+func bigXattr() ocitest.Entry {
+	e := ocitest.File("f", "", 0o644, 0, 0)
+	e.PAXRecords = map[string]string{"SCHILY.xattr.user.big": strings.Repeat("v", 10000)}
+	return e
+}
+
+// FuzzLayer reads any bytes as a layer (whiteouts on) on top of the
+// sample's first layer: the conversion fails cleanly or writes an image
+// internal/ext4 reads whole. Seeded with the sample's upper layers.
+func FuzzLayer(f *testing.F) {
+	// Small inputs: the fuzzer's coverage instrumentation makes every
+	// byte of content cost.
+	for _, l := range ocitest.SampleLayers()[1:] {
+		f.Add(l)
+	}
+	f.Add(ocitest.Tar(ocitest.Symlink("a", "/"), ocitest.File("a/b/c", "x", 0o4755, 1, 2), ocitest.Hardlink("h", "a/b/c"), ocitest.Whiteout("a/b/.wh..wh..opq")))
+	base := ocitest.Tar(
+		ocitest.Dir("usr/lib/", 0o755, 0, 0), ocitest.File("usr/lib/libx.so", "libx", 0o644, 0, 0), ocitest.Symlink("lib", "usr/lib"),
+		ocitest.File("usr/bin/tool", "tool", 0o755, 0, 0), ocitest.Hardlink("usr/bin/tool2", "usr/bin/tool"),
+		ocitest.Dir("opt/old/", 0o755, 0, 0), ocitest.File("opt/old/a", "a", 0o644, 0, 0), ocitest.File("var/removed", "r", 0o644, 0, 0),
+		ocitest.Dir("home/app/", 0o700, 1000, 1000))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		b := dirimage.NewBuilder()
+		b.SetMaxNodes(10000)
+		fl := NewFlattener(b, t.TempDir(), Limits{MaxEntries: 5000, MaxBytes: 16 << 20, MaxStream: 32 << 20})
+		defer fl.Close()
+		ctx := context.Background()
+		for i, layer := range [][]byte{base, data} {
+			c, err := fl.read(ctx, bytes.NewReader(layer), true)
+			if err == nil {
+				err = c.apply(b)
+			}
+			if err != nil {
+				if i == 0 {
+					t.Fatal(err)
+				}
+				return
+			}
+		}
+		img := filepath.Join(t.TempDir(), "img")
+		if _, err := b.Write(ctx, img, dirimage.Options{Digest: true}); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		if _, err := ocitest.DescribeImage(img); err != nil {
+			t.Fatalf("read back: %v", err)
+		}
+	})
 }
