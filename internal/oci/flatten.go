@@ -87,7 +87,9 @@ type Stats struct {
 	// DroppedXattrs counts extended attributes ext4 cannot hold (a
 	// namespace other than user, trusted, security and POSIX ACLs).
 	DroppedXattrs int
-	Staged        int64 // bytes of content staged
+	// Bytes is the size of the files read, Staged what of it was not
+	// blocks of zeros in large files (what staging cost on disk).
+	Bytes, Staged int64
 }
 
 // NewFlattener returns a Flattener adding to b, staging content in dir
@@ -175,6 +177,7 @@ func (f *Flattener) count(c *changes) {
 	f.stats.Entries += c.entries
 	f.stats.Whiteouts += c.whiteouts
 	f.stats.DroppedXattrs += c.dropped
+	f.stats.Bytes += c.bytes
 }
 
 // Tar applies one tar stream holding a whole tree (a root filesystem
@@ -317,6 +320,7 @@ type op struct {
 type changes struct {
 	ops                         []op
 	entries, whiteouts, dropped int
+	bytes                       int64
 }
 
 // apply applies c: whiteouts and opaque markers first, to what the layers
@@ -477,6 +481,7 @@ func (f *Flattener) entry(h *tar.Header, tr io.Reader, stage *stageFile, whiteou
 			return op{}, false, err
 		}
 		e.Data = dirimage.Data{R: stage.f, Off: off, Size: h.Size}
+		c.bytes += h.Size
 	case tar.TypeDir:
 		e.Mode |= unix.S_IFDIR
 	case tar.TypeSymlink:

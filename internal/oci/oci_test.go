@@ -61,7 +61,7 @@ func flatten(t *testing.T, im *Image) (string, dirimage.Stats, Stats) {
 type sources struct {
 	archive, layout, ociArchive, save string
 	reg                               *ocitest.Registry
-	remote                      string
+	remote                            string
 }
 
 func writeSample(t *testing.T, img v1.Image) sources {

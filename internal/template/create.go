@@ -310,7 +310,7 @@ func (s *Store) convert(ctx context.Context, w *work, what string, o Options, fi
 	if err := fill(f); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	o.emit(Event{Step: "image", Detail: fmt.Sprintf("writing %d files, %s", b.Len(), sizeString(f.Stats().Staged))})
+	o.emit(Event{Step: "image", Detail: fmt.Sprintf("writing %d files, %s", b.Len(), sizeString(f.Stats().Bytes))})
 	if st := f.Stats(); st.DroppedXattrs > 0 {
 		s.log().Warn("extended attributes ext4 cannot keep were dropped", "source", what, "count", st.DroppedXattrs)
 	}
