@@ -15,11 +15,13 @@ SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 # Packages: QEMU (the VMM), busybox-static (guest userland), e2fsprogs
-# (--add-dir images), the kernel source and what compiling it needs, and
-# curl/unzip to fetch Go if the machine has none.
+# (--add-dir images), mmdebstrap and debian-archive-keyring (Debian
+# templates), umoci (the tests compare image unpacking with it), the
+# kernel source and what compiling it needs, and curl/unzip to fetch Go
+# if the machine has none.
 KSRC=linux-source
 if grep -qs '^12' /etc/debian_version; then KSRC=linux-source-6.1; fi
-PKGS="qemu-system-x86 busybox-static e2fsprogs $KSRC make gcc libc6-dev flex bison bc libelf-dev xz-utils bzip2 tar git ca-certificates curl unzip"
+PKGS="qemu-system-x86 busybox-static e2fsprogs mmdebstrap debian-archive-keyring umoci $KSRC make gcc libc6-dev flex bison bc libelf-dev xz-utils bzip2 tar git ca-certificates curl unzip"
 
 missing=
 for p in $PKGS; do
