@@ -106,18 +106,29 @@ type work struct {
 	lock *flock
 }
 
+// newWork makes a work directory, its lock held before Prune can see it:
+// made under a name Prune leaves alone, locked, then renamed.
 func (s *Store) newWork() (*work, error) {
-	dir, err := os.MkdirTemp(s.tmpDir(), "create-")
+	tmp, err := os.MkdirTemp(s.tmpDir(), newPrefix)
 	if err != nil {
 		return nil, err
 	}
-	l, err := lockFile(filepath.Join(dir, "lock"), unix.LOCK_EX, true)
+	l, err := lockFile(filepath.Join(tmp, "lock"), unix.LOCK_EX, true)
 	if err != nil {
-		os.RemoveAll(dir)
+		os.RemoveAll(tmp)
+		return nil, err
+	}
+	dir := filepath.Join(s.tmpDir(), "create-"+strings.TrimPrefix(filepath.Base(tmp), newPrefix))
+	if err := os.Rename(tmp, dir); err != nil {
+		l.release()
+		os.RemoveAll(tmp)
 		return nil, err
 	}
 	return &work{dir: dir, lock: l}, nil
 }
+
+// newPrefix names work directories being made.
+const newPrefix = ".new-"
 
 func (w *work) remove() {
 	os.RemoveAll(w.dir)

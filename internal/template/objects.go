@@ -300,14 +300,14 @@ func (s *Store) Prune() (PruneStats, error) {
 	}
 	for _, e := range ents {
 		dir := filepath.Join(s.tmpDir(), e.Name())
-		l, err := lockFile(filepath.Join(dir, "lock"), unix.LOCK_EX|unix.LOCK_NB, false)
-		if errors.Is(err, errWouldBlock) {
-			continue
-		}
-		if l == nil { // no lock (yet?): only if it is old
+		if strings.HasPrefix(e.Name(), newPrefix) { // being made: only if it is old
 			if fi, err := os.Lstat(dir); err != nil || time.Since(fi.ModTime()) < time.Hour {
 				continue
 			}
+		}
+		l, err := lockFile(filepath.Join(dir, "lock"), unix.LOCK_EX|unix.LOCK_NB, false)
+		if errors.Is(err, errWouldBlock) {
+			continue
 		}
 		os.RemoveAll(dir)
 		l.release()

@@ -3,6 +3,7 @@ package template
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -613,5 +614,79 @@ func TestDebianPython(t *testing.T) {
 	}
 	if took := time.Since(start); took > time.Second {
 		t.Errorf("second create from the cached bootstrap took %s", took)
+	}
+}
+
+// TestLeaseRacesPrune: runs taking leases while the template is created
+// again and the cache pruned, over and over: every lease that succeeds
+// has its files there until it is released.
+func TestLeaseRacesPrune(t *testing.T) {
+	s := newStore(t)
+	trees := make([]string, 3)
+	for i := range trees {
+		trees[i] = t.TempDir()
+		if err := os.WriteFile(filepath.Join(trees[i], "f"), []byte{byte(i)}, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.Create(context.Background(), "t", Spec{Dir: trees[0]}, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var failures []string
+	fail := func(f string, args ...any) {
+		mu.Lock()
+		failures = append(failures, fmt.Sprintf(f, args...))
+		mu.Unlock()
+	}
+	wg.Add(3)
+	go func() { // re-creates
+		defer wg.Done()
+		for i := 0; ctx.Err() == nil; i++ {
+			if _, err := s.Create(context.Background(), "t", Spec{Dir: trees[i%3]}, Options{}); err != nil && !errors.Is(err, ErrBusy) {
+				fail("create: %v", err)
+			}
+		}
+	}()
+	go func() { // prunes
+		defer wg.Done()
+		for ctx.Err() == nil {
+			if _, err := s.Prune(); err != nil {
+				fail("prune: %v", err)
+			}
+		}
+	}()
+	uses := 0
+	go func() { // runs
+		defer wg.Done()
+		for ctx.Err() == nil {
+			l, err := s.Use("t")
+			if err != nil {
+				fail("use: %v", err)
+				continue
+			}
+			uses++
+			time.Sleep(time.Millisecond)
+			if !exists(l.Template.Rootfs.Path) {
+				fail("leased image %s gone", l.Template.Rootfs.Path)
+			}
+			l.Release()
+		}
+	}()
+	wg.Wait()
+	if len(failures) > 0 {
+		t.Fatalf("%d failures, first: %s", len(failures), failures[0])
+	}
+	if uses < 20 {
+		t.Errorf("only %d leases in 2 s", uses)
+	}
+	if _, err := s.Prune(); err != nil {
+		t.Fatal(err)
+	}
+	if n := listDir(t, s.objDir(kindImage)); len(n) != 1 {
+		t.Errorf("after the race and a prune: images %v, want the template's one", n)
 	}
 }
