@@ -221,8 +221,12 @@ func (s *Store) log() *slog.Logger {
 func (s *Store) DataDir() string  { return s.data }
 func (s *Store) CacheDir() string { return s.cache }
 
-// SnapshotDir is where snapshots of a template revision belong: Remove
-// and Prune delete those of revisions no template has any more.
+// SnapshotDir is where snapshots of a template revision belong (the
+// store does not make it). Remove and Prune delete the directories of
+// revisions no template has any more, under an exclusive flock on
+// DIR/lock taken without waiting: whoever writes or restores a snapshot
+// holds a shared flock on DIR/lock meanwhile, and writes its files
+// atomically (temporary name, then rename).
 func (s *Store) SnapshotDir(t *Template) string {
 	return filepath.Join(s.cache, "snapshots", t.Revision)
 }
