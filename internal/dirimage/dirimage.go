@@ -36,6 +36,23 @@ type Stats struct {
 	Files, Dirs, Others int
 	// Bytes is the content size rounded up to 4 KiB blocks.
 	Bytes int64
+	// Digest is the tree's digest ("sha256:" and 64 hex digits), when
+	// Options.Digest asked for it.
+	Digest string
+}
+
+// Options control how an image is written.
+type Options struct {
+	// Label is the filesystem label (at most 16 bytes).
+	Label string
+	// Digest computes the tree's digest while the image is written: a
+	// SHA-256 over every file's metadata (type, mode, owner, modification
+	// time, device numbers, size, extended attributes, symlink target),
+	// every directory's entries and every file's content, in inode
+	// order. It identifies what the guest sees of the tree (access and
+	// change times aside), whether the tree came from a host directory
+	// or a Builder, and costs a hash of the content.
+	Digest bool
 }
 
 // sizeFor picks an image size for a tree: its blocks, inode tables and
@@ -55,26 +72,35 @@ func sizeFor(s Stats) int64 {
 // files. Extended attributes are not copied. It has no journal: the guest
 // mounts it read-only. A cancelled ctx stops it within milliseconds.
 func Build(ctx context.Context, dir, img, label string) (Stats, error) {
+	return BuildDir(ctx, dir, img, Options{Label: label})
+}
+
+// BuildDir is Build with options.
+func BuildDir(ctx context.Context, dir, img string, o Options) (Stats, error) {
 	t, err := scan(ctx, dir)
 	if err != nil {
 		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
 	}
-	if err := t.write(ctx, img, label); err != nil {
-		os.Remove(img)
+	if err := t.write(ctx, img, o); err != nil {
 		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
 	}
 	return t.stats, nil
 }
 
-// write writes the image of a scanned tree. The layout is planned from
-// the sizes the scan saw; a tree that needs more (it grew meanwhile, or
-// its filesystem compresses, so that allocation undercounts) gets a
-// larger layout.
-func (t *tree) write(ctx context.Context, img, label string) error {
+// write writes the image of a tree; a failed write leaves no file. The
+// layout is planned from the sizes the scan saw; a tree that needs more
+// (it grew meanwhile, or its filesystem compresses, so that allocation
+// undercounts) gets a larger layout.
+func (t *tree) write(ctx context.Context, img string, o Options) error {
 	var extra uint64
 	for attempt := 0; ; attempt++ {
-		err := writeImage(ctx, t, img, label, extra)
+		digest, err := writeImage(ctx, t, img, o, extra)
+		if err == nil {
+			t.stats.Digest = digest
+			return nil
+		}
 		if !errors.Is(err, errImageFull) || attempt == 2 {
+			os.Remove(img)
 			return err
 		}
 		extra = extra*2 + uint64(t.stats.Bytes/blockSize) + 1024

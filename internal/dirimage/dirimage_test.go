@@ -461,7 +461,7 @@ func TestBuildManySubdirs(t *testing.T) {
 		tr.nodes = append(tr.nodes, d)
 	}
 	img := filepath.Join(t.TempDir(), "img")
-	if err := writeImage(context.Background(), tr, img, "x", 0); err != nil {
+	if _, err := writeImage(context.Background(), tr, img, Options{Label: "x"}, 0); err != nil {
 		t.Fatal(err)
 	}
 	fsck(t, img)
@@ -527,10 +527,10 @@ func TestBuildExtentTrees(t *testing.T) {
 		n.alloc = 0
 	}
 	img := filepath.Join(t.TempDir(), "img")
-	if err := writeImage(context.Background(), tr, img, "x", 0); !errors.Is(err, errImageFull) {
+	if _, err := writeImage(context.Background(), tr, img, Options{Label: "x"}, 0); !errors.Is(err, errImageFull) {
 		t.Fatalf("layout from allocation alone: %v, want errImageFull", err)
 	}
-	if err := tr.write(context.Background(), img, "x"); err != nil {
+	if err := tr.write(context.Background(), img, Options{Label: "x"}); err != nil {
 		t.Fatal(err)
 	}
 	fsck(t, img)

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"time"
@@ -198,27 +201,33 @@ type imageWriter struct {
 	data      seqWriter
 	itable    seqWriter
 	buf, zero []byte
+
+	// With Options.Digest: the tree's hash, and that of the file being
+	// copied.
+	digest, content hash.Hash
+	rec             []byte
 }
 
-// writeImage writes the scanned tree t, whose files are still on the host,
-// to the new file img.
-func writeImage(ctx context.Context, t *tree, img, label string, extraBlocks uint64) error {
+// writeImage writes the tree t, whose files are still on the host or
+// staged, to the new file img, and returns the tree's digest if o asks
+// for it.
+func writeImage(ctx context.Context, t *tree, img string, o Options, extraBlocks uint64) (string, error) {
 	inodes := uint64(firstIno - 1 + len(t.nodes) - 1)
 	geo, err := planGeometry(inodes, estimateBlocks(t)+extraBlocks)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if err := os.Remove(img); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+		return "", err
 	}
 	f, err := os.OpenFile(img, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer f.Close()
 	// Sparse: only what is written takes space.
 	if err := f.Truncate(int64(geo.groups) * blocksPerGroup * blockSize); err != nil {
-		return err
+		return "", err
 	}
 	w := &imageWriter{
 		ctx:     ctx,
@@ -233,9 +242,12 @@ func writeImage(ctx context.Context, t *tree, img, label string, extraBlocks uin
 		buf:     make([]byte, 1<<20),
 		zero:    make([]byte, blockSize),
 	}
+	if o.Digest {
+		w.digest, w.content = sha256.New(), sha256.New()
+	}
 	var seed [16]byte
 	if _, err := rand.Read(seed[:]); err != nil {
-		return err
+		return "", err
 	}
 	for i := range w.seed {
 		w.seed[i] = binary.LittleEndian.Uint32(seed[4*i:])
@@ -243,20 +255,79 @@ func writeImage(ctx context.Context, t *tree, img, label string, extraBlocks uin
 	for i, n := range t.nodes {
 		if i%64 == 0 {
 			if err := ctx.Err(); err != nil {
-				return err
+				return "", err
 			}
 		}
 		if err := w.writeNode(n); err != nil {
-			return err
+			return "", err
 		}
 	}
 	if err := w.data.flush(); err != nil {
-		return err
+		return "", err
 	}
 	if err := w.itable.flush(); err != nil {
-		return err
+		return "", err
 	}
-	return w.writeMetadata(label)
+	if err := w.writeMetadata(o.Label); err != nil {
+		return "", err
+	}
+	if w.digest == nil {
+		return "", nil
+	}
+	return "sha256:" + hex.EncodeToString(w.digest.Sum(nil)), nil
+}
+
+// hashNode adds one inode to the tree's digest: a record of its metadata
+// (fixed-width little-endian fields; strings with their length first),
+// then, for a directory, its entries in order, for a symlink its target,
+// for a regular file the hash of its content (the non-zero blocks, each
+// with its logical block number: holes and blocks of zeros are alike, as
+// they are in the image).
+func (w *imageWriter) hashNode(n *node, size int64) {
+	le := binary.LittleEndian
+	r := w.rec[:0]
+	r = le.AppendUint32(r, n.ino)
+	r = le.AppendUint32(r, n.mode)
+	r = le.AppendUint32(r, n.uid)
+	r = le.AppendUint32(r, n.gid)
+	r = le.AppendUint64(r, uint64(n.mtime.Sec))
+	r = le.AppendUint32(r, uint32(n.mtime.Nsec))
+	var major, minor uint32
+	if typ := n.mode & unix.S_IFMT; typ == unix.S_IFCHR || typ == unix.S_IFBLK {
+		major, minor = unix.Major(n.rdev), unix.Minor(n.rdev)
+	}
+	r = le.AppendUint32(r, major)
+	r = le.AppendUint32(r, minor)
+	if n.isDir() {
+		size = 0 // its entries say it all
+	}
+	r = le.AppendUint64(r, uint64(size))
+	r = le.AppendUint32(r, uint32(len(n.xattrs)))
+	for _, x := range n.xattrs {
+		r = append(r, x.index)
+		r = le.AppendUint32(r, uint32(len(x.name)))
+		r = append(r, x.name...)
+		r = le.AppendUint32(r, uint32(len(x.value)))
+		r = append(r, x.value...)
+	}
+	switch {
+	case n.isDir():
+		r = le.AppendUint32(r, uint32(len(n.kids)))
+		for _, k := range n.kids {
+			r = le.AppendUint32(r, k.n.ino)
+			r = le.AppendUint32(r, uint32(len(k.name)))
+			r = append(r, k.name...)
+		}
+	case n.isLnk():
+		r = le.AppendUint32(r, uint32(len(n.target)))
+		r = append(r, n.target...)
+	case n.isReg():
+		r = w.content.Sum(r)
+	}
+	w.digest.Write(r)
+	if cap(r) <= 1<<16 {
+		w.rec = r[:0]
+	}
 }
 
 // alloc hands out up to n contiguous blocks at the allocation cursor.
@@ -316,7 +387,15 @@ func (w *imageWriter) writeNode(n *node) error {
 	le := binary.LittleEndian
 	switch n.mode & unix.S_IFMT {
 	case unix.S_IFREG:
-		if exts, size, err = w.copyFile(n); err != nil {
+		if w.content != nil {
+			w.content.Reset()
+		}
+		if n.staged {
+			exts, err = w.copyStaged(n)
+		} else {
+			exts, size, err = w.copyFile(n)
+		}
+		if err != nil {
 			return err
 		}
 	case unix.S_IFDIR:
@@ -411,6 +490,9 @@ func (w *imageWriter) writeNode(n *node) error {
 	le.PutUint16(rec[120:], uint16(n.uid>>16))
 	le.PutUint16(rec[122:], uint16(n.gid>>16))
 	le.PutUint16(rec[128:], extraIsize)
+	if w.digest != nil {
+		w.hashNode(n, size)
+	}
 	g, idx := (n.ino-1)/w.geo.inodesPerGroup, (n.ino-1)%w.geo.inodesPerGroup
 	w.lastIno = max(w.lastIno, n.ino)
 	return w.itable.writeAt(rec, int64(w.geo.inodeTable(g))*blockSize+int64(idx)*inodeSize)
@@ -506,6 +588,30 @@ func (w *imageWriter) copyFile(n *node) ([]extent, int64, error) {
 	return exts, size, nil
 }
 
+// copyStaged copies a Builder's file into the image from where its
+// content is staged; it must all be there.
+func (w *imageWriter) copyStaged(n *node) ([]extent, error) {
+	var exts []extent
+	for off := int64(0); off < n.size; {
+		if err := w.ctx.Err(); err != nil {
+			return nil, err
+		}
+		want := min(int64(len(w.buf)), n.size-off)
+		got, err := n.src.ReadAt(w.buf[:want], n.srcOff+off)
+		if int64(got) < want {
+			if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, fmt.Errorf("read content of %s: %w", n.path, err)
+		}
+		if exts, err = w.writeNonZero(w.buf[:got], off, exts); err != nil {
+			return nil, err
+		}
+		off += int64(got)
+	}
+	return exts, nil
+}
+
 // writeNonZero writes the blocks of p (file content read at offset off, a
 // multiple of the block size) that are not all zeros; a short last block
 // is padded with zeros.
@@ -517,8 +623,14 @@ func (w *imageWriter) writeNonZero(p []byte, off int64, exts []extent) ([]extent
 	lblk := uint64(off / blockSize)
 	run := -1 // first block of the current run of non-zero blocks
 	var err error
+	var num [8]byte
 	for i := 0; i <= len(p)/blockSize; i++ {
 		zero := i == len(p)/blockSize || bytes.Equal(p[i*blockSize:(i+1)*blockSize], w.zero)
+		if !zero && w.content != nil {
+			binary.LittleEndian.PutUint64(num[:], lblk+uint64(i))
+			w.content.Write(num[:])
+			w.content.Write(p[i*blockSize : (i+1)*blockSize])
+		}
 		switch {
 		case !zero && run < 0:
 			run = i

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -30,6 +31,15 @@ type node struct {
 	target   string // symlink target
 	xattrs   []xattr
 	kids     []dirent
+
+	// A Builder's nodes: a regular file's content is srcSize bytes at
+	// srcOff in src (staged), and a directory's entries are in children
+	// until the tree is numbered (gen says in which Write).
+	staged   bool
+	src      io.ReaderAt
+	srcOff   int64
+	children map[string]*node
+	gen      uint32
 }
 
 // dirent is one name in a directory.

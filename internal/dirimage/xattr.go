@@ -68,7 +68,14 @@ func readXattrs(path string) ([]xattr, error) {
 		}
 		out = append(out, x)
 	}
-	slices.SortFunc(out, func(a, b xattr) int {
+	sortXattrs(out)
+	return out, nil
+}
+
+// sortXattrs puts attributes in the order ext4 keeps them: by namespace
+// index, then name length, then name.
+func sortXattrs(xs []xattr) {
+	slices.SortFunc(xs, func(a, b xattr) int {
 		if a.index != b.index {
 			return int(a.index) - int(b.index)
 		}
@@ -77,7 +84,19 @@ func readXattrs(path string) ([]xattr, error) {
 		}
 		return strings.Compare(a.name, b.name)
 	})
-	return out, nil
+}
+
+// SupportedXattr reports whether an extended attribute of this full name
+// can go into an image: the user, trusted and security namespaces and
+// POSIX ACLs (what ext4 stores).
+func SupportedXattr(name string) bool {
+	switch {
+	case name == "system.posix_acl_access", name == "system.posix_acl_default":
+		return true
+	case strings.HasPrefix(name, "user."), strings.HasPrefix(name, "trusted."), strings.HasPrefix(name, "security."):
+		return len(name) > strings.IndexByte(name, '.')+1
+	}
+	return false
 }
 
 func getxattr(path, name string) ([]byte, error) {

@@ -16,10 +16,17 @@ func home() (string, error) {
 	return h, nil
 }
 
-// CacheDir holds what can be rebuilt: kernels, initramfs images.
+// CacheDir holds what can be rebuilt: kernels, initramfs images,
+// templates' converted images.
 // MVM_CACHE_DIR, else $XDG_CACHE_HOME/mvm, else ~/.cache/mvm.
 func CacheDir() (string, error) {
 	return dir("MVM_CACHE_DIR", "XDG_CACHE_HOME", ".cache")
+}
+
+// DataDir holds user data: templates. MVM_DATA_DIR, else
+// $XDG_DATA_HOME/mvm, else ~/.local/share/mvm.
+func DataDir() (string, error) {
+	return dir("MVM_DATA_DIR", "XDG_DATA_HOME", ".local/share")
 }
 
 // StateDir holds what outlives a run but is not a cache: console logs of
