@@ -206,9 +206,9 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		return cfg, c, err
 	}
 	cfg = mvm.Config{
-		CPUs:   o.cpus,
-		Memory: int64(mem) << 20,
-		Accel:  mvm.Accel(strings.ToLower(o.accel)),
+		CPUs:       o.cpus,
+		Memory:     int64(mem) << 20,
+		Accel:      mvm.Accel(strings.ToLower(o.accel)),
 		Kernel:     o.kernel,
 		NoSnapshot: o.noSnapshot,
 		// MVM_KERNEL_ARGS adds guest kernel arguments, e.g. "mvm.debug"

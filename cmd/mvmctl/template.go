@@ -18,7 +18,10 @@ import (
 
 func newTemplateCommand(g *globalOptions) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "template",
+		Use: "template",
+		Example: `  mvmctl template create py --from-debian bookworm --packages python3
+  mvmctl exec --template py -- python3 -c 'print(1)'
+  mvmctl template ls`,
 		Short: "Create and manage templates: root filesystems to run commands on",
 		Long: `A template is a named, immutable root filesystem (and optionally its own
 kernel and initrd) that "mvmctl exec --template NAME" runs commands on: made
@@ -232,7 +235,9 @@ type templateJSON struct {
 func newTemplateListCommand() *cobra.Command {
 	var asJSON, all bool
 	cmd := &cobra.Command{
-		Use:     "ls",
+		Use: "ls",
+		Example: `  mvmctl template ls
+  mvmctl template ls --all --json`,
 		Aliases: []string{"list"},
 		Short:   "List templates, with the disk space they use",
 		Long: `ls lists the templates: name, source, digest, the root filesystem's size and
@@ -293,7 +298,9 @@ func writeJSON(w io.Writer, v any) error {
 func newTemplateInfoCommand() *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "info NAME",
+		Use: "info NAME",
+		Example: `  mvmctl template info py
+  mvmctl template info py --json`,
 		Short: "Show a template: source, digest, files, image configuration",
 		Args:  exactArgs(1, "NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -354,7 +361,9 @@ func quoteArgs(args []string) string {
 
 func newTemplateRemoveCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:     "rm NAME...",
+		Use: "rm NAME...",
+		Example: `  mvmctl template rm py
+  mvmctl template rm app app2`,
 		Aliases: []string{"remove"},
 		Short:   "Remove templates, and their files unless another template or a run uses them",
 		Args:    cobra.MinimumNArgs(1),
@@ -376,8 +385,9 @@ func newTemplateRemoveCommand() *cobra.Command {
 
 func newTemplatePruneCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:   "prune",
-		Short: "Remove cached images no template uses, and the implicit templates of exec --image",
+		Use:     "prune",
+		Example: `  mvmctl template prune`,
+		Short:   "Remove cached images no template uses, and the implicit templates of exec --image",
 		Long: `prune removes from the cache everything no named template refers to: images
 and files of removed or replaced templates, the implicit templates that
 "exec --image" made (converted again on next use), snapshots of revisions
