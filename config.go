@@ -12,6 +12,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/envvar"
 	"github.com/mvm-sh/mvm/internal/execreq"
+	"github.com/mvm-sh/mvm/internal/template"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
@@ -24,6 +25,9 @@ const (
 	MaxCPUs = 64
 	// MinMemory is the least guest RAM the default image boots in.
 	MinMemory = 64 << 20
+	// DefaultRootSpace is how much a guest may write into the root of a
+	// template by default.
+	DefaultRootSpace = 1 << 30
 	// MaxDrives is how many disks a VM can have: QEMU's microvm machine
 	// has eight virtio devices and the agent's channel takes one. A
 	// read-only shared directory takes one, a read-write one two.
@@ -47,6 +51,24 @@ type Config struct {
 	// KernelArgs are extra guest kernel arguments (no whitespace inside
 	// one).
 	KernelArgs []string
+	// Template runs commands in the root filesystem of a template (made
+	// with `mvmctl template create`) instead of the default image's
+	// busybox root: a real userland such as Debian or a container image.
+	// Image does the same for a container image reference
+	// ("python:3.12-slim", "docker-archive:app.tar", "oci:dir:tag"),
+	// converted on first use and cached by digest. At most one of the
+	// two. The template itself is never modified: the guest's root is an
+	// overlay of it whose writable layer is thrown away at Close.
+	Template, Image string
+	// RootSpace is how much the guest may write into its root (on top of
+	// a template) before the filesystem is full: 0 means
+	// DefaultRootSpace. The layer is a sparse file that costs host disk
+	// only as it is used, and only while the sandbox lives.
+	RootSpace int64
+	// ImageProgress, when set, receives what converting an Image does
+	// (pulling layers, writing the disk). It is called from one goroutine
+	// at a time.
+	ImageProgress func(ImageProgress)
 	// Dirs are host directories shared with the guest.
 	Dirs []Dir
 	// NoSnapshot makes the sandbox boot even when a snapshot of its
@@ -59,6 +81,9 @@ type Config struct {
 	// (default: StateDir/runs). The MVM_CACHE_DIR, MVM_STATE_DIR and
 	// MVM_RUN_DIR environment variables override the defaults.
 	CacheDir, StateDir, RunDir string
+	// DataDir holds templates (default: $XDG_DATA_HOME/mvm; MVM_DATA_DIR
+	// overrides it).
+	DataDir string
 
 	// Logger receives debug logs of every step; nil discards them.
 	Logger *slog.Logger
@@ -134,7 +159,24 @@ func resolve(cfg Config) (resolved, error) {
 	if r.dirs, err = adddir.Check(specs); err != nil {
 		return r, &RequestError{Field: "Dirs", Err: err}
 	}
+	if cfg.Template != "" && cfg.Image != "" {
+		return r, invalid("Template", "give a template or an image, not both")
+	}
+	if cfg.Template != "" {
+		if err := template.CheckName(cfg.Template); err != nil {
+			return r, &RequestError{Field: "Template", Err: err}
+		}
+	}
+	if r.RootSpace == 0 {
+		r.RootSpace = DefaultRootSpace
+	}
+	if r.RootSpace < 16<<20 {
+		return r, invalid("RootSpace", "%d bytes: at least 16 MiB", cfg.RootSpace)
+	}
 	drives := 0
+	if cfg.Template != "" || cfg.Image != "" {
+		drives += 2 // the template and the root's writable layer
+	}
 	for _, d := range r.dirs {
 		drives++
 		if d.Mode == adddir.ReadWrite {
@@ -160,6 +202,11 @@ func resolve(cfg Config) (resolved, error) {
 			return r, err
 		}
 	}
+	if r.DataDir == "" {
+		if r.DataDir, err = xdg.DataDir(); err != nil {
+			return r, err
+		}
+	}
 	if r.Logger == nil {
 		r.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -170,13 +217,15 @@ func resolve(cfg Config) (resolved, error) {
 type Cmd struct {
 	// Argv is the command and its arguments. Argv[0] is looked up in the
 	// guest's PATH when it has no slash. No shell is involved: every
-	// argument reaches the command exactly as given.
+	// argument reaches the command exactly as given. On a template, nil
+	// runs the image's own command (Entrypoint then Cmd).
 	Argv []string
-	// Env is the complete environment as KEY=VALUE strings; later ones
-	// win. The guest adds PATH and HOME when they are missing.
+	// Env is the environment as KEY=VALUE strings; later ones win. On a
+	// template it adds to (and overrides) the image's Env. The guest adds
+	// PATH and HOME when they are missing.
 	Env []string
 	// Dir is the working directory in the guest, created when missing;
-	// "" means /.
+	// "" means the image's WorkingDir on a template, else /.
 	Dir string
 	// Stdin, when non-nil, is copied to the command's stdin until EOF;
 	// nil gives the command /dev/null.

@@ -70,6 +70,9 @@ func hasWritable(dirs []*dirPlan) bool {
 // prepareDisks builds the images of every shared directory, in parallel.
 // Its undo is the write-back, which runs once the VM has stopped.
 func (sb *Sandbox) prepareDisks(ctx context.Context) (undoFunc, error) {
+	if err := sb.prepareRoot(ctx); err != nil {
+		return nil, fmt.Errorf("template root: %w", err)
+	}
 	specs := sb.cfg.dirs
 	plans := make([]*dirPlan, len(specs))
 	errs := make([]error, len(specs))

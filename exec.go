@@ -83,6 +83,10 @@ func (sb *Sandbox) Exec(ctx context.Context, cmd Cmd) (ExitStatus, error) {
 // *OutputError, a *VMError when the sandbox failed, ErrClosed when it was
 // closed, or ctx's error.
 func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
+	cmd, err := sb.withImageDefaults(cmd)
+	if err != nil {
+		return nil, err
+	}
 	env, err := cmd.check()
 	if err != nil {
 		return nil, err

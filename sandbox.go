@@ -14,12 +14,14 @@ import (
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
 	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/image"
 	"github.com/mvm-sh/mvm/internal/runstate"
+	"github.com/mvm-sh/mvm/internal/template"
 )
 
 // Tunables that are not configuration.
@@ -59,6 +61,7 @@ type Sandbox struct {
 	life *lifecycle
 
 	run    *runstate.Run
+	root   *rootPlan // on a template
 	dirs   []*dirPlan
 	m      backend.Machine
 	client *agentclient.Client
@@ -175,16 +178,21 @@ func newName() string {
 func (sb *Sandbox) start(ctx context.Context) error {
 	l := sb.life
 	_ = l.step(ctx, "reclaim", "", sb.reclaim)
-	steps := []struct {
+	type step struct {
 		name, undo string
 		fn         func(context.Context) (undoFunc, error)
-	}{
+	}
+	var steps []step
+	if sb.cfg.Template != "" || sb.cfg.Image != "" {
+		steps = append(steps, step{"template", "release template", sb.leaseTemplate})
+	}
+	steps = append(steps, []step{
 		{"prepare run", "clean up", sb.prepareRun},
 		{"prepare disks", "write back", sb.prepareDisks},
 		{"start vm", "stop vm", sb.boot},
 		{"agent ready", "disconnect", sb.connect},
 		{"mount", "shut down guest", sb.mount},
-	}
+	}...)
 	for _, s := range steps {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -275,6 +283,11 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		why = "its snapshot failed to restore"
 	}
 	sb.life.annotate("cold boot: " + why)
+	if r := sb.root; r != nil {
+		bc.Drives = append(bc.Drives,
+			backend.Drive{Label: r.lowerLabel, Path: r.lower, ReadOnly: true},
+			backend.Drive{Label: rootLabel, Path: r.upper})
+	}
 	for _, d := range sb.dirs {
 		bc.Drives = append(bc.Drives, d.drives()...)
 	}
@@ -303,11 +316,15 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 	case len(sb.dirs) > snapshotDirSlots:
 		return "", fmt.Sprintf("more than %d shared directories", snapshotDirSlots)
 	}
-	key, err := snapshotKey(ctx, sb.cfg, sb.img)
+	var t *template.Template
+	if sb.root != nil {
+		t = sb.root.lease.Template
+	}
+	key, err := snapshotKey(ctx, sb.cfg, sb.img, t)
 	if err != nil {
 		return "", err.Error()
 	}
-	dir, err = findSnapshot(sb.cfg, key)
+	dir, err = findSnapshot(snapshotDir(sb.cfg, key, sb.root), key)
 	if err != nil {
 		return "", err.Error()
 	}
@@ -317,7 +334,7 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 // restore starts the machine from the snapshot in dir, with the run's
 // disks in the snapshot's drive slots.
 func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, dir string) (backend.Machine, error) {
-	drives, err := slotDrives(sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir)
+	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir)
 	if err != nil {
 		return nil, err
 	}
@@ -394,7 +411,18 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 func (sb *Sandbox) mount(ctx context.Context) (undoFunc, error) {
 	mctx, cancel := context.WithTimeout(ctx, mountTimeout)
 	defer cancel()
-	if err := sb.guestCall(mctx, func(ctx context.Context) error { return mountAll(ctx, sb.client, sb.dirs) }); err != nil {
+	if r := sb.root; r != nil && !sb.hello.Has(agentproto.CapRoot) {
+		return nil, &VMError{Op: "mount", Err: fmt.Errorf("the guest agent (%s) cannot run commands in a template", sb.hello.AgentVersion)}
+	}
+	call := func(ctx context.Context) error {
+		if r := sb.root; r != nil {
+			if err := sb.client.Root(ctx, agentclient.Root{Template: r.lowerLabel, Upper: rootLabel}); err != nil {
+				return fmt.Errorf("template root: %w", err)
+			}
+		}
+		return mountAll(ctx, sb.client, sb.dirs)
+	}
+	if err := sb.guestCall(mctx, call); err != nil {
 		if mctx.Err() == context.DeadlineExceeded && ctx.Err() == nil {
 			err = &VMError{Op: "mount", Err: fmt.Errorf("the guest did not mount the shared directories within %s", mountTimeout)}
 		}

@@ -22,6 +22,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/atomicfile"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/template"
 )
 
 // A snapshot is a VM booted to an idle agent and saved: its RAM in a file
@@ -78,7 +79,7 @@ type SnapshotInfo struct {
 // the kernel and initramfs, the machine's shape and the drive layout. Two
 // configurations with one key can share a snapshot; any difference means
 // a cold boot.
-func snapshotKey(ctx context.Context, r resolved, img image.Image) (string, error) {
+func snapshotKey(ctx context.Context, r resolved, img image.Image, t *template.Template) (string, error) {
 	sn, ok := r.backend.(backend.Snapshotter)
 	if !ok {
 		return "", errors.New("the backend cannot restore snapshots")
@@ -95,11 +96,18 @@ func snapshotKey(ctx context.Context, r resolved, img image.Image) (string, erro
 	if err != nil {
 		return "", err
 	}
+	tmpl := "none"
+	if t != nil {
+		// The template's disk is in its slot when the snapshot is taken
+		// and at every restore: it must be the very same content.
+		tmpl = t.Revision + " " + t.Digest + " " + t.Rootfs.Digest
+	}
 	return strings.Join([]string{
 		"format " + snapshotFormat,
 		"vmm " + vmm,
 		"kernel " + kernel,
 		"initrd " + initrd,
+		"template " + tmpl,
 		"args " + strings.Join(r.KernelArgs, " "),
 		"cpus " + strconv.Itoa(r.CPUs),
 		"memory " + strconv.FormatUint(r.memMiB, 10),
@@ -120,20 +128,28 @@ func fileIdentity(path string) (string, error) {
 	return fmt.Sprintf("%s size=%d mtime=%d.%09d ino=%d", path, st.Size, st.Mtim.Sec, st.Mtim.Nsec, st.Ino), nil
 }
 
-func snapshotRoot(r resolved) string { return filepath.Join(r.CacheDir, "snapshots") }
-
-func snapshotDir(r resolved, key string) string {
-	sum := sha256.Sum256([]byte(key))
-	return filepath.Join(snapshotRoot(r), hex.EncodeToString(sum[:12]))
+// snapshotRoot holds the snapshots of the default image, or a template's
+// (which the template store removes with the template).
+func snapshotRoot(r resolved, root *rootPlan) string {
+	if root != nil {
+		return root.snapshots
+	}
+	return filepath.Join(r.CacheDir, "snapshots")
 }
 
-// findSnapshot returns the snapshot directory for key, or why there is
-// none usable.
-func findSnapshot(r resolved, key string) (string, error) {
-	dir := snapshotDir(r, key)
+// snapshotDir is where the snapshot with key lives: one per machine
+// configuration.
+func snapshotDir(r resolved, key string, root *rootPlan) string {
+	sum := sha256.Sum256([]byte(key))
+	return filepath.Join(snapshotRoot(r, root), hex.EncodeToString(sum[:12]))
+}
+
+// findSnapshot checks the snapshot in dir against key, and returns dir or
+// why it cannot be used.
+func findSnapshot(dir, key string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "snapshot.json"))
 	if errors.Is(err, os.ErrNotExist) {
-		return "", errors.New("no snapshot for this configuration (mvmctl bootstrap makes one for the default)")
+		return "", errors.New("no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)")
 	}
 	if err != nil {
 		return "", err
@@ -179,13 +195,24 @@ func discardSnapshot(dir string) {
 	}
 }
 
-// slotDrives is the drive layout of a snapshotted machine: for each of the
+// slotDrives is the drive layout of a snapshotted machine: on a template,
+// its disk and the root's writable layer; then for each of the
 // snapshotDirSlots directory slots, a read-only drive and a writable one.
 // Slots the run does not use hold placeholders: the shared read-only one
 // of the snapshot, and an empty sparse file of the run's for writable ones
 // (never shared: the guest could write it).
-func slotDrives(dirs []*dirPlan, roPlaceholder, runDir string) ([]backend.Drive, error) {
+func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string) ([]backend.Drive, error) {
 	var drives []backend.Drive
+	if root != nil {
+		upper := backend.Drive{Label: rootLabel, Path: root.upper}
+		if upper.Path == "" {
+			upper = backend.Drive{Path: filepath.Join(runDir, "slot-root.img")}
+			if err := sparseFile(upper.Path, placeholderSize); err != nil {
+				return nil, err
+			}
+		}
+		drives = append(drives, backend.Drive{Label: root.lowerLabel, Path: root.lower, ReadOnly: true}, upper)
+	}
 	for i := 0; i < snapshotDirSlots; i++ {
 		ro := backend.Drive{Path: roPlaceholder, ReadOnly: true}
 		rw := backend.Drive{}
@@ -242,15 +269,30 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err := defaultBackend(&r); err != nil {
 		return SnapshotInfo{}, err
 	}
-	key, err := snapshotKey(ctx, r, img)
+	var (
+		root *rootPlan
+		t    *template.Template
+	)
+	if r.Template != "" || r.Image != "" {
+		// The template's disk goes into its slot as it will at every
+		// restore; the root's writable layer is a placeholder.
+		sb := &Sandbox{cfg: r, img: img, life: newLifecycle(r.Logger)}
+		undo, err := sb.leaseTemplate(ctx)
+		if err != nil {
+			return SnapshotInfo{}, err
+		}
+		defer func() { _ = undo(context.Background()) }()
+		root, img, t = sb.root, sb.img, sb.root.lease.Template
+	}
+	key, err := snapshotKey(ctx, r, img, t)
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
-	final := snapshotDir(r, key)
-	if err := os.MkdirAll(snapshotRoot(r), 0o755); err != nil {
+	final := snapshotDir(r, key, root)
+	if err := os.MkdirAll(snapshotRoot(r, root), 0o755); err != nil {
 		return SnapshotInfo{}, err
 	}
-	tmp, err := os.MkdirTemp(snapshotRoot(r), ".tmp-")
+	tmp, err := os.MkdirTemp(snapshotRoot(r, root), ".tmp-")
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
@@ -268,7 +310,7 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err := sparseFile(roPlaceholder, placeholderSize); err != nil {
 		return SnapshotInfo{}, err
 	}
-	drives, err := slotDrives(nil, roPlaceholder, runDir)
+	drives, err := slotDrives(root, nil, roPlaceholder, runDir)
 	if err != nil {
 		return SnapshotInfo{}, err
 	}

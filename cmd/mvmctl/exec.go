@@ -33,6 +33,11 @@ type execOptions struct {
 	tty         bool
 	kernel      string
 	noSnapshot  bool
+	template    string
+	image       string
+	user        string
+	entrypoint  string
+	entrySet    bool
 }
 
 func newExecCommand(g *globalOptions) *cobra.Command {
@@ -84,6 +89,10 @@ if it was not found.`,
 	f.BoolVarP(&o.tty, "tty", "t", false, "run COMMAND on a terminal (stdout and stderr become one stream); with -i, your terminal's keys go to it raw")
 	f.StringVar(&o.kernel, "kernel", "", "boot this vmlinux instead of the default image's kernel")
 	f.BoolVar(&o.noSnapshot, "no-snapshot", false, "boot the VM even when a snapshot of it could be restored")
+	f.StringVar(&o.template, "template", "", "run in this template's root filesystem (see mvmctl template)")
+	f.StringVar(&o.image, "image", "", "run in this container image (a registry reference, docker-archive:FILE, oci-archive:FILE or oci:DIR[:TAG]), converted on first use and cached")
+	f.StringVarP(&o.user, "user", "u", "", "run as this user of the root filesystem: name, uid, name:group or uid:gid (default: the image's, else root)")
+	f.StringVar(&o.entrypoint, "entrypoint", "", "replace the image's entrypoint (and its default arguments)")
 	return cmd
 }
 
@@ -97,11 +106,17 @@ func envOr(key, def string) string {
 func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string) error {
 	// Everything the user typed is checked before anything boots; the
 	// SDK checks the rest (paths, accelerator, image) before it boots.
+	o.entrySet = cmd.Flags().Changed("entrypoint")
 	cfg, c, err := o.request(argv)
 	if err != nil {
 		return &exitError{code: exitFailure, err: err}
 	}
 	cfg.Logger = g.log
+	if cfg.Template != "" || cfg.Image != "" {
+		if c.Argv, err = o.imageCommand(cmd, cfg, c.Argv); err != nil {
+			return &exitError{code: exitFailure, err: err}
+		}
+	}
 	c.Stdout = cmd.OutOrStdout()
 	c.Stderr = cmd.ErrOrStderr()
 	var ht *hostTerminal
@@ -170,8 +185,16 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 			return cfg, c, err
 		}
 		argv = plan.Command
-	case len(argv) == 0 || argv[0] == "":
-		return cfg, c, errors.New("no command given: mvmctl exec [flags] -- COMMAND [ARG...] (or --launch-plan FILE)")
+	case o.template == "" && o.image == "" && (len(argv) == 0 || argv[0] == ""):
+		return cfg, c, errors.New("no command given: mvmctl exec [flags] -- COMMAND [ARG...] (or --launch-plan FILE, or a --template or --image with a command of its own)")
+	case len(argv) > 0 && argv[0] == "" && !o.entrySet:
+		return cfg, c, errors.New("the command is an empty string")
+	}
+	if o.template != "" && o.image != "" {
+		return cfg, c, errors.New("--template and --image both name the root filesystem: give one")
+	}
+	if o.entrySet && o.template == "" && o.image == "" {
+		return cfg, c, errors.New("--entrypoint needs a --template or --image (the default image has no entrypoint)")
 	}
 	if o.cpus < 1 || o.cpus > mvm.MaxCPUs {
 		return cfg, c, fmt.Errorf("invalid --cpus %d: must be between 1 and %d", o.cpus, mvm.MaxCPUs)
@@ -198,8 +221,10 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 	if o.workdir != "" {
 		workdir = o.workdir
 	}
-	if err := execreq.Check(argv, env, workdir); err != nil {
-		return cfg, c, err
+	if len(argv) > 0 {
+		if err := execreq.Check(argv, env, workdir); err != nil {
+			return cfg, c, err
+		}
 	}
 	dirs, err := adddir.Resolve(o.addDirs)
 	if err != nil {
@@ -211,6 +236,8 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		Accel:      mvm.Accel(strings.ToLower(o.accel)),
 		Kernel:     o.kernel,
 		NoSnapshot: o.noSnapshot,
+		Template:   o.template,
+		Image:      o.image,
 		// MVM_KERNEL_ARGS adds guest kernel arguments, e.g. "mvm.debug"
 		// for agent debug logs in the console log.
 		KernelArgs: strings.Fields(os.Getenv("MVM_KERNEL_ARGS")),
@@ -218,11 +245,50 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 	for _, d := range dirs {
 		cfg.Dirs = append(cfg.Dirs, mvm.Dir{Host: d.Host, Guest: d.Guest, Writable: d.Mode == adddir.ReadWrite})
 	}
-	c = mvm.Cmd{Argv: argv, Dir: workdir, Timeout: timeout}
+	c = mvm.Cmd{Argv: argv, Dir: workdir, Timeout: timeout, User: o.user}
 	for _, v := range env {
 		c.Env = append(c.Env, v.Name+"="+v.Value)
 	}
 	return cfg, c, nil
+}
+
+// imageCommand applies docker run's rules to the command of a run on a
+// template: the image's Entrypoint, then the arguments given (or, without
+// any, the image's Cmd); --entrypoint replaces the Entrypoint and drops
+// the Cmd. A launch plan's command is taken whole.
+func (o *execOptions) imageCommand(cmd *cobra.Command, cfg mvm.Config, args []string) ([]string, error) {
+	if o.launchPlan != "" {
+		return args, nil
+	}
+	if cfg.Image != "" {
+		cfg.ImageProgress = newImageProgress(cmd.ErrOrStderr()).event
+	}
+	t, err := mvm.LookupTemplate(cmd.Context(), cfg)
+	if err != nil {
+		return nil, err
+	}
+	entry, defaults := t.Entrypoint, t.Cmd
+	if o.entrySet {
+		entry, defaults = nil, nil
+		if o.entrypoint != "" {
+			entry = []string{o.entrypoint}
+		}
+	}
+	if len(args) == 0 {
+		args = defaults
+	}
+	argv := append(append([]string(nil), entry...), args...)
+	if len(argv) == 0 {
+		return nil, fmt.Errorf("no command given, and %s has no Entrypoint or Cmd", templateLabel(cfg))
+	}
+	return argv, nil
+}
+
+func templateLabel(cfg mvm.Config) string {
+	if cfg.Template != "" {
+		return "template " + cfg.Template
+	}
+	return "image " + cfg.Image
 }
 
 // hasEnv reports whether env (KEY=VALUE) sets key.
