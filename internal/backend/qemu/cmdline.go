@@ -43,8 +43,8 @@ type argsConfig struct {
 	// these (an fdset) rather than by path: a chrooted VMM cannot open the
 	// path, and QEMU reopens images when their permissions change (when a
 	// migration ends, say), which it then does by duplicating one of them.
-	driveFDs  [][]int
-	sandbox   bool // QEMU seccomp sandbox available
+	driveFDs [][]int
+	sandbox  bool // QEMU seccomp sandbox available
 	// runAs ("uid:gid") and chroot confine the VMM once it has opened
 	// its files (as root only).
 	runAs, chroot string
