@@ -141,8 +141,12 @@ func defaultBackend(r *resolved) error {
 	if r.backend != nil {
 		return nil
 	}
-	deps := image.RuntimeDeps()
-	if len(r.dirs) > 0 {
+	var deps []hostdeps.Dep
+	if os.Getenv("MVM_QEMU") == "" {
+		// MVM_QEMU names the binary itself; otherwise it comes from PATH.
+		deps = image.RuntimeDeps()
+	}
+	if len(r.dirs) > 0 || r.Template != "" || r.Image != "" {
 		deps = append(deps, dirimage.Deps()...)
 	}
 	if err := hostdeps.Check("mvm", deps...); err != nil {

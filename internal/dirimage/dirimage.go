@@ -143,7 +143,11 @@ func mkfs(ctx context.Context, img string, size int64, label string, extra ...st
 		"-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"}
 	args = append(args, extra...)
 	args = append(args, img)
-	cmd := exec.CommandContext(ctx, "mkfs.ext4", args...)
+	bin, err := hostdeps.LookPath("mkfs.ext4")
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	// On cancellation mke2fs is killed; do not wait long for its output.

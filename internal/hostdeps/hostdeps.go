@@ -22,12 +22,33 @@ type Dep struct {
 	Present func() bool
 }
 
-// Program is a dependency on an executable found in PATH.
+// Program is a dependency on an executable found by LookPath.
 func Program(name, pkg string) Dep {
 	return Dep{What: name, Package: pkg, Present: func() bool {
-		_, err := exec.LookPath(name)
+		_, err := LookPath(name)
 		return err == nil
 	}}
+}
+
+// sbinDirs are where Debian and Ubuntu install system programs (mkfs.ext4,
+// e2fsck), which an ordinary user's PATH often leaves out.
+var sbinDirs = []string{"/usr/sbin", "/sbin"}
+
+// LookPath finds a program in PATH and, failing that, in the system
+// program directories: an ordinary user can run mkfs.ext4 on an image of
+// their own, whatever their PATH says.
+func LookPath(name string) (string, error) {
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p, nil
+	}
+	for _, d := range sbinDirs {
+		c := d + "/" + name
+		if fi, serr := os.Stat(c); serr == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return c, nil
+		}
+	}
+	return "", err
 }
 
 // File is a dependency on a file at a fixed path.

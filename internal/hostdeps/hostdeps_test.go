@@ -58,3 +58,20 @@ func TestIsStatic(t *testing.T) {
 		t.Error("IsStatic on a non-ELF file should fail")
 	}
 }
+
+// An ordinary user's PATH often lacks /usr/sbin, where e2fsprogs lives.
+func TestLookPathFindsSystemPrograms(t *testing.T) {
+	if _, err := os.Stat("/usr/sbin/mkfs.ext4"); err != nil {
+		if _, err := os.Stat("/sbin/mkfs.ext4"); err != nil {
+			t.Fatal("mkfs.ext4 is not installed in /usr/sbin or /sbin (e2fsprogs)")
+		}
+	}
+	t.Setenv("PATH", "/usr/bin:/bin")
+	p, err := LookPath("mkfs.ext4")
+	if err != nil || !strings.HasSuffix(p, "/mkfs.ext4") {
+		t.Fatalf("LookPath(mkfs.ext4) = %q, %v", p, err)
+	}
+	if _, err := LookPath("mvm-no-such-program"); err == nil {
+		t.Error("found a program that does not exist")
+	}
+}

@@ -13,6 +13,8 @@ import (
 	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm/internal/hostdeps"
 )
 
 // checkImage runs a full e2fsck over the scratch image before anything is
@@ -39,7 +41,11 @@ func checkImage(ctx context.Context, img string) error {
 	timeout := checkTimeout(fi.Size())
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	cmd := exec.CommandContext(cctx, "e2fsck", "-f", "-p", img)
+	bin, err := hostdeps.LookPath("e2fsck")
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(cctx, bin, "-f", "-p", img)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.WaitDelay = 2 * time.Second
