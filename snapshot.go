@@ -423,3 +423,33 @@ func diskUsage(dir string) int64 {
 	})
 	return total
 }
+
+// SnapshotFor returns the snapshot a sandbox with cfg would restore, or
+// why it would boot instead (no snapshot, a stale one for another QEMU,
+// kernel or machine). It starts nothing.
+func SnapshotFor(ctx context.Context, cfg Config) (string, error) {
+	r, err := resolve(cfg)
+	if err != nil {
+		return "", err
+	}
+	img, err := loadImage(r)
+	if err != nil {
+		return "", err
+	}
+	if err := defaultBackend(&r); err != nil {
+		return "", err
+	}
+	sb := &Sandbox{cfg: r, img: img, life: newLifecycle(r.Logger)}
+	if r.Template != "" || r.Image != "" {
+		undo, err := sb.leaseTemplate(ctx)
+		if err != nil {
+			return "", err
+		}
+		defer func() { _ = undo(context.Background()) }()
+	}
+	dir, why := sb.snapshot(ctx)
+	if dir == "" {
+		return "", errors.New(why)
+	}
+	return dir, nil
+}

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"os"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/doctor"
 )
 
@@ -43,7 +45,11 @@ docs/doctor.md for its fields).`,
   MVM_CACHE_DIR=/srv/mvm mvmctl doctor`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rep := doctor.Run(cmd.Context(), doctor.Local(accel))
+			h := doctor.Local(accel)
+			h.DefaultSnapshot = func(ctx context.Context) (string, error) {
+				return mvm.SnapshotFor(ctx, mvm.Config{Accel: mvm.Accel(accel)})
+			}
+			rep := doctor.Run(cmd.Context(), h)
 			out := cmd.OutOrStdout()
 			if jsonOut {
 				enc := json.NewEncoder(out)

@@ -1,6 +1,7 @@
 package doctor
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -357,14 +358,25 @@ func snapshotDirs(h *Host) []string {
 	return []string{filepath.Join(h.CacheDir, "snapshots"), filepath.Join(h.CacheDir, "templates", "snapshots")}
 }
 
-// checkSnapshots counts the snapshots kept in the cache and the space they
-// take. Whether one is still valid (same QEMU, kernel, machine) is decided
-// when a run restores it.
-func checkSnapshots(h *Host) Result {
+// checkSnapshots says whether `mvmctl exec` would restore a snapshot of
+// the default VM (a stale one, for another QEMU or kernel, is a warning:
+// runs still work, they boot), and counts the snapshots kept in the cache
+// and the space they take.
+func checkSnapshots(ctx context.Context, h *Host, f *facts) Result {
 	r := Result{ID: "snapshots", Status: OK}
 	if h.CacheDir == "" {
 		r.Status, r.Message = Skip, "no cache directory"
 		return r
+	}
+	defaultSnap := ""
+	if h.DefaultSnapshot != nil && f.imgErr == nil {
+		if _, err := h.DefaultSnapshot(ctx); err != nil {
+			r.Status = Warn
+			r.Fix = "mvmctl bootstrap"
+			defaultSnap = "; exec boots instead of restoring: " + err.Error()
+		} else {
+			defaultSnap = "; exec restores the default VM's"
+		}
 	}
 	n := 0
 	var size int64
@@ -382,10 +394,10 @@ func checkSnapshots(h *Host) Result {
 		}
 	}
 	if n == 0 {
-		r.Message = "no snapshots"
+		r.Message = "no snapshots" + defaultSnap
 		return r
 	}
-	r.Message = fmt.Sprintf("%d %s (%s)", n, pluralWord(n, "snapshot", "snapshots"), formatSize(size))
+	r.Message = fmt.Sprintf("%d %s (%s)", n, pluralWord(n, "snapshot", "snapshots"), formatSize(size)) + defaultSnap
 	return r
 }
 

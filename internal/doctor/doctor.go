@@ -126,6 +126,9 @@ type Host struct {
 	// InitrdKey is the key of the initramfs bootstrap would make from
 	// an agent and a busybox; nil uses image.InitrdKey.
 	InitrdKey func(agent, busybox string) (string, error)
+	// DefaultSnapshot returns the snapshot `mvmctl exec` would restore,
+	// or why it would boot instead; nil skips that part of the check.
+	DefaultSnapshot func(ctx context.Context) (string, error)
 
 	// ProbeTimeout bounds each QEMU probe (0: DefaultProbeTimeout).
 	ProbeTimeout time.Duration
@@ -292,7 +295,7 @@ func Run(ctx context.Context, h Host) Report {
 		checkE2fsprogs(&h),
 		checkMmdebstrap(&h),
 		checkTemplates(&h),
-		checkSnapshots(&h),
+		checkSnapshots(ctx, &h, f),
 		checkDiskSpace(&h, "disk-cache", "cache", h.CacheDir),
 		checkDiskSpace(&h, "disk-state", "state", h.StateDir),
 		checkPrivateDir(&h, "state-dir", "state directory", h.StateDir, false),
