@@ -135,7 +135,12 @@ func runTemplateCreate(cmd *cobra.Command, g *globalOptions, o *templateCreateOp
 	if err != nil || o.noSnapshot {
 		return err
 	}
-	return snapshotTemplate(cmd, g, name, mvm.Config{Template: name})
+	// The template is made; its snapshot only makes runs faster, so a
+	// failure here is a warning (runs boot instead).
+	if err := snapshotTemplate(cmd, g, name, mvm.Config{Template: name}); err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "mvmctl: warning: %v\n", err)
+	}
+	return nil
 }
 
 // snapshotTemplate boots the template's VM and saves it, saying so on a
@@ -147,7 +152,7 @@ func snapshotTemplate(cmd *cobra.Command, g *globalOptions, name string, cfg mvm
 	info, err := mvm.PrepareSnapshot(cmd.Context(), cfg)
 	if err != nil {
 		p.finish()
-		return fmt.Errorf("template %s was created, but its snapshot failed (runs boot instead; try mvmctl template snapshot %s): %w", name, name, err)
+		return fmt.Errorf("template %s is not snapshotted, so runs boot it (mvmctl template snapshot %s retries): %w", name, name, err)
 	}
 	p.println(fmt.Sprintf("snapshot: saved in %s (%s on disk)", info.Took.Round(time.Millisecond), units.FormatBytes(info.Size)))
 	p.finish()
