@@ -106,17 +106,7 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 	if err := defaultBackend(&r); err != nil {
 		return nil, err
 	}
-	sb := &Sandbox{
-		cfg:         r,
-		img:         img,
-		name:        newName(),
-		failed:      make(chan struct{}),
-		stopMonitor: make(chan struct{}),
-		pingEvery:   keepaliveInterval,
-		pingTimeout: keepaliveTimeout,
-	}
-	sb.log = r.Logger.With("vm", sb.name)
-	sb.life = newLifecycle(sb.log)
+	sb := newSandbox(r, img)
 	if err := sb.start(ctx); err != nil {
 		sb.mu.Lock()
 		sb.keepLogs = sb.keepLogs || errors.Is(err, ErrVM)
@@ -133,6 +123,22 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 	}
 	go sb.monitor()
 	return sb, nil
+}
+
+// newSandbox is a sandbox of r booting img, before any step ran.
+func newSandbox(r resolved, img image.Image) *Sandbox {
+	sb := &Sandbox{
+		cfg:         r,
+		img:         img,
+		name:        newName(),
+		failed:      make(chan struct{}),
+		stopMonitor: make(chan struct{}),
+		pingEvery:   keepaliveInterval,
+		pingTimeout: keepaliveTimeout,
+	}
+	sb.log = r.Logger.With("vm", sb.name)
+	sb.life = newLifecycle(sb.log)
+	return sb
 }
 
 // defaultBackend sets the QEMU backend unless a test gave another, after

@@ -276,7 +276,7 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if r.Template != "" || r.Image != "" {
 		// The template's disk goes into its slot as it will at every
 		// restore; the root's writable layer is a placeholder.
-		sb := &Sandbox{cfg: r, img: img, life: newLifecycle(r.Logger)}
+		sb := newSandbox(r, img)
 		undo, err := sb.leaseTemplate(ctx)
 		if err != nil {
 			return SnapshotInfo{}, err
@@ -439,7 +439,7 @@ func SnapshotFor(ctx context.Context, cfg Config) (string, error) {
 	if err := defaultBackend(&r); err != nil {
 		return "", err
 	}
-	sb := &Sandbox{cfg: r, img: img, life: newLifecycle(r.Logger)}
+	sb := newSandbox(r, img)
 	if r.Template != "" || r.Image != "" {
 		undo, err := sb.leaseTemplate(ctx)
 		if err != nil {
