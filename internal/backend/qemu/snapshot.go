@@ -101,15 +101,18 @@ func (m *machine) SaveSnapshot(ctx context.Context) error {
 // restore loads the saved device state into a VMM started with -incoming
 // defer and lets the guest run.
 func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) error {
+	start := time.Now()
 	if _, err := m.qmp.Execute(ctx, "migrate-set-capabilities", ignoreShared); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
 	if _, err := m.qmp.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(fd)}); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
+	qmpReady := time.Since(start)
 	if err := m.waitMigration(ctx, "query-migrate"); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
+	loaded := time.Since(start)
 	// QEMU may resume the guest by itself once the state is in; if not,
 	// it is paused and waits for cont.
 	ret, err := m.qmp.Execute(ctx, "query-status", nil)
@@ -128,6 +131,7 @@ func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) 
 			return fmt.Errorf("restore: %w", err)
 		}
 	}
+	m.log.Debug("restored", "qmp_ready", qmpReady, "state_loaded", loaded, "running", time.Since(start))
 	return nil
 }
 
