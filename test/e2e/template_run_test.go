@@ -1,19 +1,23 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -405,6 +409,13 @@ func TestTemplateRunImage(t *testing.T) {
 			t.Errorf("-u %s: want %q: %s", tc.user, tc.want, r)
 		}
 	}
+	// The image's WorkingDir is app's: the user 4242 may not enter it,
+	// which is said as such.
+	r = e.run(nil, "exec", "--template", "files", "-u", "4242", "--", "id")
+	if r.code != 125 || len(r.stdout) != 0 {
+		t.Errorf("-u 4242 in /home/app (0750 app:app): want exit 125: %s", r)
+	}
+	assertOneLine(t, r.stderr, `working directory "/home/app": permission denied for uid 4242`)
 	r = e.run(nil, "exec", "--template", "files", "-u", "mallory", "--", "id")
 	if r.code != 125 || len(r.stdout) != 0 {
 		t.Errorf("-u mallory (not in the image's /etc/passwd): want exit 125: %s", r)
@@ -561,4 +572,411 @@ func TestTemplateRunImageRef(t *testing.T) {
 		t.Errorf("second runs changed the cache from %v to %v", before, after)
 	}
 	e.assertClean()
+}
+
+// pythonScript exercises what Python programs lean on: json, subprocess,
+// a multiprocessing Pool (fork, semaphores in /dev/shm), sqlite3 on the
+// root's writable layer, a venv, a TCP connection over loopback; it reads
+// its input from a read-only shared directory (which it cannot write)
+// and leaves its result in a read-write one, replacing and deleting
+// files there.
+const pythonScript = `import json, multiprocessing, os, socket, sqlite3, subprocess, sys
+
+
+def square(x):
+    return x * x
+
+
+if __name__ == "__main__":
+    res = {"python": list(sys.version_info[:2]), "uid": os.getuid(), "cwd": os.getcwd()}
+    with open("/src/input.json") as f:
+        res["input"] = json.load(f)
+    try:
+        open("/src/new", "w")
+        res["ro"] = "writable"
+    except OSError as e:
+        res["ro"] = e.strerror
+    res["subprocess"] = subprocess.run(["sh", "-c", "echo $((6 * 7))"], capture_output=True, text=True, check=True).stdout.strip()
+    with multiprocessing.Pool(2) as pool:
+        res["pool"] = sum(pool.map(square, range(100)))
+    db = sqlite3.connect("/var/tmp/t.db")
+    db.execute("create table t (x integer)")
+    db.executemany("insert into t values (?)", [(i,) for i in range(1000)])
+    db.commit()
+    res["sqlite"] = list(db.execute("select count(*), sum(x) from t").fetchone())
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "/tmp/venv"], check=True)
+    res["venv"] = subprocess.run(["/tmp/venv/bin/python", "-c", "import sys; print(sys.prefix, sys.prefix != sys.base_prefix)"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname(), timeout=10)
+    conn, _ = srv.accept()
+    c.sendall(b"over loopback")
+    res["loopback"] = conn.recv(100).decode()
+    res["localhost"] = socket.gethostbyname("localhost")
+    with open("/out/result.json", "w") as f:
+        json.dump(res, f, sort_keys=True)
+    with open("/out/keep.txt", "a") as f:
+        f.write("appended by python\n")
+    os.remove("/out/old.txt")
+    print("done")
+`
+
+// TestTemplateRunPython: real Python on the Debian template, with a
+// read-only and a read-write shared directory.
+func TestTemplateRunPython(t *testing.T) {
+	needDebian(t)
+	e := newTemplateRunEnv(t)
+	src, out := t.TempDir(), t.TempDir()
+	writeFile(t, filepath.Join(src, "t.py"), pythonScript, 0o644)
+	writeFile(t, filepath.Join(src, "input.json"), `{"from": "the host"}`, 0o644)
+	writeFile(t, filepath.Join(out, "keep.txt"), "from the host\n", 0o644)
+	writeFile(t, filepath.Join(out, "old.txt"), "to be deleted\n", 0o644)
+	r := e.run(nil, "exec", "--template", "py", "-d", src+":/src:ro", "-d", out+":/out:rw", "-w", "/work", "--", "python3", "/src/t.py")
+	if r.code != 0 || string(r.stdout) != "done\n" {
+		t.Fatalf("python3 /src/t.py: %s", r)
+	}
+	b, err := os.ReadFile(filepath.Join(out, "result.json"))
+	if err != nil {
+		t.Fatalf("the result was not written back: %v", err)
+	}
+	const want = `{"cwd": "/work", "input": {"from": "the host"}, "localhost": "127.0.0.1", "loopback": "over loopback", "pool": 328350, ` +
+		`"python": [3, 11], "ro": "Read-only file system", "sqlite": [1000, 499500], "subprocess": "42", "uid": 0, "venv": "/tmp/venv True"}`
+	if string(b) != want {
+		t.Errorf("result.json:\n got %s\nwant %s", b, want)
+	}
+	if got := snapshot(t, out); len(got) != 2 || got["keep.txt"] != fileHash("from the host\nappended by python\n", 0o644) {
+		t.Errorf("write-back of /out: %v", got)
+	}
+	if got := snapshot(t, src); len(got) != 2 {
+		t.Errorf("the read-only directory changed: %v", got)
+	}
+	e.assertClean()
+}
+
+// linuxScript checks that a template's root is a normal Linux: kernel
+// filesystems, device nodes, writable /tmp, /var/tmp, /dev/shm and /run
+// (as far as the user may), a pty, a host name that resolves, localhost.
+const linuxScript = `
+ok() { echo "$1=ok"; }
+grep -q '^Name:' /proc/self/status && [ "$(cat /proc/1/comm)" != "" ] && ok /proc
+[ -d /sys/kernel ] && [ -e /sys/class/net/lo ] && ok /sys
+echo x > /dev/null && [ -z "$(head -c 1 /dev/null)" ] && ok /dev/null
+[ "$(head -c 4 /dev/zero | od -An -tx1 | tr -d ' ')" = 00000000 ] && ok /dev/zero
+[ "$(head -c 16 /dev/urandom | wc -c)" = 16 ] && ok /dev/urandom
+echo "pty=$(python3 -c 'import os, pty; m, s = pty.openpty(); print(os.ttyname(s))')"
+echo x > /dev/shm/f && ok /dev/shm
+echo x > /tmp/f && ok /tmp
+echo x > /var/tmp/f && ok /var/tmp
+[ -d /run/lock ] && echo x > /run/lock/f && ok /run/lock
+echo x 2>/dev/null > /run/f && ok /run
+echo "user=$(whoami) $HOME"
+echo "hostname=$(hostname) $(cat /etc/hostname)"
+echo "self=$(getent hosts "$(hostname)" | tr -s ' \t' ' ')"
+echo "localhost=$(getent hosts localhost | cut -d' ' -f1) $(python3 -c "import socket; print(socket.gethostbyname('localhost'))")"
+echo "root=$(stat -f -c %T /) $(df -k / | tail -1 | tr -s ' ' | cut -d' ' -f2)"
+echo "os=$(. /etc/os-release; echo $ID $VERSION_ID)"
+echo "PATH=$PATH"
+`
+
+// TestTemplateRunNormalLinux runs linuxScript on the Debian template as
+// root from its snapshot and as nobody on a cold boot: both are the same
+// Linux.
+func TestTemplateRunNormalLinux(t *testing.T) {
+	needDebian(t)
+	e := newTemplateRunEnv(t)
+	common := map[string]string{
+		"/proc": "ok", "/sys": "ok", "/dev/null": "ok", "/dev/zero": "ok", "/dev/urandom": "ok", "pty": "/dev/pts/0",
+		"/dev/shm": "ok", "/tmp": "ok", "/var/tmp": "ok", "/run/lock": "ok",
+		"localhost": "::1 127.0.0.1", "os": "debian 12",
+		"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+	}
+	for _, tc := range []struct {
+		args []string
+		boot string
+		want map[string]string
+	}{
+		{nil, "restored from snapshot", map[string]string{"/run": "ok", "user": "root /root"}},
+		{[]string{"--no-snapshot", "-u", "nobody"}, "cold boot", map[string]string{"user": "nobody /nonexistent"}},
+	} {
+		args := append(append([]string{"-v", "exec", "--template", "py"}, tc.args...), "--", "bash", "-c", linuxScript)
+		r := e.run(nil, args...)
+		got := keyValues(r.stdout)
+		if d := diffValues(merged(common, tc.want), got); r.code != 0 || d != "" {
+			t.Errorf("%q:\n%s%s", tc.args, d, r)
+		}
+		if _, ok := tc.want["/run"]; !ok && got["/run"] != "" {
+			t.Errorf("%q: /run is writable by a user", tc.args)
+		}
+		// The host name is the VM's, written over the image's, and
+		// resolves to Debian's 127.0.1.1.
+		host := strings.Fields(got["hostname"])
+		if len(host) != 2 || host[0] != host[1] || got["self"] != "127.0.1.1 "+host[0] {
+			t.Errorf("%q: host name %q resolves to %q", tc.args, got["hostname"], got["self"])
+		}
+		// The writable layer: an overlay with at least 1 GiB.
+		root := strings.Fields(got["root"] + " 0")
+		if kib, _ := strconv.Atoi(root[1]); root[0] != "overlayfs" || kib < 1<<20 {
+			t.Errorf("%q: root filesystem %q, want an overlay of at least 1 GiB", tc.args, got["root"])
+		}
+		if !strings.Contains(string(r.stderr), tc.boot) {
+			t.Errorf("%q: the run was not a %s: %s", tc.args, tc.boot, r.stderr)
+		}
+	}
+	e.assertClean()
+}
+
+// TestTemplateRunImmutable: whatever a run does to its root, as root,
+// the next run gets the template as it was, and the template's disk is
+// byte for byte the same: a run that removes everything (`rm -rf /`), and
+// tries to write the template's drive itself; a run on Debian that
+// removes /usr/bin.
+func TestTemplateRunImmutable(t *testing.T) {
+	needImages(t)
+	needDebian(t)
+	e := newTemplateRunEnv(t)
+	disk := infoOf(t, e, "files").Rootfs.Path
+	before := fileSHA256(t, disk)
+	pyDisk := infoOf(t, e, "py").Rootfs.Path
+	pyBefore, err := os.Stat(pyDisk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const destroy = `
+for d in /sys/block/vd*; do
+	[ "$(cat $d/ro)" = 1 ] || continue
+	n=/dev/${d##*/}
+	blockdev --setrw $n 2>/dev/null
+	dd if=/dev/zero of=$n bs=4096 count=256 conv=notrunc,fsync 2>/dev/null && echo "wrote $n"
+done
+rm -rf / 2>/dev/null
+[ -e /bin/busybox ] && echo "busybox survived"
+[ -e /etc/passwd ] && echo "passwd survived"
+echo removed
+`
+	r := e.run(nil, "exec", "--template", "files", "-u", "root", "--", "/bin/busybox", "sh", "-c", destroy)
+	if r.code != 0 || string(r.stdout) != "removed\n" {
+		t.Errorf("rm -rf / as root: %s", r)
+	}
+	r = e.run(nil, "exec", "--template", "files", "--no-snapshot", "--", "sh", "-c", filesScript+identityScript)
+	if d := diffValues(merged(wantFiles(t), appIdentity), keyValues(r.stdout)); r.code != 0 || d != "" {
+		t.Errorf("the run after rm -rf / (cold boot):\n%s%s", d, r)
+	}
+	if after := fileSHA256(t, disk); after != before {
+		t.Errorf("the template's disk changed: sha256 %s, was %s", after, before)
+	}
+
+	r = e.run(nil, "exec", "--template", "py", "--", "bash", "-c", "rm -rf /usr/bin; python3 -c pass")
+	if r.code != 127 {
+		t.Errorf("python3 after rm -rf /usr/bin should not be found: %s", r)
+	}
+	r = e.run(nil, "exec", "--template", "py", "--", "python3", "-c", "import json; print(json.dumps([1, 2]))")
+	if r.code != 0 || string(r.stdout) != "[1, 2]\n" {
+		t.Errorf("python3 on the next run: %s", r)
+	}
+	pyAfter, err := os.Stat(pyDisk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pyAfter.ModTime().Equal(pyBefore.ModTime()) || pyAfter.Size() != pyBefore.Size() || pyAfter.Mode() != pyBefore.Mode() || pyAfter.Mode().Perm() != 0o444 {
+		t.Errorf("the Debian template's disk changed: %v %d %v, was %v %d %v", pyAfter.ModTime(), pyAfter.Size(), pyAfter.Mode(), pyBefore.ModTime(), pyBefore.Size(), pyBefore.Mode())
+	}
+	e.assertClean()
+}
+
+// allocated is how much of the host's disk a file takes.
+func allocated(t *testing.T, p string) (size, used int64) {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Size, st.Blocks * 512
+}
+
+// TestTemplateRunWritableLayer: the guest writes 1 GiB into its root;
+// the run's writable layer on the host is a sparse file that grows by
+// what was written, and goes with the run.
+func TestTemplateRunWritableLayer(t *testing.T) {
+	needImages(t)
+	e := newTemplateRunEnv(t)
+	const script = `mkdir -p /var/tmp; echo ready; read x
+dd if=/dev/zero of=/var/tmp/big bs=16M count=64 oflag=direct 2>/dev/null || echo "dd failed"
+echo "written $(stat -c %s /var/tmp/big)"; read x
+df -k / | tail -1 | tr -s ' ' | cut -d' ' -f4
+`
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := e.command(ctx, "exec", "--template", "files", "-u", "root", "--", "sh", "-c", script)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(stdout)
+	line := func(want string) {
+		t.Helper()
+		l, err := br.ReadString('\n')
+		if l != want {
+			cmd.Process.Kill()
+			t.Fatalf("guest said %q (%v), want %q; stderr %q", l, err, want, stderr.String())
+		}
+	}
+	line("ready\n")
+	layers, _ := filepath.Glob(filepath.Join(e.runDir, "*", "root.img"))
+	if len(layers) != 1 {
+		t.Fatalf("writable layers in the run directory: %v", layers)
+	}
+	size, usedBefore := allocated(t, layers[0])
+	io.WriteString(stdin, "\n")
+	start := time.Now()
+	line(fmt.Sprintf("written %d\n", 1<<30))
+	took := time.Since(start)
+	_, usedAfter := allocated(t, layers[0])
+	stdin.Close()
+	rest, _ := io.ReadAll(br)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("%v: stderr %q", err, stderr.String())
+	}
+	t.Logf("writable layer: %d MiB file, %.1f MiB allocated before the guest wrote, %.1f MiB after 1 GiB in %s; %s KiB left",
+		size>>20, float64(usedBefore)/(1<<20), float64(usedAfter)/(1<<20), took.Round(time.Millisecond), strings.TrimSpace(string(rest)))
+	if size < 1<<30 || usedBefore > 64<<20 {
+		t.Errorf("the writable layer is %d bytes, %d allocated: want at least 1 GiB, sparse", size, usedBefore)
+	}
+	if usedAfter < 1<<30 || usedAfter > 1<<30+64<<20 {
+		t.Errorf("after 1 GiB written in the guest, the writable layer takes %d bytes", usedAfter)
+	}
+	e.assertClean()
+}
+
+// TestTemplateRunAsOnTheDefaultImage: exit statuses, --timeout, Ctrl-C
+// and --launch-plan work on a template exactly as on the default image.
+func TestTemplateRunAsOnTheDefaultImage(t *testing.T) {
+	needImages(t)
+	e := newTemplateRunEnv(t)
+	for _, tc := range []struct {
+		argv   []string
+		code   int
+		stderr string
+	}{
+		{[]string{"sh", "-c", "echo out; echo err >&2; exit 7"}, 7, "err\n"},
+		{[]string{"sh", "-c", "kill -9 $$"}, 137, ""},
+		{[]string{"sh", "-c", "kill -TERM $$"}, 143, ""},
+		{[]string{"/etc/passwd"}, 126, "/etc/passwd"},
+		{[]string{"mvm-no-such-command"}, 127, "mvm-no-such-command"},
+	} {
+		for _, where := range [][]string{nil, {"--template", "files"}} {
+			args := append(append(append([]string{"exec"}, where...), "--"), tc.argv...)
+			r := e.run(nil, args...)
+			if r.code != tc.code || !strings.Contains(string(r.stderr), tc.stderr) {
+				t.Errorf("%q: want exit %d and stderr with %q: %s", args, tc.code, tc.stderr, r)
+			}
+		}
+	}
+
+	r := e.run(nil, "exec", "--template", "files", "--timeout", "2s", "--", "sleep", "60")
+	if r.code != 124 || r.elapsed > 15*time.Second {
+		t.Errorf("--timeout 2s: %s", r)
+	}
+	assertOneLine(t, r.stderr, "timed out after 2s")
+
+	c, br := startReadyArgs(t, e, "--template", "files", "--", "sh", "-c", `trap 'echo got INT; exit 42' INT; echo ready; while :; do sleep 0.1; done`)
+	if err := c.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := io.ReadAll(br)
+	_ = c.Wait()
+	if code := c.ProcessState.ExitCode(); code != 42 || string(rest) != "got INT\n" {
+		t.Errorf("Ctrl-C: exit %d, rest %q: the command should have handled SIGINT and exited 42; stderr %q", code, rest, c.stderr)
+	}
+	c, br = startReadyArgs(t, e, "--template", "files", "--", "sh", "-c", "echo ready; sleep 60")
+	if err := c.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(br)
+	_ = c.Wait()
+	if code := c.ProcessState.ExitCode(); code != 130 {
+		t.Errorf("Ctrl-C of sleep: exit %d, want 130; stderr %q", code, c.stderr)
+	}
+
+	// A launch plan's command is taken whole (no Cmd); its environment
+	// and working directory go over the image's, -e and -w over both.
+	plan := filepath.Join(t.TempDir(), "launch.json")
+	writeFile(t, plan, `{"entrypoint": {
+  "command": ["sh", "-c", "echo \"$A $GREETING $FROM_IMAGE $(pwd) $(id -un)\""],
+  "working_dir": "/srv/app",
+  "env": {"A": "plan", "GREETING": "from the plan"}}}`, 0o644)
+	if r := e.run(nil, "exec", "--template", "files", "--launch-plan", plan); r.code != 0 || string(r.stdout) != "plan from the plan yes /srv/app app\n" {
+		t.Errorf("--launch-plan on a template: %s", r)
+	}
+	if r := e.run(nil, "exec", "--template", "files", "--launch-plan", plan, "-e", "A=cli", "-w", "/tmp"); r.code != 0 || string(r.stdout) != "cli from the plan yes /tmp app\n" {
+		t.Errorf("--launch-plan with -e and -w on a template: %s", r)
+	}
+	e.assertClean()
+}
+
+// TestTemplateRunBadInput: every mistake in naming a template or an image
+// fails with one line and exit 125 before anything boots: no run
+// directory, no VMM, within a second or two.
+func TestTemplateRunBadInput(t *testing.T) {
+	needImages(t)
+	dir := t.TempDir()
+	archive := filepath.Join(dir, "app.tar")
+	img, err := testImage(filesConfig, "bad input")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ocitest.WriteDockerArchive(archive, img, "app:1"); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	truncated := filepath.Join(dir, "truncated.tar")
+	writeFile(t, truncated, string(b[:len(b)/2]), 0o644)
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown template", []string{"--template", "nosuch", "--", "true"}, "nosuch"},
+		{"template and image", []string{"--template", "files", "--image", "docker-archive:" + archive, "--", "true"}, "--template and --image"},
+		{"a name with a slash", []string{"--template", "team/files", "--", "true"}, "team/files"},
+		{"unreachable registry", []string{"--image", "127.0.0.1:1/team/tools:1", "--", "true"}, "127.0.0.1:1"},
+		{"truncated archive", []string{"--image", "docker-archive:" + truncated, "--", "true"}, truncated},
+		{"missing archive", []string{"--image", "docker-archive:" + filepath.Join(dir, "nope.tar"), "--", "true"}, "nope.tar"},
+		{"missing layout", []string{"--image", "oci:" + filepath.Join(dir, "nolayout") + ":v1", "--", "true"}, "nolayout"},
+		{"entrypoint without a template", []string{"--entrypoint", "/bin/sh", "--", "true"}, "--entrypoint"},
+		{"image without a command", []string{"--template", "bare"}, "no Entrypoint or Cmd"},
+		// A template takes two of the VM's drives, a read-write
+		// directory two more.
+		{"too many drives", []string{"--template", "files", "-d", t.TempDir() + ":/a:rw", "-d", t.TempDir() + ":/b:rw", "-d", t.TempDir() + ":/c:rw", "--", "true"}, "drives"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newTemplateRunEnv(t)
+			r := e.run(nil, append([]string{"exec"}, tc.args...)...)
+			if r.code != 125 || len(r.stdout) != 0 {
+				t.Errorf("want exit 125: %s", r)
+			}
+			assertOneLine(t, r.stderr, tc.want)
+			t.Logf("%s", r.stderr)
+			if r.elapsed > 2*time.Second {
+				t.Errorf("took %s: bad input must fail before any VM boots", r.elapsed)
+			}
+			if _, err := os.Stat(e.runDir); err == nil {
+				t.Errorf("a run directory was created for bad input")
+			}
+			if pids := e.vmms(); len(pids) > 0 {
+				t.Errorf("VMM processes started: %v", pids)
+			}
+		})
+	}
 }
