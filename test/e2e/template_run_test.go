@@ -958,7 +958,7 @@ func TestTemplateRunBadInput(t *testing.T) {
 		{"image without a command", []string{"--template", "bare"}, "no Entrypoint or Cmd"},
 		// A template takes two of the VM's drives, a read-write
 		// directory two more.
-		{"too many drives", []string{"--template", "files", "-d", t.TempDir() + ":/a:rw", "-d", t.TempDir() + ":/b:rw", "-d", t.TempDir() + ":/c:rw", "--", "true"}, "drives"},
+		{"too many drives", []string{"--template", "files", "-d", t.TempDir() + ":/a:rw", "-d", t.TempDir() + ":/b:rw", "-d", t.TempDir() + ":/c:rw", "--", "true"}, "3 shared directories need 8 drives; the VM has room for 7 (the template takes two"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newTemplateRunEnv(t)
