@@ -44,14 +44,14 @@ func newTemplateRunEnv(t *testing.T) *env {
 	return newEnv(t)
 }
 
-// once builds a shared fixture the first time a test needs it; a failure
+// fixtureOnce builds a shared fixture the first time a test needs it; a failure
 // fails every test that needs it.
-type once struct {
+type fixtureOnce struct {
 	once sync.Once
 	err  error
 }
 
-func (o *once) do(t *testing.T, f func() error) {
+func (o *fixtureOnce) do(t *testing.T, f func() error) {
 	t.Helper()
 	o.once.Do(func() { o.err = f() })
 	if o.err != nil {
@@ -59,7 +59,7 @@ func (o *once) do(t *testing.T, f func() error) {
 	}
 }
 
-var imageTemplates, debianTemplate once
+var imageTemplates, debianTemplate fixtureOnce
 
 // fixtureMvmctl runs mvmctl for a shared fixture (not a test's env: the
 // runs of template snapshots have their own directories).
@@ -967,7 +967,6 @@ func TestTemplateRunBadInput(t *testing.T) {
 				t.Errorf("want exit 125: %s", r)
 			}
 			assertOneLine(t, r.stderr, tc.want)
-			t.Logf("%s", r.stderr)
 			if r.elapsed > 2*time.Second {
 				t.Errorf("took %s: bad input must fail before any VM boots", r.elapsed)
 			}
