@@ -173,9 +173,10 @@ func resolve(cfg Config) (resolved, error) {
 	if r.RootSpace < 16<<20 {
 		return r, invalid("RootSpace", "%d bytes: at least 16 MiB", cfg.RootSpace)
 	}
-	drives := 0
+	drives, rule := 0, "a read-only directory takes one, a read-write one two"
 	if cfg.Template != "" || cfg.Image != "" {
 		drives += 2 // the template and the root's writable layer
+		rule = "the template takes two, a read-only directory one, a read-write one two"
 	}
 	for _, d := range r.dirs {
 		drives++
@@ -184,8 +185,8 @@ func resolve(cfg Config) (resolved, error) {
 		}
 	}
 	if drives > MaxDrives {
-		return r, invalid("Dirs", "%d shared directories need %d drives; the VM has room for %d (a read-only directory takes one, a read-write one two)",
-			len(r.dirs), drives, MaxDrives)
+		return r, invalid("Dirs", "%d shared directories need %d drives; the VM has room for %d (%s)",
+			len(r.dirs), drives, MaxDrives, rule)
 	}
 	if r.CacheDir == "" {
 		if r.CacheDir, err = xdg.CacheDir(); err != nil {

@@ -119,6 +119,7 @@ type sessionConn struct {
 	ended    bool // no more reads or writes: the session is over
 	restart  bool // it ended because the host began a new session
 	quiet    bool // writes are dropped: the session was quiesced
+	released bool // finish is done: the stream's deadlines are the next session's
 	inflight sync.WaitGroup
 
 	// Reader state, guarded by ch.rmu.
@@ -219,12 +220,15 @@ func (c *sessionConn) Write(p []byte) (int, error) {
 
 // Close is called by the multiplexer when the session ends: it stops
 // further reads and writes and wakes a blocked read. The stream itself
-// stays open for the next session.
+// stays open for the next session. The multiplexer may call it after the
+// session was finished (its reader closes the connection after it woke
+// Accept), when the next session may already be reading: the deadline is
+// then left alone, under the same lock finish clears it with.
 func (c *sessionConn) Close() error {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.ended = true
-	c.mu.Unlock()
-	if dl := c.ch.dl; dl != nil {
+	if dl := c.ch.dl; dl != nil && !c.released {
 		_ = dl.SetReadDeadline(pastDeadline)
 	}
 	return nil
@@ -254,6 +258,9 @@ func (c *sessionConn) finish(cancelWrites bool) {
 	c.ch.rmu.Lock()
 	c.ch.rmu.Unlock()
 
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.released = true
 	if dl != nil {
 		_ = dl.SetReadDeadline(time.Time{})
 		_ = dl.SetWriteDeadline(time.Time{})

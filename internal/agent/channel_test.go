@@ -248,3 +248,37 @@ func waitFor(d time.Duration, cond func() bool) bool {
 	}
 	return cond()
 }
+
+// TestLateCloseSparesNextSession: the multiplexer of a session that has
+// ended may still be closing its connection (it wakes Accept before it
+// closes the conn) when the next session already reads. That late Close
+// must not set the shared stream's read deadline under the next session,
+// whose reads would then fail with a timeout: the next host's hello would
+// never be answered.
+func TestLateCloseSparesNextSession(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	ch := newChannel(struct {
+		io.Reader
+		io.Writer
+		deadliner
+	}{r, w, r})
+	old := ch.session()
+	old.finish(false)
+	next := ch.session()
+	old.Close() // late, from the old multiplexer's reader
+	hdr := make([]byte, mux.HeaderSize)
+	hdr[1], hdr[3], hdr[7] = 1, 1, 1 // a window update opening stream 1
+	if _, err := w.Write(hdr); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	n, err := next.Read(buf)
+	if err != nil || n != len(hdr) {
+		t.Fatalf("the next session's read after a late Close of the previous one: %d bytes, %v", n, err)
+	}
+}

@@ -211,6 +211,13 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	sio.startedChild()
 	if err != nil {
 		sio.closeAgentEnds()
+		// The child enters the working directory after it has taken
+		// the user's credentials, so EACCES may be the directory's
+		// rather than the command's: say which.
+		if errnoOf(err) == unix.EACCES && !id.mayEnter(root, cwd) {
+			fail(agentpb.StartFailure_REASON_CWD, unix.EACCES, "working directory %q: permission denied for uid %d", cwd, id.uid)
+			return
+		}
 		reason, errno := classifyStartErr(err)
 		fail(reason, errno, "%s: %v", req.Argv[0], err)
 		return

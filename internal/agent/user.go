@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -39,6 +40,29 @@ func (id *identity) mayExecute(st *unix.Stat_t) bool {
 		return mode&0o010 != 0
 	}
 	return mode&0o001 != 0
+}
+
+// mayEnter reports whether id may search every directory on the way to
+// dir inside root, by the same rules (a directory's execute bit is its
+// search bit). Root may enter any directory. A directory that cannot be
+// looked up does not count against id: the caller only uses a "no" to
+// explain a failure the kernel reported.
+func (id *identity) mayEnter(root *fsRoot, dir string) bool {
+	if id.uid == 0 {
+		return true
+	}
+	p := "/"
+	for _, part := range strings.Split(path.Clean("/"+dir), "/") {
+		p = path.Join(p, part)
+		st, err := root.stat(p)
+		if err != nil {
+			return true
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR && !id.mayExecute(&st) {
+			return false
+		}
+	}
+	return true
 }
 
 // errUser marks a user or group that cannot be resolved (a start failure

@@ -139,3 +139,41 @@ func FuzzAccountFiles(f *testing.F) {
 		_ = memberOf(group, name)
 	})
 }
+
+func TestMayEnter(t *testing.T) {
+	dir := t.TempDir()
+	for p, mode := range map[string]os.FileMode{"open": 0o755, "private": 0o700, "private/sub": 0o755, "search": 0o711, "group": 0o710} {
+		if err := os.Mkdir(filepath.Join(dir, p), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(filepath.Join(dir, p), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("/private/sub", filepath.Join(dir, "open/link")); err != nil {
+		t.Fatal(err)
+	}
+	r := &fsRoot{path: dir}
+	other := &identity{uid: 4242, gid: 4242}
+	member := &identity{uid: 4242, gid: 4242, groups: []uint32{uint32(os.Getgid())}}
+	for _, tc := range []struct {
+		id   *identity
+		dir  string
+		want bool
+	}{
+		{other, "/", true},
+		{other, "/open", true},
+		{other, "/search", true},
+		{other, "/private", false},
+		{other, "/private/sub", false},
+		{other, "/open/link", true}, // the target's ancestors are not checked; the kernel's word stands
+		{other, "/group", false},
+		{member, "/group", true},
+		{other, "/nonexistent/dir", true},
+		{rootIdentity, "/private/sub", true},
+	} {
+		if got := tc.id.mayEnter(r, tc.dir); got != tc.want {
+			t.Errorf("uid %d groups %v mayEnter(%s) = %v, want %v", tc.id.uid, tc.id.groups, tc.dir, got, tc.want)
+		}
+	}
+}
