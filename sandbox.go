@@ -334,7 +334,7 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 // restore starts the machine from the snapshot in dir, with the run's
 // disks in the snapshot's drive slots.
 func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, dir string) (backend.Machine, error) {
-	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir)
+	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir, 0)
 	if err != nil {
 		return nil, err
 	}

@@ -199,15 +199,22 @@ func discardSnapshot(dir string) {
 // its disk and the root's writable layer; then for each of the
 // snapshotDirSlots directory slots, a read-only drive and a writable one.
 // Slots the run does not use hold placeholders: the shared read-only one
-// of the snapshot, and an empty sparse file of the run's for writable ones
-// (never shared: the guest could write it).
-func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string) ([]backend.Drive, error) {
+// of the snapshot, and a file of the run's for writable ones (never
+// shared: the guest could write it), rwSize bytes long.
+//
+// When the snapshot is taken rwSize is placeholderSize, which is what the
+// guest learns; at a restore it is 0. The restored guest still believes
+// the slot holds a TiB, but QEMU checks every request against the image's
+// real size and fails what lies beyond it (EIO in the guest): an empty
+// file is a slot the guest can neither read nor write, where a sparse TiB
+// would let it allocate a TiB of the host's disk.
+func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string, rwSize int64) ([]backend.Drive, error) {
 	var drives []backend.Drive
 	if root != nil {
 		upper := backend.Drive{Label: rootLabel, Path: root.upper}
 		if upper.Path == "" {
 			upper = backend.Drive{Path: filepath.Join(runDir, "slot-root.img")}
-			if err := sparseFile(upper.Path, placeholderSize); err != nil {
+			if err := sparseFile(upper.Path, rwSize); err != nil {
 				return nil, err
 			}
 		}
@@ -225,7 +232,7 @@ func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string) (
 		}
 		if rw.Path == "" {
 			p := filepath.Join(runDir, "slot-"+strconv.Itoa(i)+".img")
-			if err := sparseFile(p, placeholderSize); err != nil {
+			if err := sparseFile(p, rwSize); err != nil {
 				return nil, err
 			}
 			rw.Path = p
@@ -310,7 +317,7 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err := sparseFile(roPlaceholder, placeholderSize); err != nil {
 		return SnapshotInfo{}, err
 	}
-	drives, err := slotDrives(root, nil, roPlaceholder, runDir)
+	drives, err := slotDrives(root, nil, roPlaceholder, runDir, placeholderSize)
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
