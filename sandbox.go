@@ -252,8 +252,10 @@ func (sb *Sandbox) cleanUp(context.Context) error {
 	return nil
 }
 
-func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
-	bc := backend.Config{
+// machineConfig is the backend configuration of the sandbox's machine,
+// without its drives.
+func (sb *Sandbox) machineConfig() backend.Config {
+	return backend.Config{
 		Name:       sb.name,
 		RunDir:     sb.run.Dir,
 		ConsoleLog: sb.run.Path("console.log"),
@@ -264,6 +266,10 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		MemoryMiB:  sb.cfg.memMiB,
 		Accel:      sb.cfg.accel.Kind,
 	}
+}
+
+func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
+	bc := sb.machineConfig()
 	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
 	snap, why := sb.snapshot(ctx)
 	if snap != "" {
@@ -275,14 +281,15 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		// A snapshot that does not restore is discarded, so that the
-		// next bootstrap or template snapshot rebuilds it; this run
-		// boots.
-		sb.log.Warn("the snapshot could not be restored; booting instead (it is discarded: mvmctl bootstrap rebuilds it)", "snapshot", snap, "err", err)
-		discardSnapshot(snap)
+		sb.discard(snap, "could not be restored", err)
 		why = "its snapshot failed to restore"
 	}
 	sb.life.annotate("cold boot: " + why)
+	return sb.coldBoot(ctx, bc)
+}
+
+// coldBoot boots the machine with the run's disks.
+func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, error) {
 	if r := sb.root; r != nil {
 		bc.Drives = append(bc.Drives,
 			backend.Drive{Label: r.lowerLabel, Path: r.lower, ReadOnly: true},
@@ -296,6 +303,21 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		return nil, &VMError{Op: "start vm", Err: err}
 	}
 	return sb.started(m), nil
+}
+
+// discard warns that the snapshot in dir failed and removes it, so that
+// the next bootstrap or template snapshot rebuilds it rather than every
+// run trying it again; the run boots.
+func (sb *Sandbox) discard(dir, what string, err error) {
+	rebuild := "mvmctl bootstrap"
+	if sb.root != nil {
+		rebuild = "mvmctl template snapshot"
+		if sb.cfg.Template != "" {
+			rebuild += " " + sb.cfg.Template
+		}
+	}
+	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+rebuild+" rebuilds it)", "snapshot", dir, "err", err)
+	discardSnapshot(dir)
 }
 
 // started records a machine that runs, and returns its undo.
@@ -324,8 +346,11 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 	if err != nil {
 		return "", err.Error()
 	}
-	dir, err = findSnapshot(snapshotDir(sb.cfg, key, sb.root), key)
-	if err != nil {
+	dir = snapshotDir(sb.cfg, key, sb.root)
+	if _, err := findSnapshot(dir, key); errors.Is(err, errCorruptSnapshot) {
+		sb.discard(dir, "is damaged", err)
+		return "", "its snapshot was damaged"
+	} else if err != nil {
 		return "", err.Error()
 	}
 	return dir, ""

@@ -1,6 +1,7 @@
 package mvm
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -144,10 +145,17 @@ func snapshotDir(r resolved, key string, root *rootPlan) string {
 	return filepath.Join(snapshotRoot(r, root), hex.EncodeToString(sum[:12]))
 }
 
+// errCorruptSnapshot marks a snapshot of the configuration asked for
+// whose files do not match its record (a RAM file of another size, a
+// device state with another digest): it is discarded, so that it is
+// rebuilt rather than checked again at every run.
+var errCorruptSnapshot = errors.New("corrupt snapshot")
+
 // findSnapshot checks the snapshot in dir against key, and returns dir or
-// why it cannot be used.
+// why it cannot be used (errCorruptSnapshot for one that is damaged).
 func findSnapshot(dir, key string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "snapshot.json"))
+	record := filepath.Join(dir, "snapshot.json")
+	b, err := os.ReadFile(record)
 	if errors.Is(err, os.ErrNotExist) {
 		return "", errors.New("no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)")
 	}
@@ -156,20 +164,26 @@ func findSnapshot(dir, key string) (string, error) {
 	}
 	var meta snapshotMeta
 	if err := json.Unmarshal(b, &meta); err != nil {
-		return "", fmt.Errorf("corrupt snapshot record: %w", err)
+		return "", fmt.Errorf("%w: its record: %w", errCorruptSnapshot, err)
 	}
 	if meta.Format != snapshotFormat || meta.Key != key {
 		return "", errors.New("the snapshot was made for another configuration")
 	}
-	fi, err := os.Stat(filepath.Join(dir, "ram"))
-	if err != nil || fi.Size() != meta.RAMSize {
-		return "", errors.New("the snapshot's RAM file is missing or truncated")
+	var bad string
+	if fi, err := os.Stat(filepath.Join(dir, "ram")); err != nil || fi.Size() != meta.RAMSize {
+		bad = "its RAM file is missing or not of the recorded size"
+	} else if sum, err := fileSHA256(filepath.Join(dir, "state")); err != nil || sum != meta.StateSHA256 {
+		bad = "its device state is missing or does not match its digest"
 	}
-	sum, err := fileSHA256(filepath.Join(dir, "state"))
-	if err != nil || sum != meta.StateSHA256 {
-		return "", errors.New("the snapshot's device state is missing or corrupt")
+	if bad == "" {
+		return dir, nil
 	}
-	return dir, nil
+	// A snapshot that another process replaced while this one looked
+	// (the files then come from two snapshots) is not damaged.
+	if again, err := os.ReadFile(record); err != nil || !bytes.Equal(again, b) {
+		return "", errors.New("the snapshot was being replaced")
+	}
+	return "", fmt.Errorf("%w: %s", errCorruptSnapshot, bad)
 }
 
 func fileSHA256(path string) (string, error) {
