@@ -74,10 +74,13 @@ func writeSnapshot(t *testing.T, cfg Config) string {
 	return dir
 }
 
-// TestSnapshotFailureBoots: a snapshot that is damaged on disk is
-// discarded (so that it is rebuilt, not checked again at every run), the
-// sandbox boots instead and says why in its timings.
+// TestSnapshotFailureBoots: a snapshot that is damaged on disk, or
+// restores into a guest that dies or does not answer, is discarded (so
+// that it is rebuilt, not tried again), the sandbox boots instead and
+// says why in its timings.
 func TestSnapshotFailureBoots(t *testing.T) {
+	defer func(d time.Duration) { restoreTimeout = d }(restoreTimeout)
+	restoreTimeout = 300 * time.Millisecond
 	tests := []struct {
 		name      string
 		damage    func(dir string)
@@ -85,6 +88,10 @@ func TestSnapshotFailureBoots(t *testing.T) {
 		restores  int
 		why       string
 	}{
+		{name: "guest dies", onRestore: func(m *fakeMachine) { m.crash() }, restores: 1,
+			why: "cold boot after the restored guest failed"},
+		{name: "guest hangs", onRestore: func(m *fakeMachine) { m.freeze() }, restores: 1,
+			why: "cold boot after the restored guest failed"},
 		{name: "RAM file truncated", damage: func(dir string) { _ = os.Truncate(filepath.Join(dir, "ram"), 3) },
 			why: "cold boot: its snapshot was damaged"},
 		{name: "state garbled", damage: func(dir string) { _ = os.WriteFile(filepath.Join(dir, "state"), []byte("device statf"), 0o644) },
