@@ -49,6 +49,11 @@ const (
 var (
 	keepaliveInterval = 2 * time.Second
 	keepaliveTimeout  = 5 * time.Second
+	// restoreTimeout bounds restore-to-hello: a restored agent answers in
+	// a fraction of a second, well under a second even with eight
+	// restores at once on two emulated cores. A guest that does not is
+	// a bad snapshot, and the run boots instead.
+	restoreTimeout = 20 * time.Second
 )
 
 // Sandbox is a running VM that commands can be run in, one after another
@@ -75,7 +80,8 @@ type Sandbox struct {
 	// keepalive settings, fixed at start
 	pingEvery, pingTimeout time.Duration
 
-	restored bool // the machine came from a snapshot
+	restored bool   // the machine came from a snapshot
+	snapDir  string // the snapshot it came from
 
 	mu         sync.Mutex
 	closing    bool
@@ -262,8 +268,10 @@ func (sb *Sandbox) cleanUp(context.Context) error {
 	return nil
 }
 
-func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
-	bc := backend.Config{
+// machineConfig is the backend configuration of the sandbox's machine,
+// without its drives.
+func (sb *Sandbox) machineConfig() backend.Config {
+	return backend.Config{
 		Name:       sb.name,
 		RunDir:     sb.run.Dir,
 		ConsoleLog: sb.run.Path("console.log"),
@@ -274,6 +282,10 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		MemoryMiB:  sb.cfg.memMiB,
 		Accel:      sb.cfg.accel.Kind,
 	}
+}
+
+func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
+	bc := sb.machineConfig()
 	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
 	snap, why := sb.snapshot(ctx)
 	if snap != "" {
@@ -285,14 +297,15 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		// A snapshot that does not restore is discarded, so that the
-		// next bootstrap or template snapshot rebuilds it; this run
-		// boots.
-		sb.log.Warn("the snapshot could not be restored; booting instead (it is discarded: mvmctl bootstrap rebuilds it)", "snapshot", snap, "err", err)
-		discardSnapshot(snap)
+		sb.discard(snap, "could not be restored", err)
 		why = "its snapshot failed to restore"
 	}
 	sb.life.annotate("cold boot: " + why)
+	return sb.coldBoot(ctx, bc)
+}
+
+// coldBoot boots the machine with the run's disks.
+func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, error) {
 	if r := sb.root; r != nil {
 		bc.Drives = append(bc.Drives,
 			backend.Drive{Label: r.lowerLabel, Path: r.lower, ReadOnly: true},
@@ -306,6 +319,21 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		return nil, &VMError{Op: "start vm", Err: err}
 	}
 	return sb.started(m), nil
+}
+
+// discard warns that the snapshot in dir failed and removes it, so that
+// the next bootstrap or template snapshot rebuilds it rather than every
+// run trying it again; the run boots.
+func (sb *Sandbox) discard(dir, what string, err error) {
+	rebuild := "mvmctl bootstrap"
+	if sb.root != nil {
+		rebuild = "mvmctl template snapshot"
+		if sb.cfg.Template != "" {
+			rebuild += " " + sb.cfg.Template
+		}
+	}
+	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+rebuild+" rebuilds it)", "snapshot", dir, "err", err)
+	discardSnapshot(dir)
 }
 
 // started records a machine that runs, and returns its undo.
@@ -334,8 +362,11 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 	if err != nil {
 		return "", err.Error()
 	}
-	dir, err = findSnapshot(snapshotDir(sb.cfg, key, sb.root), key)
-	if err != nil {
+	dir = snapshotDir(sb.cfg, key, sb.root)
+	if _, err := findSnapshot(dir, key); errors.Is(err, errCorruptSnapshot) {
+		sb.discard(dir, "is damaged", err)
+		return "", "its snapshot was damaged"
+	} else if err != nil {
 		return "", err.Error()
 	}
 	return dir, ""
@@ -344,7 +375,7 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 // restore starts the machine from the snapshot in dir, with the run's
 // disks in the snapshot's drive slots.
 func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, dir string) (backend.Machine, error) {
-	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir)
+	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -354,7 +385,7 @@ func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, dir string) (
 	if err != nil {
 		return nil, err
 	}
-	sb.restored = true
+	sb.restored, sb.snapDir = true, dir
 	return m, nil
 }
 
@@ -369,23 +400,52 @@ func (sb *Sandbox) stopVM(ctx context.Context) error {
 }
 
 // connect opens the agent session and waits for its hello, the guest's
-// sign of life after boot.
+// sign of life after boot. A restored guest that does not answer (it
+// died, or hangs: a RAM file damaged on disk restores into a guest that
+// crashes) makes the snapshot bad: it is discarded and the run boots.
 func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
+	undo, detail, err := sb.sayHello(ctx)
+	if err == nil || !sb.restored || ctx.Err() != nil {
+		sb.life.annotate(detail)
+		return undo, err
+	}
+	if undo != nil {
+		_ = undo(ctx)
+	}
+	_ = sb.stopVM(ctx)
+	sb.discard(sb.snapDir, "restored into a guest that did not answer", err)
+	sb.restored, sb.client, sb.hello = false, nil, nil
+	if _, err := sb.coldBoot(ctx, sb.machineConfig()); err != nil {
+		return nil, err
+	}
+	undo, detail, err = sb.sayHello(ctx)
+	sb.life.annotate("cold boot after the restored guest failed: " + detail)
+	return undo, err
+}
+
+// sayHello dials the agent and waits for its hello reply, at most bootTimeout
+// after a boot and restoreTimeout after a restore. detail is what the
+// timing breakdown says of it.
+func (sb *Sandbox) sayHello(ctx context.Context) (undo undoFunc, detail string, err error) {
 	conn, err := sb.m.DialAgent(ctx)
 	if err != nil {
-		return nil, &VMError{Op: "connect to guest agent", Err: err}
+		return nil, "", &VMError{Op: "connect to guest agent", Err: err}
 	}
 	// A restored guest is a clone: its boot id is the snapshot's until
 	// the hello renews it (the agent also reseeds its RNG and sets the
 	// clock at every hello).
 	client, err := agentclient.DialWithOptions(conn, agentclient.HelloOptions{RenewBootID: sb.restored})
 	if err != nil {
-		return nil, &VMError{Op: "connect to guest agent", Err: err}
+		return nil, "", &VMError{Op: "connect to guest agent", Err: err}
 	}
 	sb.client = client
-	undo := func(context.Context) error { return client.Close() }
+	undo = func(context.Context) error { return client.Close() }
 
-	hctx, cancel := context.WithTimeout(ctx, bootTimeout)
+	limit := bootTimeout
+	if sb.restored {
+		limit = restoreTimeout
+	}
+	hctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	helloErr := make(chan error, 1)
 	go func() {
@@ -398,22 +458,22 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 	case <-sb.m.Done():
 		cancel()
 		<-helloErr
-		return undo, &VMError{Op: "boot", Err: vmEnded(sb.m)}
+		return undo, "", &VMError{Op: "boot", Err: vmEnded(sb.m)}
 	}
 	switch {
 	case err == nil && !sb.restored:
 		// A restored guest's uptimes are the snapshot's boot.
-		sb.life.annotate(fmt.Sprintf("guest kernel %s, agent init %s",
-			ms(sb.hello.AgentStart), ms(sb.hello.GuestUptime-sb.hello.AgentStart)))
+		detail = fmt.Sprintf("guest kernel %s, agent init %s",
+			ms(sb.hello.AgentStart), ms(sb.hello.GuestUptime-sb.hello.AgentStart))
 	case err == nil:
 	case ctx.Err() != nil:
-		return undo, ctx.Err()
+		return undo, "", ctx.Err()
 	case hctx.Err() != nil:
-		return undo, &VMError{Op: "boot", Err: fmt.Errorf("the guest agent did not answer within %s", bootTimeout)}
+		return undo, "", &VMError{Op: "boot", Err: fmt.Errorf("the guest agent did not answer within %s", limit)}
 	default:
-		return undo, &VMError{Op: "connect to guest agent", Err: err}
+		return undo, "", &VMError{Op: "connect to guest agent", Err: err}
 	}
-	return undo, nil
+	return undo, detail, nil
 }
 
 // mount mounts the shared directories in the guest. Its undo is the

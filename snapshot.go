@@ -1,6 +1,7 @@
 package mvm
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -144,10 +145,17 @@ func snapshotDir(r resolved, key string, root *rootPlan) string {
 	return filepath.Join(snapshotRoot(r, root), hex.EncodeToString(sum[:12]))
 }
 
+// errCorruptSnapshot marks a snapshot of the configuration asked for
+// whose files do not match its record (a RAM file of another size, a
+// device state with another digest): it is discarded, so that it is
+// rebuilt rather than checked again at every run.
+var errCorruptSnapshot = errors.New("corrupt snapshot")
+
 // findSnapshot checks the snapshot in dir against key, and returns dir or
-// why it cannot be used.
+// why it cannot be used (errCorruptSnapshot for one that is damaged).
 func findSnapshot(dir, key string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "snapshot.json"))
+	record := filepath.Join(dir, "snapshot.json")
+	b, err := os.ReadFile(record)
 	if errors.Is(err, os.ErrNotExist) {
 		return "", errors.New("no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)")
 	}
@@ -156,20 +164,26 @@ func findSnapshot(dir, key string) (string, error) {
 	}
 	var meta snapshotMeta
 	if err := json.Unmarshal(b, &meta); err != nil {
-		return "", fmt.Errorf("corrupt snapshot record: %w", err)
+		return "", fmt.Errorf("%w: its record: %w", errCorruptSnapshot, err)
 	}
 	if meta.Format != snapshotFormat || meta.Key != key {
 		return "", errors.New("the snapshot was made for another configuration")
 	}
-	fi, err := os.Stat(filepath.Join(dir, "ram"))
-	if err != nil || fi.Size() != meta.RAMSize {
-		return "", errors.New("the snapshot's RAM file is missing or truncated")
+	var bad string
+	if fi, err := os.Stat(filepath.Join(dir, "ram")); err != nil || fi.Size() != meta.RAMSize {
+		bad = "its RAM file is missing or not of the recorded size"
+	} else if sum, err := fileSHA256(filepath.Join(dir, "state")); err != nil || sum != meta.StateSHA256 {
+		bad = "its device state is missing or does not match its digest"
 	}
-	sum, err := fileSHA256(filepath.Join(dir, "state"))
-	if err != nil || sum != meta.StateSHA256 {
-		return "", errors.New("the snapshot's device state is missing or corrupt")
+	if bad == "" {
+		return dir, nil
 	}
-	return dir, nil
+	// A snapshot that another process replaced while this one looked
+	// (the files then come from two snapshots) is not damaged.
+	if again, err := os.ReadFile(record); err != nil || !bytes.Equal(again, b) {
+		return "", errors.New("the snapshot was being replaced")
+	}
+	return "", fmt.Errorf("%w: %s", errCorruptSnapshot, bad)
 }
 
 func fileSHA256(path string) (string, error) {
@@ -199,15 +213,22 @@ func discardSnapshot(dir string) {
 // its disk and the root's writable layer; then for each of the
 // snapshotDirSlots directory slots, a read-only drive and a writable one.
 // Slots the run does not use hold placeholders: the shared read-only one
-// of the snapshot, and an empty sparse file of the run's for writable ones
-// (never shared: the guest could write it).
-func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string) ([]backend.Drive, error) {
+// of the snapshot, and a file of the run's for writable ones (never
+// shared: the guest could write it), rwSize bytes long.
+//
+// When the snapshot is taken rwSize is placeholderSize, which is what the
+// guest learns; at a restore it is 0. The restored guest still believes
+// the slot holds a TiB, but QEMU checks every request against the image's
+// real size and fails what lies beyond it (EIO in the guest): an empty
+// file is a slot the guest can neither read nor write, where a sparse TiB
+// would let it allocate a TiB of the host's disk.
+func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string, rwSize int64) ([]backend.Drive, error) {
 	var drives []backend.Drive
 	if root != nil {
 		upper := backend.Drive{Label: rootLabel, Path: root.upper}
 		if upper.Path == "" {
 			upper = backend.Drive{Path: filepath.Join(runDir, "slot-root.img")}
-			if err := sparseFile(upper.Path, placeholderSize); err != nil {
+			if err := sparseFile(upper.Path, rwSize); err != nil {
 				return nil, err
 			}
 		}
@@ -225,7 +246,7 @@ func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string) (
 		}
 		if rw.Path == "" {
 			p := filepath.Join(runDir, "slot-"+strconv.Itoa(i)+".img")
-			if err := sparseFile(p, placeholderSize); err != nil {
+			if err := sparseFile(p, rwSize); err != nil {
 				return nil, err
 			}
 			rw.Path = p
@@ -310,7 +331,7 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err := sparseFile(roPlaceholder, placeholderSize); err != nil {
 		return SnapshotInfo{}, err
 	}
-	drives, err := slotDrives(root, nil, roPlaceholder, runDir)
+	drives, err := slotDrives(root, nil, roPlaceholder, runDir, placeholderSize)
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
