@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -373,7 +374,9 @@ func TestAgentWaitsForHost(t *testing.T) {
 	g := &guest{t: t, c: dialAgent(t, conn, agentclient.HelloOptions{})}
 	var answers []time.Duration
 	var connected, away []int
-	const idle = 3 * time.Second
+	// Long enough that a loop polling the port every 100 ms would add 50
+	// wake-ups per idle spell, well above what a session costs.
+	const idle = 5 * time.Second
 	for round := range 4 {
 		before := count(g)
 		if round%2 == 0 {
@@ -397,12 +400,11 @@ func TestAgentWaitsForHost(t *testing.T) {
 		away = append(away, count(g)-before)
 	}
 	t.Logf("reconnect to hello: %v; agent context switches over %s idle: host there %v, host away %v", answers, idle, connected, away)
-	// A loop polling the port every 100 ms while the host is away would
-	// add 30 wake-ups; waiting in the poller adds none beyond what the
-	// new session costs.
-	for i := range away {
-		if extra := away[i] - connected[i]; extra > 15 {
-			t.Errorf("the agent woke up %d times more with the host away than with the host there", extra)
-		}
+	// The counts are noisy (keepalives, the kernel's own timers; spells
+	// differing by 20 are seen), so the fewest wake-ups with the host away
+	// are compared with the most with it there: a poller adds its 50 to
+	// every spell away, noise does not.
+	if extra := slices.Min(away) - slices.Max(connected); extra > 30 {
+		t.Errorf("the agent woke up at least %d times more with the host away than with the host there", extra)
 	}
 }
