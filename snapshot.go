@@ -390,7 +390,69 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err := os.Rename(tmp, final); err != nil {
 		return SnapshotInfo{}, err
 	}
+	pruneStaleSnapshots(snapshotRoot(r, root), key)
 	return SnapshotInfo{Dir: final, Size: diskUsage(final), Took: time.Since(start)}, nil
+}
+
+// pruneStaleSnapshots removes the snapshots in root that no run can
+// restore any more, so that rebuilding the kernel or the agent, or
+// upgrading QEMU, does not leave one more RAM file behind each time: those
+// of another snapshot format, those made from a kernel or initramfs file
+// that is gone or has changed since, and those of an older build of the
+// VMM binary that current (the key just saved) names. Snapshots of other
+// machine shapes that are still valid stay. A run restoring a snapshot
+// removed here keeps its open files.
+func pruneStaleSnapshots(root, current string) {
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	vmm := keyField(current, "vmm")
+	for _, e := range ents {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		dir := filepath.Join(root, e.Name())
+		if staleSnapshot(dir, vmm) {
+			discardSnapshot(dir)
+		}
+	}
+}
+
+// staleSnapshot reports whether the snapshot in dir can never be restored
+// again (see pruneStaleSnapshots).
+func staleSnapshot(dir, vmm string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, "snapshot.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		// Snapshots are renamed into place complete: this is a leftover.
+		return true
+	}
+	var meta snapshotMeta
+	if err != nil || json.Unmarshal(b, &meta) != nil || meta.Format != snapshotFormat {
+		return err == nil
+	}
+	for _, f := range []string{"kernel", "initrd"} {
+		v := keyField(meta.Key, f)
+		path, _, _ := strings.Cut(v, " ")
+		if id, err := fileIdentity(path); path == "" || err != nil || id != v {
+			return true
+		}
+	}
+	// The VMM's part of the key is "NAME PATH IDENTITY...": the same
+	// binary path with another identity is an older build.
+	old := strings.Fields(keyField(meta.Key, "vmm"))
+	cur := strings.Fields(vmm)
+	return len(old) > 1 && len(cur) > 1 && old[1] == cur[1] && keyField(meta.Key, "vmm") != vmm
+}
+
+// keyField returns the value of a snapshot key's line "NAME VALUE".
+func keyField(key, name string) string {
+	for line := range strings.SplitSeq(key, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return v
+		}
+	}
+	return ""
 }
 
 // quiesceForSnapshot waits for the freshly booted agent, warms it up with
