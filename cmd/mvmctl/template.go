@@ -295,6 +295,8 @@ type templateJSON struct {
 	*template.Template
 	Implicit  bool  `json:"implicit,omitempty"`
 	DiskUsage int64 `json:"disk_usage"`
+	// SnapshotUsage is what the template's snapshots take, beyond DiskUsage.
+	SnapshotUsage int64 `json:"snapshot_usage"`
 }
 
 func newTemplateListCommand() *cobra.Command {
@@ -307,7 +309,7 @@ func newTemplateListCommand() *cobra.Command {
 		Short:   "List templates, with the disk space they use",
 		Long: `ls lists the templates: name, source, digest, the root filesystem's size and
 the disk space its files take (images are sparse; templates that share an
-image each count it). With --all it also lists the implicit templates that
+image each count it) and its snapshots take. With --all it also lists the implicit templates that
 "exec --image" made (NAME "-"), which prune removes.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -330,18 +332,18 @@ image each count it). With --all it also lists the implicit templates that
 			if asJSON {
 				list := make([]templateJSON, 0, len(ts))
 				for _, t := range ts {
-					list = append(list, templateJSON{t, t.Implicit(), s.DiskUsage(t)})
+					list = append(list, templateJSON{t, t.Implicit(), s.DiskUsage(t), s.SnapshotUsage(t)})
 				}
 				return writeJSON(out, list)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSOURCE\tDIGEST\tSIZE\tDISK\tCREATED")
+			fmt.Fprintln(tw, "NAME\tSOURCE\tDIGEST\tSIZE\tDISK\tSNAPSHOTS\tCREATED")
 			for _, t := range ts {
 				name := t.Name
 				if t.Implicit() {
 					name = "-"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, t.Source, shortDigest(t.Digest), mib(t.Rootfs.Size), mib(s.DiskUsage(t)), t.Created.Local().Format("2006-01-02 15:04"))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, t.Source, shortDigest(t.Digest), mib(t.Rootfs.Size), mib(s.DiskUsage(t)), mib(s.SnapshotUsage(t)), t.Created.Local().Format("2006-01-02 15:04"))
 			}
 			return tw.Flush()
 		},
@@ -379,7 +381,7 @@ func newTemplateInfoCommand() *cobra.Command {
 			}
 			out := cmd.OutOrStdout()
 			if asJSON {
-				return writeJSON(out, templateJSON{t, false, s.DiskUsage(t)})
+				return writeJSON(out, templateJSON{t, false, s.DiskUsage(t), s.SnapshotUsage(t)})
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 1, ' ', 0)
 			line := func(k, v string) {
@@ -394,6 +396,7 @@ func newTemplateInfoCommand() *cobra.Command {
 			line("config digest", t.Source.ConfigDigest)
 			line("digest", t.Digest)
 			line("rootfs", fmt.Sprintf("%s (%s, %s on disk)", t.Rootfs.Path, mib(t.Rootfs.Size), mib(s.DiskUsage(t))))
+			line("snapshots", fmt.Sprintf("%s (%s on disk)", s.SnapshotDir(t), mib(s.SnapshotUsage(t))))
 			if t.Kernel != nil {
 				line("kernel", t.Kernel.Path)
 			}

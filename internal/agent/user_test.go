@@ -142,11 +142,15 @@ func FuzzAccountFiles(f *testing.F) {
 
 func TestMayEnter(t *testing.T) {
 	dir := t.TempDir()
-	for p, mode := range map[string]os.FileMode{"open": 0o755, "private": 0o700, "private/sub": 0o755, "search": 0o711, "group": 0o710} {
-		if err := os.Mkdir(filepath.Join(dir, p), mode); err != nil {
+	// In order: a parent before its children.
+	for _, d := range []struct {
+		path string
+		mode os.FileMode
+	}{{"open", 0o755}, {"private", 0o700}, {"private/sub", 0o755}, {"search", 0o711}, {"group", 0o710}} {
+		if err := os.Mkdir(filepath.Join(dir, d.path), d.mode); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.Chmod(filepath.Join(dir, p), mode); err != nil {
+		if err := os.Chmod(filepath.Join(dir, d.path), d.mode); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -375,6 +375,19 @@ func (s *Store) DiskUsage(t *Template) int64 {
 	return n
 }
 
+// SnapshotUsage is the disk space the snapshots of t's revision take
+// (their RAM files are sparse: the pages the guest touched).
+func (s *Store) SnapshotUsage(t *Template) int64 {
+	var n int64
+	_ = filepath.WalkDir(s.SnapshotDir(t), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			n += allocated(p)
+		}
+		return nil
+	})
+	return n
+}
+
 func allocated(path string) int64 {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
@@ -758,6 +759,18 @@ func TestSnapshotRunTemplate(t *testing.T) {
 	}
 	if len(snaps()) != 1 {
 		t.Fatalf("template create made snapshots %v, want one", snaps())
+	}
+	var listed []struct {
+		Name          string
+		DiskUsage     int64 `json:"disk_usage"`
+		SnapshotUsage int64 `json:"snapshot_usage"`
+	}
+	if err := json.Unmarshal(mvm("template", "ls", "--json").stdout, &listed); err != nil || len(listed) != 1 {
+		t.Fatalf("template ls --json: %v %+v", err, listed)
+	}
+	// The RAM file holds at least the pages the kernel and agent touched.
+	if listed[0].SnapshotUsage < 4<<20 {
+		t.Errorf("template ls says the snapshot takes %d bytes", listed[0].SnapshotUsage)
 	}
 
 	src := t.TempDir()
