@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -22,6 +21,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/atomicfile"
 	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/diskusage"
 	"github.com/mvm-sh/mvm/internal/image"
 	"github.com/mvm-sh/mvm/internal/template"
 )
@@ -391,7 +391,7 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 		return SnapshotInfo{}, err
 	}
 	pruneStaleSnapshots(snapshotRoot(r, root), key)
-	return SnapshotInfo{Dir: final, Size: diskUsage(final), Took: time.Since(start)}, nil
+	return SnapshotInfo{Dir: final, Size: diskusage.Of(final), Took: time.Since(start)}, nil
 }
 
 // pruneStaleSnapshots removes the snapshots in root that no run can
@@ -491,20 +491,6 @@ func quiesceForSnapshot(ctx context.Context, m backend.Machine) error {
 		return fmt.Errorf("warm-up command: %+v %v", st, err)
 	}
 	return c.Quiesce(hctx)
-}
-
-// diskUsage is what the files under dir take on disk.
-func diskUsage(dir string) int64 {
-	var total int64
-	_ = filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
-		if err == nil {
-			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-				total += st.Blocks * 512
-			}
-		}
-		return nil
-	})
-	return total
 }
 
 // SnapshotFor returns the snapshot a sandbox with cfg would restore, or

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvm-sh/mvm/internal/dirimage"
+	"github.com/mvm-sh/mvm/internal/diskusage"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/writeback"
 )
@@ -390,7 +391,7 @@ func checkSnapshots(ctx context.Context, h *Host, f *facts) Result {
 				continue
 			}
 			n++
-			size += diskUsage(filepath.Join(d, e.Name()))
+			size += diskusage.Of(filepath.Join(d, e.Name()))
 		}
 	}
 	if n == 0 {
@@ -399,21 +400,4 @@ func checkSnapshots(ctx context.Context, h *Host, f *facts) Result {
 	}
 	r.Message = fmt.Sprintf("%d %s (%s)", n, pluralWord(n, "snapshot", "snapshots"), formatSize(size)) + defaultSnap
 	return r
-}
-
-// diskUsage is the allocated size of a tree (sparse files count for what
-// they hold), without following symlinks.
-func diskUsage(root string) int64 {
-	var n int64
-	_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return nil
-		}
-		var st unix.Stat_t
-		if unix.Lstat(p, &st) == nil {
-			n += st.Blocks * 512
-		}
-		return nil
-	})
-	return n
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm/internal/diskusage"
 )
 
 func (s *Store) objLock(r objRef) string {
@@ -185,7 +187,7 @@ func (s *Store) collect(cands []objRef, implicit bool) (int, int64, error) {
 		if refs[h.r.kind.dir+"/"+h.r.digest] {
 			continue
 		}
-		size := allocated(s.objPath(h.r.kind, h.r.digest))
+		size := diskusage.Of(s.objPath(h.r.kind, h.r.digest))
 		if err := s.trash(filepath.Dir(s.objLock(h.r))); err != nil {
 			return n, freed, err
 		}

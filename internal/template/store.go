@@ -45,6 +45,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvm-sh/mvm/internal/diskusage"
 	"github.com/mvm-sh/mvm/internal/oci"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
@@ -370,7 +371,7 @@ func (s *Store) ListImplicit() ([]*Template, error) {
 func (s *Store) DiskUsage(t *Template) int64 {
 	var n int64
 	for _, o := range t.objects() {
-		n += allocated(s.objPath(o.kind, o.digest))
+		n += diskusage.Of(s.objPath(o.kind, o.digest))
 	}
 	return n
 }
@@ -378,22 +379,7 @@ func (s *Store) DiskUsage(t *Template) int64 {
 // SnapshotUsage is the disk space the snapshots of t's revision take
 // (their RAM files are sparse: the pages the guest touched).
 func (s *Store) SnapshotUsage(t *Template) int64 {
-	var n int64
-	_ = filepath.WalkDir(s.SnapshotDir(t), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && d.Type().IsRegular() {
-			n += allocated(p)
-		}
-		return nil
-	})
-	return n
-}
-
-func allocated(path string) int64 {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0
-	}
-	return st.Blocks * 512
+	return diskusage.Of(s.SnapshotDir(t))
 }
 
 // writeRecord writes a record atomically and durably: a reader sees the

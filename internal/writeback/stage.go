@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm/internal/diskusage"
 )
 
 // Pending describes a write-back that has not happened yet: its images and
@@ -417,7 +419,7 @@ func ListStaged(dir string) ([]Staged, error) {
 		if fi, err := os.Lstat(d); err == nil {
 			s.mtime = fi.ModTime()
 		}
-		s.Size = diskUsage(d)
+		s.Size = diskusage.Of(d)
 		out = append(out, s)
 	}
 	sort.SliceStable(out, func(i, j int) bool {
@@ -427,22 +429,6 @@ func ListStaged(dir string) ([]Staged, error) {
 		return out[i].Dir < out[j].Dir
 	})
 	return out, nil
-}
-
-// diskUsage is the allocated size of a tree, without following symlinks.
-func diskUsage(root string) int64 {
-	var n int64
-	_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return nil
-		}
-		var st unix.Stat_t
-		if unix.Lstat(p, &st) == nil {
-			n += st.Blocks * 512
-		}
-		return nil
-	})
-	return n
 }
 
 // PruneStaged drops the oldest change sets in dir until at most
