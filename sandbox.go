@@ -80,8 +80,8 @@ type Sandbox struct {
 	// keepalive settings, fixed at start
 	pingEvery, pingTimeout time.Duration
 
-	restored bool   // the machine came from a snapshot
-	snapDir  string // the snapshot it came from
+	restored bool             // the machine came from a snapshot
+	snap     *checkedSnapshot // the snapshot it came from
 
 	mu         sync.Mutex
 	closing    bool
@@ -287,18 +287,33 @@ func (sb *Sandbox) machineConfig() backend.Config {
 func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 	bc := sb.machineConfig()
 	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
-	snap, why := sb.snapshot(ctx)
-	if snap != "" {
+	snap, unlock, why := sb.snapshot(ctx)
+	if snap != nil {
 		m, err := sb.restore(ctx, bc, snap)
-		if err == nil {
-			sb.life.annotate("restored from snapshot " + snap)
+		unlock()
+		switch {
+		case err == nil && snap.unchanged():
+			sb.life.annotate("restored from snapshot " + snap.dir)
 			return sb.started(m), nil
-		}
-		if ctx.Err() != nil {
+		case err == nil:
+			// Replaced between the check and the VMM opening its files:
+			// the machine may be half one snapshot, half the other. The
+			// new one is not to blame.
+			sb.m = m
+			_ = sb.stopVM(ctx)
+			sb.restored, sb.snap, sb.m = false, nil, nil
+			why = "its snapshot was replaced while it restored"
+		case ctx.Err() != nil:
 			return nil, ctx.Err()
+		case errors.Is(err, backend.ErrSnapshotRejected):
+			sb.discard(snap, "could not be restored", err)
+			why = "its snapshot failed to restore"
+		default:
+			// Not the snapshot's fault (the host is short of something):
+			// it stays for the next run.
+			sb.log.Warn("could not restore the snapshot; booting instead", "snapshot", snap.dir, "err", err)
+			why = "its snapshot failed to restore (kept)"
 		}
-		sb.discard(snap, "could not be restored", err)
-		why = "its snapshot failed to restore"
 	}
 	sb.life.annotate("cold boot: " + why)
 	return sb.coldBoot(ctx, bc)
@@ -321,10 +336,11 @@ func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, e
 	return sb.started(m), nil
 }
 
-// discard warns that the snapshot in dir failed and removes it, so that
-// the next bootstrap or template snapshot rebuilds it rather than every
-// run trying it again; the run boots.
-func (sb *Sandbox) discard(dir, what string, err error) {
+// discard warns that the snapshot failed and removes it, so that the next
+// bootstrap or template snapshot rebuilds it rather than every run trying
+// it again; the run boots. A snapshot that replaced the one checked
+// meanwhile is left alone.
+func (sb *Sandbox) discard(c *checkedSnapshot, what string, err error) {
 	rebuild := "mvmctl bootstrap"
 	if sb.root != nil {
 		rebuild = "mvmctl template snapshot"
@@ -332,8 +348,12 @@ func (sb *Sandbox) discard(dir, what string, err error) {
 			rebuild += " " + sb.cfg.Template
 		}
 	}
-	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+rebuild+" rebuilds it)", "snapshot", dir, "err", err)
-	discardSnapshot(dir)
+	if !c.sameRecord() {
+		sb.log.Warn("the snapshot "+what+"; booting instead (it was replaced meanwhile)", "snapshot", c.dir, "err", err)
+		return
+	}
+	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+rebuild+" rebuilds it)", "snapshot", c.dir, "err", err)
+	discardSnapshot(c.dir)
 }
 
 // started records a machine that runs, and returns its undo.
@@ -345,14 +365,14 @@ func (sb *Sandbox) started(m backend.Machine) undoFunc {
 	return sb.stopVM
 }
 
-// snapshot returns the snapshot this sandbox can restore, or "" and why it
-// boots instead.
-func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
+// snapshot returns the snapshot this sandbox can restore, locked until
+// unlock (see lockSnapshots), or nil and why it boots instead.
+func (sb *Sandbox) snapshot(ctx context.Context) (c *checkedSnapshot, unlock func(), why string) {
 	switch {
 	case sb.cfg.NoSnapshot:
-		return "", "snapshots are off for this run"
+		return nil, nil, "snapshots are off for this run"
 	case len(sb.dirs) > snapshotDirSlots:
-		return "", fmt.Sprintf("more than %d shared directories", snapshotDirSlots)
+		return nil, nil, fmt.Sprintf("more than %d shared directories", snapshotDirSlots)
 	}
 	var t *template.Template
 	if sb.root != nil {
@@ -360,32 +380,41 @@ func (sb *Sandbox) snapshot(ctx context.Context) (dir, why string) {
 	}
 	key, err := snapshotKey(ctx, sb.cfg, sb.img, t)
 	if err != nil {
-		return "", err.Error()
+		return nil, nil, err.Error()
 	}
-	dir = snapshotDir(sb.cfg, key, sb.root)
-	if _, err := findSnapshot(dir, key); errors.Is(err, errCorruptSnapshot) {
-		sb.discard(dir, "is damaged", err)
-		return "", "its snapshot was damaged"
+	unlock, err = lockSnapshots(snapshotRoot(sb.cfg, sb.root))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil, "no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)"
 	} else if err != nil {
-		return "", err.Error()
+		return nil, nil, err.Error()
 	}
-	return dir, ""
+	dir := snapshotDir(sb.cfg, key, sb.root)
+	c, err = findSnapshot(dir, key)
+	if err != nil {
+		unlock()
+		if errors.Is(err, errCorruptSnapshot) {
+			sb.discard(c, "is damaged", err)
+			return nil, nil, "its snapshot was damaged"
+		}
+		return nil, nil, err.Error()
+	}
+	return c, unlock, ""
 }
 
-// restore starts the machine from the snapshot in dir, with the run's
-// disks in the snapshot's drive slots.
-func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, dir string) (backend.Machine, error) {
-	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(dir, "placeholder"), sb.run.Dir, 0)
+// restore starts the machine from the snapshot, with the run's disks in
+// the snapshot's drive slots.
+func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, c *checkedSnapshot) (backend.Machine, error) {
+	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(c.dir, "placeholder"), sb.run.Dir, 0)
 	if err != nil {
 		return nil, err
 	}
 	bc.Drives = drives
-	bc.Snapshot = &backend.Snapshot{Dir: dir, Restore: true}
+	bc.Snapshot = &backend.Snapshot{Dir: c.dir, Restore: true}
 	m, err := sb.cfg.backend.Start(ctx, bc)
 	if err != nil {
 		return nil, err
 	}
-	sb.restored, sb.snapDir = true, dir
+	sb.restored, sb.snap = true, c
 	return m, nil
 }
 
@@ -396,7 +425,25 @@ func (sb *Sandbox) stopVM(ctx context.Context) error {
 	if err := sb.m.Stop(stopCtx); err != nil {
 		sb.log.Warn("stop vm", "err", err)
 	}
+	sb.checkSnapshotIntact()
 	return nil
+}
+
+// checkSnapshotIntact makes sure a restored run left its snapshot as it
+// found it. The VMM maps the RAM file copy-on-write and never writes it;
+// QEMU before 8.2 still opens it read-write, so a guest that took over
+// its VMM could write it, and every later restore would run its code.
+// The file's change time shows any write; such a snapshot is discarded
+// loudly.
+func (sb *Sandbox) checkSnapshotIntact() {
+	c := sb.snap
+	if !sb.restored || c == nil || !c.sameRecord() {
+		return
+	}
+	if ram, err := statID(filepath.Join(c.dir, "ram")); err == nil && ram != c.ram {
+		sb.log.Error("the snapshot's RAM file changed while this run's VMM had it open; the snapshot is discarded (a VMM should never write it: report this)", "snapshot", c.dir)
+		discardSnapshot(c.dir)
+	}
 }
 
 // connect opens the agent session and waits for its hello, the guest's
@@ -413,8 +460,8 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 		_ = undo(ctx)
 	}
 	_ = sb.stopVM(ctx)
-	sb.discard(sb.snapDir, "restored into a guest that did not answer", err)
-	sb.restored, sb.client, sb.hello = false, nil, nil
+	sb.discard(sb.snap, "restored into a guest that did not answer", err)
+	sb.restored, sb.snap, sb.client, sb.hello = false, nil, nil, nil
 	if _, err := sb.coldBoot(ctx, sb.machineConfig()); err != nil {
 		return nil, err
 	}

@@ -36,7 +36,7 @@ import (
 
 // snapshotFormat changes whenever what a snapshot holds, or how runs use
 // it, changes.
-const snapshotFormat = "1"
+const snapshotFormat = "2"
 
 // snapshotDirSlots is how many shared directories a run may have and
 // still restore: each has a read-only slot for its image and a writable
@@ -61,9 +61,15 @@ type snapshotMeta struct {
 	// restore (it is small); RAMSize the RAM file's size.
 	StateSHA256 string `json:"state_sha256"`
 	RAMSize     int64  `json:"ram_size"`
-	CPUs        int    `json:"cpus"`
-	MemoryMiB   uint64 `json:"memory_mib"`
-	Accel       string `json:"accel"`
+	// RAMCtime is the RAM file's change time once saved, in nanoseconds:
+	// anything that writes, truncates or punches the file changes it, and
+	// nobody can set it back. A RAM file is too large to hash at every
+	// run; this catches a VMM that wrote its RAM file (see
+	// docs/snapshots.md) or anyone else who changed it.
+	RAMCtime  int64  `json:"ram_ctime_ns"`
+	CPUs      int    `json:"cpus"`
+	MemoryMiB uint64 `json:"memory_mib"`
+	Accel     string `json:"accel"`
 }
 
 // SnapshotInfo describes a saved snapshot.
@@ -146,44 +152,101 @@ func snapshotDir(r resolved, key string, root *rootPlan) string {
 }
 
 // errCorruptSnapshot marks a snapshot of the configuration asked for
-// whose files do not match its record (a RAM file of another size, a
-// device state with another digest): it is discarded, so that it is
-// rebuilt rather than checked again at every run.
+// whose files do not match its record (a RAM file of another size or
+// changed since it was saved, a device state with another digest): it is
+// discarded, so that it is rebuilt rather than checked again at every run.
 var errCorruptSnapshot = errors.New("corrupt snapshot")
 
-// findSnapshot checks the snapshot in dir against key, and returns dir or
-// why it cannot be used (errCorruptSnapshot for one that is damaged).
-func findSnapshot(dir, key string) (string, error) {
+// checkedSnapshot is a snapshot that matched its record, with what the
+// check saw: the record's bytes and the identity of its two files. A
+// snapshot is only ever replaced whole (a new directory, new files, then
+// a rename), so the same inodes later mean the same snapshot.
+type checkedSnapshot struct {
+	dir        string
+	record     []byte
+	ram, state fileID
+}
+
+// fileID is what tells one file from another, and a file from itself
+// changed: its inode and its change time.
+type fileID struct {
+	ino   uint64
+	ctime int64
+}
+
+func statID(path string) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return fileID{}, err
+	}
+	return fileID{ino: st.Ino, ctime: st.Ctim.Nano()}, nil
+}
+
+// findSnapshot checks the snapshot in dir against key, and returns it or
+// why it cannot be used: errCorruptSnapshot for one that is damaged, with
+// the snapshot as it was read (what to discard).
+func findSnapshot(dir, key string) (*checkedSnapshot, error) {
 	record := filepath.Join(dir, "snapshot.json")
 	b, err := os.ReadFile(record)
 	if errors.Is(err, os.ErrNotExist) {
-		return "", errors.New("no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)")
+		return nil, errors.New("no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)")
 	}
 	if err != nil {
-		return "", err
+		return nil, err
 	}
+	c := &checkedSnapshot{dir: dir, record: b}
 	var meta snapshotMeta
 	if err := json.Unmarshal(b, &meta); err != nil {
-		return "", fmt.Errorf("%w: its record: %w", errCorruptSnapshot, err)
+		return c, fmt.Errorf("%w: its record: %w", errCorruptSnapshot, err)
 	}
 	if meta.Format != snapshotFormat || meta.Key != key {
-		return "", errors.New("the snapshot was made for another configuration")
+		return nil, errors.New("the snapshot was made for another configuration")
 	}
 	var bad string
-	if fi, err := os.Stat(filepath.Join(dir, "ram")); err != nil || fi.Size() != meta.RAMSize {
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(dir, "ram"), &st); err != nil || st.Size != meta.RAMSize {
 		bad = "its RAM file is missing or not of the recorded size"
+	} else if st.Ctim.Nano() != meta.RAMCtime {
+		bad = "its RAM file was changed after it was saved"
+	} else if c.state, err = statID(filepath.Join(dir, "state")); err != nil {
+		bad = "its device state is missing"
 	} else if sum, err := fileSHA256(filepath.Join(dir, "state")); err != nil || sum != meta.StateSHA256 {
-		bad = "its device state is missing or does not match its digest"
+		bad = "its device state does not match its digest"
 	}
 	if bad == "" {
-		return dir, nil
+		c.ram = fileID{ino: st.Ino, ctime: st.Ctim.Nano()}
+		return c, nil
 	}
 	// A snapshot that another process replaced while this one looked
 	// (the files then come from two snapshots) is not damaged.
 	if again, err := os.ReadFile(record); err != nil || !bytes.Equal(again, b) {
-		return "", errors.New("the snapshot was being replaced")
+		return nil, errors.New("the snapshot was being replaced")
 	}
-	return "", fmt.Errorf("%w: %s", errCorruptSnapshot, bad)
+	return c, fmt.Errorf("%w: %s", errCorruptSnapshot, bad)
+}
+
+// unchanged reports whether the snapshot is still the one checked, its
+// RAM file unwritten: after a restore, that the VMM loaded the files that
+// were checked; after a run, that the run's VMM did not write the RAM
+// file it had open.
+func (c *checkedSnapshot) unchanged() bool {
+	b, err := os.ReadFile(filepath.Join(c.dir, "snapshot.json"))
+	if err != nil || !bytes.Equal(b, c.record) {
+		return false
+	}
+	ram, err := statID(filepath.Join(c.dir, "ram"))
+	if err != nil || ram != c.ram {
+		return false
+	}
+	state, err := statID(filepath.Join(c.dir, "state"))
+	return err == nil && state == c.state
+}
+
+// sameRecord reports whether the snapshot in dir still has the record
+// checked: the one to discard, not one that replaced it since.
+func (c *checkedSnapshot) sameRecord() bool {
+	b, err := os.ReadFile(filepath.Join(c.dir, "snapshot.json"))
+	return err == nil && bytes.Equal(b, c.record)
 }
 
 func fileSHA256(path string) (string, error) {
@@ -197,6 +260,36 @@ func fileSHA256(path string) (string, error) {
 		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// errSnapshotsLocked: a template's snapshots are being removed.
+var errSnapshotsLocked = errors.New("the template's snapshots are being removed")
+
+// lockSnapshots takes a shared lock on root/lock, the lock a template
+// store takes exclusively, without waiting, before it removes a
+// revision's snapshots: a run holds it from its check of a snapshot until
+// its VMM has the files open, and PrepareSnapshot while it makes one. A
+// root that does not exist (nothing to restore) is not made.
+func lockSnapshots(root string) (release func(), err error) {
+	f, err := os.OpenFile(filepath.Join(root, "lock"), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		f.Close()
+		return nil, errSnapshotsLocked
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { f.Close() }, nil
 }
 
 // discardSnapshot removes a snapshot that failed to restore, so that it
@@ -313,6 +406,11 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err := os.MkdirAll(snapshotRoot(r, root), 0o755); err != nil {
 		return SnapshotInfo{}, err
 	}
+	unlock, err := lockSnapshots(snapshotRoot(r, root))
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	defer unlock()
 	tmp, err := os.MkdirTemp(snapshotRoot(r, root), ".tmp-")
 	if err != nil {
 		return SnapshotInfo{}, err
@@ -364,12 +462,12 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
-	fi, err := os.Stat(filepath.Join(tmp, "ram"))
-	if err != nil {
+	var ram unix.Stat_t
+	if err := unix.Stat(filepath.Join(tmp, "ram"), &ram); err != nil {
 		return SnapshotInfo{}, err
 	}
 	meta := snapshotMeta{
-		Format: snapshotFormat, Key: key, Created: time.Now().UTC(), StateSHA256: sum, RAMSize: fi.Size(),
+		Format: snapshotFormat, Key: key, Created: time.Now().UTC(), StateSHA256: sum, RAMSize: ram.Size, RAMCtime: ram.Ctim.Nano(),
 		CPUs: r.CPUs, MemoryMiB: r.memMiB, Accel: string(r.accel.Kind),
 	}
 	b, err := json.MarshalIndent(meta, "", "  ")
@@ -400,7 +498,9 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 // of another snapshot format, those made from a kernel or initramfs file
 // that is gone or has changed since, and those of an older build of the
 // VMM binary that current (the key just saved) names. Snapshots of other
-// machine shapes that are still valid stay. A run restoring a snapshot
+// machine shapes that are still valid stay, and so does what other
+// processes are making. Leftovers of killed processes (snapshots moved
+// aside, half-made ones an hour old) go too. A run restoring a snapshot
 // removed here keeps its open files.
 func pruneStaleSnapshots(root, current string) {
 	ents, err := os.ReadDir(root)
@@ -409,11 +509,23 @@ func pruneStaleSnapshots(root, current string) {
 	}
 	vmm := keyField(current, "vmm")
 	for _, e := range ents {
-		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+		if !e.IsDir() {
 			continue
 		}
 		dir := filepath.Join(root, e.Name())
-		if staleSnapshot(dir, vmm) {
+		switch name := e.Name(); {
+		case strings.Contains(name, ".old-") || strings.Contains(name, ".discarded-"):
+			// Moved aside to be removed by a process that did not live
+			// to remove it.
+			_ = os.RemoveAll(dir)
+		case strings.HasPrefix(name, ".tmp-"):
+			// One being made takes seconds; an hour-old one was left by
+			// a PrepareSnapshot that was killed.
+			if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > time.Hour {
+				_ = os.RemoveAll(dir)
+			}
+		case strings.HasPrefix(name, "."):
+		case staleSnapshot(dir, vmm):
 			discardSnapshot(dir)
 		}
 	}
@@ -516,9 +628,10 @@ func SnapshotFor(ctx context.Context, cfg Config) (string, error) {
 		}
 		defer func() { _ = undo(context.Background()) }()
 	}
-	dir, why := sb.snapshot(ctx)
-	if dir == "" {
+	c, unlock, why := sb.snapshot(ctx)
+	if c == nil {
 		return "", errors.New(why)
 	}
-	return dir, nil
+	unlock()
+	return c.dir, nil
 }

@@ -60,6 +60,13 @@ func TestPruneStaleSnapshots(t *testing.T) {
 	snap("other-format", &snapshotMeta{Format: "0", Key: current})
 	snap("no-record", nil)
 	snap(".tmp-in-progress", nil)
+	snap(".tmp-left-by-a-killed-run", nil)
+	long := time.Now().Add(-2 * time.Hour)
+	if err := os.Chtimes(filepath.Join(root, ".tmp-left-by-a-killed-run"), long, long); err != nil {
+		t.Fatal(err)
+	}
+	snap("0123.old-xyz", &snapshotMeta{Format: snapshotFormat, Key: current})
+	snap("0123.discarded-xyz", &snapshotMeta{Format: snapshotFormat, Key: current})
 
 	pruneStaleSnapshots(root, current)
 

@@ -3,6 +3,8 @@ package mvm
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -19,13 +21,18 @@ import (
 // guest hangs), as a guest restored from a RAM file damaged on disk does.
 type snapFake struct {
 	*fakeBackend
-	onRestore func(*fakeMachine)
-	restores  int
+	onRestore  func(*fakeMachine)
+	restoreErr error // what a restore fails with
+	restores   int
 }
 
 func (b *snapFake) SnapshotKey(context.Context) (string, error) { return "fake-vmm", nil }
 
 func (b *snapFake) Start(ctx context.Context, cfg backend.Config) (backend.Machine, error) {
+	if cfg.Snapshot != nil && cfg.Snapshot.Restore && b.restoreErr != nil {
+		b.restores++
+		return nil, b.restoreErr
+	}
 	m, err := b.fakeBackend.Start(ctx, cfg)
 	if err == nil && cfg.Snapshot != nil && cfg.Snapshot.Restore {
 		b.restores++
@@ -64,35 +71,54 @@ func writeSnapshot(t *testing.T, cfg Config) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, _ := json.Marshal(snapshotMeta{Format: snapshotFormat, Key: key, StateSHA256: sum, RAMSize: int64(len("guest memory"))})
+	ram, err := statID(filepath.Join(dir, "ram"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(snapshotMeta{Format: snapshotFormat, Key: key, StateSHA256: sum, RAMSize: int64(len("guest memory")), RAMCtime: ram.ctime, Created: time.Now()})
 	if err := os.WriteFile(filepath.Join(dir, "snapshot.json"), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := findSnapshot(dir, key); err != nil || got != dir {
+	if got, err := findSnapshot(dir, key); err != nil || got.dir != dir {
 		t.Fatalf("the snapshot written is not usable: %v", err)
 	}
 	return dir
 }
 
-// TestSnapshotFailureBoots: a snapshot that is damaged on disk, or
-// restores into a guest that dies or does not answer, is discarded (so
-// that it is rebuilt, not tried again), the sandbox boots instead and
-// says why in its timings.
+// rewrite writes a file of a snapshot again, after a pause long enough
+// for its change time to move.
+func rewrite(path, data string) {
+	time.Sleep(20 * time.Millisecond)
+	_ = os.WriteFile(path, []byte(data), 0o644)
+}
+
+// TestSnapshotFailureBoots: a snapshot that is damaged on disk, that its
+// VMM rejects, or that restores into a guest that dies or does not
+// answer, is discarded (so that it is rebuilt, not tried again), the
+// sandbox boots instead and says why in its timings. A restore that fails
+// for the host's reasons, or races a new snapshot, boots and keeps the
+// snapshot. A run whose VMM wrote the RAM file discards it, loudly.
 func TestSnapshotFailureBoots(t *testing.T) {
 	defer func(d time.Duration) { restoreTimeout = d }(restoreTimeout)
 	restoreTimeout = 300 * time.Millisecond
 	tests := []struct {
-		name      string
-		damage    func(dir string)
-		onRestore func(*fakeMachine)
-		restores  int
-		why       string
+		name       string
+		damage     func(dir string)
+		onRestore  func(dir string, m *fakeMachine)
+		restoreErr error
+		duringRun  func(dir string)
+		restores   int
+		why        string
+		kept       bool   // the snapshot stays
+		log        string // what the one warning or error says
 	}{
-		{name: "guest dies", onRestore: func(m *fakeMachine) { m.crash() }, restores: 1,
+		{name: "guest dies", onRestore: func(_ string, m *fakeMachine) { m.crash() }, restores: 1,
 			why: "cold boot after the restored guest failed"},
-		{name: "guest hangs", onRestore: func(m *fakeMachine) { m.freeze() }, restores: 1,
+		{name: "guest hangs", onRestore: func(_ string, m *fakeMachine) { m.freeze() }, restores: 1,
 			why: "cold boot after the restored guest failed"},
 		{name: "RAM file truncated", damage: func(dir string) { _ = os.Truncate(filepath.Join(dir, "ram"), 3) },
+			why: "cold boot: its snapshot was damaged"},
+		{name: "RAM file rewritten", damage: func(dir string) { rewrite(filepath.Join(dir, "ram"), "guest MEMORY") },
 			why: "cold boot: its snapshot was damaged"},
 		{name: "state garbled", damage: func(dir string) { _ = os.WriteFile(filepath.Join(dir, "state"), []byte("device statf"), 0o644) },
 			why: "cold boot: its snapshot was damaged"},
@@ -100,15 +126,27 @@ func TestSnapshotFailureBoots(t *testing.T) {
 			why: "cold boot: its snapshot was damaged"},
 		{name: "record garbled", damage: func(dir string) { _ = os.WriteFile(filepath.Join(dir, "snapshot.json"), []byte("{"), 0o644) },
 			why: "cold boot: its snapshot was damaged"},
+		{name: "VMM rejects the state", restoreErr: fmt.Errorf("restore: %w: migration failed", backend.ErrSnapshotRejected), restores: 1,
+			why: "cold boot: its snapshot failed to restore"},
+		{name: "host error", restoreErr: errors.New("fork/exec qemu: resource temporarily unavailable"), restores: 1,
+			why: "cold boot: its snapshot failed to restore (kept)", kept: true, log: "could not restore the snapshot"},
+		{name: "replaced while restoring", restores: 1, onRestore: func(dir string, _ *fakeMachine) {
+			rewrite(filepath.Join(dir, "snapshot.json"), strings.Replace(readFile(dir, "snapshot.json"), `"created":"`, `"created":"1`, 1))
+		}, why: "cold boot: its snapshot was replaced while it restored", kept: true, log: "-"},
+		{name: "VMM writes the RAM file", restores: 1, duringRun: func(dir string) { rewrite(filepath.Join(dir, "ram"), "guest MEMORY") },
+			why: "restored from snapshot", log: "level=ERROR msg=\"the snapshot's RAM file changed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			b := &snapFake{fakeBackend: newFakeBackend(), onRestore: tt.onRestore}
+			b := &snapFake{fakeBackend: newFakeBackend(), restoreErr: tt.restoreErr}
 			cfg := fakeConfig(t, b.fakeBackend)
 			cfg.backend = b
 			logs := &syncWriter{}
 			cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 			dir := writeSnapshot(t, cfg)
+			if tt.onRestore != nil {
+				b.onRestore = func(m *fakeMachine) { tt.onRestore(dir, m) }
+			}
 			if tt.damage != nil {
 				tt.damage(dir)
 			}
@@ -118,28 +156,46 @@ func TestSnapshotFailureBoots(t *testing.T) {
 			if err != nil {
 				t.Fatalf("start: %v", err)
 			}
-			defer sb.Close(context.Background())
 			if _, err := sb.Exec(ctx, Cmd{Argv: []string{"true"}}); err != nil {
 				t.Fatalf("exec: %v", err)
 			}
-			if b.restores != tt.restores {
-				t.Errorf("%d restores, want %d", b.restores, tt.restores)
-			}
-			if _, err := os.Stat(dir); !os.IsNotExist(err) {
-				t.Errorf("the bad snapshot was kept: %v", err)
+			if tt.duringRun != nil {
+				tt.duringRun(dir)
 			}
 			var details []string
 			for _, tm := range sb.Timings() {
 				details = append(details, tm.Step+" ("+tm.Detail+")")
 			}
+			if _, err := sb.Close(context.Background()); err != nil {
+				t.Errorf("close: %v", err)
+			}
+			if b.restores != tt.restores {
+				t.Errorf("%d restores, want %d", b.restores, tt.restores)
+			}
+			if _, err := os.Stat(dir); tt.kept != (err == nil) {
+				t.Errorf("snapshot kept: %v, want %v", err == nil, tt.kept)
+			}
 			if !strings.Contains(strings.Join(details, ", "), tt.why) {
 				t.Errorf("timings %q do not say %q", details, tt.why)
 			}
-			if n := strings.Count(logs.String(), "level=WARN"); n != 1 || !strings.Contains(logs.String(), "mvmctl bootstrap rebuilds it") {
-				t.Errorf("want one warning naming the fix, got:\n%s", logs.String())
+			want := tt.log
+			if want == "" {
+				want = "mvmctl bootstrap rebuilds it"
+			}
+			lines := strings.Count(logs.String(), "level=")
+			switch {
+			case want == "-" && lines != 0:
+				t.Errorf("want no warning, got:\n%s", logs.String())
+			case want != "-" && (lines != 1 || !strings.Contains(logs.String(), want)):
+				t.Errorf("want one line saying %q, got:\n%s", want, logs.String())
 			}
 		})
 	}
+}
+
+func readFile(dir, name string) string {
+	b, _ := os.ReadFile(filepath.Join(dir, name))
+	return string(b)
 }
 
 // syncWriter collects log lines: the sandbox logs from several

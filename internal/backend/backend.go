@@ -10,6 +10,7 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"net"
 
 	"github.com/mvm-sh/mvm/internal/accel"
@@ -68,6 +69,12 @@ type Snapshot struct {
 	// number of runs can share one snapshot.
 	Restore bool
 }
+
+// ErrSnapshotRejected marks a restore that failed because of the snapshot
+// itself (the VMM refused its state, or died loading it), as opposed to
+// the host (no VMM binary, out of descriptors): the caller may throw such
+// a snapshot away.
+var ErrSnapshotRejected = errors.New("the VMM rejected the snapshot")
 
 // Snapshotter is implemented by backends that can save machines and start
 // machines from saved state (Config.Snapshot).

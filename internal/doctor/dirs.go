@@ -382,16 +382,16 @@ func checkSnapshots(ctx context.Context, h *Host, f *facts) Result {
 	n := 0
 	var size int64
 	for _, d := range snapshotDirs(h) {
-		entries, err := os.ReadDir(d)
-		if err != nil {
-			continue
-		}
-		for _, e := range entries {
-			if strings.HasPrefix(e.Name(), ".") {
-				continue
+		// A snapshot is a directory with its record: the default VM's
+		// right below, a template's one level further (by revision).
+		for _, pattern := range []string{"*/snapshot.json", "*/*/snapshot.json"} {
+			records, _ := filepath.Glob(filepath.Join(d, pattern))
+			for _, rec := range records {
+				if dir := filepath.Dir(rec); !strings.HasPrefix(filepath.Base(dir), ".") {
+					n++
+					size += diskusage.Of(dir)
+				}
 			}
-			n++
-			size += diskusage.Of(filepath.Join(d, e.Name()))
 		}
 	}
 	if n == 0 {

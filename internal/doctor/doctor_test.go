@@ -475,9 +475,14 @@ func TestTemplatesAndSnapshots(t *testing.T) {
 		}
 	}
 
-	snap := filepath.Join(f.CacheDir, "templates", "snapshots", "r1")
+	// A template revision's snapshot, with its record; a lock file and a
+	// half-made one beside it are not snapshots.
+	snap := filepath.Join(f.CacheDir, "templates", "snapshots", "r1", "0123abcd")
 	os.MkdirAll(snap, 0o755)
 	os.WriteFile(filepath.Join(snap, "ram"), bytes.Repeat([]byte{1}, 1<<20), 0o644)
+	os.WriteFile(filepath.Join(snap, "snapshot.json"), []byte("{}"), 0o644)
+	os.WriteFile(filepath.Join(filepath.Dir(snap), "lock"), nil, 0o644)
+	os.MkdirAll(filepath.Join(filepath.Dir(snap), ".tmp-1"), 0o755)
 	expect(t, f.run(t), "snapshots", OK, "1 snapshot (1.0 MiB)", "-")
 }
 

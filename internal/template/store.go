@@ -310,6 +310,11 @@ func (s *Store) readRecord(path, name string) (*Template, error) {
 		return nil, fmt.Errorf("template %q: record %s has format %d, this mvmctl reads %d", name, path, r.Format, recordFormat)
 	}
 	t := r.Template
+	// The revision names the template's snapshot directory, which Remove
+	// deletes: it must be one newRevision made.
+	if !revisionRE.MatchString(t.Revision) {
+		return nil, fmt.Errorf("template %q: corrupt record %s: revision %q", name, path, t.Revision)
+	}
 	for _, o := range t.objects() {
 		if !validDigest(o.digest) {
 			return nil, fmt.Errorf("template %q: corrupt record %s: digest %q", name, path, o.digest)
@@ -438,6 +443,10 @@ func syncDir(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
+
+// revisionRE matches what newRevision makes, and the revisions of
+// implicit templates (named by their image).
+var revisionRE = regexp.MustCompile(`^(image-)?[0-9a-f]{24}$`)
 
 func newRevision() string {
 	var b [12]byte

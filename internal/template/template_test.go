@@ -2,6 +2,7 @@ package template
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -688,5 +689,46 @@ func TestLeaseRacesPrune(t *testing.T) {
 	}
 	if n := listDir(t, s.objDir(kindImage)); len(n) != 1 {
 		t.Errorf("after the race and a prune: images %v, want the template's one", n)
+	}
+}
+
+// TestCorruptRevision: a record whose revision is not one the store made
+// (empty, or a path) is refused, never used to name the snapshots that
+// Remove deletes.
+func TestCorruptRevision(t *testing.T) {
+	s := newStore(t)
+	tree := t.TempDir()
+	if err := os.WriteFile(filepath.Join(tree, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(context.Background(), "t", Spec{Dir: tree}, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(s.CacheDir(), "snapshots", "other-revision")
+	if err := os.MkdirAll(other, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	record := s.recordPath("t")
+	b, err := os.ReadFile(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, rev := range []string{"", "..", "../../data", "0123"} {
+		m["revision"] = rev
+		b, _ := json.Marshal(m)
+		if err := os.WriteFile(record, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Get("t"); err == nil || !strings.Contains(err.Error(), "revision") {
+			t.Errorf("revision %q: Get gave %v", rev, err)
+		}
+		_ = s.Remove("t")
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("another revision's snapshots went: %v", err)
 	}
 }

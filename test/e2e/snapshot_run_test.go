@@ -376,7 +376,35 @@ func privateCache(t *testing.T) (cache, snap string) {
 			t.Fatalf("copy the cache: %v %s", err, out)
 		}
 	}
-	return cache, filepath.Join(cache, "snapshots", filepath.Base(suiteSnapshot(t)))
+	snap = filepath.Join(cache, "snapshots", filepath.Base(suiteSnapshot(t)))
+	// A copied RAM file has a change time of its own, which its record
+	// does not know (a snapshot copied with the cache is not used).
+	agreeRecord(t, snap)
+	return cache, snap
+}
+
+// agreeRecord makes the snapshot's record agree with its RAM file's
+// change time, as if the file had been saved as it is.
+func agreeRecord(t *testing.T, snap string) {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(snap, "ram"), &st); err != nil {
+		t.Fatal(err)
+	}
+	record := filepath.Join(snap, "snapshot.json")
+	var meta map[string]any
+	b, err := os.ReadFile(record)
+	if err == nil {
+		err = json.Unmarshal(b, &meta)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Numbers come back as float64: ram_ctime_ns is written whole.
+	meta["ram_ctime_ns"] = st.Ctim.Nano()
+	if b, err = json.Marshal(meta); err != nil || os.WriteFile(record, b, 0o644) != nil {
+		t.Fatal("cannot rewrite the record", err)
+	}
 }
 
 // TestSnapshotRunDamaged damages the snapshot's files on disk. Each time
@@ -384,8 +412,9 @@ func privateCache(t *testing.T) (cache, snap string) {
 // is discarded: the next run boots (and -v says there is no snapshot)
 // until `mvmctl bootstrap` makes a new one, which restores. The device
 // state is checked against its digest before QEMU sees it; the RAM file
-// is too large to check at every run, and zeroed it restores into a
-// guest that dies, which the run notices at its hello.
+// is too large to hash at every run: its size and change time are
+// checked, and one zeroed behind the record's back restores into a guest
+// that dies, which the run notices at its hello.
 func TestSnapshotRunDamaged(t *testing.T) {
 	garble := func(path string, off, n int64) {
 		f, err := os.OpenFile(path, os.O_WRONLY, 0)
@@ -429,7 +458,14 @@ func TestSnapshotRunDamaged(t *testing.T) {
 			if os.Truncate(ram, 0) != nil || os.Truncate(ram, fi.Size()) != nil {
 				t.Fatal("cannot zero the RAM file")
 			}
+			// A file system that loses blocks leaves the change time as
+			// it was; the record is made to agree, so that the damage
+			// reaches the guest.
+			agreeRecord(t, snap)
 		}},
+		// Written in place, as a VMM that wrote its RAM file would leave
+		// it: caught by the file's change time before anything restores.
+		{"RAM rewritten", func(snap string) { garble(filepath.Join(snap, "ram"), 1<<20, 4096) }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -448,7 +484,7 @@ func TestSnapshotRunDamaged(t *testing.T) {
 				t.Errorf("want one warning line, got %q", r.stderr)
 			}
 			t.Logf("%s", r.stderr)
-			if ents, _ := os.ReadDir(filepath.Join(cache, "snapshots")); len(ents) != 0 {
+			if ents, _ := os.ReadDir(filepath.Join(cache, "snapshots")); len(ents) != 1 || ents[0].Name() != "lock" {
 				t.Errorf("the damaged snapshot was kept: %v", ents)
 			}
 			if tt.name == "RAM zeroed" {

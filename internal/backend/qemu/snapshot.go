@@ -110,6 +110,10 @@ func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) 
 	}
 	qmpReady := time.Since(start)
 	if err := m.waitMigration(ctx, "query-migrate"); err != nil {
+		if ctx.Err() == nil {
+			// The state did not load into this VMM: the snapshot's fault.
+			err = fmt.Errorf("%w: %w", backend.ErrSnapshotRejected, err)
+		}
 		return fmt.Errorf("restore: %w", err)
 	}
 	loaded := time.Since(start)
