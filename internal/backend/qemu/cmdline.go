@@ -48,12 +48,21 @@ type argsConfig struct {
 	// runAs ("uid:gid") and chroot confine the VMM once it has opened
 	// its files (as root only).
 	runAs, chroot string
+	// ramReadOnly restores with the RAM file opened read-only (QEMU 8.2
+	// and later: readonly=on,rom=off); see snapshotRAMReadOnly.
+	ramReadOnly bool
 }
 
 // Snapshot files in Snapshot.Dir.
 const (
 	snapshotRAM   = "ram"
 	snapshotState = "state"
+	// snapshotRAMReadOnly marks a snapshot saved by a QEMU that can map
+	// a read-only RAM file copy-on-write (memory-backend-file's "rom"
+	// property, QEMU 8.2): its restores then open the RAM file read-only,
+	// so not even a VMM the guest took over can write it. Older QEMU
+	// opens it read-write, whatever the mapping.
+	snapshotRAMReadOnly = "ram-readonly"
 )
 
 // agentPortID is the agent port's device id, which QMP's VSERPORT_CHANGE
@@ -101,6 +110,9 @@ func buildArgs(a argsConfig) ([]string, error) {
 		share := "on"
 		if sn.Restore {
 			share = "off"
+			if a.ramReadOnly {
+				share += ",readonly=on,rom=off"
+			}
 		}
 		machine += ",memory-backend=ram0"
 		memArgs = []string{"-object", "memory-backend-file,id=ram0,size=" + strconv.FormatUint(c.MemoryMiB, 10) + "M" +

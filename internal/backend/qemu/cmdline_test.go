@@ -189,6 +189,63 @@ var goldenCases = []goldenCase{
 	},
 }
 
+func init() {
+	restore := func(readOnly bool) func(a *argsConfig) {
+		return func(a *argsConfig) {
+			a.cfg.Snapshot = &backend.Snapshot{Dir: "/var/cache/mvm/snapshots/0123", Restore: true}
+			a.ramReadOnly = readOnly
+		}
+	}
+	goldenCases = append(goldenCases,
+		goldenCase{
+			name: "snapshot-save",
+			modify: func(a *argsConfig) {
+				a.cfg.Snapshot = &backend.Snapshot{Dir: "/var/cache/mvm/snapshots/.tmp-1"}
+			},
+			check: func(t *testing.T, args []string) {
+				// Booted with its RAM written through to the file.
+				wantSeq(t, args, "-object", "memory-backend-file,id=ram0,size=512M,mem-path=/var/cache/mvm/snapshots/.tmp-1/ram,share=on")
+				if slices.Contains(args, "-incoming") {
+					t.Errorf("a machine to snapshot boots, it does not wait for state: %q", args)
+				}
+			},
+		},
+		goldenCase{
+			name:   "snapshot-restore",
+			modify: restore(false),
+			check: func(t *testing.T, args []string) {
+				wantSeq(t, args, "-object", "memory-backend-file,id=ram0,size=512M,mem-path=/var/cache/mvm/snapshots/0123/ram,share=off")
+				wantSeq(t, args, "-incoming", "defer")
+			},
+		},
+		goldenCase{
+			name:   "snapshot-restore-readonly",
+			modify: restore(true),
+			check: func(t *testing.T, args []string) {
+				// Opened read-only, mapped writable and private.
+				wantSeq(t, args, "-object", "memory-backend-file,id=ram0,size=512M,mem-path=/var/cache/mvm/snapshots/0123/ram,share=off,readonly=on,rom=off")
+			},
+		},
+	)
+}
+
+func TestHasROMProperty(t *testing.T) {
+	for _, tc := range []struct {
+		name, help string
+		want       bool
+	}{
+		// QEMU 7.2, as Debian 12 has it.
+		{"7.2", "memory-backend-file options:\n  align=<int>\n  readonly=<bool>\n  reserve=<bool>         - Reserve swap space\n  share=<bool>           - Mark the memory as private to QEMU or shared\n", false},
+		{"8.2", "memory-backend-file options:\n  readonly=<bool>\n  rom=<OnOffAuto>        - Whether to create Read Only Memory (ROM)\n  share=<bool>\n", true},
+		{"a value mentioning rom", "  x-note=<str> - see rom=on\n", false},
+		{"empty", "", false},
+	} {
+		if got := hasROMProperty([]byte(tc.help)); got != tc.want {
+			t.Errorf("%s: hasROMProperty = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
 func TestBuildArgsGolden(t *testing.T) {
 	for _, tc := range goldenCases {
 		t.Run(tc.name, func(t *testing.T) {

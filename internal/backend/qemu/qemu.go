@@ -146,8 +146,10 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		}
 		childEnds = append(childEnds, state)
 		incomingFD = 2 + len(childEnds)
+		_, err = os.Stat(filepath.Join(sn.Dir, snapshotRAMReadOnly))
+		a.ramReadOnly = err == nil
 	}
-	m.snapshot = cfg.Snapshot
+	m.snapshot, m.bin = cfg.Snapshot, bin
 	var jailer string
 	if b.Confine && os.Geteuid() == 0 {
 		if jailer, err = FindJailer(); err != nil {
@@ -336,6 +338,7 @@ type machine struct {
 	err      error // set before done is closed
 
 	snapshot *backend.Snapshot
+	bin      string // the QEMU binary
 
 	doneOnce sync.Once
 	done     chan struct{} // the guest can no longer run

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -95,7 +97,35 @@ func (m *machine) SaveSnapshot(ctx context.Context) error {
 		return err
 	}
 	defer ram.Close()
-	return ram.Sync()
+	if err := ram.Sync(); err != nil {
+		return err
+	}
+	if canMapReadOnlyRAM(ctx, m.bin) {
+		return os.WriteFile(filepath.Join(m.snapshot.Dir, snapshotRAMReadOnly), nil, 0o644)
+	}
+	return nil
+}
+
+// canMapReadOnlyRAM asks QEMU whether its memory-backend-file has the
+// "rom" property (QEMU 8.2), which lets a restore open the RAM file
+// read-only and still map it writable, copy-on-write. It runs once per
+// snapshot saved, never on the exec path.
+func canMapReadOnlyRAM(ctx context.Context, bin string) bool {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "-object", "memory-backend-file,help").Output()
+	return err == nil && hasROMProperty(out)
+}
+
+// hasROMProperty reads QEMU's "-object memory-backend-file,help", one
+// property per line ("  rom=<OnOffAuto> - ...").
+func hasROMProperty(help []byte) bool {
+	for line := range strings.SplitSeq(string(help), "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "rom=") {
+			return true
+		}
+	}
+	return false
 }
 
 // restore loads the saved device state into a VMM started with -incoming
