@@ -341,13 +341,7 @@ func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, e
 // it again; the run boots. A snapshot that replaced the one checked
 // meanwhile is left alone.
 func (sb *Sandbox) discard(c *checkedSnapshot, what string, err error) {
-	rebuild := "mvmctl bootstrap"
-	if sb.root != nil {
-		rebuild = "mvmctl template snapshot"
-		if sb.cfg.Template != "" {
-			rebuild += " " + sb.cfg.Template
-		}
-	}
+	rebuild := sb.snapshotFix()
 	if !c.sameRecord() {
 		sb.log.Warn("the snapshot "+what+"; booting instead (it was replaced meanwhile)", "snapshot", c.dir, "err", err)
 		return
@@ -363,6 +357,21 @@ func (sb *Sandbox) started(m backend.Machine) undoFunc {
 		sb.log.Warn("record vmm pid", "err", err)
 	}
 	return sb.stopVM
+}
+
+// snapshotFix is the command that (re)makes this sandbox's snapshot.
+func (sb *Sandbox) snapshotFix() string {
+	fix := "mvmctl template snapshot"
+	switch {
+	case sb.root == nil:
+		fix = "mvmctl bootstrap"
+	case sb.cfg.Template != "":
+		fix += " " + sb.cfg.Template
+	}
+	if sb.cfg.CPUs != DefaultCPUs || sb.cfg.memMiB != DefaultMemory>>20 {
+		fix += fmt.Sprintf(" --cpus %d --memory %dM", sb.cfg.CPUs, sb.cfg.memMiB)
+	}
+	return fix
 }
 
 // snapshot returns the snapshot this sandbox can restore, locked until
@@ -384,14 +393,17 @@ func (sb *Sandbox) snapshot(ctx context.Context) (c *checkedSnapshot, unlock fun
 	}
 	unlock, err = lockSnapshots(snapshotRoot(sb.cfg, sb.root))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, "no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)"
-	} else if err != nil {
-		return nil, nil, err.Error()
+		err = errNoSnapshot
+	} else if err == nil {
+		c, err = findSnapshot(snapshotDir(sb.cfg, key, sb.root), key)
+		if err != nil {
+			unlock()
+		}
 	}
-	dir := snapshotDir(sb.cfg, key, sb.root)
-	c, err = findSnapshot(dir, key)
+	if errors.Is(err, errNoSnapshot) {
+		return nil, nil, err.Error() + " (" + sb.snapshotFix() + " makes one)"
+	}
 	if err != nil {
-		unlock()
 		if errors.Is(err, errCorruptSnapshot) {
 			sb.discard(c, "is damaged", err)
 			return nil, nil, "its snapshot was damaged"

@@ -189,7 +189,7 @@ func findSnapshot(dir, key string) (*checkedSnapshot, error) {
 	record := filepath.Join(dir, "snapshot.json")
 	b, err := os.ReadFile(record)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, errors.New("no snapshot for this configuration (mvmctl bootstrap, or template snapshot, makes one)")
+		return nil, errNoSnapshot
 	}
 	if err != nil {
 		return nil, err
@@ -261,6 +261,10 @@ func fileSHA256(path string) (string, error) {
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
+
+// errNoSnapshot: nothing saved for this configuration (yet, or since the
+// kernel, the agent, QEMU or the machine's shape changed).
+var errNoSnapshot = errors.New("no snapshot for this configuration")
 
 // errSnapshotsLocked: a template's snapshots are being removed.
 var errSnapshotsLocked = errors.New("the template's snapshots are being removed")

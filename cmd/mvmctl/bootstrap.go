@@ -20,6 +20,9 @@ type bootstrapOptions struct {
 	jobs       int
 	noCompile  bool
 	noSnapshot bool
+	// cpus and memory shape the machine snapshotted.
+	cpus   int
+	memory string
 }
 
 func newBootstrapCommand(g *globalOptions) *cobra.Command {
@@ -34,8 +37,10 @@ func newBootstrapCommand(g *globalOptions) *cobra.Command {
     fragment, and cached by a hash of its inputs;
   - an initramfs holding the mvm guest agent and a static busybox userland.
 
-  - a snapshot of the default VM (2 vCPUs, 512M) booted to its agent, which
-    "mvmctl exec" restores instead of booting (see docs/snapshots.md).
+  - a snapshot of the default VM (2 vCPUs, 512M, or --cpus and --memory)
+    booted to its agent, which "mvmctl exec" restores instead of booting
+    when it asks for that machine (see docs/snapshots.md). Snapshots of
+    other shapes made before stay.
 
 It is idempotent: when nothing changed it only checks the cache (the
 snapshot is taken again, a second or two). With --kernel it uses your
@@ -45,7 +50,8 @@ built in).`,
   mvmctl bootstrap -j 4
   mvmctl bootstrap --kernel ./vmlinux   # boot your own kernel instead
   mvmctl bootstrap --no-compile         # in CI: fail fast when the kernel is not cached
-  mvmctl bootstrap --no-snapshot        # no snapshot of the default VM (every exec boots)`,
+  mvmctl bootstrap --no-snapshot        # no snapshot of the default VM (every exec boots)
+  mvmctl bootstrap --cpus 4 --memory 2G # also snapshot the machine of exec --cpus 4 --memory 2G`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBootstrap(cmd, g, o)
@@ -56,10 +62,20 @@ built in).`,
 	f.IntVarP(&o.jobs, "jobs", "j", 0, "parallel compile jobs (default: one per CPU)")
 	f.BoolVar(&o.noCompile, "no-compile", false, "fail instead of compiling the kernel when it is not cached")
 	f.BoolVar(&o.noSnapshot, "no-snapshot", false, "do not snapshot the default VM")
+	f.IntVar(&o.cpus, "cpus", mvm.DefaultCPUs, "vCPUs of the machine to snapshot (runs with that --cpus restore it)")
+	f.StringVar(&o.memory, "memory", units.FormatMiB(mvm.DefaultMemory>>20), "guest memory of the machine to snapshot (runs with that --memory restore it)")
 	return cmd
 }
 
 func runBootstrap(cmd *cobra.Command, g *globalOptions, o *bootstrapOptions) error {
+	// The snapshot's machine is checked before minutes of kernel build.
+	mem, err := units.ParseMemory(o.memory)
+	if err != nil {
+		return err
+	}
+	if o.cpus < 1 || o.cpus > mvm.MaxCPUs {
+		return fmt.Errorf("--cpus must be 1..%d, got %d", mvm.MaxCPUs, o.cpus)
+	}
 	cache, err := xdg.CacheDir()
 	if err != nil {
 		return err
@@ -87,7 +103,10 @@ func runBootstrap(cmd *cobra.Command, g *globalOptions, o *bootstrapOptions) err
 		return nil
 	}
 	p.println("snapshot: booting the default VM to save it")
-	info, err := mvm.PrepareSnapshot(cmd.Context(), mvm.Config{CacheDir: cache, Logger: g.log, Accel: mvm.Accel(envOr("MVM_ACCEL", "auto"))})
+	info, err := mvm.PrepareSnapshot(cmd.Context(), mvm.Config{
+		CacheDir: cache, Logger: g.log, Accel: mvm.Accel(envOr("MVM_ACCEL", "auto")),
+		CPUs: o.cpus, Memory: int64(mem) << 20,
+	})
 	if err != nil {
 		return fmt.Errorf("snapshot the default VM: %w", err)
 	}

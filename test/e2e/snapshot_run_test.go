@@ -359,6 +359,37 @@ func TestSnapshotRunStaleKey(t *testing.T) {
 	if r.code != 0 || string(r.stdout) != "3\n" || r.restored || !strings.HasPrefix(r.why, "no snapshot for this configuration") {
 		t.Errorf("--cpus 3: %+v\n%s", r.started, r)
 	}
+	if want := "(mvmctl bootstrap --cpus 3 --memory 512M makes one)"; !strings.Contains(r.why, want) {
+		t.Errorf("--cpus 3: the reason %q does not say %q", r.why, want)
+	}
+	e.assertClean()
+}
+
+// TestSnapshotBootstrapShape: bootstrap --cpus --memory snapshots that
+// machine too, which runs of that shape restore; the default machine's
+// snapshot stays.
+func TestSnapshotBootstrapShape(t *testing.T) {
+	kernel, err := userKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t)
+	env := []string{"MVM_CACHE_DIR=" + filepath.Join(t.TempDir(), "cache")}
+	for _, args := range [][]string{nil, {"--cpus", "1", "--memory", "256M"}} {
+		if r, err := runMvmctl(e.environ(env...), nil, append([]string{"bootstrap", "--kernel", kernel}, args...)...); err != nil || r.code != 0 {
+			t.Fatalf("bootstrap %q: %v %s", args, err, r)
+		}
+	}
+	r := e.execV(nil, env, "--cpus", "1", "--memory", "256M", "--", "sh", "-c", "nproc; grep -c . /proc/meminfo >/dev/null && echo ok")
+	if r.code != 0 || string(r.stdout) != "1\nok\n" || !r.restored {
+		t.Errorf("a run of the snapshotted shape: %+v\n%s", r.started, r)
+	}
+	if r := e.execV(nil, env, "--", "nproc"); r.code != 0 || string(r.stdout) != "2\n" || !r.restored {
+		t.Errorf("a run of the default shape: %+v\n%s", r.started, r)
+	}
+	if r, err := runMvmctl(e.environ(env...), nil, "bootstrap", "--kernel", kernel, "--memory", "12Q"); err != nil || r.code != 125 || !strings.Contains(string(r.stderr), `invalid memory size "12Q"`) {
+		t.Errorf("bootstrap --memory 12Q: %v %s", err, r)
+	}
 	e.assertClean()
 }
 
