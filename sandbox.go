@@ -80,8 +80,9 @@ type Sandbox struct {
 	// keepalive settings, fixed at start
 	pingEvery, pingTimeout time.Duration
 
-	restored bool             // the machine came from a snapshot
-	snap     *checkedSnapshot // the snapshot it came from
+	restored      bool             // the machine came from a snapshot
+	snap          *checkedSnapshot // the snapshot it came from
+	snapDiscarded bool             // this run discarded it
 
 	mu         sync.Mutex
 	closing    bool
@@ -292,19 +293,18 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		m, err := sb.restore(ctx, bc, snap)
 		unlock()
 		switch {
-		case err == nil && snap.unchanged():
+		case err == nil:
 			sb.life.annotate("restored from snapshot " + snap.dir)
 			return sb.started(m), nil
-		case err == nil:
-			// Replaced between the check and the VMM opening its files:
-			// the machine may be half one snapshot, half the other. The
-			// new one is not to blame.
-			sb.m = m
-			_ = sb.stopVM(ctx)
-			sb.restored, sb.snap, sb.m = false, nil, nil
-			why = "its snapshot was replaced while it restored"
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
+		case errors.Is(err, errSnapshotReplaced):
+			// bootstrap replaced it meanwhile: the VMM may have the old
+			// state and the new RAM. The new one is not to blame.
+			why = "its snapshot was replaced while it restored"
+		case errors.Is(err, errSnapshotWritten):
+			sb.tampered(snap)
+			why = "its snapshot was written while it restored"
 		case errors.Is(err, backend.ErrSnapshotRejected):
 			sb.discard(snap, "could not be restored", err)
 			why = "its snapshot failed to restore"
@@ -341,13 +341,28 @@ func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, e
 // it again; the run boots. A snapshot that replaced the one checked
 // meanwhile is left alone.
 func (sb *Sandbox) discard(c *checkedSnapshot, what string, err error) {
-	rebuild := sb.snapshotFix()
-	if !c.sameRecord() {
+	if sb.snapDiscarded {
+		return
+	}
+	sb.snapDiscarded = true
+	if !discardChecked(c) {
 		sb.log.Warn("the snapshot "+what+"; booting instead (it was replaced meanwhile)", "snapshot", c.dir, "err", err)
 		return
 	}
-	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+rebuild+" rebuilds it)", "snapshot", c.dir, "err", err)
-	discardSnapshot(c.dir)
+	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+sb.snapshotFix()+" rebuilds it)", "snapshot", c.dir, "err", err)
+}
+
+// tampered discards a snapshot whose RAM file or state was written in
+// place while a run had it open, loudly: no VMM writes them, so one that
+// did was likely taken over by its guest (QEMU before 8.2 opens the RAM
+// file read-write), and every later restore would run what it wrote.
+func (sb *Sandbox) tampered(c *checkedSnapshot) {
+	if sb.snapDiscarded {
+		return
+	}
+	sb.snapDiscarded = true
+	discardChecked(c)
+	sb.log.Error("the snapshot's RAM file or state was written while a run had it open; the snapshot is discarded ("+sb.snapshotFix()+" makes a new one; a VMM never writes it: report this)", "snapshot", c.dir)
 }
 
 // started records a machine that runs, and returns its undo.
@@ -421,7 +436,7 @@ func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, c *checkedSna
 		return nil, err
 	}
 	bc.Drives = drives
-	bc.Snapshot = &backend.Snapshot{Dir: c.dir, Restore: true}
+	bc.Snapshot = &backend.Snapshot{Dir: c.dir, Restore: true, BeforeResume: c.checkBeforeResume}
 	m, err := sb.cfg.backend.Start(ctx, bc)
 	if err != nil {
 		return nil, err
@@ -442,19 +457,10 @@ func (sb *Sandbox) stopVM(ctx context.Context) error {
 }
 
 // checkSnapshotIntact makes sure a restored run left its snapshot as it
-// found it. The VMM maps the RAM file copy-on-write and never writes it;
-// QEMU before 8.2 still opens it read-write, so a guest that took over
-// its VMM could write it, and every later restore would run its code.
-// The file's change time shows any write; such a snapshot is discarded
-// loudly.
+// found it (see tampered); the file's change time shows any write.
 func (sb *Sandbox) checkSnapshotIntact() {
-	c := sb.snap
-	if !sb.restored || c == nil || !c.sameRecord() {
-		return
-	}
-	if ram, err := statID(filepath.Join(c.dir, "ram")); err == nil && ram != c.ram {
-		sb.log.Error("the snapshot's RAM file changed while this run's VMM had it open; the snapshot is discarded (a VMM should never write it: report this)", "snapshot", c.dir)
-		discardSnapshot(c.dir)
+	if c := sb.snap; sb.restored && c != nil && c.change() == snapshotWritten {
+		sb.tampered(c)
 	}
 }
 

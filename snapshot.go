@@ -225,28 +225,58 @@ func findSnapshot(dir, key string) (*checkedSnapshot, error) {
 	return c, fmt.Errorf("%w: %s", errCorruptSnapshot, bad)
 }
 
-// unchanged reports whether the snapshot is still the one checked, its
-// RAM file unwritten: after a restore, that the VMM loaded the files that
-// were checked; after a run, that the run's VMM did not write the RAM
-// file it had open.
-func (c *checkedSnapshot) unchanged() bool {
+// What became of a checked snapshot.
+type snapshotChange int
+
+const (
+	snapshotSame     snapshotChange = iota
+	snapshotReplaced                // a new one (record, files) took its place
+	snapshotWritten                 // its RAM file or state was written in place
+)
+
+// errSnapshotReplaced and errSnapshotWritten: the files a restoring VMM
+// opened are not the snapshot that was checked.
+var (
+	errSnapshotReplaced = errors.New("the snapshot was replaced while it restored")
+	errSnapshotWritten  = errors.New("the snapshot's RAM file or state was written while it restored")
+)
+
+// change says whether the snapshot is still the one checked: after its
+// state is loaded, that the VMM has the files that were checked; after a
+// run, that the run's VMM did not write the RAM file it had open. A
+// snapshot is only ever replaced whole (new files, then a rename), so
+// other inodes mean another snapshot, and the same inode with another
+// change time the same file written.
+func (c *checkedSnapshot) change() snapshotChange {
 	b, err := os.ReadFile(filepath.Join(c.dir, "snapshot.json"))
 	if err != nil || !bytes.Equal(b, c.record) {
-		return false
+		return snapshotReplaced
 	}
-	ram, err := statID(filepath.Join(c.dir, "ram"))
-	if err != nil || ram != c.ram {
-		return false
+	for _, f := range []struct {
+		name string
+		id   fileID
+	}{{"ram", c.ram}, {"state", c.state}} {
+		now, err := statID(filepath.Join(c.dir, f.name))
+		switch {
+		case err != nil || now.ino != f.id.ino:
+			return snapshotReplaced
+		case now.ctime != f.id.ctime:
+			return snapshotWritten
+		}
 	}
-	state, err := statID(filepath.Join(c.dir, "state"))
-	return err == nil && state == c.state
+	return snapshotSame
 }
 
-// sameRecord reports whether the snapshot in dir still has the record
-// checked: the one to discard, not one that replaced it since.
-func (c *checkedSnapshot) sameRecord() bool {
-	b, err := os.ReadFile(filepath.Join(c.dir, "snapshot.json"))
-	return err == nil && bytes.Equal(b, c.record)
+// checkBeforeResume is the restore's BeforeResume: the guest runs only
+// from the snapshot that was checked.
+func (c *checkedSnapshot) checkBeforeResume() error {
+	switch c.change() {
+	case snapshotReplaced:
+		return errSnapshotReplaced
+	case snapshotWritten:
+		return errSnapshotWritten
+	}
+	return nil
 }
 
 func fileSHA256(path string) (string, error) {
@@ -304,6 +334,24 @@ func discardSnapshot(dir string) {
 	if os.Rename(dir, trash) == nil {
 		_ = os.RemoveAll(trash)
 	}
+}
+
+// discardChecked removes the snapshot c checked, and only that one: it is
+// moved aside first, and put back when what was moved turns out to be a
+// snapshot that replaced it meanwhile. It reports whether it removed it.
+func discardChecked(c *checkedSnapshot) bool {
+	trash := c.dir + ".discarded-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	if os.Rename(c.dir, trash) != nil {
+		return false
+	}
+	if b, err := os.ReadFile(filepath.Join(trash, "snapshot.json")); err == nil && !bytes.Equal(b, c.record) {
+		// Another snapshot: back in place, unless yet another came.
+		if os.Rename(trash, c.dir) == nil {
+			return false
+		}
+	}
+	_ = os.RemoveAll(trash)
+	return true
 }
 
 // slotDrives is the drive layout of a snapshotted machine: on a template,

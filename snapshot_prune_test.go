@@ -83,3 +83,35 @@ func TestPruneStaleSnapshots(t *testing.T) {
 		t.Errorf("left %q, want %q", left, want)
 	}
 }
+
+// TestDiscardChecked: discarding removes the snapshot that was checked,
+// never one that replaced it since.
+func TestDiscardChecked(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "0123")
+	write := func(record string) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "snapshot.json"), []byte(record), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(`{"created":"old"}`)
+	if !discardChecked(&checkedSnapshot{dir: dir, record: []byte(`{"created":"old"}`)}) {
+		t.Error("the checked snapshot was not discarded")
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("the checked snapshot is still there: %v", err)
+	}
+	write(`{"created":"new"}`)
+	if discardChecked(&checkedSnapshot{dir: dir, record: []byte(`{"created":"old"}`)}) {
+		t.Error("discarded a snapshot that replaced the one checked")
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "snapshot.json")); err != nil || string(b) != `{"created":"new"}` {
+		t.Errorf("the new snapshot: %q %v", b, err)
+	}
+	if ents, _ := os.ReadDir(root); len(ents) != 1 {
+		t.Errorf("left in the root: %v", ents)
+	}
+}

@@ -39,6 +39,13 @@ func (b *snapFake) Start(ctx context.Context, cfg backend.Config) (backend.Machi
 		if b.onRestore != nil {
 			b.onRestore(m.(*fakeMachine))
 		}
+		// The state is loaded; the guest resumes only if the check says so.
+		if check := cfg.Snapshot.BeforeResume; check != nil {
+			if err := check(); err != nil {
+				_ = m.Stop(ctx)
+				return nil, err
+			}
+		}
 	}
 	return m, err
 }
@@ -133,8 +140,10 @@ func TestSnapshotFailureBoots(t *testing.T) {
 		{name: "replaced while restoring", restores: 1, onRestore: func(dir string, _ *fakeMachine) {
 			rewrite(filepath.Join(dir, "snapshot.json"), strings.Replace(readFile(dir, "snapshot.json"), `"created":"`, `"created":"1`, 1))
 		}, why: "cold boot: its snapshot was replaced while it restored", kept: true, log: "-"},
+		{name: "RAM file written while restoring", restores: 1, onRestore: func(dir string, _ *fakeMachine) { rewrite(filepath.Join(dir, "ram"), "guest MEMORY") },
+			why: "cold boot: its snapshot was written while it restored", log: "level=ERROR msg=\"the snapshot's RAM file or state was written"},
 		{name: "VMM writes the RAM file", restores: 1, duringRun: func(dir string) { rewrite(filepath.Join(dir, "ram"), "guest MEMORY") },
-			why: "restored from snapshot", log: "level=ERROR msg=\"the snapshot's RAM file changed"},
+			why: "restored from snapshot", log: "level=ERROR msg=\"the snapshot's RAM file or state was written"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -68,6 +68,12 @@ type Snapshot struct {
 	// file is then mapped copy-on-write: no run ever writes it, so any
 	// number of runs can share one snapshot.
 	Restore bool
+	// BeforeResume, when set, is called once the saved state is loaded
+	// and before the restored guest runs: an error stops the machine and
+	// Start returns it (the caller checks there that the files the VMM
+	// opened are the ones it meant, before a guest that may be made of
+	// two snapshots touches the run's disks).
+	BeforeResume func() error
 }
 
 // ErrSnapshotRejected marks a restore that failed because of the snapshot

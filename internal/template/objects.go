@@ -238,6 +238,14 @@ func (s *Store) Remove(name string) error {
 	}
 	defer s.unlockName(name, nl)
 	t, err := s.Get(name)
+	if errors.Is(err, ErrCorrupt) {
+		// Nothing of it can be trusted to name files: the record goes,
+		// and prune collects what it used.
+		if err := os.Remove(s.recordPath(name)); err != nil {
+			return fmt.Errorf("remove template %q: %w", name, err)
+		}
+		return syncDir(s.data)
+	}
 	if err != nil {
 		return err
 	}

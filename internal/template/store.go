@@ -63,6 +63,9 @@ var (
 	// ErrMissing: the template's files are gone from the cache (it was
 	// cleared by hand): create the template again.
 	ErrMissing = errors.New("template files missing")
+	// ErrCorrupt: the template's record cannot be read (damaged, or
+	// written by hand). `template rm` still removes it.
+	ErrCorrupt = errors.New("corrupt template record")
 )
 
 // MaxNameLen bounds a template name.
@@ -304,7 +307,7 @@ func (s *Store) readRecord(path, name string) (*Template, error) {
 	}
 	r := record{Template: &Template{}}
 	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("template %q: corrupt record %s: %w", name, path, err)
+		return nil, fmt.Errorf("template %q: %w %s: %w", name, ErrCorrupt, path, err)
 	}
 	if r.Format != recordFormat {
 		return nil, fmt.Errorf("template %q: record %s has format %d, this mvmctl reads %d", name, path, r.Format, recordFormat)
@@ -313,11 +316,11 @@ func (s *Store) readRecord(path, name string) (*Template, error) {
 	// The revision names the template's snapshot directory, which Remove
 	// deletes: it must be one newRevision made.
 	if !revisionRE.MatchString(t.Revision) {
-		return nil, fmt.Errorf("template %q: corrupt record %s: revision %q", name, path, t.Revision)
+		return nil, fmt.Errorf("template %q: %w %s: revision %q", name, ErrCorrupt, path, t.Revision)
 	}
 	for _, o := range t.objects() {
 		if !validDigest(o.digest) {
-			return nil, fmt.Errorf("template %q: corrupt record %s: digest %q", name, path, o.digest)
+			return nil, fmt.Errorf("template %q: %w %s: digest %q", name, ErrCorrupt, path, o.digest)
 		}
 	}
 	s.fill(t)
@@ -339,6 +342,11 @@ func (s *Store) List() ([]*Template, error) {
 		t, err := s.readRecord(filepath.Join(s.data, e.Name()), name)
 		if errors.Is(err, ErrNotFound) {
 			continue // removed meanwhile
+		}
+		if errors.Is(err, ErrCorrupt) {
+			// One bad record must not stop ls, rm or prune of the rest.
+			s.log().Warn("template skipped (mvmctl template rm "+name+" removes it)", "err", err)
+			continue
 		}
 		if err != nil {
 			return nil, err

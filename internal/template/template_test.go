@@ -723,10 +723,22 @@ func TestCorruptRevision(t *testing.T) {
 		if err := os.WriteFile(record, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Get("t"); err == nil || !strings.Contains(err.Error(), "revision") {
+		if _, err := s.Get("t"); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "revision") {
 			t.Errorf("revision %q: Get gave %v", rev, err)
 		}
-		_ = s.Remove("t")
+		// ls goes on without it; rm removes it.
+		if ts, err := s.List(); err != nil || len(ts) != 0 {
+			t.Errorf("revision %q: List gave %v %v", rev, ts, err)
+		}
+		if err := s.Remove("t"); err != nil {
+			t.Errorf("revision %q: Remove: %v", rev, err)
+		}
+		if _, err := s.Get("t"); !errors.Is(err, ErrNotFound) {
+			t.Errorf("revision %q: after Remove, Get gave %v", rev, err)
+		}
+		if err := os.WriteFile(record, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := os.Stat(other); err != nil {
 		t.Errorf("another revision's snapshots went: %v", err)

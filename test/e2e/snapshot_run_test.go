@@ -414,8 +414,9 @@ func privateCache(t *testing.T) (cache, snap string) {
 	return cache, snap
 }
 
-// agreeRecord makes the snapshot's record agree with its RAM file's
-// change time, as if the file had been saved as it is.
+// agreeRecord makes the snapshot's record agree with its files (the RAM
+// file's change time, the state's digest), as if they had been saved as
+// they are.
 func agreeRecord(t *testing.T, snap string) {
 	t.Helper()
 	var st syscall.Stat_t
@@ -433,6 +434,7 @@ func agreeRecord(t *testing.T, snap string) {
 	}
 	// Numbers come back as float64: ram_ctime_ns is written whole.
 	meta["ram_ctime_ns"] = st.Ctim.Nano()
+	meta["state_sha256"] = fileSHA256(t, filepath.Join(snap, "state"))
 	if b, err = json.Marshal(meta); err != nil || os.WriteFile(record, b, 0o644) != nil {
 		t.Fatal("cannot rewrite the record", err)
 	}
@@ -492,6 +494,12 @@ func TestSnapshotRunDamaged(t *testing.T) {
 			// A file system that loses blocks leaves the change time as
 			// it was; the record is made to agree, so that the damage
 			// reaches the guest.
+			agreeRecord(t, snap)
+		}},
+		// A state of the right digest that QEMU cannot load: the
+		// migration fails.
+		{"state QEMU refuses", func(snap string) {
+			garble(filepath.Join(snap, "state"), 0, 16)
 			agreeRecord(t, snap)
 		}},
 		// Written in place, as a VMM that wrote its RAM file would leave

@@ -140,13 +140,17 @@ func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) 
 	}
 	qmpReady := time.Since(start)
 	if err := m.waitMigration(ctx, "query-migrate"); err != nil {
-		if ctx.Err() == nil {
-			// The state did not load into this VMM: the snapshot's fault.
+		if m.refusedState() {
 			err = fmt.Errorf("%w: %w", backend.ErrSnapshotRejected, err)
 		}
 		return fmt.Errorf("restore: %w", err)
 	}
 	loaded := time.Since(start)
+	if check := m.snapshot.BeforeResume; check != nil {
+		if err := check(); err != nil {
+			return err
+		}
+	}
 	// QEMU may resume the guest by itself once the state is in; if not,
 	// it is paused and waits for cont.
 	ret, err := m.qmp.Execute(ctx, "query-status", nil)
@@ -167,6 +171,19 @@ func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) 
 	}
 	m.log.Debug("restored", "qmp_ready", qmpReady, "state_loaded", loaded, "running", time.Since(start))
 	return nil
+}
+
+// refusedState reports whether the VMM ended because it could not load
+// the saved state: QEMU exits after a failed incoming migration, saying
+// "load of migration failed". A VMM killed or dead for another reason
+// (the host's doing) is not the snapshot's fault.
+func (m *machine) refusedState() bool {
+	select {
+	case <-m.exited:
+	case <-time.After(time.Second):
+		return false
+	}
+	return strings.Contains(m.vmmOut.String(), "load of migration failed")
 }
 
 // waitMigration polls the migration's status until it completed or
@@ -194,7 +211,14 @@ func (m *machine) waitMigration(ctx context.Context, query string) error {
 				// QEMU 7.2 often leaves the reason on its stderr only.
 				msg = lastLines(m.vmmOut.String(), 3)
 			}
-			return fmt.Errorf("migration %s: %s", st.Status, msg)
+			err := fmt.Errorf("migration %s: %s", st.Status, msg)
+			if st.Status == "failed" && m.snapshot != nil && m.snapshot.Restore {
+				// QEMU read the state and refused it: the snapshot's
+				// fault. A VMM that died or a lost connection is not
+				// (the host may have killed it).
+				err = fmt.Errorf("%w: %w", backend.ErrSnapshotRejected, err)
+			}
+			return err
 		}
 		select {
 		case <-ctx.Done():
