@@ -342,13 +342,19 @@ func (s *Server) ServePort(ctx context.Context, f *os.File) error {
 	return s.serveChannel(ctx, ch)
 }
 
+// hostRecheck bounds how long waiting for the host relies on the driver's
+// wake-up alone.
+const hostRecheck = 2 * time.Second
+
 // portWaiter returns the function that waits for the host end of a
 // virtio-serial port to be connected. While it is not, the port reads
 // end-of-file at once and is never writable (the guest driver blocks
 // writes); when the host connects the driver wakes the port's waiters,
 // so waiting for writability through the runtime's poller sleeps until
 // then. A non-blocking read tells the two states apart: end-of-file (not
-// connected), EAGAIN (connected, nothing sent yet) or data (kept). On a
+// connected), EAGAIN (connected, nothing sent yet) or data (kept). It also
+// looks every hostRecheck, so that a wake-up the driver failed to
+// deliver delays the next session by seconds, not forever. On a
 // stream that is always writable and at end-of-file (not a virtio port:
 // a closed socket in tests), the checks back off to 100 ms apart.
 func portWaiter(f *os.File) (func(ctx context.Context, stash func([]byte)) error, error) {
@@ -362,7 +368,7 @@ func portWaiter(f *os.File) (func(ctx context.Context, stash func([]byte)) error
 		var buf [4096]byte
 		var rerr error
 		misses := 0
-		werr := rc.Write(func(fd uintptr) bool {
+		check := func(fd uintptr) bool {
 			for {
 				n, err := unix.Read(int(fd), buf[:])
 				switch {
@@ -383,7 +389,19 @@ func portWaiter(f *os.File) (func(ctx context.Context, stash func([]byte)) error
 				}
 				return false
 			}
-		})
+		}
+		var werr error
+		for {
+			// The wake-up is the driver's; should one ever be missed,
+			// the port is looked at again a little later rather than
+			// never (a wake-up every two seconds costs nothing
+			// measurable).
+			_ = f.SetWriteDeadline(time.Now().Add(hostRecheck))
+			werr = rc.Write(check)
+			if !errors.Is(werr, os.ErrDeadlineExceeded) || ctx.Err() != nil {
+				break
+			}
+		}
 		_ = f.SetWriteDeadline(time.Time{})
 		if werr != nil {
 			if ctx.Err() != nil {
