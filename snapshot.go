@@ -330,18 +330,24 @@ func lockSnapshots(root string) (release func(), err error) {
 // is rebuilt rather than tried again. Runs restoring it right now keep
 // their open files.
 func discardSnapshot(dir string) {
-	trash := dir + ".discarded-" + strconv.FormatInt(time.Now().UnixNano(), 36)
-	if os.Rename(dir, trash) == nil {
+	if trash, ok := moveAside(dir); ok {
 		_ = os.RemoveAll(trash)
 	}
+}
+
+// moveAside renames a snapshot directory to a name no run looks for (and
+// that pruneStaleSnapshots removes if its caller dies before it does).
+func moveAside(dir string) (string, bool) {
+	trash := dir + ".discarded-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	return trash, os.Rename(dir, trash) == nil
 }
 
 // discardChecked removes the snapshot c checked, and only that one: it is
 // moved aside first, and put back when what was moved turns out to be a
 // snapshot that replaced it meanwhile. It reports whether it removed it.
 func discardChecked(c *checkedSnapshot) bool {
-	trash := c.dir + ".discarded-" + strconv.FormatInt(time.Now().UnixNano(), 36)
-	if os.Rename(c.dir, trash) != nil {
+	trash, ok := moveAside(c.dir)
+	if !ok {
 		return false
 	}
 	if b, err := os.ReadFile(filepath.Join(trash, "snapshot.json")); err == nil && !bytes.Equal(b, c.record) {
