@@ -1,18 +1,24 @@
 package mvm
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/adddir"
 	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/devices"
 	"github.com/mvm-sh/mvm/internal/envvar"
 	"github.com/mvm-sh/mvm/internal/execreq"
 	"github.com/mvm-sh/mvm/internal/template"
+	"github.com/mvm-sh/mvm/internal/units"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
@@ -28,11 +34,13 @@ const (
 	// DefaultRootSpace is how much a guest may write into the root of a
 	// template by default.
 	DefaultRootSpace = 1 << 30
-	// MaxDrives is how many disks a VM can have: QEMU's microvm machine
-	// has eight virtio devices and the agent's channel takes one. A
-	// read-only shared directory takes one, a read-write one two.
-	MaxDrives = 7
 )
+
+// MaxDrives is how many disks a VM without a network card can have (see
+// internal/devices: every virtio device takes one of devices.Transports,
+// the agent's channel one of them). A read-only shared directory takes
+// one, a read-write one two, a template two.
+const MaxDrives = devices.MaxDrives
 
 // Config describes a sandbox. The zero value is valid: the default image
 // with DefaultCPUs and DefaultMemory.
@@ -71,6 +79,10 @@ type Config struct {
 	ImageProgress func(ImageProgress)
 	// Dirs are host directories shared with the guest.
 	Dirs []Dir
+	// Name names the sandbox in its run directory and in `mvmctl ps`:
+	// [A-Za-z0-9][A-Za-z0-9_.-]{0,62}, unique among running sandboxes;
+	// "" gets a generated one.
+	Name string
 	// NoSnapshot makes the sandbox boot even when a snapshot of its
 	// configuration could be restored (see PrepareSnapshot).
 	NoSnapshot bool
@@ -121,20 +133,41 @@ type resolved struct {
 	accel  accel.Choice
 }
 
+// Validate checks cfg as Start does before anything boots, and returns
+// the same *RequestError (ErrInvalid) Start would: a front end calls it
+// to reject bad input before it does anything else. It reads the host
+// (shared directories, the kernel file, the accelerator) but changes
+// nothing.
+func (cfg Config) Validate() error {
+	_, err := resolve(cfg)
+	return err
+}
+
+// namePattern is what a sandbox name may be: a file name in the run
+// directory, and a word in a shell.
+var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
 // resolve validates cfg, before anything boots.
 func resolve(cfg Config) (resolved, error) {
 	r := resolved{Config: cfg}
+	if cfg.Name != "" && !namePattern.MatchString(cfg.Name) {
+		return r, invalid("Name", execreq.Quote(cfg.Name), "must match %s", namePattern)
+	}
 	if r.CPUs == 0 {
 		r.CPUs = DefaultCPUs
 	}
 	if r.CPUs < 1 || r.CPUs > MaxCPUs {
-		return r, invalid("CPUs", "%d vCPUs: must be between 1 and %d", cfg.CPUs, MaxCPUs)
+		return r, invalid("CPUs", strconv.Itoa(cfg.CPUs), "must be between 1 and %d", MaxCPUs)
 	}
 	if r.Memory == 0 {
 		r.Memory = DefaultMemory
 	}
 	if r.Memory < MinMemory || r.Memory%(1<<20) != 0 {
-		return r, invalid("Memory", "%d bytes: must be a whole number of MiB, at least %d MiB", cfg.Memory, MinMemory>>20)
+		v := strconv.FormatInt(cfg.Memory, 10) + " bytes"
+		if cfg.Memory%(1<<20) == 0 && cfg.Memory > 0 {
+			v = units.FormatMiB(uint64(cfg.Memory >> 20))
+		}
+		return r, invalid("Memory", v, "must be a whole number of MiB, at least %s", units.FormatMiB(MinMemory>>20))
 	}
 	r.memMiB = uint64(r.Memory >> 20)
 	mode, err := accel.ParseMode(string(cfg.Accel))
@@ -144,74 +177,104 @@ func resolve(cfg Config) (resolved, error) {
 	if r.accel, err = (accel.Host{}).Resolve(mode); err != nil {
 		return r, &RequestError{Field: "Accel", Err: err}
 	}
+	if cfg.Kernel != "" {
+		if _, err := os.Stat(cfg.Kernel); err != nil {
+			return r, &RequestError{Field: "Kernel", Value: cfg.Kernel, Err: errors.Unwrap(err)}
+		}
+	}
 	for _, k := range cfg.KernelArgs {
 		if k == "" || strings.ContainsAny(k, " \t\n\x00") {
-			return r, invalid("KernelArgs", "%q: a kernel argument cannot be empty or contain whitespace", k)
+			return r, invalid("KernelArgs", execreq.Quote(k), "a kernel argument cannot be empty or contain whitespace")
 		}
-	}
-	specs := make([]adddir.Spec, len(cfg.Dirs))
-	for i, d := range cfg.Dirs {
-		specs[i] = adddir.Spec{Host: d.Host, Guest: d.Guest}
-		if d.Writable {
-			specs[i].Mode = adddir.ReadWrite
-		}
-	}
-	if r.dirs, err = adddir.Check(specs); err != nil {
-		return r, &RequestError{Field: "Dirs", Err: err}
 	}
 	if cfg.Template != "" && cfg.Image != "" {
-		return r, invalid("Template", "give a template or an image, not both")
+		return r, invalid("Template", "", "give a template or an image, not both")
 	}
 	if cfg.Template != "" {
 		if err := template.CheckName(cfg.Template); err != nil {
 			return r, &RequestError{Field: "Template", Err: err}
 		}
 	}
+	if r.dirs, err = checkDirs(cfg.Dirs); err != nil {
+		return r, err
+	}
+	if err := r.devices().Check(); err != nil {
+		return r, &RequestError{Field: "Dirs", Err: err}
+	}
 	if r.RootSpace == 0 {
 		r.RootSpace = DefaultRootSpace
 	}
 	if r.RootSpace < 16<<20 {
-		return r, invalid("RootSpace", "%d bytes: at least 16 MiB", cfg.RootSpace)
+		return r, invalid("RootSpace", strconv.FormatInt(cfg.RootSpace, 10), "at least 16 MiB")
 	}
-	drives, rule := 0, "a read-only directory takes one, a read-write one two"
-	if cfg.Template != "" || cfg.Image != "" {
-		drives += 2 // the template and the root's writable layer
-		rule = "the template takes two, a read-only directory one, a read-write one two"
-	}
-	for _, d := range r.dirs {
-		drives++
-		if d.Mode == adddir.ReadWrite {
-			drives++
-		}
-	}
-	if drives > MaxDrives {
-		return r, invalid("Dirs", "%d shared directories need %d drives; the VM has room for %d (%s)",
-			len(r.dirs), drives, MaxDrives, rule)
-	}
-	if r.CacheDir == "" {
-		if r.CacheDir, err = xdg.CacheDir(); err != nil {
-			return r, err
-		}
-	}
-	if r.StateDir == "" {
-		if r.StateDir, err = xdg.StateDir(); err != nil {
-			return r, err
-		}
-	}
-	if r.RunDir == "" {
-		if r.RunDir, err = xdg.RunDir(); err != nil {
-			return r, err
-		}
-	}
-	if r.DataDir == "" {
-		if r.DataDir, err = xdg.DataDir(); err != nil {
-			return r, err
-		}
+	if err := fillDirs(&r.Config); err != nil {
+		return r, err
 	}
 	if r.Logger == nil {
 		r.Logger = slog.New(slog.DiscardHandler)
 	}
 	return r, nil
+}
+
+// checkDirs checks the shared directories (see adddir.Check), naming them
+// by their place in Config.Dirs.
+func checkDirs(dirs []Dir) ([]adddir.Spec, error) {
+	specs := make([]adddir.Spec, len(dirs))
+	for i, d := range dirs {
+		specs[i] = adddir.Spec{Host: d.Host, Guest: d.Guest}
+		if d.Writable {
+			specs[i].Mode = adddir.ReadWrite
+		}
+	}
+	out, err := adddir.Check(specs)
+	var ae *adddir.Error
+	if errors.As(err, &ae) {
+		re := &RequestError{Field: dirField(ae.Index), Err: ae.Err, Hint: ae.Hint, link: ae.Link}
+		if ae.Other >= 0 {
+			re.Other = dirField(ae.Other)
+		}
+		return nil, re
+	}
+	return out, err
+}
+
+func dirField(i int) string { return "Dirs[" + strconv.Itoa(i) + "]" }
+
+// fillDirs fills in the default directories of cfg.
+func fillDirs(cfg *Config) error {
+	var err error
+	for _, d := range []struct {
+		p   *string
+		def func() (string, error)
+	}{{&cfg.CacheDir, xdg.CacheDir}, {&cfg.StateDir, xdg.StateDir}, {&cfg.RunDir, xdg.RunDir}, {&cfg.DataDir, xdg.DataDir}} {
+		if *d.p == "" {
+			if *d.p, err = d.def(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// onTemplate: the root is a template's (or an image's).
+func (r resolved) onTemplate() bool { return r.Template != "" || r.Image != "" }
+
+// rootName names the root in records: the template or image reference,
+// "" for the default image.
+func (r resolved) rootName() string {
+	if r.Template != "" {
+		return r.Template
+	}
+	return r.Image
+}
+
+// devices is what the machine puts on its virtio transports.
+func (r resolved) devices() devices.Use {
+	u := devices.Use{Template: r.onTemplate()}
+	for _, d := range r.dirs {
+		u.Dirs = append(u.Dirs, d.Mode == adddir.ReadWrite)
+	}
+	return u
 }
 
 // Cmd is a command to run in a sandbox.
@@ -267,43 +330,53 @@ type TTY struct {
 // SIGKILL.
 const DefaultKillGrace = 2 * time.Second
 
-// check validates a command before it is sent to the guest: the limits
-// are those of execreq (what the guest's execve and the protocol carry).
+// Validate checks the command as Sandbox.Start does before it sends it,
+// and returns the same *RequestError (ErrInvalid): the limits are what
+// the guest's execve and the agent protocol carry. An empty Argv is
+// valid here (on a template it runs the image's command); Start refuses
+// it where there is none.
+func (c Cmd) Validate() error {
+	_, err := c.check()
+	return err
+}
+
+// check validates the command and returns its environment as the agent
+// protocol carries it.
 func (c *Cmd) check() ([]envvar.Var, error) {
-	if len(c.Argv) == 0 || c.Argv[0] == "" {
-		return nil, invalid("Cmd.Argv", "no command given")
-	}
 	for i, a := range c.Argv {
 		if err := execreq.Arg(a); err != nil {
-			return nil, invalid("Cmd.Argv", "argument %d %w", i, err)
+			return nil, invalid("Cmd.Argv", "", "argument %d %w", i, err)
 		}
 	}
 	vars := make([]envvar.Var, 0, len(c.Env))
 	for _, kv := range c.Env {
 		name, value, ok := strings.Cut(kv, "=")
 		if !ok {
-			return nil, invalid("Cmd.Env", "%s: want KEY=VALUE", execreq.Quote(kv))
+			return nil, invalid("Cmd.Env", execreq.Quote(kv), "want KEY=VALUE")
 		}
 		v := envvar.Var{Name: name, Value: value}
 		if err := execreq.Env(v); err != nil {
-			return nil, invalid("Cmd.Env", "%s: %w", execreq.Quote(name), err)
+			return nil, &RequestError{Field: "Cmd.Env", Value: execreq.Quote(name), Err: err}
 		}
 		vars = append(vars, v)
 	}
 	if err := execreq.Dir(c.Dir); err != nil {
-		return nil, invalid("Cmd.Dir", "%s: %w", execreq.Quote(c.Dir), err)
+		return nil, &RequestError{Field: "Cmd.Dir", Value: execreq.Quote(c.Dir), Err: err}
 	}
 	if err := execreq.Total(c.Argv, vars); err != nil {
 		return nil, &RequestError{Field: "Cmd", Err: err}
 	}
-	if c.Timeout < 0 || c.KillGrace < 0 {
-		return nil, invalid("Cmd.Timeout", "negative durations are not allowed")
+	if c.Timeout < 0 {
+		return nil, invalid("Cmd.Timeout", c.Timeout.String(), "negative durations are not allowed")
+	}
+	if c.KillGrace < 0 {
+		return nil, invalid("Cmd.KillGrace", c.KillGrace.String(), "negative durations are not allowed")
 	}
 	if strings.ContainsAny(c.User, "\x00\n") || len(c.User) > 256 {
-		return nil, invalid("Cmd.User", "%s: not a user name or id", execreq.Quote(c.User))
+		return nil, invalid("Cmd.User", execreq.Quote(c.User), "not a user name or id")
 	}
 	if c.TTY != nil && (c.TTY.Rows == 0 || c.TTY.Cols == 0) {
-		return nil, invalid("Cmd.TTY", "a terminal of %dx%d: rows and columns must be positive", c.TTY.Rows, c.TTY.Cols)
+		return nil, invalid("Cmd.TTY", fmt.Sprintf("%dx%d", c.TTY.Rows, c.TTY.Cols), "rows and columns of a terminal must be positive")
 	}
 	return vars, nil
 }

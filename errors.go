@@ -3,6 +3,7 @@ package mvm
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"syscall"
 
 	"github.com/mvm-sh/mvm/internal/image"
@@ -37,16 +38,58 @@ type RequestError struct {
 	// Field names what is wrong, as the caller spelled it ("CPUs",
 	// "Dirs[1]", "Cmd.Env").
 	Field string
+	// Value is the bad value as the message shows it, or "" when Err
+	// already says it.
+	Value string
 	Err   error
+	// Other is the field the bad one conflicts with, or "".
+	Other string
+	// Hint says what to do, or is "".
+	Hint string
+	link string // joins Err to Other ("from", "by")
 }
 
-func (e *RequestError) Error() string { return e.Field + ": " + e.Err.Error() }
+func (e *RequestError) Error() string { return e.Describe(nil) }
+
+// Describe is the error with its fields named by name, which is how a
+// front end speaks in its own words (a command line's flags, a tool's
+// parameters) with the SDK's one set of checks: name maps a field to
+// what the user typed ("" drops the field's name from the message); nil
+// keeps the fields' own names.
+func (e *RequestError) Describe(name func(field string) string) string {
+	spell := func(f string) string {
+		if name != nil {
+			return name(f)
+		}
+		return f
+	}
+	var b strings.Builder
+	if f := spell(e.Field); f != "" {
+		b.WriteString(f)
+		if e.Value != "" {
+			b.WriteString(" " + e.Value)
+		}
+		b.WriteString(": ")
+	}
+	b.WriteString(e.Err.Error())
+	if e.Other != "" {
+		link := e.link
+		if link == "" {
+			link = "from"
+		}
+		b.WriteString(" " + link + " " + spell(e.Other))
+	}
+	if e.Hint != "" {
+		b.WriteString("; " + e.Hint)
+	}
+	return b.String()
+}
 
 // Unwrap returns both the cause and ErrInvalid, so either can be tested.
 func (e *RequestError) Unwrap() []error { return []error{ErrInvalid, e.Err} }
 
-func invalid(field string, format string, args ...any) error {
-	return &RequestError{Field: field, Err: fmt.Errorf(format, args...)}
+func invalid(field, value string, format string, args ...any) error {
+	return &RequestError{Field: field, Value: value, Err: fmt.Errorf(format, args...)}
 }
 
 // StartError is a command the guest agent could not start.

@@ -87,14 +87,14 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(cmd.Argv) == 0 || cmd.Argv[0] == "" {
+		return nil, invalid("Cmd.Argv", "", "no command given")
+	}
 	env, err := cmd.check()
 	if err != nil {
 		return nil, err
 	}
-	sb.mu.Lock()
-	closing := sb.closing
-	sb.mu.Unlock()
-	if closing {
+	if sb.closingOrClosed() {
 		return nil, ErrClosed
 	}
 	if err := sb.Err(); err != nil {
@@ -109,6 +109,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	}
 	spec := agentclient.ExecSpec{
 		Argv:          cmd.Argv,
+		Env:           env,
 		User:          cmd.User,
 		Dir:           cmd.Dir,
 		Stdin:         cmd.Stdin,
@@ -117,9 +118,6 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		Timeout:       cmd.Timeout,
 		KillGrace:     cmd.KillGrace,
 		OnOutputError: p.onOutputError,
-	}
-	for _, v := range env {
-		spec.Env = append(spec.Env, agentclient.EnvVar{Name: v.Name, Value: v.Value})
 	}
 	if cmd.TTY != nil {
 		spec.TTY = &agentclient.TTY{Rows: cmd.TTY.Rows, Cols: cmd.TTY.Cols}
@@ -174,7 +172,7 @@ func (p *Process) Resize(ctx context.Context, rows, cols uint16) error {
 		return nil
 	}
 	if rows == 0 || cols == 0 {
-		return invalid("Resize", "a terminal of %dx%d: rows and columns must be positive", rows, cols)
+		return invalid("Resize", fmt.Sprintf("%dx%d", rows, cols), "rows and columns of a terminal must be positive")
 	}
 	sctx, cancel := context.WithTimeout(ctx, signalTimeout)
 	defer cancel()
@@ -185,10 +183,10 @@ func (p *Process) Resize(ctx context.Context, rows, cols uint16) error {
 // needs checks that the guest's agent serves what cmd uses.
 func (sb *Sandbox) needs(cmd Cmd) error {
 	if cmd.TTY != nil && !sb.hello.Has(agentproto.CapExecTTY) {
-		return invalid("Cmd.TTY", "the guest agent (%s) has no terminal support", sb.hello.AgentVersion)
+		return invalid("Cmd.TTY", "", "the guest agent (%s) has no terminal support", sb.hello.AgentVersion)
 	}
 	if cmd.User != "" && !sb.hello.Has(agentproto.CapExecUser) {
-		return invalid("Cmd.User", "the guest agent (%s) cannot run commands as another user", sb.hello.AgentVersion)
+		return invalid("Cmd.User", "", "the guest agent (%s) cannot run commands as another user", sb.hello.AgentVersion)
 	}
 	return nil
 }
@@ -272,10 +270,7 @@ func (p *Process) wait(ctx context.Context, start time.Time) {
 func (p *Process) finish(outErr error) {
 	st, err := p.ap.Wait(context.Background())
 	if err != nil {
-		p.sb.mu.Lock()
-		closing := p.sb.closing
-		p.sb.mu.Unlock()
-		if closing {
+		if p.sb.closingOrClosed() {
 			p.err = ErrClosed
 			return
 		}

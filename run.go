@@ -154,7 +154,7 @@ func Run(ctx context.Context, cfg Config, cmd Cmd, opts ...RunOption) (Result, e
 	res.Timings = sb.Timings()
 	var ve *VMError
 	if errors.As(err, &ve) && ve.ConsoleLog == "" {
-		ve.ConsoleLog = sb.consoleLog
+		ve.ConsoleLog = sb.consoleLogKept()
 	}
 	if err == nil && res.Interrupted != 0 {
 		err = fmt.Errorf("%w (%s); the VM was torn down", ErrInterrupted, res.Interrupted)

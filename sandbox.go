@@ -16,12 +16,9 @@ import (
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
-	"github.com/mvm-sh/mvm/internal/backend/qemu"
-	"github.com/mvm-sh/mvm/internal/dirimage"
-	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/image"
 	"github.com/mvm-sh/mvm/internal/runstate"
-	"github.com/mvm-sh/mvm/internal/template"
+	"github.com/mvm-sh/mvm/internal/snapshot"
 )
 
 // Tunables that are not configuration.
@@ -66,6 +63,8 @@ type Sandbox struct {
 	life *lifecycle
 
 	run    *runstate.Run
+	vmDir  string // the VMM's directory: the run's, or a snapshot's being made
+	saving *snapshot.Saving
 	root   *rootPlan // on a template
 	dirs   []*dirPlan
 	m      backend.Machine
@@ -80,145 +79,21 @@ type Sandbox struct {
 	// keepalive settings, fixed at start
 	pingEvery, pingTimeout time.Duration
 
-	restored      bool             // the machine came from a snapshot
-	snap          *checkedSnapshot // the snapshot it came from
-	snapDiscarded bool             // this run discarded it
+	restored      bool              // the machine came from a snapshot
+	snap          *snapshot.Checked // the snapshot it came from
+	snapDiscarded bool              // this run discarded it
+	savedDir      string            // the snapshot this sandbox saved (PrepareSnapshot)
 
 	mu         sync.Mutex
-	closing    bool
-	abandon    bool // skip the guest's graceful shutdown (Run after an interrupt)
-	keepLogs   bool
+	status     Status
+	everFailed bool   // it failed at some point: its console log is kept
+	abandon    bool   // skip the guest's graceful shutdown (Run after an interrupt)
 	keepRun    bool   // the run directory holds the only copy of a guest's changes
 	consoleLog string // where the console log was kept
 	writeBacks []WriteBack
 
 	closeOnce sync.Once
 	closeErr  error
-}
-
-// Start boots a sandbox and returns once its guest agent is ready and
-// every directory is mounted. Everything in cfg is checked first: bad
-// input fails in milliseconds with ErrInvalid and boots nothing.
-// Cancelling ctx aborts the start (and tears down what was started); once
-// Start has returned, the sandbox lives until Close.
-func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
-	r, err := resolve(cfg)
-	if err != nil {
-		return nil, err
-	}
-	img, err := loadImage(r)
-	if err != nil {
-		return nil, err
-	}
-	if err := defaultBackend(&r); err != nil {
-		return nil, err
-	}
-	sb := newSandbox(r, img)
-	if err := sb.start(ctx); err != nil {
-		sb.mu.Lock()
-		sb.keepLogs = sb.keepLogs || errors.Is(err, ErrVM)
-		sb.mu.Unlock()
-		_ = sb.life.unwind(context.WithoutCancel(ctx))
-		var ve *VMError
-		if errors.As(err, &ve) && ve.ConsoleLog == "" {
-			ve.ConsoleLog = sb.consoleLog
-		}
-		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
-			err = fmt.Errorf("%w (%w)", ctx.Err(), err)
-		}
-		return nil, err
-	}
-	go sb.monitor()
-	return sb, nil
-}
-
-// newSandbox is a sandbox of r booting img, before any step ran.
-func newSandbox(r resolved, img image.Image) *Sandbox {
-	sb := &Sandbox{
-		cfg:         r,
-		img:         img,
-		name:        newName(),
-		failed:      make(chan struct{}),
-		stopMonitor: make(chan struct{}),
-		pingEvery:   keepaliveInterval,
-		pingTimeout: keepaliveTimeout,
-	}
-	sb.log = r.Logger.With("vm", sb.name)
-	sb.life = newLifecycle(sb.log)
-	return sb
-}
-
-// defaultBackend sets the QEMU backend unless a test gave another, after
-// checking that the host has what it runs.
-func defaultBackend(r *resolved) error {
-	if r.backend != nil {
-		return nil
-	}
-	var deps []hostdeps.Dep
-	if os.Getenv("MVM_QEMU") == "" {
-		// MVM_QEMU names the binary itself; otherwise it comes from PATH.
-		deps = image.RuntimeDeps()
-	}
-	if len(r.dirs) > 0 || r.Template != "" || r.Image != "" {
-		deps = append(deps, dirimage.Deps()...)
-	}
-	if err := hostdeps.Check("mvm", deps...); err != nil {
-		return err
-	}
-	r.backend = qemu.New(r.Logger)
-	return nil
-}
-
-// loadImage finds what the sandbox boots.
-func loadImage(r resolved) (image.Image, error) {
-	img, err := image.Store{Root: r.CacheDir}.Load(image.DefaultName)
-	if err != nil {
-		return image.Image{}, err
-	}
-	if r.Kernel != "" {
-		if _, err := os.Stat(r.Kernel); err != nil {
-			return image.Image{}, &RequestError{Field: "Kernel", Err: err}
-		}
-		img.Kernel = r.Kernel
-	}
-	return img, nil
-}
-
-// newName returns a transient VM name, exec-<pid>-<nanos> in hex.
-func newName() string {
-	return "exec-" + strconv.FormatInt(int64(os.Getpid()), 16) + "-" + strconv.FormatInt(time.Now().UnixNano()&0xffffffffff, 16)
-}
-
-// start runs the start steps. Each that succeeds leaves its undo for
-// Close, in reverse order: shut down guest, disconnect, stop vm, write
-// back, clean up.
-func (sb *Sandbox) start(ctx context.Context) error {
-	l := sb.life
-	_ = l.step(ctx, "reclaim", "", sb.reclaim)
-	type step struct {
-		name, undo string
-		fn         func(context.Context) (undoFunc, error)
-	}
-	var steps []step
-	if sb.cfg.Template != "" || sb.cfg.Image != "" {
-		steps = append(steps, step{"template", "release template", sb.leaseTemplate})
-	}
-	steps = append(steps, []step{
-		{"prepare run", "clean up", sb.prepareRun},
-		{"prepare disks", "write back", sb.prepareDisks},
-		{"start vm", "stop vm", sb.boot},
-		{"agent ready", "disconnect", sb.connect},
-		{"mount", "shut down guest", sb.mount},
-	}...)
-	for _, s := range steps {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if err := l.step(ctx, s.name, s.undo, s.fn); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // reclaim removes the leftovers of runs whose mvmctl died, keeping any
@@ -238,7 +113,7 @@ func (sb *Sandbox) prepareRun(context.Context) (undoFunc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("prepare run: %w", err)
 	}
-	sb.run = run
+	sb.run, sb.vmDir = run, run.Dir
 	return sb.cleanUp, nil
 }
 
@@ -246,7 +121,7 @@ func (sb *Sandbox) prepareRun(context.Context) (undoFunc, error) {
 // run that failed.
 func (sb *Sandbox) cleanUp(context.Context) error {
 	sb.mu.Lock()
-	keep := sb.keepLogs
+	keep := sb.everFailed
 	sb.mu.Unlock()
 	if keep {
 		if p := sb.keepConsole(); p != "" {
@@ -269,40 +144,23 @@ func (sb *Sandbox) cleanUp(context.Context) error {
 	return nil
 }
 
-// machineConfig is the backend configuration of the sandbox's machine,
-// without its drives.
-func (sb *Sandbox) machineConfig() backend.Config {
-	return backend.Config{
-		Name:       sb.name,
-		RunDir:     sb.run.Dir,
-		ConsoleLog: sb.run.Path("console.log"),
-		Kernel:     sb.img.Kernel,
-		Initrd:     sb.img.Initrd,
-		KernelArgs: sb.cfg.KernelArgs,
-		CPUs:       sb.cfg.CPUs,
-		MemoryMiB:  sb.cfg.memMiB,
-		Accel:      sb.cfg.accel.Kind,
-	}
-}
-
 func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
-	bc := sb.machineConfig()
 	sb.log.Debug("booting", "config", sb.cfg.String(), "accel", sb.cfg.accel.Kind, "why", sb.cfg.accel.Reason)
 	snap, unlock, why := sb.snapshot(ctx)
 	if snap != nil {
-		m, err := sb.restore(ctx, bc, snap)
+		m, err := sb.restore(ctx, snap)
 		unlock()
 		switch {
 		case err == nil:
-			sb.life.annotate("restored from snapshot " + snap.dir)
+			sb.life.annotate("restored from snapshot " + snap.Dir)
 			return sb.started(m), nil
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
-		case errors.Is(err, errSnapshotReplaced):
+		case errors.Is(err, snapshot.ErrReplaced):
 			// bootstrap replaced it meanwhile: the VMM may have the old
 			// state and the new RAM. The new one is not to blame.
 			why = "its snapshot was replaced while it restored"
-		case errors.Is(err, errSnapshotWritten):
+		case errors.Is(err, snapshot.ErrWritten):
 			sb.tampered(snap)
 			why = "its snapshot was written while it restored"
 		case errors.Is(err, backend.ErrSnapshotRejected):
@@ -311,25 +169,26 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		default:
 			// Not the snapshot's fault (the host is short of something):
 			// it stays for the next run.
-			sb.log.Warn("could not restore the snapshot; booting instead", "snapshot", snap.dir, "err", err)
+			sb.log.Warn("could not restore the snapshot; booting instead", "snapshot", snap.Dir, "err", err)
 			why = "its snapshot failed to restore (kept)"
 		}
 	}
 	sb.life.annotate("cold boot: " + why)
-	return sb.coldBoot(ctx, bc)
+	return sb.coldBoot(ctx)
 }
 
 // coldBoot boots the machine with the run's disks.
-func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, error) {
+func (sb *Sandbox) coldBoot(ctx context.Context) (undoFunc, error) {
+	var drives []backend.Drive
 	if r := sb.root; r != nil {
-		bc.Drives = append(bc.Drives,
+		drives = append(drives,
 			backend.Drive{Label: r.lowerLabel, Path: r.lower, ReadOnly: true},
 			backend.Drive{Label: rootLabel, Path: r.upper})
 	}
 	for _, d := range sb.dirs {
-		bc.Drives = append(bc.Drives, d.drives()...)
+		drives = append(drives, d.drives()...)
 	}
-	m, err := sb.cfg.backend.Start(ctx, bc)
+	m, err := sb.cfg.backend.Start(ctx, sb.machineConfig(drives, nil))
 	if err != nil {
 		return nil, &VMError{Op: "start vm", Err: err}
 	}
@@ -340,29 +199,29 @@ func (sb *Sandbox) coldBoot(ctx context.Context, bc backend.Config) (undoFunc, e
 // bootstrap or template snapshot rebuilds it rather than every run trying
 // it again; the run boots. A snapshot that replaced the one checked
 // meanwhile is left alone.
-func (sb *Sandbox) discard(c *checkedSnapshot, what string, err error) {
+func (sb *Sandbox) discard(c *snapshot.Checked, what string, err error) {
 	if sb.snapDiscarded {
 		return
 	}
 	sb.snapDiscarded = true
-	if !discardChecked(c) {
-		sb.log.Warn("the snapshot "+what+"; booting instead (it was replaced meanwhile)", "snapshot", c.dir, "err", err)
+	if !c.Discard() {
+		sb.log.Warn("the snapshot "+what+"; booting instead (it was replaced meanwhile)", "snapshot", c.Dir, "err", err)
 		return
 	}
-	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+sb.snapshotFix()+" rebuilds it)", "snapshot", c.dir, "err", err)
+	sb.log.Warn("the snapshot "+what+"; booting instead (it is discarded: "+sb.snapshotFix()+" rebuilds it)", "snapshot", c.Dir, "err", err)
 }
 
 // tampered discards a snapshot whose RAM file or state was written in
 // place while a run had it open, loudly: no VMM writes them, so one that
 // did was likely taken over by its guest (QEMU before 8.2 opens the RAM
 // file read-write), and every later restore would run what it wrote.
-func (sb *Sandbox) tampered(c *checkedSnapshot) {
+func (sb *Sandbox) tampered(c *snapshot.Checked) {
 	if sb.snapDiscarded {
 		return
 	}
 	sb.snapDiscarded = true
-	discardChecked(c)
-	sb.log.Error("the snapshot's RAM file or state was written while a run had it open; the snapshot is discarded ("+sb.snapshotFix()+" makes a new one; a VMM never writes it: report this)", "snapshot", c.dir)
+	c.Discard()
+	sb.log.Error("the snapshot's RAM file or state was written while a run had it open; the snapshot is discarded ("+sb.snapshotFix()+" makes a new one; a VMM never writes it: report this)", "snapshot", c.Dir)
 }
 
 // started records a machine that runs, and returns its undo.
@@ -372,77 +231,6 @@ func (sb *Sandbox) started(m backend.Machine) undoFunc {
 		sb.log.Warn("record vmm pid", "err", err)
 	}
 	return sb.stopVM
-}
-
-// snapshotFix is the command that (re)makes this sandbox's snapshot.
-func (sb *Sandbox) snapshotFix() string {
-	fix := "mvmctl template snapshot"
-	switch {
-	case sb.root == nil:
-		fix = "mvmctl bootstrap"
-	case sb.cfg.Template != "":
-		fix += " " + sb.cfg.Template
-	}
-	if sb.cfg.CPUs != DefaultCPUs || sb.cfg.memMiB != DefaultMemory>>20 {
-		fix += fmt.Sprintf(" --cpus %d --memory %dM", sb.cfg.CPUs, sb.cfg.memMiB)
-	}
-	return fix
-}
-
-// snapshot returns the snapshot this sandbox can restore, locked until
-// unlock (see lockSnapshots), or nil and why it boots instead.
-func (sb *Sandbox) snapshot(ctx context.Context) (c *checkedSnapshot, unlock func(), why string) {
-	switch {
-	case sb.cfg.NoSnapshot:
-		return nil, nil, "snapshots are off for this run"
-	case len(sb.dirs) > snapshotDirSlots:
-		return nil, nil, fmt.Sprintf("more than %d shared directories", snapshotDirSlots)
-	}
-	var t *template.Template
-	if sb.root != nil {
-		t = sb.root.lease.Template
-	}
-	key, err := snapshotKey(ctx, sb.cfg, sb.img, t)
-	if err != nil {
-		return nil, nil, err.Error()
-	}
-	unlock, err = lockSnapshots(snapshotRoot(sb.cfg, sb.root))
-	if errors.Is(err, os.ErrNotExist) {
-		err = errNoSnapshot
-	} else if err == nil {
-		c, err = findSnapshot(snapshotDir(sb.cfg, key, sb.root), key)
-		if err != nil {
-			unlock()
-		}
-	}
-	if errors.Is(err, errNoSnapshot) {
-		return nil, nil, err.Error() + " (" + sb.snapshotFix() + " makes one)"
-	}
-	if err != nil {
-		if errors.Is(err, errCorruptSnapshot) {
-			sb.discard(c, "is damaged", err)
-			return nil, nil, "its snapshot was damaged"
-		}
-		return nil, nil, err.Error()
-	}
-	return c, unlock, ""
-}
-
-// restore starts the machine from the snapshot, with the run's disks in
-// the snapshot's drive slots.
-func (sb *Sandbox) restore(ctx context.Context, bc backend.Config, c *checkedSnapshot) (backend.Machine, error) {
-	drives, err := slotDrives(sb.root, sb.dirs, filepath.Join(c.dir, "placeholder"), sb.run.Dir, 0)
-	if err != nil {
-		return nil, err
-	}
-	bc.Drives = drives
-	bc.Snapshot = &backend.Snapshot{Dir: c.dir, Restore: true, BeforeResume: c.checkBeforeResume}
-	m, err := sb.cfg.backend.Start(ctx, bc)
-	if err != nil {
-		return nil, err
-	}
-	sb.restored, sb.snap = true, c
-	return m, nil
 }
 
 // stopVM ends the VMM, politely while stopTimeout allows.
@@ -459,7 +247,7 @@ func (sb *Sandbox) stopVM(ctx context.Context) error {
 // checkSnapshotIntact makes sure a restored run left its snapshot as it
 // found it (see tampered); the file's change time shows any write.
 func (sb *Sandbox) checkSnapshotIntact() {
-	if c := sb.snap; sb.restored && c != nil && c.change() == snapshotWritten {
+	if c := sb.snap; sb.restored && c != nil && c.Change() == snapshot.Written {
 		sb.tampered(c)
 	}
 }
@@ -480,7 +268,7 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 	_ = sb.stopVM(ctx)
 	sb.discard(sb.snap, "restored into a guest that did not answer", err)
 	sb.restored, sb.snap, sb.client, sb.hello = false, nil, nil, nil
-	if _, err := sb.coldBoot(ctx, sb.machineConfig()); err != nil {
+	if _, err := sb.coldBoot(ctx); err != nil {
 		return nil, err
 	}
 	undo, detail, err = sb.sayHello(ctx)
@@ -658,8 +446,8 @@ func (sb *Sandbox) fail(err *VMError) {
 		sb.log.Debug("sandbox failed", "err", err)
 		sb.mu.Lock()
 		sb.failErr = err
-		sb.keepLogs = true
 		sb.mu.Unlock()
+		sb.setStatus(StatusFailed)
 		close(sb.failed)
 	})
 }
@@ -695,11 +483,10 @@ func vmEnded(m backend.Machine) error {
 // idempotent; later calls return the first call's results.
 func (sb *Sandbox) Close(ctx context.Context) ([]WriteBack, error) {
 	sb.closeOnce.Do(func() {
-		sb.mu.Lock()
-		sb.closing = true
-		sb.mu.Unlock()
+		sb.setStatus(StatusClosing)
 		close(sb.stopMonitor)
 		err := sb.life.unwind(ctx)
+		sb.setStatus(StatusClosed)
 		sb.mu.Lock()
 		wbs := sb.writeBacks
 		sb.mu.Unlock()
@@ -714,10 +501,18 @@ func (sb *Sandbox) Close(ctx context.Context) ([]WriteBack, error) {
 		}
 		sb.closeErr = errors.Join(errs...)
 		if sb.failErr != nil && sb.failErr.ConsoleLog == "" {
-			sb.failErr.ConsoleLog = sb.consoleLog
+			sb.failErr.ConsoleLog = sb.consoleLogKept()
 		}
 	})
 	return sb.writeBacks, sb.closeErr
+}
+
+// consoleLogKept is where the console log of a failed sandbox was kept,
+// once it is closed.
+func (sb *Sandbox) consoleLogKept() string {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	return sb.consoleLog
 }
 
 // Timings returns how long each step of the sandbox's life took so far,

@@ -2,7 +2,6 @@ package mvm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/snapshot"
 )
 
 // snapFake is the fake backend with snapshots: a machine started from one
@@ -50,43 +50,32 @@ func (b *snapFake) Start(ctx context.Context, cfg backend.Config) (backend.Machi
 	return m, err
 }
 
-// writeSnapshot lays out a snapshot that findSnapshot accepts for cfg.
+// writeSnapshot lays out a snapshot that the store finds for cfg.
 func writeSnapshot(t *testing.T, cfg Config) string {
 	t.Helper()
-	r, err := resolve(cfg)
+	sb, err := prepare(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := loadImage(r)
+	key, err := sb.snapshotKey(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, err := snapshotKey(context.Background(), r, img, nil)
+	sv, err := sb.snapshotStore().Begin(key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := snapshotDir(r, key, nil)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, data := range map[string]string{"ram": "guest memory", "state": "device state", "placeholder": ""} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o644); err != nil {
+	defer sv.Close()
+	for name, data := range map[string]string{"ram": "guest memory", "state": "device state"} {
+		if err := os.WriteFile(filepath.Join(sv.Dir, name), []byte(data), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-	sum, err := fileSHA256(filepath.Join(dir, "state"))
+	dir, err := sv.Commit(snapshot.Meta{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ram, err := statID(filepath.Join(dir, "ram"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := json.Marshal(snapshotMeta{Format: snapshotFormat, Key: key, StateSHA256: sum, RAMSize: int64(len("guest memory")), RAMCtime: ram.ctime, Created: time.Now()})
-	if err := os.WriteFile(filepath.Join(dir, "snapshot.json"), b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := findSnapshot(dir, key); err != nil || got.dir != dir {
+	if got, err := sb.snapshotStore().Find(key); err != nil || got.Dir != dir {
 		t.Fatalf("the snapshot written is not usable: %v", err)
 	}
 	return dir
@@ -138,7 +127,7 @@ func TestSnapshotFailureBoots(t *testing.T) {
 		{name: "host error", restoreErr: errors.New("fork/exec qemu: resource temporarily unavailable"), restores: 1,
 			why: "cold boot: its snapshot failed to restore (kept)", kept: true, log: "could not restore the snapshot"},
 		{name: "replaced while restoring", restores: 1, onRestore: func(dir string, _ *fakeMachine) {
-			rewrite(filepath.Join(dir, "snapshot.json"), strings.Replace(readFile(dir, "snapshot.json"), `"created":"`, `"created":"1`, 1))
+			rewrite(filepath.Join(dir, "snapshot.json"), strings.Replace(readFile(dir, "snapshot.json"), `"created": "`, `"created": "1`, 1))
 		}, why: "cold boot: its snapshot was replaced while it restored", kept: true, log: "-"},
 		{name: "RAM file written while restoring", restores: 1, onRestore: func(dir string, _ *fakeMachine) { rewrite(filepath.Join(dir, "ram"), "guest MEMORY") },
 			why: "cold boot: its snapshot was written while it restored", log: "level=ERROR msg=\"the snapshot's RAM file or state was written"},

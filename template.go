@@ -97,7 +97,7 @@ func LookupTemplate(ctx context.Context, cfg Config) (*Template, error) {
 		return nil, err
 	}
 	if r.Template == "" && r.Image == "" {
-		return nil, invalid("Template", "no template or image in the configuration")
+		return nil, invalid("Template", "", "no template or image in the configuration")
 	}
 	l, _, err := openTemplate(ctx, r)
 	if err != nil {
@@ -205,7 +205,7 @@ func (sb *Sandbox) withImageDefaults(cmd Cmd) (Cmd, error) {
 	if len(cmd.Argv) == 0 {
 		cmd.Argv = append(append([]string(nil), c.Entrypoint...), c.Cmd...)
 		if len(cmd.Argv) == 0 {
-			return cmd, invalid("Cmd.Argv", "no command given, and the image has no Entrypoint or Cmd")
+			return cmd, invalid("Cmd.Argv", "", "no command given, and the image has no Entrypoint or Cmd")
 		}
 	}
 	if len(c.Env) > 0 {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -15,7 +16,6 @@ import (
 	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/adddir"
 	"github.com/mvm-sh/mvm/internal/envvar"
-	"github.com/mvm-sh/mvm/internal/execreq"
 	"github.com/mvm-sh/mvm/internal/launchplan"
 	"github.com/mvm-sh/mvm/internal/units"
 )
@@ -109,12 +109,12 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 	o.entrySet = cmd.Flags().Changed("entrypoint")
 	cfg, c, err := o.request(argv)
 	if err != nil {
-		return &exitError{code: exitFailure, err: err}
+		return &exitError{code: exitFailure, err: o.explain(err)}
 	}
 	cfg.Logger = g.log
 	if cfg.Template != "" || cfg.Image != "" {
 		if c.Argv, err = o.imageCommand(cmd, cfg, c.Argv); err != nil {
-			return &exitError{code: exitFailure, err: err}
+			return &exitError{code: exitFailure, err: o.explain(err)}
 		}
 	}
 	c.Stdout = cmd.OutOrStdout()
@@ -163,7 +163,7 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 		printTimings(cmd.ErrOrStderr(), res.Timings)
 	}
 	reportWriteBacks(cmd.ErrOrStderr(), res.WriteBacks, g.verbose)
-	code, msg := exitStatus(res, err, c.Timeout)
+	code, msg := exitStatus(res, o.explain(err), c.Timeout)
 	if code == 0 && msg == "" {
 		return nil
 	}
@@ -190,21 +190,17 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 	case len(argv) > 0 && argv[0] == "" && !o.entrySet:
 		return cfg, c, errors.New("the command is an empty string")
 	}
-	if o.template != "" && o.image != "" {
-		return cfg, c, errors.New("--template and --image both name the root filesystem: give one")
-	}
 	if o.entrySet && o.template == "" && o.image == "" {
 		return cfg, c, errors.New("--entrypoint needs a --template or --image (the default image has no entrypoint)")
 	}
-	if o.cpus < 1 || o.cpus > mvm.MaxCPUs {
-		return cfg, c, fmt.Errorf("invalid --cpus %d: must be between 1 and %d", o.cpus, mvm.MaxCPUs)
+	if o.cpus < 1 {
+		// The SDK takes 0 for its default; on the command line the
+		// default is the flag's.
+		return cfg, c, fmt.Errorf("--cpus %d: must be at least 1", o.cpus)
 	}
 	mem, err := units.ParseMemory(o.memory)
 	if err != nil {
 		return cfg, c, err
-	}
-	if mem < mvm.MinMemory>>20 {
-		return cfg, c, fmt.Errorf("invalid --memory %q: the guest needs at least %dM", o.memory, mvm.MinMemory>>20)
 	}
 	timeout, err := units.ParseTimeout(o.timeout)
 	if err != nil {
@@ -221,15 +217,6 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 	if o.workdir != "" {
 		workdir = o.workdir
 	}
-	if len(argv) > 0 {
-		if err := execreq.Check(argv, env, workdir); err != nil {
-			return cfg, c, err
-		}
-	}
-	dirs, err := adddir.Resolve(o.addDirs)
-	if err != nil {
-		return cfg, c, err
-	}
 	cfg = mvm.Config{
 		CPUs:       o.cpus,
 		Memory:     int64(mem) << 20,
@@ -242,15 +229,73 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		// for agent debug logs in the console log.
 		KernelArgs: strings.Fields(os.Getenv("MVM_KERNEL_ARGS")),
 	}
-	for _, d := range dirs {
+	for _, raw := range o.addDirs {
+		// The grammar is the command line's; what the directories may
+		// be is the SDK's to check.
+		d, err := adddir.Parse(raw)
+		if err != nil {
+			return cfg, c, err
+		}
 		cfg.Dirs = append(cfg.Dirs, mvm.Dir{Host: d.Host, Guest: d.Guest, Writable: d.Mode == adddir.ReadWrite})
 	}
-	c = mvm.Cmd{Argv: argv, Dir: workdir, Timeout: timeout, User: o.user}
-	for _, v := range env {
-		c.Env = append(c.Env, v.Name+"="+v.Value)
+	c = mvm.Cmd{Argv: argv, Env: envvar.Strings(env), Dir: workdir, Timeout: timeout, User: o.user}
+	if err := cfg.Validate(); err != nil {
+		return cfg, c, err
 	}
-	return cfg, c, nil
+	return cfg, c, c.Validate()
 }
+
+// explain words an error of the SDK's checks in the command line's terms:
+// its fields become the flags the user typed.
+func (o *execOptions) explain(err error) error {
+	var re *mvm.RequestError
+	if !errors.As(err, &re) {
+		return err
+	}
+	return &explained{msg: re.Describe(o.flagName), err: err}
+}
+
+// flagName names a field of mvm.Config or mvm.Cmd as mvmctl exec's flags
+// set it; "" leaves the message without one.
+func (o *execOptions) flagName(field string) string {
+	if f, ok := execFlags[field]; ok {
+		return f
+	}
+	if s, ok := strings.CutPrefix(field, "Dirs["); ok {
+		if i, err := strconv.Atoi(strings.TrimSuffix(s, "]")); err == nil && i >= 0 && i < len(o.addDirs) {
+			return "--add-dir " + strconv.Quote(o.addDirs[i])
+		}
+	}
+	return field
+}
+
+// execFlags is the flag (or variable) that sets each request field.
+var execFlags = map[string]string{
+	"CPUs":        "--cpus",
+	"Memory":      "--memory",
+	"Accel":       "--accel",
+	"Kernel":      "--kernel",
+	"KernelArgs":  "MVM_KERNEL_ARGS",
+	"Template":    "--template",
+	"Image":       "--image",
+	"Dirs":        "",
+	"Cmd":         "",
+	"Cmd.Argv":    "command",
+	"Cmd.Env":     "--env",
+	"Cmd.Dir":     "--workdir",
+	"Cmd.User":    "--user",
+	"Cmd.Timeout": "--timeout",
+	"Cmd.TTY":     "--tty",
+}
+
+// explained is an error with the command line's wording.
+type explained struct {
+	msg string
+	err error
+}
+
+func (e *explained) Error() string { return e.msg }
+func (e *explained) Unwrap() error { return e.err }
 
 // imageCommand applies docker run's rules to the command of a run on a
 // template: the image's Entrypoint, then the arguments given (or, without

@@ -11,6 +11,7 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -167,9 +168,9 @@ func (p Parser) Resolve(specs []string) ([]Spec, error) {
 }
 
 // Check checks parsed specs against the host filesystem and against each
-// other, in order, returning the error for the first bad spec named as the
-// user typed it (Raw). In the result each Host is absolute and cleaned and
-// each Guest is cleaned. A spec is rejected when:
+// other, in order, returning an *Error for the first bad spec. In the
+// result each Host is absolute and cleaned and each Guest is cleaned. A
+// spec is rejected when:
 //   - its host path does not exist or is not a directory (symlinks are
 //     followed);
 //   - its guest path is not absolute, is "/", or is, contains or lies
@@ -193,6 +194,36 @@ func Check(specs []Spec) ([]Spec, error) {
 	return c.out, nil
 }
 
+// Error is a spec that cannot be shared. It names specs by their place in
+// the list checked, so that each front end can name them its own way (a
+// flag as typed, a field of a request); Error() is the command line's.
+type Error struct {
+	// Index is the bad spec's place in the list, Other that of the
+	// earlier spec it conflicts with, or -1.
+	Index, Other int
+	// Err is what is wrong, without naming the spec itself; Link is the
+	// word that joins it to the other spec ("from", "by").
+	Err  error
+	Link string
+	// Hint says what to do, or is empty.
+	Hint string
+
+	raw, otherRaw string
+}
+
+func (e *Error) Error() string {
+	s := "--add-dir " + strconv.Quote(e.raw) + ": " + e.Err.Error()
+	if e.Other >= 0 {
+		s += " " + e.Link + " --add-dir " + strconv.Quote(e.otherRaw)
+	}
+	if e.Hint != "" {
+		s += "; " + e.Hint
+	}
+	return s
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
 // checker accumulates the specs accepted so far, which later ones are
 // checked against.
 type checker struct {
@@ -201,56 +232,62 @@ type checker struct {
 }
 
 func (c *checker) add(s Spec) error {
-	raw := s.Raw
-	if raw == "" {
-		raw = s.Host + ":" + s.Guest + ":" + s.Mode.String()
-		s.Raw = raw
+	if s.Raw == "" {
+		s.Raw = s.Host + ":" + s.Guest + ":" + s.Mode.String()
+	}
+	fail := func(other int, link, hint string, format string, args ...any) error {
+		e := &Error{Index: len(c.out), Other: other, Err: fmt.Errorf(format, args...), Link: link, Hint: hint, raw: s.Raw}
+		if other >= 0 {
+			e.otherRaw = c.out[other].Raw
+		}
+		return e
 	}
 	if !strings.HasPrefix(s.Guest, "/") {
-		return fmt.Errorf("--add-dir %q: guest path must be absolute (start with '/')", raw)
+		return fail(-1, "", "", "guest path must be absolute (start with '/')")
 	}
 	host, err := filepath.Abs(s.Host)
 	if err != nil {
-		return fmt.Errorf("--add-dir %q: host path %q: %w", raw, s.Host, err)
+		return fail(-1, "", "", "host path %q: %w", s.Host, err)
 	}
 	s.Host = host
 	fi, err := os.Stat(host)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("--add-dir %q: host path %q: no such directory", raw, host)
+		return fail(-1, "", "", "host path %q: no such directory", host)
 	case err != nil:
-		return fmt.Errorf("--add-dir %q: host path %q: %w", raw, host, err)
+		return fail(-1, "", "", "host path %q: %w", host, err)
 	case !fi.IsDir():
-		return fmt.Errorf("--add-dir %q: host path %q is not a directory", raw, host)
+		return fail(-1, "", "", "host path %q is not a directory", host)
 	}
 
 	s.Guest = path.Clean(s.Guest)
 	if isReserved(s.Guest) {
-		return fmt.Errorf("--add-dir %q: guest path %q is reserved (the VM needs /, /proc, /sys, /dev and /run/mvm)", raw, s.Guest)
+		return fail(-1, "", "", "guest path %q is reserved (the VM needs /, /proc, /sys, /dev and /run/mvm)", s.Guest)
 	}
 
-	for _, prev := range c.out {
+	for i, prev := range c.out {
 		switch {
 		case prev.Guest == s.Guest:
-			return fmt.Errorf("--add-dir %q: guest path %q is already used by --add-dir %q", raw, s.Guest, prev.Raw)
+			return fail(i, "by", "", "guest path %q is already used", s.Guest)
 		case within(s.Guest, prev.Guest):
-			return fmt.Errorf("--add-dir %q: guest path %q is nested inside %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
+			return fail(i, "from", "", "guest path %q is nested inside %q", s.Guest, prev.Guest)
 		case within(prev.Guest, s.Guest):
-			return fmt.Errorf("--add-dir %q: guest path %q contains %q from --add-dir %q", raw, s.Guest, prev.Guest, prev.Raw)
+			return fail(i, "from", "", "guest path %q contains %q", s.Guest, prev.Guest)
 		}
 	}
 	id, err := identify(host)
 	if err != nil {
-		return fmt.Errorf("--add-dir %q: host path %q: %w", raw, host, err)
+		return fail(-1, "", "", "host path %q: %w", host, err)
 	}
+	const overlap = "shared host directories must not overlap"
 	for i, prev := range c.out {
 		switch c.ids[i].relation(id) {
 		case same:
-			return fmt.Errorf("--add-dir %q: host path %q is the same directory as %q from --add-dir %q; share it once", raw, host, prev.Host, prev.Raw)
+			return fail(i, "from", "share it once", "host path %q is the same directory as %q", host, prev.Host)
 		case contains:
-			return fmt.Errorf("--add-dir %q: host path %q is inside %q from --add-dir %q; shared host directories must not overlap", raw, host, prev.Host, prev.Raw)
+			return fail(i, "from", overlap, "host path %q is inside %q", host, prev.Host)
 		case inside:
-			return fmt.Errorf("--add-dir %q: host path %q contains %q from --add-dir %q; shared host directories must not overlap", raw, host, prev.Host, prev.Raw)
+			return fail(i, "from", overlap, "host path %q contains %q", host, prev.Host)
 		}
 	}
 	c.out, c.ids = append(c.out, s), append(c.ids, id)

@@ -109,6 +109,16 @@ func Merge(layers ...[]Var) []Var {
 	return out
 }
 
+// Strings is vars as NAME=VALUE strings, the SDK's shape of an
+// environment.
+func Strings(vars []Var) []string {
+	out := make([]string, len(vars))
+	for i, v := range vars {
+		out[i] = v.Name + "=" + v.Value
+	}
+	return out
+}
+
 // quote quotes s for a one-line message, cut short when long.
 func quote(s string) string {
 	if len(s) > 64 {

@@ -1,9 +1,8 @@
 // Package execreq checks the command, environment and working directory of
 // a command for the guest against what the guest kernel can execute and
 // what one agent protocol message can carry, so that input the guest could
-// never run is refused on the host, before a VM boots, with a message that
-// names the offending field, wherever it came from (mvmctl's command line
-// or a launch plan).
+// never run is refused on the host, before a VM boots. The SDK's
+// Cmd.Validate names the field at fault; front ends word it their way.
 package execreq
 
 import (
@@ -108,26 +107,6 @@ func Total(argv []string, env []envvar.Var) error {
 			ErrTooLong, n, MaxTotal, perString)
 	}
 	return nil
-}
-
-// Check checks a whole request as mvmctl's command line gives it, naming
-// the field at fault as the user typed it: "argument N" (0 is the
-// program), "--env NAME", "--workdir".
-func Check(argv []string, env []envvar.Var, dir string) error {
-	for i, a := range argv {
-		if err := Arg(a); err != nil {
-			return fmt.Errorf("invalid command: argument %d %w", i, err)
-		}
-	}
-	for _, v := range env {
-		if err := Env(v); err != nil {
-			return fmt.Errorf("invalid --env %s: %w", Quote(v.Name), err)
-		}
-	}
-	if err := Dir(dir); err != nil {
-		return fmt.Errorf("invalid --workdir %s: %w", Quote(dir), err)
-	}
-	return Total(argv, env)
 }
 
 // Quote quotes s for a one-line message, shortened when long: the bad

@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/envvar"
 	"github.com/mvm-sh/mvm/internal/execreq"
 )
@@ -445,8 +446,8 @@ func FuzzParse(f *testing.F) {
 			t.Errorf("Parse accepted relative working dir %q", ep.WorkingDir)
 		}
 		// Whatever Parse accepts, the guest can run.
-		if err := execreq.Check(ep.Command, ep.Env, ep.WorkingDir); err != nil {
-			t.Errorf("Parse accepted %q, which execreq refuses: %v", data, err)
+		if err := (mvm.Cmd{Argv: ep.Command, Env: envvar.Strings(ep.Env), Dir: ep.WorkingDir}).Validate(); err != nil {
+			t.Errorf("Parse accepted %q, which the SDK refuses: %v", data, err)
 		}
 	})
 }

@@ -30,9 +30,10 @@ const (
 
 // Run is one live run's directory.
 type Run struct {
-	Name string
-	Dir  string
-	lock *os.File
+	Name    string
+	Dir     string
+	lock    *os.File
+	created time.Time
 }
 
 // Create makes root (0700) if needed and a fresh run directory in it, and
@@ -62,8 +63,9 @@ func Create(root, name string) (*Run, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("lock run directory %s: %w", dir, err)
 	}
-	fmt.Fprintf(lock, "pid %d\nstarted %s\n", os.Getpid(), time.Now().UTC().Format(time.RFC3339Nano))
-	return &Run{Name: name, Dir: dir, lock: lock}, nil
+	created := time.Now().UTC()
+	fmt.Fprintf(lock, "pid %d\nstarted %s\n", os.Getpid(), created.Format(time.RFC3339Nano))
+	return &Run{Name: name, Dir: dir, lock: lock, created: created}, nil
 }
 
 // ensurePrivateDir creates dir 0700, or checks that an existing one is a

@@ -40,12 +40,12 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/mvm-sh/mvm/internal/diskusage"
+	"github.com/mvm-sh/mvm/internal/lockfile"
 	"github.com/mvm-sh/mvm/internal/oci"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
@@ -464,63 +464,23 @@ func newRevision() string {
 	return hex.EncodeToString(b[:])
 }
 
-// flock is a held lock on a file.
-type flock struct{ f *os.File }
+// flock is a held lock on a file (see internal/lockfile).
+type flock struct{ l *lockfile.Lock }
 
-// lockFile locks path (creating it), shared or exclusive, waiting unless
-// nowait. It checks, once locked, that path still names the file it
-// locked, so that a lock file removed or renamed meanwhile is not taken
-// for the current one; missing reports (nil, nil) if the file, or its
-// directory, is gone and create is false.
+// lockFile locks path as lockfile.Take does.
 func lockFile(path string, how int, create bool) (*flock, error) {
-	for range 100 {
-		flags := os.O_RDONLY
-		if create {
-			flags = os.O_RDWR | os.O_CREATE
-		}
-		f, err := os.OpenFile(path, flags|syscall.O_CLOEXEC, 0o644)
-		if errors.Is(err, fs.ErrNotExist) && !create {
-			return nil, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		for {
-			err = unix.Flock(int(f.Fd()), how)
-			if !errors.Is(err, unix.EINTR) {
-				break
-			}
-		}
-		if err != nil {
-			f.Close()
-			if errors.Is(err, unix.EWOULDBLOCK) {
-				return nil, errWouldBlock
-			}
-			return nil, err
-		}
-		var a, b unix.Stat_t
-		if err := unix.Fstat(int(f.Fd()), &a); err != nil {
-			f.Close()
-			return nil, err
-		}
-		err = unix.Stat(path, &b)
-		if err == nil && a.Dev == b.Dev && a.Ino == b.Ino {
-			return &flock{f}, nil
-		}
-		f.Close()
-		if !create && errors.Is(err, unix.ENOENT) {
-			return nil, nil
-		}
+	l, err := lockfile.Take(path, how, create)
+	if l == nil {
+		return nil, err
 	}
-	return nil, fmt.Errorf("lock %s: it keeps being replaced", path)
+	return &flock{l}, nil
 }
 
-var errWouldBlock = errors.New("lock held by another process")
+var errWouldBlock = lockfile.ErrWouldBlock
 
 func (l *flock) release() {
-	if l != nil && l.f != nil {
-		l.f.Close() // closing drops the lock
-		l.f = nil
+	if l != nil {
+		l.l.Release()
 	}
 }
 
@@ -540,8 +500,8 @@ func (s *Store) lockName(name string) (*flock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("template %q: %w", name, err)
 	}
-	_ = l.f.Truncate(0)
-	_, _ = l.f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	_ = l.l.File().Truncate(0)
+	_, _ = l.l.File().WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
 	return l, nil
 }
 

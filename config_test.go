@@ -1,0 +1,97 @@
+package mvm
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/mvm-sh/mvm/internal/execreq"
+)
+
+func TestCmdValidate(t *testing.T) {
+	long := strings.Repeat("a", execreq.MaxString)
+	tests := []struct {
+		name    string
+		argv    []string
+		env     []string
+		dir     string
+		wantErr string // exact message; empty means valid
+		wantIs  error
+	}{
+		{name: "plain", argv: []string{"sh", "-c", "echo hi"}, env: []string{"A=" + "1"}, dir: "/tmp"},
+		{name: "empty args and values are fine", argv: []string{"x", ""}, env: []string{"E=" + ""}},
+		{name: "bytes that are not UTF-8", argv: []string{"x", "\xff\xfe\n\t"}, env: []string{"B=" + "\x01\xff"}},
+		{name: "argument at the limit", argv: []string{"x", long}},
+		{name: "env string at the limit", argv: []string{"x"}, env: []string{"A=" + long[:execreq.MaxString-2]}},
+		{name: "dir at the limit", argv: []string{"x"}, dir: "/" + strings.Repeat("d", execreq.MaxDir-1)},
+		{
+			name: "argument over the limit", argv: []string{"x", long + "a"},
+			wantErr: "Cmd.Argv: argument 1 is too long: 131072 bytes, the limit is 131071", wantIs: execreq.ErrTooLong,
+		},
+		{
+			name: "NUL in the program", argv: []string{"a\x00b"},
+			wantErr: "Cmd.Argv: argument 0 contains a NUL byte", wantIs: execreq.ErrNUL,
+		},
+		{
+			name: "NUL in an argument", argv: []string{"echo", "x", "\x00"},
+			wantErr: "Cmd.Argv: argument 2 contains a NUL byte", wantIs: execreq.ErrNUL,
+		},
+		{
+			name: "NUL in an env value", argv: []string{"x"}, env: []string{"A=" + "1\x00"},
+			wantErr: `Cmd.Env "A": value contains a NUL byte`, wantIs: execreq.ErrNUL,
+		},
+		{
+			name: "bad env name", argv: []string{"x"}, env: []string{"A-B=" + "1"},
+			wantErr: `Cmd.Env "A-B": invalid variable name "A-B" (must match [A-Za-z_][A-Za-z0-9_]*)`, wantIs: execreq.ErrBadName,
+		},
+		{
+			name: "NUL in an env name", argv: []string{"x"}, env: []string{"A\x00=" + "1"},
+			wantErr: `Cmd.Env "A\x00": invalid variable name "A\x00" (must match [A-Za-z_][A-Za-z0-9_]*)`, wantIs: execreq.ErrBadName,
+		},
+		{
+			name: "env string over the limit", argv: []string{"x"}, env: []string{"AB=" + long[:execreq.MaxString-2]},
+			wantErr: `Cmd.Env "AB": is too long: NAME=VALUE is 131072 bytes, the limit is 131071`, wantIs: execreq.ErrTooLong,
+		},
+		{
+			name: "relative dir", argv: []string{"x"}, dir: "tmp",
+			wantErr: `Cmd.Dir "tmp": must be an absolute path`, wantIs: execreq.ErrNotAbsolute,
+		},
+		{
+			name: "NUL in dir", argv: []string{"x"}, dir: "/tmp\x00/x",
+			wantErr: `Cmd.Dir "/tmp\x00/x": contains a NUL byte`, wantIs: execreq.ErrNUL,
+		},
+		{
+			name: "dir over PATH_MAX", argv: []string{"x"}, dir: "/" + strings.Repeat("d", execreq.MaxDir),
+			wantErr: `Cmd.Dir "/` + strings.Repeat("d", 63) + `"...: is too long: 4096 bytes, the limit is 4095`, wantIs: execreq.ErrTooLong,
+		},
+		{
+			name: "total over the limit", argv: []string{"x", long, long, long, long, long, long},
+			wantErr: "Cmd: command and environment are too long: 786490 bytes, the limit is 786432 (each string counts its length plus 9)", wantIs: execreq.ErrTooLong,
+		},
+		{
+			name: "many empty strings count their NULs and pointers", argv: append([]string{"x"}, make([]string, execreq.MaxTotal/9)...),
+			wantErr: "Cmd: command and environment are too long: 786439 bytes, the limit is 786432 (each string counts its length plus 9)", wantIs: execreq.ErrTooLong,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := Cmd{Argv: tt.argv, Env: tt.env, Dir: tt.dir}.Validate()
+			got := ""
+			if err != nil {
+				got = err.Error()
+			}
+			if got != tt.wantErr {
+				t.Fatalf("Validate() = %q, want %q", got, tt.wantErr)
+			}
+			if err != nil && !errors.Is(err, ErrInvalid) {
+				t.Errorf("Validate() = %v, not errors.Is ErrInvalid", err)
+			}
+			if tt.wantIs != nil && !errors.Is(err, tt.wantIs) {
+				t.Errorf("Validate() = %v, not errors.Is %v", err, tt.wantIs)
+			}
+			if strings.Contains(got, "\n") {
+				t.Errorf("message is not one line: %q", got)
+			}
+		})
+	}
+}

@@ -1,0 +1,538 @@
+// Package snapshot is the store of saved VMs: a VM booted to an idle
+// agent and saved, its RAM in a file that every restore maps
+// copy-on-write (so one snapshot serves any number of runs, concurrently,
+// and no run ever writes it) and its device state. A run restores one
+// instead of booting when everything that shaped the saved machine
+// matches (see Key); the run's own disks go into drive slots the
+// snapshot was taken with, which is what lets runs with shared
+// directories restore too.
+//
+// A store is a directory (the default image's, or one template
+// revision's) holding one directory per machine configuration, named by
+// the digest of its key. A snapshot is only ever replaced whole: a new
+// directory, new files, then a rename. Which snapshot a run wants and
+// what it does when one fails is the SDK's business; this package knows
+// the files.
+package snapshot
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm/internal/atomicfile"
+	"github.com/mvm-sh/mvm/internal/lockfile"
+)
+
+// Format changes whenever what a snapshot holds, or how runs use it,
+// changes.
+const Format = "2"
+
+// PlaceholderSize is the size of the files in the drive slots of a
+// snapshot being taken. The guest learns a drive's capacity when it
+// probes it, at boot, and keeps it across the restore; it must be at
+// least as large as any image a run puts in the slot. The files are
+// sparse: the size costs nothing.
+const PlaceholderSize = 1 << 40
+
+// Files of a snapshot directory.
+const (
+	recordFile = "snapshot.json"
+	ramFile    = "ram"
+	stateFile  = "state"
+	// PlaceholderFile is the shared read-only drive of the slots a run
+	// leaves empty.
+	PlaceholderFile = "placeholder"
+)
+
+// Meta is snapshot.json, written last: a snapshot directory without it
+// is incomplete and never used.
+type Meta struct {
+	Format  string    `json:"format"`
+	Key     string    `json:"key"`
+	Created time.Time `json:"created"`
+	// StateSHA256 is the device state file's digest, checked before each
+	// restore (it is small); RAMSize the RAM file's size.
+	StateSHA256 string `json:"state_sha256"`
+	RAMSize     int64  `json:"ram_size"`
+	// RAMCtime is the RAM file's change time once saved, in nanoseconds:
+	// anything that writes, truncates or punches the file changes it, and
+	// nobody can set it back. A RAM file is too large to hash at every
+	// run; this catches a VMM that wrote its RAM file (see
+	// docs/snapshots.md) or anyone else who changed it.
+	RAMCtime  int64  `json:"ram_ctime_ns"`
+	CPUs      int    `json:"cpus"`
+	MemoryMiB uint64 `json:"memory_mib"`
+	Accel     string `json:"accel"`
+}
+
+// KeyParts is everything a restored machine depends on.
+type KeyParts struct {
+	// VMM identifies the VMM build (backend.Snapshotter's SnapshotKey).
+	VMM string
+	// Kernel and Initrd are the files booted; their identity goes into
+	// the key.
+	Kernel, Initrd string
+	// Template identifies the template's disk, "" for none: the disk is
+	// in its slot when the snapshot is taken and at every restore, so it
+	// must be the very same content.
+	Template  string
+	Args      []string
+	CPUs      int
+	MemoryMiB uint64
+	Accel     string
+	// Slots is the number of directory slots (see devices).
+	Slots int
+}
+
+// Key is the key of a machine made of p. Two configurations with one key
+// can share a snapshot; any difference means a cold boot.
+func Key(p KeyParts) (string, error) {
+	kernel, err := FileIdentity(p.Kernel)
+	if err != nil {
+		return "", err
+	}
+	initrd, err := FileIdentity(p.Initrd)
+	if err != nil {
+		return "", err
+	}
+	tmpl := p.Template
+	if tmpl == "" {
+		tmpl = "none"
+	}
+	return strings.Join([]string{
+		"format " + Format,
+		"vmm " + p.VMM,
+		"kernel " + kernel,
+		"initrd " + initrd,
+		"template " + tmpl,
+		"args " + strings.Join(p.Args, " "),
+		"cpus " + strconv.Itoa(p.CPUs),
+		"memory " + strconv.FormatUint(p.MemoryMiB, 10),
+		"accel " + p.Accel,
+		"slots " + strconv.Itoa(p.Slots),
+	}, "\n"), nil
+}
+
+// FileIdentity names a file's content well enough for a cache key without
+// reading it: cached kernels and initramfs files are content-addressed
+// and never rewritten in place, and a user's own kernel changes its size
+// or modification time when it is rebuilt.
+func FileIdentity(path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", fmt.Errorf("stat %s: %w", path, err)
+	}
+	return fmt.Sprintf("%s size=%d mtime=%d.%09d ino=%d", path, st.Size, st.Mtim.Sec, st.Mtim.Nsec, st.Ino), nil
+}
+
+// keyField returns the value of a key's line "NAME VALUE".
+func keyField(key, name string) string {
+	for line := range strings.SplitSeq(key, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// Errors of Find and Lock.
+var (
+	// ErrNone: nothing saved for this configuration (yet, or since the
+	// kernel, the agent, QEMU or the machine's shape changed).
+	ErrNone = errors.New("no snapshot for this configuration")
+	// ErrCorrupt: a snapshot of the configuration asked for whose files
+	// do not match its record (a RAM file of another size or changed
+	// since it was saved, a device state with another digest). Its
+	// caller discards it, so that it is rebuilt rather than checked again
+	// at every run.
+	ErrCorrupt = errors.New("corrupt snapshot")
+	// ErrLocked: the store's snapshots are being removed (a template
+	// revision going away).
+	ErrLocked = errors.New("the template's snapshots are being removed")
+	// ErrReplaced and ErrWritten: the files a restoring VMM opened are
+	// not the snapshot that was checked.
+	ErrReplaced = errors.New("the snapshot was replaced while it restored")
+	ErrWritten  = errors.New("the snapshot's RAM file or state was written while it restored")
+)
+
+// Store is a directory of snapshots.
+type Store struct{ Root string }
+
+// Dir is where the snapshot with key lives: one per machine
+// configuration.
+func (s Store) Dir(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return filepath.Join(s.Root, hex.EncodeToString(sum[:12]))
+}
+
+// Lock takes a shared lock on the store, the lock a template store takes
+// exclusively, without waiting, before it removes a revision's
+// snapshots: a run holds it from its check of a snapshot until its VMM
+// has the files open, and Begin's caller while it makes one. A store
+// that does not exist (nothing to restore) is not made: the error is
+// then os.ErrNotExist.
+func (s Store) Lock() (release func(), err error) {
+	l, err := lockfile.Take(filepath.Join(s.Root, "lock"), unix.LOCK_SH|unix.LOCK_NB, true)
+	switch {
+	case errors.Is(err, lockfile.ErrWouldBlock):
+		return nil, ErrLocked
+	case err != nil:
+		return nil, err
+	}
+	return l.Release, nil
+}
+
+// Checked is a snapshot that matched its record, with what the check
+// saw: the record's bytes and the identity of its two files. The same
+// inodes later mean the same snapshot.
+type Checked struct {
+	// Dir holds its files.
+	Dir        string
+	record     []byte
+	ram, state fileID
+}
+
+// Placeholder is the read-only drive for the slots a run leaves empty.
+func (c *Checked) Placeholder() string { return filepath.Join(c.Dir, PlaceholderFile) }
+
+// fileID is what tells one file from another, and a file from itself
+// changed: its inode and its change time.
+type fileID struct {
+	ino   uint64
+	ctime int64
+}
+
+func statID(path string) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return fileID{}, err
+	}
+	return fileID{ino: st.Ino, ctime: st.Ctim.Nano()}, nil
+}
+
+// Find checks the snapshot of key against its record, and returns it or
+// why it cannot be used: ErrNone, ErrCorrupt for one that is damaged
+// (with the snapshot as it was read: what to discard), or another error
+// for one that is not to blame (made for another configuration, being
+// replaced).
+func (s Store) Find(key string) (*Checked, error) {
+	dir := s.Dir(key)
+	record := filepath.Join(dir, recordFile)
+	b, err := os.ReadFile(record)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, ErrNone
+	}
+	if err != nil {
+		return nil, err
+	}
+	c := &Checked{Dir: dir, record: b}
+	var meta Meta
+	if err := json.Unmarshal(b, &meta); err != nil {
+		return c, fmt.Errorf("%w: its record: %w", ErrCorrupt, err)
+	}
+	if meta.Format != Format || meta.Key != key {
+		return nil, errors.New("the snapshot was made for another configuration")
+	}
+	var bad string
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(dir, ramFile), &st); err != nil || st.Size != meta.RAMSize {
+		bad = "its RAM file is missing or not of the recorded size"
+	} else if st.Ctim.Nano() != meta.RAMCtime {
+		bad = "its RAM file was changed after it was saved"
+	} else if c.state, err = statID(filepath.Join(dir, stateFile)); err != nil {
+		bad = "its device state is missing"
+	} else if sum, err := fileSHA256(filepath.Join(dir, stateFile)); err != nil || sum != meta.StateSHA256 {
+		bad = "its device state does not match its digest"
+	}
+	if bad == "" {
+		c.ram = fileID{ino: st.Ino, ctime: st.Ctim.Nano()}
+		return c, nil
+	}
+	// A snapshot that another process replaced while this one looked
+	// (the files then come from two snapshots) is not damaged.
+	if again, err := os.ReadFile(record); err != nil || !bytes.Equal(again, b) {
+		return nil, errors.New("the snapshot was being replaced")
+	}
+	return c, fmt.Errorf("%w: %s", ErrCorrupt, bad)
+}
+
+// Change is what became of a checked snapshot.
+type Change int
+
+const (
+	Same     Change = iota
+	Replaced        // a new one (record, files) took its place
+	Written         // its RAM file or state was written in place
+)
+
+// Change says whether the snapshot is still the one checked: after its
+// state is loaded, that the VMM has the files that were checked; after a
+// run, that the run's VMM did not write the RAM file it had open. Other
+// inodes mean another snapshot, and the same inode with another change
+// time the same file written.
+func (c *Checked) Change() Change {
+	b, err := os.ReadFile(filepath.Join(c.Dir, recordFile))
+	if err != nil || !bytes.Equal(b, c.record) {
+		return Replaced
+	}
+	for _, f := range []struct {
+		name string
+		id   fileID
+	}{{ramFile, c.ram}, {stateFile, c.state}} {
+		now, err := statID(filepath.Join(c.Dir, f.name))
+		switch {
+		case err != nil || now.ino != f.id.ino:
+			return Replaced
+		case now.ctime != f.id.ctime:
+			return Written
+		}
+	}
+	return Same
+}
+
+// CheckBeforeResume is a restore's last check, once the VMM has loaded
+// the state: the guest runs only from the snapshot that was checked.
+func (c *Checked) CheckBeforeResume() error {
+	switch c.Change() {
+	case Replaced:
+		return ErrReplaced
+	case Written:
+		return ErrWritten
+	}
+	return nil
+}
+
+// Discard removes the snapshot c checked, and only that one: it is moved
+// aside first, and put back when what was moved turns out to be a
+// snapshot that replaced it meanwhile. It reports whether it removed it.
+// Runs restoring it right now keep their open files.
+func (c *Checked) Discard() bool {
+	trash, ok := moveAside(c.Dir)
+	if !ok {
+		return false
+	}
+	if b, err := os.ReadFile(filepath.Join(trash, recordFile)); err == nil && !bytes.Equal(b, c.record) {
+		// Another snapshot: back in place, unless yet another came.
+		if os.Rename(trash, c.Dir) == nil {
+			return false
+		}
+	}
+	_ = os.RemoveAll(trash)
+	return true
+}
+
+// moveAside renames a snapshot directory to a name no run looks for (and
+// that PruneStale removes if its caller dies before it does).
+func moveAside(dir string) (string, bool) {
+	trash := dir + ".discarded-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	return trash, os.Rename(dir, trash) == nil
+}
+
+func discard(dir string) {
+	if trash, ok := moveAside(dir); ok {
+		_ = os.RemoveAll(trash)
+	}
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// SparseFile makes path a sparse file of size bytes, private to the run.
+func SparseFile(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Saving is a snapshot being made: a private directory in the store that
+// no run looks at until Commit renames it into place.
+type Saving struct {
+	// Dir is where the VMM saves (its RAM file and state).
+	Dir string
+	// RunDir holds the saving machine's console log and the writable
+	// placeholders, which the snapshot does not keep.
+	RunDir string
+	store  Store
+	key    string
+	unlock func()
+}
+
+// Begin starts making the snapshot of key, with the store locked until
+// Close. The directory is world-readable, as the store is: snapshots are
+// shared by a user's runs, and a root run's jailed VMM reads them.
+func (s Store) Begin(key string) (*Saving, error) {
+	if err := os.MkdirAll(s.Root, 0o755); err != nil {
+		return nil, err
+	}
+	unlock, err := s.Lock()
+	if err != nil {
+		return nil, err
+	}
+	sv := &Saving{store: s, key: key, unlock: unlock}
+	if sv.Dir, err = os.MkdirTemp(s.Root, ".tmp-"); err != nil {
+		sv.Close()
+		return nil, err
+	}
+	if err := os.Chmod(sv.Dir, 0o755); err != nil {
+		sv.Close()
+		return nil, err
+	}
+	if sv.RunDir, err = os.MkdirTemp(sv.Dir, "run-"); err != nil {
+		sv.Close()
+		return nil, err
+	}
+	if err := SparseFile(sv.Placeholder(), PlaceholderSize); err != nil {
+		sv.Close()
+		return nil, err
+	}
+	return sv, nil
+}
+
+// Placeholder is the read-only drive of every empty slot.
+func (sv *Saving) Placeholder() string { return filepath.Join(sv.Dir, PlaceholderFile) }
+
+// Commit records the saved files and replaces the snapshot of the key
+// with them, atomically: the old one moves aside (runs restoring it keep
+// their open files) and the new one takes its name. It then prunes what
+// no run can restore any more. meta's Format, Key, Created and file
+// fields are filled in here.
+func (sv *Saving) Commit(meta Meta) (string, error) {
+	if err := os.RemoveAll(sv.RunDir); err != nil {
+		return "", err
+	}
+	sum, err := fileSHA256(filepath.Join(sv.Dir, stateFile))
+	if err != nil {
+		return "", err
+	}
+	var ram unix.Stat_t
+	if err := unix.Stat(filepath.Join(sv.Dir, ramFile), &ram); err != nil {
+		return "", err
+	}
+	meta.Format, meta.Key, meta.Created = Format, sv.key, time.Now().UTC()
+	meta.StateSHA256, meta.RAMSize, meta.RAMCtime = sum, ram.Size, ram.Ctim.Nano()
+	b, err := json.MarshalIndent(meta, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	if err := atomicfile.WriteBytes(filepath.Join(sv.Dir, recordFile), 0o644, append(b, '\n')); err != nil {
+		return "", err
+	}
+	final := sv.store.Dir(sv.key)
+	old := final + ".old-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	if err := os.Rename(final, old); err == nil {
+		defer os.RemoveAll(old)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	if err := os.Rename(sv.Dir, final); err != nil {
+		return "", err
+	}
+	sv.Dir = ""
+	sv.store.PruneStale(sv.key)
+	return final, nil
+}
+
+// Close removes what Commit did not take, and unlocks the store.
+func (sv *Saving) Close() {
+	if sv.Dir != "" {
+		_ = os.RemoveAll(sv.Dir)
+		sv.Dir = ""
+	}
+	if sv.unlock != nil {
+		sv.unlock()
+		sv.unlock = nil
+	}
+}
+
+// PruneStale removes the snapshots in the store that no run can restore
+// any more, so that rebuilding the kernel or the agent, or upgrading
+// QEMU, does not leave one more RAM file behind each time: those of
+// another format, those made from a kernel or initramfs file that is gone
+// or has changed since, and those of an older build of the VMM binary
+// that current (the key just saved) names. Snapshots of other machine
+// shapes that are still valid stay, and so does what other processes are
+// making. Leftovers of killed processes (snapshots moved aside, half-made
+// ones an hour old) go too. A run restoring a snapshot removed here keeps
+// its open files.
+func (s Store) PruneStale(current string) {
+	ents, err := os.ReadDir(s.Root)
+	if err != nil {
+		return
+	}
+	vmm := keyField(current, "vmm")
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(s.Root, e.Name())
+		switch name := e.Name(); {
+		case strings.Contains(name, ".old-") || strings.Contains(name, ".discarded-"):
+			// Moved aside to be removed by a process that did not live
+			// to remove it.
+			_ = os.RemoveAll(dir)
+		case strings.HasPrefix(name, ".tmp-"):
+			// One being made takes seconds; an hour-old one was left by
+			// a process that was killed while it saved.
+			if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > time.Hour {
+				_ = os.RemoveAll(dir)
+			}
+		case strings.HasPrefix(name, "."):
+		case stale(dir, vmm):
+			discard(dir)
+		}
+	}
+}
+
+// stale reports whether the snapshot in dir can never be restored again
+// (see PruneStale).
+func stale(dir, vmm string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if errors.Is(err, os.ErrNotExist) {
+		// Snapshots are renamed into place complete: this is a leftover.
+		return true
+	}
+	var meta Meta
+	if err != nil || json.Unmarshal(b, &meta) != nil || meta.Format != Format {
+		return err == nil
+	}
+	for _, f := range []string{"kernel", "initrd"} {
+		v := keyField(meta.Key, f)
+		path, _, _ := strings.Cut(v, " ")
+		if id, err := FileIdentity(path); path == "" || err != nil || id != v {
+			return true
+		}
+	}
+	// The VMM's part of the key is "NAME PATH IDENTITY...": the same
+	// binary path with another identity is an older build.
+	old := strings.Fields(keyField(meta.Key, "vmm"))
+	cur := strings.Fields(vmm)
+	return len(old) > 1 && len(cur) > 1 && old[1] == cur[1] && keyField(meta.Key, "vmm") != vmm
+}
