@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/mvm-sh/mvm/internal/units"
 	"github.com/mvm-sh/mvm/internal/writeback"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
@@ -115,31 +116,9 @@ func listStaged(stdout, stderr io.Writer, staged string) error {
 		if s.Err != nil {
 			host = "(unreadable record: " + s.Err.Error() + ")"
 		}
-		fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\n", s.Dir, host, age(time.Since(s.Created())), size(s.Size))
+		fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\n", s.Dir, host, units.Age(time.Since(s.Created())), units.FormatBytes(s.Size))
 	}
 	return nil
-}
-
-func age(d time.Duration) string {
-	switch {
-	case d < time.Minute:
-		return "just now"
-	case d < time.Hour:
-		return fmt.Sprintf("%dm ago", int(d/time.Minute))
-	case d < 48*time.Hour:
-		return fmt.Sprintf("%dh ago", int(d/time.Hour))
-	}
-	return fmt.Sprintf("%dd ago", int(d/(24*time.Hour)))
-}
-
-func size(n int64) string {
-	switch {
-	case n < 1<<20:
-		return fmt.Sprintf("%d KiB", (n+1023)>>10)
-	case n < 1<<30:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	}
-	return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
 }
 
 func recoverOne(ctx context.Context, stdout, stderr io.Writer, dir string) error {

@@ -19,6 +19,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/diskusage"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
+	"github.com/mvm-sh/mvm/internal/units"
 	"github.com/mvm-sh/mvm/internal/writeback"
 )
 
@@ -99,10 +100,10 @@ func checkDiskSpace(h *Host, id, what, dir string) Result {
 	if free < h.minFree() {
 		r.Status = Warn
 		r.Message = fmt.Sprintf("only %s free for the %s directory %s (below %s): a kernel build unpacks about 1.5 GiB, and read-write directories need room for what the guest writes",
-			formatSize(int64(free)), what, dir, formatSize(int64(h.minFree())))
+			units.FormatBytes(int64(free)), what, dir, units.FormatBytes(int64(h.minFree())))
 		return r
 	}
-	r.Status, r.Message = OK, fmt.Sprintf("%s free for the %s directory %s", formatSize(int64(free)), what, dir)
+	r.Status, r.Message = OK, fmt.Sprintf("%s free for the %s directory %s", units.FormatBytes(int64(free)), what, dir)
 	return r
 }
 
@@ -219,23 +220,11 @@ func checkStaged(h *Host) Result {
 	}
 	r.Status, r.Fix = Warn, "mvmctl recover"
 	r.Message = fmt.Sprintf("%d change %s of read-write directories could not be written back and %s kept in %s (%s, the oldest from %s)",
-		len(list), pluralWord(len(list), "set", "sets"), pluralWord(len(list), "is", "are"), dir, formatSize(size), age(time.Since(list[0].Created())))
+		len(list), pluralWord(len(list), "set", "sets"), pluralWord(len(list), "is", "are"), dir, units.FormatBytes(size), units.Age(time.Since(list[0].Created())))
 	if bad > 0 {
 		r.Message += fmt.Sprintf("; %d with an unreadable record", bad)
 	}
 	return r
-}
-
-func age(d time.Duration) string {
-	switch {
-	case d < time.Minute:
-		return "just now"
-	case d < time.Hour:
-		return fmt.Sprintf("%d minutes ago", int(d/time.Minute))
-	case d < 48*time.Hour:
-		return fmt.Sprintf("%d hours ago", int(d/time.Hour))
-	}
-	return fmt.Sprintf("%d days ago", int(d/(24*time.Hour)))
 }
 
 func checkLogs(h *Host) Result {
@@ -275,7 +264,7 @@ func checkLogs(h *Host) Result {
 		return r
 	}
 	r.Message = fmt.Sprintf("%d console %s of failed runs kept in %s (%s; the newest 20 stay), the last %s: %s",
-		n, pluralWord(n, "log", "logs"), dir, formatSize(size), age(time.Since(newAt)), newest)
+		n, pluralWord(n, "log", "logs"), dir, units.FormatBytes(size), units.Age(time.Since(newAt)), newest)
 	return r
 }
 
@@ -398,6 +387,6 @@ func checkSnapshots(ctx context.Context, h *Host, f *facts) Result {
 		r.Message = "no snapshots" + defaultSnap
 		return r
 	}
-	r.Message = fmt.Sprintf("%d %s (%s)", n, pluralWord(n, "snapshot", "snapshots"), formatSize(size)) + defaultSnap
+	r.Message = fmt.Sprintf("%d %s (%s)", n, pluralWord(n, "snapshot", "snapshots"), units.FormatBytes(size)) + defaultSnap
 	return r
 }

@@ -411,7 +411,7 @@ func TestDirectories(t *testing.T) {
 		f := newFakeHost(t)
 		f.MinFree = 1 << 62
 		r := f.run(t)
-		expect(t, r, "disk-cache", Warn, "free for the cache directory "+f.CacheDir+" (below 4294967296.0 GiB)", "-")
+		expect(t, r, "disk-cache", Warn, "free for the cache directory "+f.CacheDir+" (below 4096.0 PiB)", "-")
 		expect(t, r, "disk-state", Warn, "for the state directory", "-")
 		if !r.OK {
 			t.Error("little disk space failed the report")

@@ -12,6 +12,7 @@ import (
 
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/units"
 )
 
 const bootstrapCmd = "mvmctl bootstrap"
@@ -88,17 +89,7 @@ func sizeOf(path string) string {
 	if err != nil {
 		return "?"
 	}
-	return formatSize(fi.Size())
-}
-
-func formatSize(n int64) string {
-	switch {
-	case n < 1<<20:
-		return fmt.Sprintf("%d KiB", (n+1023)>>10)
-	case n < 1<<30:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	}
-	return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	return units.FormatBytes(fi.Size())
 }
 
 func checkImage(h *Host, f *facts) Result {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -16,6 +15,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/atomicfile"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
+	"github.com/mvm-sh/mvm/internal/helperbin"
 	"github.com/mvm-sh/mvm/internal/initramfs"
 	"github.com/mvm-sh/mvm/internal/kernel"
 )
@@ -203,25 +203,10 @@ func hashFile(h io.Writer, path string) error {
 	return err
 }
 
-// FindAgent locates the mvm-agent binary: MVM_AGENT, then next to the
-// running executable, then ../libexec/mvm/ relative to it (the layout of
-// `make install`).
+// FindAgent locates the mvm-agent binary (see helperbin.Find for the
+// order; MVM_AGENT overrides it).
 func FindAgent() (string, error) {
-	if p := os.Getenv("MVM_AGENT"); p != "" {
-		return p, nil
-	}
-	exe, err := os.Executable()
-	if err != nil {
-		return "", err
-	}
-	exe, _ = filepath.EvalSymlinks(exe)
-	dir := filepath.Dir(exe)
-	for _, p := range []string{filepath.Join(dir, "mvm-agent"), filepath.Join(dir, "..", "libexec", "mvm", "mvm-agent")} {
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
-			return p, nil
-		}
-	}
-	return "", errors.New("mvm-agent not found next to mvmctl or in ../libexec/mvm (build both with `make build`, or set MVM_AGENT)")
+	return helperbin.Find("mvm-agent", "MVM_AGENT")
 }
 
 // DefaultBusybox is the static busybox of Debian's busybox-static package;

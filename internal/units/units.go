@@ -178,3 +178,23 @@ func FormatBytes(n int64) string {
 	}
 	return strconv.FormatFloat(float64(n)/float64(div), 'f', 1, 64) + " " + string("KMGTP"[exp]) + "iB"
 }
+
+// Age renders how long ago something happened, for people: "just now",
+// "5 minutes ago", "3 hours ago", "2 days ago" (hours up to two days).
+func Age(d time.Duration) string {
+	plural := func(n int, one, many string) string {
+		if n == 1 {
+			return "1 " + one + " ago"
+		}
+		return strconv.Itoa(n) + " " + many + " ago"
+	}
+	switch {
+	case d < time.Minute:
+		return "just now"
+	case d < time.Hour:
+		return plural(int(d/time.Minute), "minute", "minutes")
+	case d < 48*time.Hour:
+		return plural(int(d/time.Hour), "hour", "hours")
+	}
+	return plural(int(d/(24*time.Hour)), "day", "days")
+}

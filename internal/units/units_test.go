@@ -229,3 +229,23 @@ func TestFormatBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestAge(t *testing.T) {
+	for _, tt := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{0, "just now"},
+		{59 * time.Second, "just now"},
+		{time.Minute, "1 minute ago"},
+		{59 * time.Minute, "59 minutes ago"},
+		{time.Hour, "1 hour ago"},
+		{47 * time.Hour, "47 hours ago"},
+		{48 * time.Hour, "2 days ago"},
+		{400 * 24 * time.Hour, "400 days ago"},
+	} {
+		if got := Age(tt.d); got != tt.want {
+			t.Errorf("Age(%s) = %q, want %q", tt.d, got, tt.want)
+		}
+	}
+}

@@ -32,6 +32,7 @@ import (
 
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/helperbin"
 	"github.com/mvm-sh/mvm/internal/qmp"
 )
 
@@ -243,24 +244,14 @@ func openDrive(d backend.Drive, childEnds *[]*os.File) ([]int, error) {
 	return fds, nil
 }
 
-// FindJailer locates the mvm-jailer binary: MVM_JAILER, then next to the
-// running executable, then ../libexec/mvm/ relative to it (the layout of
-// `make install`).
+// FindJailer locates the mvm-jailer binary (see helperbin.Find for the
+// order; MVM_JAILER overrides it).
 func FindJailer() (string, error) {
-	if p := os.Getenv("MVM_JAILER"); p != "" {
-		return p, nil
+	p, err := helperbin.Find("mvm-jailer", "MVM_JAILER")
+	if err != nil {
+		return "", fmt.Errorf("%w; it confines QEMU when mvm runs as root", err)
 	}
-	exe, err := os.Executable()
-	if err == nil {
-		exe, _ = filepath.EvalSymlinks(exe)
-		dir := filepath.Dir(exe)
-		for _, p := range []string{filepath.Join(dir, "mvm-jailer"), filepath.Join(dir, "..", "libexec", "mvm", "mvm-jailer")} {
-			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
-				return p, nil
-			}
-		}
-	}
-	return "", errors.New("mvm-jailer not found next to the program or in ../libexec/mvm: it confines QEMU when mvm runs as root (build it with `make build`, or set MVM_JAILER)")
+	return p, nil
 }
 
 // jailerArgs returns a pipe whose read end yields args, each ended by a
