@@ -14,8 +14,8 @@ import (
 
 	"github.com/mvm-sh/mvm/internal/atomicfile"
 	"github.com/mvm-sh/mvm/internal/backend/qemu"
-	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/helperbin"
+	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/initramfs"
 	"github.com/mvm-sh/mvm/internal/kernel"
 )
