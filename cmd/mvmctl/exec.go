@@ -190,6 +190,10 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 	case len(argv) > 0 && argv[0] == "" && !o.entrySet:
 		return cfg, c, errors.New("the command is an empty string")
 	}
+	if o.template != "" && o.image != "" {
+		// The SDK refuses it too; the command line names both flags.
+		return cfg, c, errors.New("--template and --image both name the root filesystem: give one")
+	}
 	if o.entrySet && o.template == "" && o.image == "" {
 		return cfg, c, errors.New("--entrypoint needs a --template or --image (the default image has no entrypoint)")
 	}

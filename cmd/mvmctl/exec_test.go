@@ -31,7 +31,7 @@ func TestRequestErrors(t *testing.T) {
 		{"relative workdir", execOptions{workdir: "tmp"}, []string{"true"}, `--workdir "tmp": must be an absolute path`, true},
 		{"NUL in an argument", execOptions{}, []string{"echo", "a\x00"}, "command: argument 1 contains a NUL byte", true},
 		{"missing kernel", execOptions{kernel: "/nonexistent/vmlinux"}, []string{"true"}, "--kernel /nonexistent/vmlinux: no such file or directory", true},
-		{"template and image", execOptions{template: "a", image: "b"}, []string{"true"}, "--template: give a template or an image, not both", true},
+		{"template and image", execOptions{template: "a", image: "b"}, []string{"true"}, "--template and --image both name the root filesystem: give one", false},
 		{"overlapping dirs", execOptions{addDirs: []string{proj + ":/proj:rw", out + ":/out"}}, []string{"true"},
 			`--add-dir "` + out + `:/out": host path "` + out + `" is inside "` + proj + `" from --add-dir "` + proj + `:/proj:rw"; shared host directories must not overlap`, true},
 		{"too much", execOptions{}, []string{"x", strings.Repeat("a", 131071), strings.Repeat("a", 131071), strings.Repeat("a", 131071), strings.Repeat("a", 131071), strings.Repeat("a", 131071), strings.Repeat("a", 131071)},

@@ -59,7 +59,7 @@ the process that owns the VM (mvmctl or the SDK program).`,
 					root = "-"
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\n", r.Name, r.Status, root, r.CPUs,
-					units.FormatMiB(r.MemoryMiB), r.Dirs, units.Age(time.Since(r.Created)), strconv.Itoa(r.Owner))
+					units.FormatMiB(r.MemoryMiB), r.Dirs, units.ShortAge(time.Since(r.Created)), strconv.Itoa(r.Owner))
 			}
 			return tw.Flush()
 		},

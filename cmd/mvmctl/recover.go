@@ -116,7 +116,7 @@ func listStaged(stdout, stderr io.Writer, staged string) error {
 		if s.Err != nil {
 			host = "(unreadable record: " + s.Err.Error() + ")"
 		}
-		fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\n", s.Dir, host, units.Age(time.Since(s.Created())), units.FormatBytes(s.Size))
+		fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\n", s.Dir, host, units.ShortAge(time.Since(s.Created())), units.FormatBytes(s.Size))
 	}
 	return nil
 }

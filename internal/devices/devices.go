@@ -7,10 +7,7 @@
 // device cannot silently take a slot another feature counted on.
 package devices
 
-import (
-	"fmt"
-	"strings"
-)
+import "fmt"
 
 // Transports is how many virtio devices a machine can have: QEMU's
 // microvm creates eight virtio-mmio transports (Firecracker allows more,
@@ -84,35 +81,30 @@ func (u Use) MaxDirDrives() int { return Transports - u.fixed() }
 // Check reports whether u fits on the machine's transports; the error
 // says what takes them.
 func (u Use) Check() error {
-	need := 0
-	for _, rw := range u.Dirs {
-		need += dirDrives(rw)
+	need, room := u.Drives(), Transports-agentChannel
+	if u.Network {
+		room -= nicDevices
 	}
-	if need <= u.MaxDirDrives() {
+	if need <= room {
 		return nil
 	}
-	return fmt.Errorf("%d shared directories need %d drives, but %s; a read-only directory takes one, a read-write one two",
-		len(u.Dirs), need, u.explain())
-}
-
-// explain says how the transports are taken before any directory.
-func (u Use) explain() string {
-	parts := []string{"the agent's channel takes one"}
+	rule := "a read-only directory takes one, a read-write one two"
 	if u.Template {
-		parts = append(parts, "the template two")
+		rule = "the template takes two, a read-only directory one, a read-write one two"
 	}
+	slots := fmt.Sprintf("its %d device slots, less one for the agent's channel", Transports)
 	if u.Network {
-		parts = append(parts, "the network card one")
+		slots += " and one for the network card"
 	}
-	return fmt.Sprintf("the VM has %d device slots and %s, which leaves %d for directories",
-		Transports, strings.Join(parts, ", "), u.MaxDirDrives())
+	return fmt.Errorf("%d shared directories need %d drives; the VM has room for %d (%s): %s",
+		len(u.Dirs), need, room, rule, slots)
 }
 
 // Snapshottable says whether a machine of u can be restored from a
 // snapshot (its directories fit the snapshot's slots), and why not.
 func (u Use) Snapshottable() (bool, string) {
 	if len(u.Dirs) > SnapshotDirSlots {
-		return false, fmt.Sprintf("more than %d shared directories (a snapshot has drive slots for %d)", SnapshotDirSlots, SnapshotDirSlots)
+		return false, fmt.Sprintf("more than %d shared directories", SnapshotDirSlots)
 	}
 	return true, ""
 }

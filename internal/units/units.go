@@ -198,3 +198,17 @@ func Age(d time.Duration) string {
 	}
 	return plural(int(d/(24*time.Hour)), "day", "days")
 }
+
+// ShortAge is Age for a table's column: "just now", "5m ago", "3h ago",
+// "2d ago".
+func ShortAge(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return "just now"
+	case d < time.Hour:
+		return strconv.Itoa(int(d/time.Minute)) + "m ago"
+	case d < 48*time.Hour:
+		return strconv.Itoa(int(d/time.Hour)) + "h ago"
+	}
+	return strconv.Itoa(int(d/(24*time.Hour))) + "d ago"
+}

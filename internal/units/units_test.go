@@ -247,5 +247,9 @@ func TestAge(t *testing.T) {
 		if got := Age(tt.d); got != tt.want {
 			t.Errorf("Age(%s) = %q, want %q", tt.d, got, tt.want)
 		}
+		short := strings.NewReplacer(" minutes", "m", " minute", "m", " hours", "h", " hour", "h", " days", "d").Replace(tt.want)
+		if got := ShortAge(tt.d); got != short {
+			t.Errorf("ShortAge(%s) = %q, want %q", tt.d, got, short)
+		}
 	}
 }
