@@ -79,6 +79,9 @@ type Config struct {
 	ImageProgress func(ImageProgress)
 	// Dirs are host directories shared with the guest.
 	Dirs []Dir
+	// Network, when set, gives the VM a network card (see Network); nil
+	// is no network device at all.
+	Network *Network
 	// Name names the sandbox in its run directory and in `mvmctl ps`:
 	// [A-Za-z0-9][A-Za-z0-9_.-]{0,62}, unique among running sandboxes;
 	// "" gets a generated one.
@@ -131,6 +134,7 @@ type resolved struct {
 	memMiB uint64
 	dirs   []adddir.Spec
 	accel  accel.Choice
+	net    *resolvedNetwork
 }
 
 // Validate checks cfg as Start does before anything boots, and returns
@@ -197,6 +201,11 @@ func resolve(cfg Config) (resolved, error) {
 	}
 	if r.dirs, err = checkDirs(cfg.Dirs); err != nil {
 		return r, err
+	}
+	if cfg.Network != nil {
+		if r.net, err = checkNetwork(cfg.Network); err != nil {
+			return r, err
+		}
 	}
 	if err := r.devices().Check(); err != nil {
 		return r, &RequestError{Field: "Dirs", Err: err}
@@ -270,7 +279,7 @@ func (r resolved) rootName() string {
 
 // devices is what the machine puts on its virtio transports.
 func (r resolved) devices() devices.Use {
-	u := devices.Use{Template: r.onTemplate()}
+	u := devices.Use{Template: r.onTemplate(), Network: r.Network != nil}
 	for _, d := range r.dirs {
 		u.Dirs = append(u.Dirs, d.Mode == adddir.ReadWrite)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -17,6 +18,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/network"
 	"github.com/mvm-sh/mvm/internal/runstate"
 	"github.com/mvm-sh/mvm/internal/snapshot"
 )
@@ -65,7 +67,8 @@ type Sandbox struct {
 	run    *runstate.Run
 	vmDir  string // the VMM's directory: the run's, or a snapshot's being made
 	saving *snapshot.Saving
-	root   *rootPlan // on a template
+	nic    *backend.NIC // the network card, with Config.Network
+	root   *rootPlan    // on a template
 	dirs   []*dirPlan
 	m      backend.Machine
 	client *agentclient.Client
@@ -337,10 +340,23 @@ func (sb *Sandbox) mount(ctx context.Context) (undoFunc, error) {
 	if r := sb.root; r != nil && !sb.hello.Has(agentproto.CapRoot) {
 		return nil, &VMError{Op: "mount", Err: fmt.Errorf("the guest agent (%s) cannot run commands in a template", sb.hello.AgentVersion)}
 	}
+	if sb.nic != nil && !sb.hello.Has(agentproto.CapNetwork) {
+		return nil, &VMError{Op: "mount", Err: fmt.Errorf("the guest agent (%s) cannot configure a network", sb.hello.AgentVersion)}
+	}
 	call := func(ctx context.Context) error {
 		if r := sb.root; r != nil {
 			if err := sb.client.Root(ctx, agentclient.Root{Template: r.lowerLabel, Upper: rootLabel}); err != nil {
 				return fmt.Errorf("template root: %w", err)
+			}
+		}
+		if n := sb.nic; n != nil {
+			// After the root: the agent writes the root's resolv.conf.
+			err := sb.client.Network(ctx, agentclient.Network{
+				MAC: n.MAC, Address: netip.PrefixFrom(network.GuestIP, network.Subnet.Bits()),
+				Gateway: network.Gateway, DNS: []netip.Addr{network.Gateway}, MTU: network.MTU,
+			})
+			if err != nil {
+				return fmt.Errorf("network: %w", err)
 			}
 		}
 		return mountAll(ctx, sb.client, sb.dirs)

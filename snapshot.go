@@ -181,7 +181,7 @@ func slotDrives(root *rootPlan, dirs []*dirPlan, roPlaceholder, runDir string, r
 // get placeholders), and a save instead of the mounts.
 func (sb *Sandbox) snapshotPlan() plan {
 	return sb.startPlan().
-		without("reclaim", "prepare disks", "mount").
+		without("reclaim", "prepare disks", "network", "mount").
 		replace("prepare run", step{"prepare snapshot", "clean up", sb.beginSnapshot}).
 		replace("start vm", step{"start vm", "stop vm", sb.bootForSnapshot}).
 		replace("agent ready", step{"agent ready", "", sb.quiesce}, step{"save", "", sb.save})
@@ -198,6 +198,9 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	start := time.Now()
 	if len(cfg.Dirs) > 0 {
 		return SnapshotInfo{}, invalid("Dirs", "", "a snapshot is taken without shared directories; runs add theirs")
+	}
+	if cfg.Network != nil {
+		return SnapshotInfo{}, invalid("Network", "", "a snapshot is taken without a network card (runs with one boot)")
 	}
 	sb, err := prepare(cfg)
 	if err != nil {
@@ -318,7 +321,7 @@ func SnapshotFor(ctx context.Context, cfg Config) (string, error) {
 		return nil, nil
 	}
 	p := sb.startPlan().
-		without("reclaim", "prepare disks", "start vm", "agent ready", "mount").
+		without("reclaim", "prepare disks", "network", "start vm", "agent ready", "mount").
 		replace("prepare run", step{"find snapshot", "", find})
 	err = sb.runPlan(ctx, p)
 	_ = sb.life.unwind(context.WithoutCancel(ctx))

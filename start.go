@@ -75,12 +75,16 @@ func (sb *Sandbox) startPlan() plan {
 		{"template", "release template", sb.leaseTemplate},
 		{"prepare run", "clean up", sb.prepareRun},
 		{"prepare disks", "write back", sb.prepareDisks},
+		{"network", "stop network", sb.startNetwork},
 		{"start vm", "stop vm", sb.boot},
 		{"agent ready", "disconnect", sb.connect},
 		{"mount", "shut down guest", sb.mount},
 	}
 	if !sb.cfg.onTemplate() {
 		p = p.without("template")
+	}
+	if sb.cfg.net == nil {
+		p = p.without("network")
 	}
 	return p
 }
@@ -210,6 +214,7 @@ func (sb *Sandbox) machineConfig(drives []backend.Drive, snap *backend.Snapshot)
 		MemoryMiB:  sb.cfg.memMiB,
 		Accel:      sb.cfg.accel.Kind,
 		Drives:     drives,
+		NIC:        sb.nic,
 		Snapshot:   snap,
 	}
 }

@@ -19,6 +19,7 @@ func TestPlans(t *testing.T) {
 		return out
 	}
 	onImage := newSandbox(resolved{Config: Config{Logger: slog.New(slog.DiscardHandler)}}, image.Image{})
+	withNet := newSandbox(resolved{Config: Config{Logger: slog.New(slog.DiscardHandler)}, net: &resolvedNetwork{}}, image.Image{})
 	onTemplate := newSandbox(resolved{Config: Config{Template: "t", Logger: slog.New(slog.DiscardHandler)}}, image.Image{})
 	tests := []struct {
 		name string
@@ -27,6 +28,7 @@ func TestPlans(t *testing.T) {
 	}{
 		{"start", onImage.startPlan(), []string{"reclaim/", "prepare run/clean up", "prepare disks/write back", "start vm/stop vm", "agent ready/disconnect", "mount/shut down guest"}},
 		{"start on a template", onTemplate.startPlan(), []string{"reclaim/", "template/release template", "prepare run/clean up", "prepare disks/write back", "start vm/stop vm", "agent ready/disconnect", "mount/shut down guest"}},
+		{"start with a network", withNet.startPlan(), []string{"reclaim/", "prepare run/clean up", "prepare disks/write back", "network/stop network", "start vm/stop vm", "agent ready/disconnect", "mount/shut down guest"}},
 		{"snapshot", onImage.snapshotPlan(), []string{"prepare snapshot/clean up", "start vm/stop vm", "agent ready/", "save/"}},
 		{"snapshot of a template", onTemplate.snapshotPlan(), []string{"template/release template", "prepare snapshot/clean up", "start vm/stop vm", "agent ready/", "save/"}},
 	}

@@ -38,6 +38,12 @@ type execOptions struct {
 	user        string
 	entrypoint  string
 	entrySet    bool
+	net         bool
+	allowHosts  []string
+	allowCIDRs  []string
+	loopback    []string
+	addHosts    []string
+	publish     []string
 }
 
 func newExecCommand(g *globalOptions) *cobra.Command {
@@ -68,7 +74,9 @@ if it was not found.`,
   echo hi | mvmctl exec -- sh -c 'cat; exit 3'
   mvmctl exec --timeout 5s -- sleep 60
   mvmctl exec -e GREETING='hello world' -w /tmp -- sh -c 'echo "$GREETING"; pwd'
-  mvmctl exec -d ./src:/src:ro -d ./out:/out:rw -- sh -c 'sort /src/data > /out/sorted'`,
+  mvmctl exec -d ./src:/src:ro -d ./out:/out:rw -- sh -c 'sort /src/data > /out/sorted'
+  mvmctl exec --template py --allow-host pypi.org --allow-host files.pythonhosted.org -- pip install requests
+  mvmctl exec --template py -p 8000:8000 -- python3 -m http.server`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runExec(cmd, g, o, args)
 		},
@@ -93,6 +101,12 @@ if it was not found.`,
 	f.StringVar(&o.image, "image", "", "run in this container image (a registry reference, docker-archive:FILE, oci-archive:FILE or oci:DIR[:TAG]), converted on first use and cached")
 	f.StringVarP(&o.user, "user", "u", "", "run as this user of the root filesystem: name, uid, name:group or uid:gid (default: the image's, else root)")
 	f.StringVar(&o.entrypoint, "entrypoint", "", "replace the image's entrypoint (and its default arguments)")
+	f.BoolVar(&o.net, "net", false, "give the VM a network: outbound connections to public addresses, DNS (implied by the flags below)")
+	f.StringArrayVar(&o.allowHosts, "allow-host", nil, "reach only allowed destinations: this host name, or *.DOMAIN, with an optional :PORT (repeatable)")
+	f.StringArrayVar(&o.allowCIDRs, "allow-cidr", nil, "reach only allowed destinations: this IPv4 network, with an optional :PORT; may name private networks (repeatable)")
+	f.StringArrayVar(&o.loopback, "allow-host-loopback", nil, "let the guest reach this port of the host's 127.0.0.1, at host.mvm.internal (repeatable)")
+	f.StringArrayVar(&o.addHosts, "add-host", nil, "a static DNS name NAME:IPv4 for the guest, reachable as if allowed (repeatable)")
+	f.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT (default host address 127.0.0.1; repeatable)")
 	return cmd
 }
 
@@ -233,6 +247,9 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		// for agent debug logs in the console log.
 		KernelArgs: strings.Fields(os.Getenv("MVM_KERNEL_ARGS")),
 	}
+	if cfg.Network, err = o.network(); err != nil {
+		return cfg, c, err
+	}
 	for _, raw := range o.addDirs {
 		// The grammar is the command line's; what the directories may
 		// be is the SDK's to check.
@@ -247,6 +264,55 @@ func (o *execOptions) request(argv []string) (mvm.Config, mvm.Cmd, error) {
 		return cfg, c, err
 	}
 	return cfg, c, c.Validate()
+}
+
+// network is the VM's network from the flags, or nil for none. Any of
+// the network flags implies --net.
+func (o *execOptions) network() (*mvm.Network, error) {
+	if !o.net && len(o.allowHosts)+len(o.allowCIDRs)+len(o.loopback)+len(o.addHosts)+len(o.publish) == 0 {
+		return nil, nil
+	}
+	n := &mvm.Network{AllowHosts: o.allowHosts, AllowCIDRs: o.allowCIDRs, Hosts: o.addHosts}
+	for _, s := range o.loopback {
+		p, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || p == 0 {
+			return nil, fmt.Errorf("--allow-host-loopback %q: want a port, 1-65535", s)
+		}
+		n.AllowHostLoopback = append(n.AllowHostLoopback, uint16(p))
+	}
+	for _, s := range o.publish {
+		p, err := parsePublish(s)
+		if err != nil {
+			return nil, fmt.Errorf("--publish %q: %w", s, err)
+		}
+		n.Publish = append(n.Publish, p)
+	}
+	return n, nil
+}
+
+// parsePublish parses docker's -p grammar, TCP only:
+// [HOSTIP:]HOSTPORT:GUESTPORT.
+func parsePublish(s string) (mvm.Port, error) {
+	var p mvm.Port
+	if strings.HasSuffix(s, "/udp") {
+		return p, errors.New("UDP ports cannot be published")
+	}
+	s = strings.TrimSuffix(s, "/tcp")
+	parts := strings.Split(s, ":")
+	switch len(parts) {
+	case 2:
+	case 3:
+		p.HostIP, parts = parts[0], parts[1:]
+	default:
+		return p, errors.New("want [HOSTIP:]HOSTPORT:GUESTPORT")
+	}
+	hp, err1 := strconv.ParseUint(parts[0], 10, 16)
+	gp, err2 := strconv.ParseUint(parts[1], 10, 16)
+	if err1 != nil || err2 != nil || hp == 0 || gp == 0 {
+		return p, errors.New("ports are 1-65535")
+	}
+	p.HostPort, p.GuestPort = uint16(hp), uint16(gp)
+	return p, nil
 }
 
 // explain words an error of the SDK's checks in the command line's terms:
@@ -264,6 +330,9 @@ func (o *execOptions) explain(err error) error {
 func (o *execOptions) flagName(field string) string {
 	if f, ok := execFlags[field]; ok {
 		return f
+	}
+	if base, _, ok := strings.Cut(field, "["); ok && strings.HasPrefix(base, "Network.") {
+		return execFlags[base]
 	}
 	if s, ok := strings.CutPrefix(field, "Dirs["); ok {
 		if i, err := strconv.Atoi(strings.TrimSuffix(s, "]")); err == nil && i >= 0 && i < len(o.addDirs) {
@@ -290,6 +359,13 @@ var execFlags = map[string]string{
 	"Cmd.User":    "--user",
 	"Cmd.Timeout": "--timeout",
 	"Cmd.TTY":     "--tty",
+
+	"Network":                   "--net",
+	"Network.AllowHosts":        "--allow-host",
+	"Network.AllowCIDRs":        "--allow-cidr",
+	"Network.AllowHostLoopback": "--allow-host-loopback",
+	"Network.Hosts":             "--add-host",
+	"Network.Publish":           "--publish",
 }
 
 // explained is an error with the command line's wording.

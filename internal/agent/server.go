@@ -47,7 +47,9 @@ type Server struct {
 
 	// fsMu guards the filesystem state that Root and Mount change: the
 	// commands' root and the drives the agent has mounted.
-	fsMu      sync.Mutex
+	fsMu sync.Mutex
+	// netMu makes Network calls one at a time.
+	netMu     sync.Mutex
 	root      *fsRoot
 	rootLabel string          // the template's label, once a Root call set one
 	mounted   map[string]bool // device paths the agent mounted
@@ -118,7 +120,7 @@ func (s *Server) capabilities() []string {
 		caps = append(caps, agentproto.CapExecUser)
 	}
 	if s.opts.Mounts {
-		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname)
+		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname, agentproto.CapNetwork)
 		if s.opts.OnHello != nil {
 			// The clock and the reseed come with the hello hook,
 			// the rest with owning the guest's filesystems.
@@ -302,6 +304,19 @@ func (ss *session) serveStream(st *mux.Stream) {
 		}
 		ss.log.Debug("root set", "template", call.Root.LowerLabel, "took", time.Since(start))
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Root{Root: &agentpb.RootReply{}}})
+	case *agentpb.Request_Network:
+		if !ss.srv.opts.Mounts {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "network is not served by this agent")
+			return
+		}
+		start := time.Now()
+		if err := ss.srv.configureNetwork(call.Network); err != nil {
+			ss.log.Debug("network failed", "err", err)
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		ss.log.Debug("network configured", "address", call.Network.Address, "took", time.Since(start))
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Network{Network: &agentpb.NetworkReply{}}})
 	case *agentpb.Request_Quiesce:
 		if !ss.srv.opts.Mounts || ss.srv.opts.OnHello == nil {
 			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "quiesce is not served by this agent")

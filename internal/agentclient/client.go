@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -275,6 +276,34 @@ func (c *Client) Root(ctx context.Context, r Root) error {
 	}}})
 	if err != nil {
 		return fmt.Errorf("root %s: %w", r.Template, err)
+	}
+	return nil
+}
+
+// Network configures the guest's network interface (see agent.proto's
+// Network). It needs agentproto.CapNetwork.
+type Network struct {
+	// MAC is the interface to configure, found by its hardware address.
+	MAC string
+	// Address is the interface's address and prefix (10.0.2.15/24).
+	Address netip.Prefix
+	// Gateway is where the default route goes.
+	Gateway netip.Addr
+	// DNS are the nameservers written to resolv.conf (in the template's
+	// root too, when one is set: set it first).
+	DNS []netip.Addr
+	// MTU is the interface's MTU; 0 keeps the device's.
+	MTU int
+}
+
+// Network sets the guest's network up as n says.
+func (c *Client) Network(ctx context.Context, n Network) error {
+	req := &agentpb.Network{Mac: n.MAC, Address: n.Address.String(), Gateway: n.Gateway.String(), Mtu: uint32(n.MTU)}
+	for _, d := range n.DNS {
+		req.Dns = append(req.Dns, d.String())
+	}
+	if _, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Network{Network: req}}); err != nil {
+		return fmt.Errorf("network: %w", err)
 	}
 	return nil
 }

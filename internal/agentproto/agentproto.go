@@ -66,6 +66,9 @@ const (
 	// CapExecTTY: Exec.tty runs the command on a pseudo-terminal of the
 	// size Exec.window, resized by ExecInput.resize (version 2).
 	CapExecTTY = "exec.tty"
+	// CapNetwork: the Network call (version 2) configures the guest's
+	// network interface, default route and resolv.conf.
+	CapNetwork = "network"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

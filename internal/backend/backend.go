@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 
 	"github.com/mvm-sh/mvm/internal/accel"
 )
@@ -52,12 +53,26 @@ type Config struct {
 	// RawPorts are extra byte streams to the guest, reached through
 	// RawPorter (benchmarks compare the agent protocol against one).
 	RawPorts []string
+	// NIC, when set, gives the machine a network card.
+	NIC *NIC
 	// Snapshot, with a backend that implements Snapshotter, either boots
 	// a machine whose state can be saved (Save) or starts one from saved
 	// state (Restore). Everything else in the Config must describe the
 	// same machine as when the snapshot was taken (drive paths may
 	// differ; their number, order and read-only flags may not).
 	Snapshot *Snapshot
+}
+
+// NIC is a virtio network card whose frames travel on a stream socket:
+// each as a 32-bit big-endian length and the frame (the framing of
+// QEMU's socket network backend). The other end is the host's network
+// stack (internal/network).
+type NIC struct {
+	// MAC is the card's address ("52:54:00:12:34:56").
+	MAC string
+	// Conn is the VMM's end of the socket. Start hands it to the VMM
+	// and closes it here; the caller keeps the other end.
+	Conn *os.File
 }
 
 // Snapshot names a snapshot's files: Dir holds the guest's RAM ("ram", a

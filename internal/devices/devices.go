@@ -103,6 +103,9 @@ func (u Use) Check() error {
 // Snapshottable says whether a machine of u can be restored from a
 // snapshot (its directories fit the snapshot's slots), and why not.
 func (u Use) Snapshottable() (bool, string) {
+	if u.Network {
+		return false, "a network card (snapshots are taken without one)"
+	}
 	if len(u.Dirs) > SnapshotDirSlots {
 		return false, fmt.Sprintf("more than %d shared directories", SnapshotDirSlots)
 	}

@@ -10,8 +10,8 @@
 // Each stream starts with one Request from the host. What follows depends on
 // the call:
 //
-//   hello, ping, signal, mount, root, shutdown: the agent writes one
-//         Response and closes.
+//   hello, ping, signal, mount, root, network, shutdown: the agent writes
+//         one Response and closes.
 //   exec: the host may go on writing ExecInput messages (stdin, EOF); the
 //         agent writes ExecEvent messages until, and ending with, Exited.
 //
@@ -241,6 +241,7 @@ type Request struct {
 	//	*Request_Mount
 	//	*Request_Root
 	//	*Request_Quiesce
+	//	*Request_Network
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -355,6 +356,15 @@ func (x *Request) GetQuiesce() *Quiesce {
 	return nil
 }
 
+func (x *Request) GetNetwork() *Network {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Network); ok {
+			return x.Network
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -393,6 +403,11 @@ type Request_Quiesce struct {
 	Quiesce *Quiesce `protobuf:"bytes,8,opt,name=quiesce,proto3,oneof"`
 }
 
+type Request_Network struct {
+	// Since version 2 (capability "network").
+	Network *Network `protobuf:"bytes,9,opt,name=network,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -409,6 +424,8 @@ func (*Request_Root) isRequest_Call() {}
 
 func (*Request_Quiesce) isRequest_Call() {}
 
+func (*Request_Network) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -421,6 +438,7 @@ type Response struct {
 	//	*Response_Mount
 	//	*Response_Root
 	//	*Response_Quiesce
+	//	*Response_Network
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -527,6 +545,15 @@ func (x *Response) GetQuiesce() *QuiesceReply {
 	return nil
 }
 
+func (x *Response) GetNetwork() *NetworkReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Network); ok {
+			return x.Network
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -568,6 +595,10 @@ type Response_Quiesce struct {
 	Quiesce *QuiesceReply `protobuf:"bytes,7,opt,name=quiesce,proto3,oneof"`
 }
 
+type Response_Network struct {
+	Network *NetworkReply `protobuf:"bytes,8,opt,name=network,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -585,6 +616,8 @@ func (*Response_Mount) isResponse_Result() {}
 func (*Response_Root) isResponse_Result() {}
 
 func (*Response_Quiesce) isResponse_Result() {}
+
+func (*Response_Network) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -2169,11 +2202,143 @@ func (*QuiesceReply) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
+// Network configures the guest's network interface: the one whose
+// hardware address is mac gets the IPv4 address, is brought up (lo too)
+// and becomes the way to the default route via gateway; the nameservers
+// go to /etc/resolv.conf of the agent's root and of the template root
+// (now, or when a later Root sets one). The host calls it after Root and
+// before the Mounts. Calling it again with the same configuration
+// succeeds; a different gateway while a default route exists is an error.
+// Served by an agent running as the guest's init (capability "network").
+// Since version 2.
+type Network struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hardware address of the interface to configure, as six lower-case
+	// hex pairs separated by colons ("52:54:00:12:34:56"): the host chose
+	// it for the VM's NIC, while the interface's name is the guest
+	// kernel's choice.
+	Mac string `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	// The guest's IPv4 address and prefix length in CIDR notation
+	// ("10.0.2.15/24"). IPv6 is not served yet.
+	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	// The IPv4 address of the default route's gateway, inside the
+	// address's prefix ("10.0.2.2").
+	Gateway string `protobuf:"bytes,3,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// Nameserver addresses (IPv4, at most 4) for /etc/resolv.conf, in
+	// order of preference. Empty leaves resolv.conf as it is.
+	Dns []string `protobuf:"bytes,4,rep,name=dns,proto3" json:"dns,omitempty"`
+	// The interface's MTU, 576 to 65535; 0 keeps the device's.
+	Mtu           uint32 `protobuf:"varint,5,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Network) Reset() {
+	*x = Network{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Network) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Network) ProtoMessage() {}
+
+func (x *Network) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Network.ProtoReflect.Descriptor instead.
+func (*Network) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *Network) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *Network) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Network) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *Network) GetDns() []string {
+	if x != nil {
+		return x.Dns
+	}
+	return nil
+}
+
+func (x *Network) GetMtu() uint32 {
+	if x != nil {
+		return x.Mtu
+	}
+	return 0
+}
+
+type NetworkReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkReply) Reset() {
+	*x = NetworkReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkReply) ProtoMessage() {}
+
+func (x *NetworkReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkReply.ProtoReflect.Descriptor instead.
+func (*NetworkReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{28}
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\x82\x03\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xb5\x03\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -2182,8 +2347,9 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bshutdown\x18\x05 \x01(\v2\x16.mvm.agent.v1.ShutdownH\x00R\bshutdown\x12+\n" +
 	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mount\x12(\n" +
 	"\x04root\x18\a \x01(\v2\x12.mvm.agent.v1.RootH\x00R\x04root\x121\n" +
-	"\aquiesce\x18\b \x01(\v2\x15.mvm.agent.v1.QuiesceH\x00R\aquiesceB\x06\n" +
-	"\x04call\"\xa6\x03\n" +
+	"\aquiesce\x18\b \x01(\v2\x15.mvm.agent.v1.QuiesceH\x00R\aquiesce\x121\n" +
+	"\anetwork\x18\t \x01(\v2\x15.mvm.agent.v1.NetworkH\x00R\anetworkB\x06\n" +
+	"\x04call\"\xde\x03\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
@@ -2191,7 +2357,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bshutdown\x18\x04 \x01(\v2\x1b.mvm.agent.v1.ShutdownReplyH\x00R\bshutdown\x120\n" +
 	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12-\n" +
 	"\x04root\x18\x06 \x01(\v2\x17.mvm.agent.v1.RootReplyH\x00R\x04root\x126\n" +
-	"\aquiesce\x18\a \x01(\v2\x1a.mvm.agent.v1.QuiesceReplyH\x00R\aquiesce\x12+\n" +
+	"\aquiesce\x18\a \x01(\v2\x1a.mvm.agent.v1.QuiesceReplyH\x00R\aquiesce\x126\n" +
+	"\anetwork\x18\b \x01(\v2\x1a.mvm.agent.v1.NetworkReplyH\x00R\anetwork\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -2311,7 +2478,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bhostname\x18\x03 \x01(\tR\bhostname\"\v\n" +
 	"\tRootReply\"\t\n" +
 	"\aQuiesce\"\x0e\n" +
-	"\fQuiesceReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\fQuiesceReply\"s\n" +
+	"\aNetwork\x12\x10\n" +
+	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x18\n" +
+	"\agateway\x18\x03 \x01(\tR\agateway\x12\x10\n" +
+	"\x03dns\x18\x04 \x03(\tR\x03dns\x12\x10\n" +
+	"\x03mtu\x18\x05 \x01(\rR\x03mtu\"\x0e\n" +
+	"\fNetworkReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -2326,7 +2500,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -2358,6 +2532,8 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*RootReply)(nil),        // 27: mvm.agent.v1.RootReply
 	(*Quiesce)(nil),          // 28: mvm.agent.v1.Quiesce
 	(*QuiesceReply)(nil),     // 29: mvm.agent.v1.QuiesceReply
+	(*Network)(nil),          // 30: mvm.agent.v1.Network
+	(*NetworkReply)(nil),     // 31: mvm.agent.v1.NetworkReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -2368,30 +2544,32 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	22, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
 	26, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
 	28, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
-	7,  // 8: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 9: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 10: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 11: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 12: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 13: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 14: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	5,  // 15: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 16: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 17: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 18: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 19: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 20: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 21: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 22: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 23: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 24: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 25: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 26: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	30, // 8: mvm.agent.v1.Request.network:type_name -> mvm.agent.v1.Network
+	7,  // 9: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 10: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 11: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 12: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 13: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 14: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 15: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 16: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	5,  // 17: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 18: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 19: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 20: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 21: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 22: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 23: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 24: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 25: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 26: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 27: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 28: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	29, // [29:29] is the sub-list for method output_type
+	29, // [29:29] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -2408,6 +2586,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Mount)(nil),
 		(*Request_Root)(nil),
 		(*Request_Quiesce)(nil),
+		(*Request_Network)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -2417,6 +2596,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Mount)(nil),
 		(*Response_Root)(nil),
 		(*Response_Quiesce)(nil),
+		(*Response_Network)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
@@ -2434,7 +2614,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

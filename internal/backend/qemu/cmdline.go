@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"net"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -38,6 +39,7 @@ type argsConfig struct {
 	qmpFD     int   // connected socket for QMP
 	consoleFD int   // connected socket for the serial console
 	rawFDs    []int // one per cfg.RawPorts, same order
+	nicFD     int   // the network card's socket, with cfg.NIC
 	// driveFDs are, per drive, descriptors of its image: read-only, and
 	// read-write unless the drive is read-only. QEMU takes its images from
 	// these (an fdset) rather than by path: a chrooted VMM cannot open the
@@ -160,6 +162,15 @@ func buildArgs(a argsConfig) ([]string, error) {
 		args = append(args,
 			"-chardev", "socket,id="+id+",fd="+strconv.Itoa(a.rawFDs[i]),
 			"-device", "virtserialport,bus=vser0.0,chardev="+id+",name="+qemuOptValue(name),
+		)
+	}
+	if n := c.NIC; n != nil {
+		if _, err := net.ParseMAC(n.MAC); err != nil || len(n.MAC) != 17 {
+			return nil, fmt.Errorf("network card: bad MAC %q", n.MAC)
+		}
+		args = append(args,
+			"-netdev", "socket,id=net0,fd="+strconv.Itoa(a.nicFD),
+			"-device", "virtio-net-device,netdev=net0,mac="+n.MAC,
 		)
 	}
 	if len(a.driveFDs) != len(c.Drives) {

@@ -141,6 +141,18 @@ var goldenCases = []goldenCase{
 		},
 	},
 	{
+		name: "nic",
+		modify: func(a *argsConfig) {
+			a.cfg.NIC = &backend.NIC{MAC: "52:54:00:ab:cd:ef"}
+			a.nicFD = 7
+		},
+		check: func(t *testing.T, args []string) {
+			wantSeq(t, args,
+				"-netdev", "socket,id=net0,fd=7",
+				"-device", "virtio-net-device,netdev=net0,mac=52:54:00:ab:cd:ef")
+		},
+	},
+	{
 		name:   "sandbox-off",
 		modify: func(a *argsConfig) { a.sandbox = false },
 		check: func(t *testing.T, args []string) {
@@ -338,6 +350,8 @@ func TestBuildArgsErrors(t *testing.T) {
 		{"second drive bad", func(a *argsConfig) {
 			a.cfg.Drives = []backend.Drive{{Label: "ok", Path: "/a.img"}, {Label: "no,pe", Path: "/b.img"}}
 		}, `drive label "no,pe"`},
+		{"nic with a bad MAC", func(a *argsConfig) { a.cfg.NIC = &backend.NIC{MAC: "52:54:00:ab:cd:ef,x=1"} }, "bad MAC"},
+		{"nic with a short MAC", func(a *argsConfig) { a.cfg.NIC = &backend.NIC{MAC: "52:54:0:ab:cd:ef"} }, "bad MAC"},
 		{"raw port without fd", func(a *argsConfig) { a.cfg.RawPorts = []string{"p0"} }, "1 raw ports but 0 descriptors"},
 		{"fd without raw port", func(a *argsConfig) { a.rawFDs = []int{5} }, "0 raw ports but 1 descriptors"},
 		{"two ports one fd", func(a *argsConfig) {

@@ -132,6 +132,11 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		m.raw[name] = c
 		a.rawFDs = append(a.rawFDs, fd)
 	}
+	if nic := cfg.NIC; nic != nil {
+		// Ours to close once QEMU has it, like the other child ends.
+		childEnds = append(childEnds, nic.Conn)
+		a.nicFD = 2 + len(childEnds)
+	}
 	for _, d := range cfg.Drives {
 		fds, err := openDrive(d, &childEnds)
 		if err != nil {
