@@ -261,3 +261,31 @@ func freePort(t *testing.T) int {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
 }
+
+// TestNetworkOnATemplate: on a Debian template, as an unprivileged user,
+// glibc's resolver uses the resolv.conf the agent wrote into the
+// template's root, names outside the allow-list fail at once, and Python
+// fetches byte-exact from an allowed host port.
+func TestNetworkOnATemplate(t *testing.T) {
+	needDebian(t)
+	e := newTemplateRunEnv(t)
+	hs := newHostServer(t)
+	script := fmt.Sprintf(`
+import socket, time, urllib.request
+print(open("/etc/resolv.conf").read().strip().splitlines()[-1])
+print(socket.gethostbyname("web.test"))
+t = time.monotonic()
+try:
+    socket.gethostbyname("evil.example")
+    print("RESOLVED")
+except socket.gaierror as e:
+    print("refused", time.monotonic() - t < 2)
+print(urllib.request.urlopen("http://host.mvm.internal:%d/small").read() == %q.encode("latin-1"))
+`, hs.port, string(hs.small))
+	r := e.run(nil, "exec", "--template", "py", "-u", "nobody", "--allow-host", "allowed.example",
+		"--add-host", "web.test:192.0.2.7", "--allow-host-loopback", strconv.Itoa(hs.port), "--", "python3", "-c", script)
+	if want := "nameserver 10.0.2.2\n192.0.2.7\nrefused True\nTrue\n"; r.code != 0 || string(r.stdout) != want {
+		t.Fatalf("got %s\nwant stdout %q", r, want)
+	}
+	e.assertClean()
+}
