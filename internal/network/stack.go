@@ -279,7 +279,14 @@ func (st *Stack) forwardTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := toAddrPort(id.LocalAddress, id.LocalPort)
 	if dst == netip.AddrPortFrom(Gateway, 53) {
-		st.acceptTCP(r, func(c net.Conn) { st.serveDNSOverTCP(c) })
+		// No host socket, but memory and a goroutine: counted too.
+		if !acquire(st.conns) {
+			r.Complete(true)
+			return
+		}
+		if !st.acceptTCP(r, func(c net.Conn) { defer func() { <-st.conns }(); st.serveDNSOverTCP(c) }) {
+			<-st.conns
+		}
 		return
 	}
 	v := st.cfg.Policy.Decide(dst)
