@@ -310,6 +310,10 @@ func (st *Stack) forwardTCP(r *tcp.ForwarderRequest) {
 	}
 	ok := st.acceptTCP(r, func(in net.Conn) {
 		defer func() { <-st.conns }()
+		// The network's end closes the host's side too: a remote that
+		// never closes must not hold the run's teardown.
+		stop := context.AfterFunc(st.ctx, func() { out.Close() })
+		defer stop()
 		splice(in, out)
 	})
 	if !ok {
