@@ -827,13 +827,35 @@ func TestSnapshotRunTemplate(t *testing.T) {
 		}
 		return r
 	}
-	mvm("template", "create", "tiny", "--from-dir", tree)
-	snaps := func() []string {
+	// The cache is shared with other tests' templates: count only the
+	// snapshots this test's template made.
+	all := func() []string {
 		dirs, _ := filepath.Glob(filepath.Join(cacheDir, "templates", "snapshots", "*", "[0-9a-f]*"))
 		return dirs
 	}
+	others := map[string]bool{}
+	for _, d := range all() {
+		others[d] = true
+	}
+	mvm("template", "create", "tiny", "--from-dir", tree)
+	snaps := func() []string {
+		var mine []string
+		for _, d := range all() {
+			if !others[d] {
+				mine = append(mine, d)
+			}
+		}
+		return mine
+	}
 	if len(snaps()) != 1 {
 		t.Fatalf("template create made snapshots %v, want one", snaps())
+	}
+	// From here on, the snapshots of this template's key, whichever other
+	// tests run beside it.
+	key := filepath.Dir(snaps()[0])
+	snaps = func() []string {
+		dirs, _ := filepath.Glob(filepath.Join(key, "[0-9a-f]*"))
+		return dirs
 	}
 	var listed []struct {
 		Name          string
