@@ -1,6 +1,7 @@
 package network
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -215,20 +216,22 @@ var errFrame = errors.New("bad frame size")
 // pumpIn delivers the frames read from conn to ep until conn ends; it
 // returns errFrame for a frame of a bad size.
 func pumpIn(conn net.Conn, ep *channel.Endpoint) error {
+	// Buffered: a burst of small frames (ACKs of a download) is one read.
+	r := bufio.NewReaderSize(conn, 64<<10)
 	var hdr [4]byte
-	buf := make([]byte, maxFrame)
 	for {
-		if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			return nil
 		}
 		n := binary.BigEndian.Uint32(hdr[:])
 		if n < 14 || n > maxFrame {
 			return fmt.Errorf("%w: %d bytes", errFrame, n)
 		}
-		if _, err := io.ReadFull(conn, buf[:n]); err != nil {
+		frame := make([]byte, n)
+		if _, err := io.ReadFull(r, frame); err != nil {
 			return nil
 		}
-		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(append([]byte(nil), buf[:n]...))})
+		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
 		ep.InjectInbound(0, pkt)
 		pkt.DecRef()
 	}
