@@ -235,7 +235,10 @@ func TestNetworkBoundsAGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	script := fmt.Sprintf(`/tools/netattack conns host.mvm.internal:%[1]d 10000; `+
-		`/tools/netattack synflood 10.0.2.2 %[1]d 10000 && sleep 2 && wget -qO- http://host.mvm.internal:%[1]d/ && echo done`, port)
+		`/tools/netattack synflood 10.0.2.2 %[1]d 10000 && i=0; `+
+		// The flood's handshakes hold their slots until they fail: the
+		// network must recover within 40 s.
+		`until wget -qO- http://host.mvm.internal:%[1]d/; do i=$((i+1)); [ $i -lt 40 ] || break; sleep 1; done; echo done`, port)
 	cmd := e.command(ctx, "exec", "-i", "-v", "--memory", "1G", "-d", toolsDir+":/tools:ro",
 		"--allow-host-loopback", strconv.Itoa(port), "--", "sh", "-c", script)
 	stdin, _ := cmd.StdinPipe()
@@ -254,7 +257,7 @@ func TestNetworkBoundsAGuest(t *testing.T) {
 	waitFor(180*time.Second, func() bool { sample(); return strings.Contains(out.String(), "opened ") })
 	waitFor(5*time.Second, sample)
 	stdin.Close() // the connections close; the flood begins
-	waitFor(60*time.Second, func() bool { sample(); return strings.Contains(out.String(), "done") })
+	waitFor(90*time.Second, func() bool { sample(); return strings.Contains(out.String(), "done") })
 	_ = cmd.Wait()
 	got := out.String()
 	var opened, failed int
