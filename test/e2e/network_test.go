@@ -242,7 +242,7 @@ func TestNetworkBoundsAGuest(t *testing.T) {
 	cmd := e.command(ctx, "exec", "-i", "-v", "--memory", "1G", "-d", toolsDir+":/tools:ro",
 		"--allow-host-loopback", strconv.Itoa(port), "--", "sh", "-c", script)
 	stdin, _ := cmd.StdinPipe()
-	var out syncBuffer
+	var out screen // written by the command while the test reads it
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
