@@ -61,7 +61,7 @@ FUZZ_TARGETS += ./internal/agentproto:FuzzReadExecEvent
 FUZZ_TARGETS += ./internal/agent:FuzzSuperblockLabel ./internal/agent:FuzzAccountFiles ./internal/agent:FuzzHostsFile
 FUZZ_TARGETS += ./internal/dirimage:FuzzHashTree ./internal/dirimage:FuzzBuild
 FUZZ_TARGETS += ./internal/launchplan:FuzzParse ./internal/adddir:FuzzParse
-FUZZ_TARGETS += ./internal/oci:FuzzLayer ./internal/network:FuzzDNS
+FUZZ_TARGETS += ./internal/oci:FuzzLayer ./internal/network:FuzzDNS ./internal/treecopy:FuzzExtract
 
 .PHONY: fuzz
 fuzz:

@@ -76,7 +76,7 @@ type Config struct {
 	// ImageProgress, when set, receives what converting an Image does
 	// (pulling layers, writing the disk). It is called from one goroutine
 	// at a time.
-	ImageProgress func(ImageProgress)
+	ImageProgress func(ImageProgress) `json:"-"`
 	// Dirs are host directories shared with the guest.
 	Dirs []Dir
 	// Network, when set, gives the VM a network card (see Network); nil
@@ -101,7 +101,7 @@ type Config struct {
 	DataDir string
 
 	// Logger receives debug logs of every step; nil discards them.
-	Logger *slog.Logger
+	Logger *slog.Logger `json:"-"`
 
 	// backend replaces the VMM (tests run a fake machine).
 	backend backend.Backend

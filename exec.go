@@ -276,11 +276,16 @@ func (p *Process) finish(outErr error) {
 		}
 		// The session broke under the command: the VM is most likely
 		// gone, which the machine says a moment later.
-		select {
-		case <-p.sb.m.Done():
-			p.sb.fail(&VMError{Op: "run", Err: vmEnded(p.sb.m)})
-		case <-time.After(200 * time.Millisecond):
-			p.sb.fail(&VMError{Op: "run", Err: err})
+		switch {
+		case p.sb.attached:
+			p.sb.fail(&VMError{Op: "run", Err: fmt.Errorf("the connection to the sandbox %s broke (%w)", p.sb.name, err)})
+		default:
+			select {
+			case <-p.sb.m.Done():
+				p.sb.fail(&VMError{Op: "run", Err: vmEnded(p.sb.m)})
+			case <-time.After(200 * time.Millisecond):
+				p.sb.fail(&VMError{Op: "run", Err: err})
+			}
 		}
 		p.err = p.sb.Err()
 		return

@@ -215,3 +215,27 @@ func (sb *Sandbox) abandonGuest() {
 	sb.abandon = true
 	sb.mu.Unlock()
 }
+
+// Run runs cmd in the sandbox as the package's Run does in a fresh one,
+// with the same options (WithSignals, WithStarted, WithInterruptGrace),
+// but leaves the sandbox up: the first signal goes to the command, a
+// second one (or the end of the grace) kills the command, not the
+// sandbox, and the error is then ErrInterrupted.
+func (sb *Sandbox) Run(ctx context.Context, cmd Cmd, opts ...RunOption) (Result, error) {
+	o := runOptions{grace: DefaultInterruptGrace, teardownGrace: teardownBudget}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	res := Result{ExitStatus: ExitStatus{Code: -1}}
+	execCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	p, err := sb.Start(execCtx, cmd)
+	if err != nil {
+		return res, err
+	}
+	res.ExitStatus, res.Interrupted, err = waitInterruptible(p, o, cancel)
+	if err == nil && res.Interrupted != 0 {
+		err = fmt.Errorf("%w (%s); the command was killed", ErrInterrupted, res.Interrupted)
+	}
+	return res, err
+}

@@ -97,6 +97,9 @@ type Sandbox struct {
 
 	closeOnce sync.Once
 	closeErr  error
+
+	act      activity // calls of Serve's clients, for IdleSince
+	attached bool     // Attach made it: another process owns the VM
 }
 
 // reclaim removes the leftovers of runs whose mvmctl died, keeping any
@@ -579,3 +582,8 @@ func pruneLogs(dir string, n int) {
 
 // ms formats d in whole milliseconds, as the timing breakdown shows it.
 func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) + "ms" }
+
+// Failed is closed when the sandbox fails (Err then says why): its VM
+// died or its agent stopped answering, or, attached, the process serving
+// it went away.
+func (sb *Sandbox) Failed() <-chan struct{} { return sb.failed }

@@ -114,6 +114,7 @@ func (s *Server) capabilities() []string {
 		agentproto.CapExecTimeout,
 		agentproto.CapSignal,
 		agentproto.CapExecTTY,
+		agentproto.CapFiles,
 	}
 	if unix.Geteuid() == 0 {
 		// Only root can become another user.
@@ -244,6 +245,14 @@ func negotiate(hostMin, hostMax uint32) (uint32, error) {
 	return v, nil
 }
 
+// waitReady waits until the guest is ready for commands (the root is
+// set up): file calls see what commands see.
+func (ss *session) waitReady() {
+	if ready := ss.srv.opts.Ready; ready != nil {
+		<-ready
+	}
+}
+
 func (ss *session) serveStream(st *mux.Stream) {
 	defer st.Close()
 	in := agentproto.NewReader(st)
@@ -256,9 +265,7 @@ func (ss *session) serveStream(st *mux.Stream) {
 	case *agentpb.Request_Ping:
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Pong{Pong: &agentpb.Pong{Payload: call.Ping.Payload}}})
 	case *agentpb.Request_Exec:
-		if ready := ss.srv.opts.Ready; ready != nil {
-			<-ready
-		}
+		ss.waitReady()
 		if !ss.srv.beginExec() {
 			refuseExec(st, "the guest is shutting down")
 			return
@@ -267,6 +274,15 @@ func (ss *session) serveStream(st *mux.Stream) {
 		ss.runExec(st, in, call.Exec)
 	case *agentpb.Request_Signal:
 		ss.signal(st, call.Signal)
+	case *agentpb.Request_CopyIn:
+		ss.waitReady()
+		ss.copyIn(st, in, call.CopyIn)
+	case *agentpb.Request_CopyOut:
+		ss.waitReady()
+		ss.copyOut(st, call.CopyOut)
+	case *agentpb.Request_Stat:
+		ss.waitReady()
+		ss.stat(st, call.Stat)
 	case *agentpb.Request_Shutdown:
 		if ss.srv.opts.OnShutdown == nil {
 			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "shutdown is not served by this agent")
@@ -280,9 +296,7 @@ func (ss *session) serveStream(st *mux.Stream) {
 			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "mount is not served by this agent")
 			return
 		}
-		if ready := ss.srv.opts.Ready; ready != nil {
-			<-ready
-		}
+		ss.waitReady()
 		if err := ss.srv.mountDevice(call.Mount); err != nil {
 			_ = replyError(st, errorCode(err), err.Error())
 			return
@@ -293,9 +307,7 @@ func (ss *session) serveStream(st *mux.Stream) {
 			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "root is not served by this agent")
 			return
 		}
-		if ready := ss.srv.opts.Ready; ready != nil {
-			<-ready
-		}
+		ss.waitReady()
 		start := time.Now()
 		if err := ss.srv.setRoot(call.Root); err != nil {
 			ss.log.Debug("root failed", "err", err)
@@ -322,9 +334,7 @@ func (ss *session) serveStream(st *mux.Stream) {
 			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "quiesce is not served by this agent")
 			return
 		}
-		if ready := ss.srv.opts.Ready; ready != nil {
-			<-ready
-		}
+		ss.waitReady()
 		if err := ss.srv.quiesce(); err != nil {
 			_ = replyError(st, errorCode(err), err.Error())
 			return

@@ -69,6 +69,9 @@ const (
 	// CapNetwork: the Network call (version 2) configures the guest's
 	// network interface, default route and resolv.conf.
 	CapNetwork = "network"
+	// CapFiles: the CopyIn, CopyOut and Stat calls (version 2) move
+	// files and trees in and out of the command root.
+	CapFiles = "files"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host
@@ -221,3 +224,7 @@ func Classify(err error) error {
 	}
 	return err
 }
+
+// Raw is what follows the messages read so far, buffered bytes first: a
+// proxy that read a stream's request passes the rest through unparsed.
+func (r *Reader) Raw() io.Reader { return r.br }

@@ -10,8 +10,13 @@
 // Each stream starts with one Request from the host. What follows depends on
 // the call:
 //
-//   hello, ping, signal, mount, root, network, shutdown: the agent writes
-//         one Response and closes.
+//   hello, ping, signal, mount, root, network, shutdown, stat: the agent
+//         writes one Response and closes.
+//   copy_in: the host writes FileData messages (a tar stream, ending with
+//         eof); the agent writes one Response once the stream is unpacked
+//         (or as soon as it fails) and closes.
+//   copy_out: the agent writes FileData messages, the last with eof or
+//         error set, and closes.
 //   exec: the host may go on writing ExecInput messages (stdin, EOF); the
 //         agent writes ExecEvent messages until, and ending with, Exited.
 //
@@ -242,6 +247,9 @@ type Request struct {
 	//	*Request_Root
 	//	*Request_Quiesce
 	//	*Request_Network
+	//	*Request_CopyIn
+	//	*Request_CopyOut
+	//	*Request_Stat
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -365,6 +373,33 @@ func (x *Request) GetNetwork() *Network {
 	return nil
 }
 
+func (x *Request) GetCopyIn() *CopyIn {
+	if x != nil {
+		if x, ok := x.Call.(*Request_CopyIn); ok {
+			return x.CopyIn
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetCopyOut() *CopyOut {
+	if x != nil {
+		if x, ok := x.Call.(*Request_CopyOut); ok {
+			return x.CopyOut
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetStat() *Stat {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Stat); ok {
+			return x.Stat
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -408,6 +443,19 @@ type Request_Network struct {
 	Network *Network `protobuf:"bytes,9,opt,name=network,proto3,oneof"`
 }
 
+type Request_CopyIn struct {
+	// Since version 2 (capability "files").
+	CopyIn *CopyIn `protobuf:"bytes,10,opt,name=copy_in,json=copyIn,proto3,oneof"`
+}
+
+type Request_CopyOut struct {
+	CopyOut *CopyOut `protobuf:"bytes,11,opt,name=copy_out,json=copyOut,proto3,oneof"`
+}
+
+type Request_Stat struct {
+	Stat *Stat `protobuf:"bytes,12,opt,name=stat,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -426,6 +474,12 @@ func (*Request_Quiesce) isRequest_Call() {}
 
 func (*Request_Network) isRequest_Call() {}
 
+func (*Request_CopyIn) isRequest_Call() {}
+
+func (*Request_CopyOut) isRequest_Call() {}
+
+func (*Request_Stat) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -439,6 +493,8 @@ type Response struct {
 	//	*Response_Root
 	//	*Response_Quiesce
 	//	*Response_Network
+	//	*Response_CopyIn
+	//	*Response_Stat
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -554,6 +610,24 @@ func (x *Response) GetNetwork() *NetworkReply {
 	return nil
 }
 
+func (x *Response) GetCopyIn() *CopyInReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_CopyIn); ok {
+			return x.CopyIn
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetStat() *StatReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Stat); ok {
+			return x.Stat
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -599,6 +673,14 @@ type Response_Network struct {
 	Network *NetworkReply `protobuf:"bytes,8,opt,name=network,proto3,oneof"`
 }
 
+type Response_CopyIn struct {
+	CopyIn *CopyInReply `protobuf:"bytes,9,opt,name=copy_in,json=copyIn,proto3,oneof"`
+}
+
+type Response_Stat struct {
+	Stat *StatReply `protobuf:"bytes,10,opt,name=stat,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -618,6 +700,10 @@ func (*Response_Root) isResponse_Result() {}
 func (*Response_Quiesce) isResponse_Result() {}
 
 func (*Response_Network) isResponse_Result() {}
+
+func (*Response_CopyIn) isResponse_Result() {}
+
+func (*Response_Stat) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -2334,11 +2420,453 @@ func (*NetworkReply) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
+// CopyIn unpacks the FileData stream that follows it as path: its parent
+// must exist; an existing file (or link) is replaced, an existing
+// directory is merged into, and a directory cannot replace a file nor a
+// file a directory (CODE_FAILED_PRECONDITION). Each file is written under
+// a temporary name and renamed into place. An entry whose name is
+// absolute, has "..", or would be written through a symbolic link leading
+// out of the root is refused (CODE_INVALID_ARGUMENT), as is any other
+// entry type.
+type CopyIn struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyIn) Reset() {
+	*x = CopyIn{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyIn) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyIn) ProtoMessage() {}
+
+func (x *CopyIn) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyIn.ProtoReflect.Descriptor instead.
+func (*CopyIn) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *CopyIn) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type CopyInReply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Files uint64                 `protobuf:"varint,1,opt,name=files,proto3" json:"files,omitempty"`
+	Dirs  uint64                 `protobuf:"varint,2,opt,name=dirs,proto3" json:"dirs,omitempty"`
+	Links uint64                 `protobuf:"varint,3,opt,name=links,proto3" json:"links,omitempty"`
+	// Bytes of regular files written.
+	Bytes         uint64 `protobuf:"varint,4,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyInReply) Reset() {
+	*x = CopyInReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyInReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyInReply) ProtoMessage() {}
+
+func (x *CopyInReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyInReply.ProtoReflect.Descriptor instead.
+func (*CopyInReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CopyInReply) GetFiles() uint64 {
+	if x != nil {
+		return x.Files
+	}
+	return 0
+}
+
+func (x *CopyInReply) GetDirs() uint64 {
+	if x != nil {
+		return x.Dirs
+	}
+	return 0
+}
+
+func (x *CopyInReply) GetLinks() uint64 {
+	if x != nil {
+		return x.Links
+	}
+	return 0
+}
+
+func (x *CopyInReply) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+// CopyOut sends path (not following it when it is a symbolic link) as a
+// stream of FileData messages. A file that changes while it is read is
+// sent at the size it had when its header was written, or fails.
+type CopyOut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyOut) Reset() {
+	*x = CopyOut{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyOut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyOut) ProtoMessage() {}
+
+func (x *CopyOut) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyOut.ProtoReflect.Descriptor instead.
+func (*CopyOut) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CopyOut) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+// FileData carries a copy's tar stream in chunks of at most 256 KiB. The
+// last one of a stream has eof set (data may come with it) or, on the
+// agent's side of a copy_out that failed, error.
+type FileData struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Eof           bool                   `protobuf:"varint,2,opt,name=eof,proto3" json:"eof,omitempty"`
+	Error         *Error                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileData) Reset() {
+	*x = FileData{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileData) ProtoMessage() {}
+
+func (x *FileData) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileData.ProtoReflect.Descriptor instead.
+func (*FileData) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *FileData) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *FileData) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+func (x *FileData) GetError() *Error {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+// Stat describes path, and with list set the entries of the directory it
+// names (at most 10000, then truncated). A path that does not exist is
+// CODE_NOT_FOUND.
+type Stat struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	List          bool                   `protobuf:"varint,2,opt,name=list,proto3" json:"list,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Stat) Reset() {
+	*x = Stat{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Stat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Stat) ProtoMessage() {}
+
+func (x *Stat) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Stat.ProtoReflect.Descriptor instead.
+func (*Stat) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *Stat) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *Stat) GetList() bool {
+	if x != nil {
+		return x.List
+	}
+	return false
+}
+
+type StatReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Info          *FileInfo              `protobuf:"bytes,1,opt,name=info,proto3" json:"info,omitempty"`
+	Entries       []*FileInfo            `protobuf:"bytes,2,rep,name=entries,proto3" json:"entries,omitempty"`
+	Truncated     bool                   `protobuf:"varint,3,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatReply) Reset() {
+	*x = StatReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatReply) ProtoMessage() {}
+
+func (x *StatReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatReply.ProtoReflect.Descriptor instead.
+func (*StatReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *StatReply) GetInfo() *FileInfo {
+	if x != nil {
+		return x.Info
+	}
+	return nil
+}
+
+func (x *StatReply) GetEntries() []*FileInfo {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *StatReply) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
+// FileInfo is what lstat says of a file.
+type FileInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The base name ("/" for the root).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// st_mode: the file type bits (S_IFMT) and the permission bits.
+	Mode          uint32 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"`
+	Size          uint64 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	MtimeUnixNano int64  `protobuf:"varint,4,opt,name=mtime_unix_nano,json=mtimeUnixNano,proto3" json:"mtime_unix_nano,omitempty"`
+	Uid           uint32 `protobuf:"varint,5,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid           uint32 `protobuf:"varint,6,opt,name=gid,proto3" json:"gid,omitempty"`
+	// A symbolic link's target.
+	LinkTarget    string `protobuf:"bytes,7,opt,name=link_target,json=linkTarget,proto3" json:"link_target,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileInfo) Reset() {
+	*x = FileInfo{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileInfo) ProtoMessage() {}
+
+func (x *FileInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
+func (*FileInfo) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *FileInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FileInfo) GetMode() uint32 {
+	if x != nil {
+		return x.Mode
+	}
+	return 0
+}
+
+func (x *FileInfo) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *FileInfo) GetMtimeUnixNano() int64 {
+	if x != nil {
+		return x.MtimeUnixNano
+	}
+	return 0
+}
+
+func (x *FileInfo) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *FileInfo) GetGid() uint32 {
+	if x != nil {
+		return x.Gid
+	}
+	return 0
+}
+
+func (x *FileInfo) GetLinkTarget() string {
+	if x != nil {
+		return x.LinkTarget
+	}
+	return ""
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xb5\x03\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xc4\x04\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -2348,8 +2876,12 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05mount\x18\x06 \x01(\v2\x13.mvm.agent.v1.MountH\x00R\x05mount\x12(\n" +
 	"\x04root\x18\a \x01(\v2\x12.mvm.agent.v1.RootH\x00R\x04root\x121\n" +
 	"\aquiesce\x18\b \x01(\v2\x15.mvm.agent.v1.QuiesceH\x00R\aquiesce\x121\n" +
-	"\anetwork\x18\t \x01(\v2\x15.mvm.agent.v1.NetworkH\x00R\anetworkB\x06\n" +
-	"\x04call\"\xde\x03\n" +
+	"\anetwork\x18\t \x01(\v2\x15.mvm.agent.v1.NetworkH\x00R\anetwork\x12/\n" +
+	"\acopy_in\x18\n" +
+	" \x01(\v2\x14.mvm.agent.v1.CopyInH\x00R\x06copyIn\x122\n" +
+	"\bcopy_out\x18\v \x01(\v2\x15.mvm.agent.v1.CopyOutH\x00R\acopyOut\x12(\n" +
+	"\x04stat\x18\f \x01(\v2\x12.mvm.agent.v1.StatH\x00R\x04statB\x06\n" +
+	"\x04call\"\xc3\x04\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
@@ -2358,7 +2890,10 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05mount\x18\x05 \x01(\v2\x18.mvm.agent.v1.MountReplyH\x00R\x05mount\x12-\n" +
 	"\x04root\x18\x06 \x01(\v2\x17.mvm.agent.v1.RootReplyH\x00R\x04root\x126\n" +
 	"\aquiesce\x18\a \x01(\v2\x1a.mvm.agent.v1.QuiesceReplyH\x00R\aquiesce\x126\n" +
-	"\anetwork\x18\b \x01(\v2\x1a.mvm.agent.v1.NetworkReplyH\x00R\anetwork\x12+\n" +
+	"\anetwork\x18\b \x01(\v2\x1a.mvm.agent.v1.NetworkReplyH\x00R\anetwork\x124\n" +
+	"\acopy_in\x18\t \x01(\v2\x19.mvm.agent.v1.CopyInReplyH\x00R\x06copyIn\x12-\n" +
+	"\x04stat\x18\n" +
+	" \x01(\v2\x17.mvm.agent.v1.StatReplyH\x00R\x04stat\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -2485,7 +3020,36 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\agateway\x18\x03 \x01(\tR\agateway\x12\x10\n" +
 	"\x03dns\x18\x04 \x03(\tR\x03dns\x12\x10\n" +
 	"\x03mtu\x18\x05 \x01(\rR\x03mtu\"\x0e\n" +
-	"\fNetworkReplyB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\fNetworkReply\"\x1c\n" +
+	"\x06CopyIn\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"c\n" +
+	"\vCopyInReply\x12\x14\n" +
+	"\x05files\x18\x01 \x01(\x04R\x05files\x12\x12\n" +
+	"\x04dirs\x18\x02 \x01(\x04R\x04dirs\x12\x14\n" +
+	"\x05links\x18\x03 \x01(\x04R\x05links\x12\x14\n" +
+	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\"\x1d\n" +
+	"\aCopyOut\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"[\n" +
+	"\bFileData\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x02 \x01(\bR\x03eof\x12)\n" +
+	"\x05error\x18\x03 \x01(\v2\x13.mvm.agent.v1.ErrorR\x05error\".\n" +
+	"\x04Stat\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04list\x18\x02 \x01(\bR\x04list\"\x87\x01\n" +
+	"\tStatReply\x12*\n" +
+	"\x04info\x18\x01 \x01(\v2\x16.mvm.agent.v1.FileInfoR\x04info\x120\n" +
+	"\aentries\x18\x02 \x03(\v2\x16.mvm.agent.v1.FileInfoR\aentries\x12\x1c\n" +
+	"\ttruncated\x18\x03 \x01(\bR\ttruncated\"\xb3\x01\n" +
+	"\bFileInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x04R\x04size\x12&\n" +
+	"\x0fmtime_unix_nano\x18\x04 \x01(\x03R\rmtimeUnixNano\x12\x10\n" +
+	"\x03uid\x18\x05 \x01(\rR\x03uid\x12\x10\n" +
+	"\x03gid\x18\x06 \x01(\rR\x03gid\x12\x1f\n" +
+	"\vlink_target\x18\a \x01(\tR\n" +
+	"linkTargetB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -2500,7 +3064,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -2534,6 +3098,13 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*QuiesceReply)(nil),     // 29: mvm.agent.v1.QuiesceReply
 	(*Network)(nil),          // 30: mvm.agent.v1.Network
 	(*NetworkReply)(nil),     // 31: mvm.agent.v1.NetworkReply
+	(*CopyIn)(nil),           // 32: mvm.agent.v1.CopyIn
+	(*CopyInReply)(nil),      // 33: mvm.agent.v1.CopyInReply
+	(*CopyOut)(nil),          // 34: mvm.agent.v1.CopyOut
+	(*FileData)(nil),         // 35: mvm.agent.v1.FileData
+	(*Stat)(nil),             // 36: mvm.agent.v1.Stat
+	(*StatReply)(nil),        // 37: mvm.agent.v1.StatReply
+	(*FileInfo)(nil),         // 38: mvm.agent.v1.FileInfo
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -2545,31 +3116,39 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	26, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
 	28, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
 	30, // 8: mvm.agent.v1.Request.network:type_name -> mvm.agent.v1.Network
-	7,  // 9: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 10: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 11: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 12: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 13: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 14: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 15: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 16: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	5,  // 17: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 18: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 19: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 20: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 21: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 22: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 23: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 24: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 25: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 26: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 27: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 28: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	32, // 9: mvm.agent.v1.Request.copy_in:type_name -> mvm.agent.v1.CopyIn
+	34, // 10: mvm.agent.v1.Request.copy_out:type_name -> mvm.agent.v1.CopyOut
+	36, // 11: mvm.agent.v1.Request.stat:type_name -> mvm.agent.v1.Stat
+	7,  // 12: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 13: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 14: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 15: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 16: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 17: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 18: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 19: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	33, // 20: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	37, // 21: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	5,  // 22: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 23: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 24: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 25: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 26: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 27: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 28: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 29: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 30: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 31: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 32: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 33: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 34: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	38, // 35: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	38, // 36: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	37, // [37:37] is the sub-list for method output_type
+	37, // [37:37] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -2587,6 +3166,9 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Root)(nil),
 		(*Request_Quiesce)(nil),
 		(*Request_Network)(nil),
+		(*Request_CopyIn)(nil),
+		(*Request_CopyOut)(nil),
+		(*Request_Stat)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -2597,6 +3179,8 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Root)(nil),
 		(*Response_Quiesce)(nil),
 		(*Response_Network)(nil),
+		(*Response_CopyIn)(nil),
+		(*Response_Stat)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
@@ -2614,7 +3198,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   29,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
