@@ -279,4 +279,3 @@ func (sb *Sandbox) execDefaults(e *agentpb.Exec) error {
 	}
 	return nil
 }
-
