@@ -19,6 +19,7 @@ import (
 
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/treecopy"
 )
 
@@ -545,4 +546,23 @@ func place(root *os.Root, from, to string) error {
 		return err
 	}
 	return root.Chtimes(to, sfi.ModTime(), sfi.ModTime())
+}
+
+// Console returns what the guest's console printed so far: its last MiB
+// (the kernel's messages; commands' output goes to their own streams).
+// On an attached sandbox it asks the process that owns the VM.
+func (sb *Sandbox) Console(ctx context.Context) ([]byte, error) {
+	if sb.attached {
+		rc, err := sb.client.Console(ctx)
+		if err != nil {
+			return nil, guestError("console", sb.name, err)
+		}
+		defer rc.Close()
+		return io.ReadAll(io.LimitReader(rc, backend.ConsoleLogLimit+1))
+	}
+	if t, ok := sb.m.(backend.ConsoleTailer); ok {
+		b, _ := t.ConsoleTail()
+		return b, nil
+	}
+	return nil, errors.New("this VM keeps no console log")
 }

@@ -189,6 +189,16 @@ func (sb *Sandbox) proxyStream(ctx context.Context, st *mux.Stream, client strin
 		execID = call.Exec.Id
 	case *agentpb.Request_Signal:
 		call.Signal.ExecId = client + "/" + call.Signal.ExecId
+	case *agentpb.Request_Console:
+		b, err := sb.Console(ctx)
+		w := agentproto.NewFileDataWriter(st)
+		if err != nil {
+			_ = w.Fail(agentpb.Error_CODE_UNSUPPORTED, err)
+		} else if _, err := w.Write(b); err == nil {
+			_ = w.Close()
+		}
+		st.Close()
+		return
 	default:
 		_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "not served to clients of a sandbox")
 		st.Close()

@@ -378,20 +378,10 @@ wait:
 	listener.Close()
 	rec := sandboxRecord{Name: name, Status: status, Reason: reason, Root: rootName(cfg), CPUs: cfg.CPUs, MemoryMiB: uint64(cfg.Memory >> 20), Dirs: len(cfg.Dirs), Created: created}
 	dir, derr := sandboxesDir()
-	if derr == nil {
-		// The console log goes with the run directory; keep it for
-		// `sandbox logs` of an ended sandbox.
-		if runs, err := mvm.Running(mvm.Config{}); err == nil {
-			for _, r := range runs {
-				if r.Name == name {
-					rec.Created = r.Created
-					if b, err := os.ReadFile(filepath.Join(r.Dir, "console.log")); err == nil {
-						p := filepath.Join(dir, name+".console.log")
-						if os.WriteFile(p, b, 0o600) == nil {
-							rec.ConsoleLog = p
-						}
-					}
-				}
+	if runs, err := mvm.Running(mvm.Config{}); err == nil {
+		for _, r := range runs {
+			if r.Name == name {
+				rec.Created = r.Created
 			}
 		}
 	}
@@ -413,6 +403,13 @@ wait:
 	}
 	rec.Ended = time.Now()
 	if derr == nil {
+		// For `sandbox logs` of an ended sandbox.
+		if b, err := sb.Console(context.Background()); err == nil {
+			p := filepath.Join(dir, name+".console.log")
+			if atomicfile.WriteBytes(p, 0o600, b) == nil {
+				rec.ConsoleLog = p
+			}
+		}
 		b, _ := json.MarshalIndent(rec, "", "  ")
 		if err := atomicfile.WriteBytes(filepath.Join(dir, name+".json"), 0o600, b); err != nil {
 			g.log.Warn("write the sandbox's record", "err", err)
@@ -780,15 +777,24 @@ func newSandboxLogsCommand() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
-			p := ""
-			if info, ok := runningSandbox(name); ok {
-				p = filepath.Join(info.Dir, "console.log")
-			} else if r, err := readRecord(name); err == nil {
-				p = r.ConsoleLog
-			} else {
+			if _, ok := runningSandbox(name); ok {
+				sb, err := attach(cmd.Context(), name)
+				if err != nil {
+					return &exitError{code: exitFailure, err: err}
+				}
+				defer sb.Close(context.Background())
+				b, err := sb.Console(cmd.Context())
+				if err != nil {
+					return &exitError{code: exitFailure, err: err}
+				}
+				_, err = cmd.OutOrStdout().Write(b)
+				return err
+			}
+			r, err := readRecord(name)
+			if err != nil {
 				return &exitError{code: exitFailure, msg: fmt.Sprintf("no sandbox called %s", name)}
 			}
-			f, err := os.Open(p)
+			f, err := os.Open(r.ConsoleLog)
 			if err != nil {
 				return &exitError{code: exitFailure, err: fmt.Errorf("the console log of %s: %w", name, err)}
 			}

@@ -162,3 +162,14 @@ func (c *Client) Forward(ctx context.Context, req *agentpb.Request) (*mux.Stream
 
 // Kill sends sig to the process group of the exec named id.
 func (c *Client) Kill(ctx context.Context, id string, sig int) error { return c.signal(ctx, id, sig) }
+
+// Console asks a sandbox's owner for its guest's console (see mvm's
+// Serve): the reader ends with io.EOF after all of it.
+func (c *Client) Console(ctx context.Context) (io.ReadCloser, error) {
+	st, err := c.openStream(ctx, &agentpb.Request{Call: &agentpb.Request_Console{Console: &agentpb.Console{}}})
+	if err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { _ = st.Reset() })
+	return &copyOutStream{st: st, stop: stop, r: agentproto.NewFileDataReader(agentproto.NewReader(st))}, nil
+}

@@ -151,6 +151,13 @@ type Machine interface {
 	PID() int
 }
 
+// ConsoleTailer is implemented by machines that keep their guest's
+// console: what it printed so far (the last ConsoleLogLimit bytes) and
+// whether older bytes were dropped.
+type ConsoleTailer interface {
+	ConsoleTail() ([]byte, bool)
+}
+
 // RawPorter is implemented by machines that can expose Config.RawPorts.
 type RawPorter interface {
 	RawPort(name string) (net.Conn, bool)

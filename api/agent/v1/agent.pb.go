@@ -15,6 +15,7 @@
 //   copy_in: the host writes FileData messages (a tar stream, ending with
 //         eof); the agent writes one Response once the stream is unpacked
 //         (or as soon as it fails) and closes.
+//   console (to a sandbox's owner): FileData messages, as copy_out.
 //   copy_out: the agent writes FileData messages, the last with eof or
 //         error set, and closes.
 //   exec: the host may go on writing ExecInput messages (stdin, EOF); the
@@ -250,6 +251,7 @@ type Request struct {
 	//	*Request_CopyIn
 	//	*Request_CopyOut
 	//	*Request_Stat
+	//	*Request_Console
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -400,6 +402,15 @@ func (x *Request) GetStat() *Stat {
 	return nil
 }
 
+func (x *Request) GetConsole() *Console {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Console); ok {
+			return x.Console
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -456,6 +467,11 @@ type Request_Stat struct {
 	Stat *Stat `protobuf:"bytes,12,opt,name=stat,proto3,oneof"`
 }
 
+type Request_Console struct {
+	// Served by a sandbox's owner (capability "sandbox"), not an agent.
+	Console *Console `protobuf:"bytes,13,opt,name=console,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -479,6 +495,8 @@ func (*Request_CopyIn) isRequest_Call() {}
 func (*Request_CopyOut) isRequest_Call() {}
 
 func (*Request_Stat) isRequest_Call() {}
+
+func (*Request_Console) isRequest_Call() {}
 
 // Response answers every call except exec.
 type Response struct {
@@ -2862,11 +2880,50 @@ func (x *FileInfo) GetLinkTarget() string {
 	return ""
 }
 
+// Console asks a sandbox's owner (see docs/protocol.md, "Sandboxes") for
+// what the guest's console printed: its last MiB, as FileData messages
+// (raw bytes, not a tar stream). Agents refuse it.
+type Console struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Console) Reset() {
+	*x = Console{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Console) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Console) ProtoMessage() {}
+
+func (x *Console) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Console.ProtoReflect.Descriptor instead.
+func (*Console) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{36}
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xc4\x04\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xf7\x04\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -2880,7 +2937,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\acopy_in\x18\n" +
 	" \x01(\v2\x14.mvm.agent.v1.CopyInH\x00R\x06copyIn\x122\n" +
 	"\bcopy_out\x18\v \x01(\v2\x15.mvm.agent.v1.CopyOutH\x00R\acopyOut\x12(\n" +
-	"\x04stat\x18\f \x01(\v2\x12.mvm.agent.v1.StatH\x00R\x04statB\x06\n" +
+	"\x04stat\x18\f \x01(\v2\x12.mvm.agent.v1.StatH\x00R\x04stat\x121\n" +
+	"\aconsole\x18\r \x01(\v2\x15.mvm.agent.v1.ConsoleH\x00R\aconsoleB\x06\n" +
 	"\x04call\"\xc3\x04\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
@@ -3049,7 +3107,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x03uid\x18\x05 \x01(\rR\x03uid\x12\x10\n" +
 	"\x03gid\x18\x06 \x01(\rR\x03gid\x12\x1f\n" +
 	"\vlink_target\x18\a \x01(\tR\n" +
-	"linkTargetB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"linkTarget\"\t\n" +
+	"\aConsoleB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -3064,7 +3123,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -3105,6 +3164,7 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*Stat)(nil),             // 36: mvm.agent.v1.Stat
 	(*StatReply)(nil),        // 37: mvm.agent.v1.StatReply
 	(*FileInfo)(nil),         // 38: mvm.agent.v1.FileInfo
+	(*Console)(nil),          // 39: mvm.agent.v1.Console
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -3119,36 +3179,37 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	32, // 9: mvm.agent.v1.Request.copy_in:type_name -> mvm.agent.v1.CopyIn
 	34, // 10: mvm.agent.v1.Request.copy_out:type_name -> mvm.agent.v1.CopyOut
 	36, // 11: mvm.agent.v1.Request.stat:type_name -> mvm.agent.v1.Stat
-	7,  // 12: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 13: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 14: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 15: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 16: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 17: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 18: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 19: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	33, // 20: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
-	37, // 21: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
-	5,  // 22: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 23: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 24: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 25: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 26: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 27: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 28: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 29: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 30: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 31: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 32: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 33: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	5,  // 34: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
-	38, // 35: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
-	38, // 36: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
-	37, // [37:37] is the sub-list for method output_type
-	37, // [37:37] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	39, // 12: mvm.agent.v1.Request.console:type_name -> mvm.agent.v1.Console
+	7,  // 13: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 14: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 15: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 16: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 17: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 18: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 19: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 20: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	33, // 21: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	37, // 22: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	5,  // 23: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 24: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 25: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 26: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 27: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 28: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 29: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 30: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 31: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 32: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 33: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 34: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 35: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	38, // 36: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	38, // 37: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	38, // [38:38] is the sub-list for method output_type
+	38, // [38:38] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -3169,6 +3230,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_CopyIn)(nil),
 		(*Request_CopyOut)(nil),
 		(*Request_Stat)(nil),
+		(*Request_Console)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -3198,7 +3260,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   36,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -550,3 +550,7 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// ConsoleTail is what the guest's console printed so far (its last
+// backend.ConsoleLogLimit bytes), and whether older bytes were dropped.
+func (m *machine) ConsoleTail() ([]byte, bool) { return m.console.Bytes() }
