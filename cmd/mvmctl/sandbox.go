@@ -296,7 +296,9 @@ func newSandboxSuperviseCommand(g *globalOptions) *cobra.Command {
 		Use:    "supervise NAME",
 		Short:  "Own a sandbox's VM (started by sandbox create)",
 		Hidden: true,
-		Args:   cobra.ExactArgs(1),
+		Example: `  # not typed by users: mvmctl sandbox create runs
+  mvmctl sandbox supervise dev < config.json`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return supervise(g, args[0])
 		},
@@ -475,6 +477,8 @@ func newSandboxLsCommand() *cobra.Command {
 		Use:     "ls [--json]",
 		Aliases: []string{"list"},
 		Short:   "List your sandboxes",
+		Example: `  mvmctl sandbox ls
+  mvmctl sandbox ls --json`,
 		Long: `ls lists your sandboxes: those that run, and those that ended (stopped or
 failed, with why) until they are removed.`,
 		Args: cobra.NoArgs,
@@ -705,9 +709,10 @@ func sandboxCp(cmd *cobra.Command, src, dst, limitS string) error {
 
 func newSandboxStopCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:   "stop NAME...",
-		Short: "Stop sandboxes (their read-write directories are written back)",
-		Args:  cobra.MinimumNArgs(1),
+		Use:     "stop NAME...",
+		Short:   "Stop sandboxes (their read-write directories are written back)",
+		Example: `  mvmctl sandbox stop dev`,
+		Args:    cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			for _, name := range args {
 				if err := stopSandbox(name); err != nil {
@@ -747,7 +752,9 @@ func newSandboxRmCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "rm NAME...",
 		Short: "Remove sandboxes, stopping those that run",
-		Args:  cobra.MinimumNArgs(1),
+		Example: `  mvmctl sandbox rm dev
+  mvmctl sandbox rm $(mvmctl sandbox ls --json | jq -r '.[].name')`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir, err := sandboxesDir()
 			if err != nil {
@@ -772,9 +779,10 @@ func newSandboxRmCommand() *cobra.Command {
 
 func newSandboxLogsCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:   "logs NAME",
-		Short: "Print a sandbox's console log (its last " + units.FormatBytes(backend.ConsoleLogLimit) + ")",
-		Args:  cobra.ExactArgs(1),
+		Use:     "logs NAME",
+		Short:   "Print a sandbox's console log (its last " + units.FormatBytes(backend.ConsoleLogLimit) + ")",
+		Example: `  mvmctl sandbox logs dev`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
 			if _, ok := runningSandbox(name); ok {
