@@ -118,6 +118,8 @@ func Attach(ctx context.Context, cfg Config, name string) (*Sandbox, error) {
 	cfg.Name = name
 	sb := newSandbox(resolved{Config: cfg}, image.Image{})
 	sb.client, sb.hello, sb.attached = client, h, true
+	sb.monPause, sb.monDone = make(chan struct{}), make(chan struct{})
+	close(sb.monDone)
 	_ = sb.life.step(ctx, "attach", "disconnect", func(context.Context) (undoFunc, error) {
 		return func(context.Context) error { return client.Close() }, nil
 	})
@@ -138,7 +140,7 @@ func (sb *Sandbox) watchAttached() {
 		case <-t.C:
 		}
 		pctx, cancel := context.WithTimeout(context.Background(), sb.pingTimeout)
-		_, err := sb.client.Ping(pctx)
+		_, err := sb.agentClient().Ping(pctx)
 		cancel()
 		if err != nil {
 			select {

@@ -100,6 +100,18 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	if err := sb.Err(); err != nil {
 		return nil, err
 	}
+	// Counted before the pause check, so that a Pause either sees it or
+	// is seen by it.
+	sb.act.begin()
+	counted := true
+	defer func() {
+		if counted {
+			sb.act.end()
+		}
+	}()
+	if err := sb.paused(); err != nil {
+		return nil, err
+	}
 	if cmd.KillGrace == 0 {
 		cmd.KillGrace = DefaultKillGrace
 	}
@@ -123,7 +135,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		spec.TTY = &agentclient.TTY{Rows: cmd.TTY.Rows, Cols: cmd.TTY.Cols}
 	}
 	start := time.Now()
-	ap, err := sb.client.Exec(ctx, spec)
+	ap, err := sb.agentClient().Exec(ctx, spec)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -135,7 +147,11 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	}
 	p.ap = ap
 	close(p.apOK)
-	go p.wait(ctx, start)
+	counted = false
+	go func() {
+		defer sb.act.end()
+		p.wait(ctx, start)
+	}()
 	return p, nil
 }
 

@@ -111,10 +111,13 @@ func (sb *Sandbox) agent() (*agentclient.Client, error) {
 	if err := sb.Err(); err != nil {
 		return nil, err
 	}
+	if err := sb.paused(); err != nil {
+		return nil, err
+	}
 	if !sb.hello.Has(agentproto.CapFiles) {
 		return nil, &VMError{Op: "files", Err: fmt.Errorf("the guest agent (%s) cannot move files", sb.hello.AgentVersion)}
 	}
-	return sb.client, nil
+	return sb.agentClient(), nil
 }
 
 // Stat describes the guest's path (a symbolic link itself, not what it
@@ -553,7 +556,7 @@ func place(root *os.Root, from, to string) error {
 // On an attached sandbox it asks the process that owns the VM.
 func (sb *Sandbox) Console(ctx context.Context) ([]byte, error) {
 	if sb.attached {
-		rc, err := sb.client.Console(ctx)
+		rc, err := sb.agentClient().Console(ctx)
 		if err != nil {
 			return nil, guestError("console", sb.name, err)
 		}

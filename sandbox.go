@@ -100,6 +100,21 @@ type Sandbox struct {
 
 	act      activity // calls of Serve's clients, for IdleSince
 	attached bool     // Attach made it: another process owns the VM
+
+	drives    []backend.Drive // the machine's, for a resume
+	monPause  chan struct{}   // closed to stop this machine's monitor (Pause)
+	monDone   chan struct{}   // closed when that monitor returned
+	pausing   bool            // Pause is under way: no new calls
+	pausedDir string          // the paused state, while paused
+	pausedRAM bool            // what Pause said of the memory layout
+}
+
+// agentClient is the agent session of the machine running now (a resume
+// makes a new one).
+func (sb *Sandbox) agentClient() *agentclient.Client {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	return sb.client
 }
 
 // reclaim removes the leftovers of runs whose mvmctl died, keeping any
@@ -198,6 +213,7 @@ func (sb *Sandbox) coldBoot(ctx context.Context) (undoFunc, error) {
 	if err != nil {
 		return nil, &VMError{Op: "start vm", Err: err}
 	}
+	sb.drives = drives
 	return sb.started(m), nil
 }
 
@@ -297,8 +313,10 @@ func (sb *Sandbox) sayHello(ctx context.Context) (undo undoFunc, detail string, 
 	if err != nil {
 		return nil, "", &VMError{Op: "connect to guest agent", Err: err}
 	}
+	sb.mu.Lock()
 	sb.client = client
-	undo = func(context.Context) error { return client.Close() }
+	sb.mu.Unlock()
+	undo = func(context.Context) error { return sb.agentClient().Close() }
 
 	limit := bootTimeout
 	if sb.restored {
@@ -409,7 +427,7 @@ func (sb *Sandbox) shutdownGuest(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(ctx, shutdownTimeout)
 	defer cancel()
-	if err := sb.client.Shutdown(sctx); err != nil {
+	if err := sb.agentClient().Shutdown(sctx); err != nil {
 		sb.log.Debug("guest shutdown", "err", err)
 		return nil
 	}
@@ -425,6 +443,17 @@ func (sb *Sandbox) shutdownGuest(ctx context.Context) error {
 // VMM's end or the backend's word that the guest is gone, and the agent's
 // answers to keepalive pings.
 func (sb *Sandbox) monitor() {
+	sb.monPause, sb.monDone = make(chan struct{}), make(chan struct{})
+	pause, done := sb.monPause, sb.monDone
+	go func() {
+		defer close(done)
+		sb.watch(pause)
+	}()
+}
+
+// watch is monitor's loop, until Close or pause.
+func (sb *Sandbox) watch(pause <-chan struct{}) {
+	m, client := sb.m, sb.agentClient()
 	pingFailed := make(chan error, 1)
 	go func() {
 		t := time.NewTicker(sb.pingEvery)
@@ -433,16 +462,19 @@ func (sb *Sandbox) monitor() {
 			select {
 			case <-sb.stopMonitor:
 				return
-			case <-sb.m.Done():
+			case <-pause:
+				return
+			case <-m.Done():
 				return
 			case <-t.C:
 			}
 			pctx, cancel := context.WithTimeout(context.Background(), sb.pingTimeout)
-			_, err := sb.client.Ping(pctx)
+			_, err := client.Ping(pctx)
 			cancel()
 			if err != nil {
 				select {
 				case <-sb.stopMonitor:
+				case <-pause:
 				default:
 					pingFailed <- err
 				}
@@ -452,8 +484,9 @@ func (sb *Sandbox) monitor() {
 	}()
 	select {
 	case <-sb.stopMonitor:
-	case <-sb.m.Done():
-		sb.fail(&VMError{Op: "run", Err: vmEnded(sb.m)})
+	case <-pause:
+	case <-m.Done():
+		sb.fail(&VMError{Op: "run", Err: vmEnded(m)})
 	case err := <-pingFailed:
 		sb.fail(&VMError{Op: "run", Err: fmt.Errorf("the guest agent stopped answering (%w); the VM was torn down", err)})
 	}

@@ -84,6 +84,13 @@ func (sb *Sandbox) IdleSince() time.Time {
 	return sb.act.last
 }
 
+// inFlight is how many calls and commands are under way.
+func (a *activity) inFlight() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.busy
+}
+
 func (a *activity) begin() {
 	a.mu.Lock()
 	a.busy++
@@ -170,7 +177,37 @@ func (sb *Sandbox) proxyStream(ctx context.Context, st *mux.Stream, client strin
 	}
 	execID := ""
 	switch call := req.Call.(type) {
-	case *agentpb.Request_Ping, *agentpb.Request_CopyIn, *agentpb.Request_CopyOut, *agentpb.Request_Stat:
+	case *agentpb.Request_Ping:
+		// Answered here: what a client checks is that its sandbox's
+		// owner is there (paused or not).
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Pong{Pong: &agentpb.Pong{Payload: call.Ping.Payload}}})
+		st.Close()
+		return
+	case *agentpb.Request_Pause:
+		ps, err := sb.Pause(ctx)
+		if err != nil {
+			_ = replyError(st, ownerErrorCode(err), err.Error())
+		} else {
+			_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Pause{Pause: &agentpb.PauseReply{
+				StateBytes: uint64(ps.StateBytes), DurationMicros: uint64(ps.Duration.Microseconds())}}})
+		}
+		st.Close()
+		return
+	case *agentpb.Request_Resume:
+		d, err := sb.Resume(ctx)
+		if err != nil {
+			_ = replyError(st, ownerErrorCode(err), err.Error())
+		} else {
+			_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Resume{Resume: &agentpb.ResumeReply{DurationMicros: uint64(d.Microseconds())}}})
+		}
+		st.Close()
+		return
+	case *agentpb.Request_CopyIn, *agentpb.Request_CopyOut, *agentpb.Request_Stat:
+		if err := sb.paused(); err != nil {
+			_ = replyError(st, agentpb.Error_CODE_FAILED_PRECONDITION, err.Error())
+			st.Close()
+			return
+		}
 	case *agentpb.Request_Exec:
 		if err := sb.execDefaults(call.Exec); err != nil {
 			_ = agentproto.Write(st, &agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: &agentpb.Exited{
@@ -208,12 +245,20 @@ func (sb *Sandbox) proxyStream(ctx context.Context, st *mux.Stream, client strin
 		_ = st.Reset()
 		return
 	}
-	if req.GetPing() == nil {
-		// Keepalives do not keep a sandbox from being idle.
-		sb.act.begin()
-		defer sb.act.end()
+	sb.act.begin()
+	defer sb.act.end()
+	if err := sb.paused(); err != nil {
+		if req.GetExec() != nil {
+			_ = agentproto.Write(st, &agentpb.ExecEvent{Event: &agentpb.ExecEvent_Exited{Exited: &agentpb.Exited{
+				StartFailure: &agentpb.StartFailure{Reason: agentpb.StartFailure_REASON_OTHER, Message: err.Error()},
+			}}})
+		} else {
+			_ = replyError(st, agentpb.Error_CODE_FAILED_PRECONDITION, err.Error())
+		}
+		st.Close()
+		return
 	}
-	gs, err := sb.client.Forward(ctx, &req)
+	gs, err := sb.agentClient().Forward(ctx, &req)
 	if err != nil {
 		sb.log.Debug("forward", "client", client, "err", err)
 		_ = st.Reset()
@@ -252,6 +297,17 @@ func (sb *Sandbox) proxyStream(ctx context.Context, st *mux.Stream, client strin
 
 var anonExec atomic.Uint64
 
+// ownerErrorCode is the protocol's code for a Pause or Resume error.
+func ownerErrorCode(err error) agentpb.Error_Code {
+	switch {
+	case errors.Is(err, ErrBusy), errors.Is(err, ErrPaused):
+		return agentpb.Error_CODE_FAILED_PRECONDITION
+	case errors.Is(err, ErrInvalid):
+		return agentpb.Error_CODE_INVALID_ARGUMENT
+	}
+	return agentpb.Error_CODE_INTERNAL
+}
+
 // killOrphan kills the exec id (if any) whose client went away.
 func (sb *Sandbox) killOrphan(id string) {
 	if id == "" {
@@ -259,7 +315,7 @@ func (sb *Sandbox) killOrphan(id string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := sb.client.Kill(ctx, id, int(syscall.SIGKILL)); err != nil {
+	if err := sb.agentClient().Kill(ctx, id, int(syscall.SIGKILL)); err != nil {
 		sb.log.Debug("kill the command of a client that went away", "exec", id, "err", err)
 	}
 }

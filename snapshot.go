@@ -125,7 +125,7 @@ func (sb *Sandbox) restore(ctx context.Context, c *snapshot.Checked) (backend.Ma
 	if err != nil {
 		return nil, err
 	}
-	sb.restored, sb.snap = true, c
+	sb.restored, sb.snap, sb.drives = true, c, drives
 	return m, nil
 }
 

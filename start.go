@@ -116,7 +116,7 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 		return nil, err
 	}
 	sb.setStatus(StatusRunning)
-	go sb.monitor()
+	sb.monitor()
 	return sb, nil
 }
 

@@ -22,6 +22,9 @@ const (
 	// fail, and Close still tears down what is left. The console log of
 	// a sandbox that failed is kept.
 	StatusFailed Status = "failed"
+	// StatusPaused: Pause saved it to disk and ended its VMM; Resume
+	// brings it back where it was. Commands are refused meanwhile.
+	StatusPaused Status = "paused"
 	// StatusClosing: Close (or a failed Start) is tearing it down.
 	StatusClosing Status = "closing"
 	// StatusClosed: nothing is left of it.
@@ -31,7 +34,8 @@ const (
 // transitions is every move a status may make.
 var transitions = map[Status][]Status{
 	StatusStarting: {StatusRunning, StatusFailed, StatusClosing},
-	StatusRunning:  {StatusFailed, StatusClosing},
+	StatusRunning:  {StatusFailed, StatusClosing, StatusPaused},
+	StatusPaused:   {StatusRunning, StatusFailed, StatusClosing},
 	StatusFailed:   {StatusClosing},
 	StatusClosing:  {StatusClosed},
 }

@@ -104,7 +104,8 @@ talk to it over a socket only you can open.`,
   mvmctl sandbox rm dev`,
 	}
 	cmd.AddCommand(newSandboxCreateCommand(g), newSandboxSuperviseCommand(g), newSandboxLsCommand(),
-		newSandboxExecCommand(g), newSandboxCpCommand(g), newSandboxStopCommand(), newSandboxRmCommand(), newSandboxLogsCommand())
+		newSandboxExecCommand(g), newSandboxCpCommand(g), newSandboxStopCommand(), newSandboxRmCommand(), newSandboxLogsCommand(),
+		newSandboxPauseCommand(), newSandboxResumeCommand())
 	return cmd
 }
 
@@ -369,7 +370,7 @@ wait:
 			status, reason = "failed", fmt.Sprintf("serving the sandbox failed: %v", err)
 			break wait
 		case <-tick.C:
-			if since := sb.IdleSince(); spec.Idle > 0 && !since.IsZero() && time.Since(since) >= spec.Idle {
+			if since := sb.IdleSince(); spec.Idle > 0 && sb.Status() == mvm.StatusRunning && !since.IsZero() && time.Since(since) >= spec.Idle {
 				reason = "idle for " + spec.Idle.String() + " (--idle)"
 				break wait
 			}
@@ -809,6 +810,55 @@ func newSandboxLogsCommand() *cobra.Command {
 			defer f.Close()
 			_, err = io.Copy(cmd.OutOrStdout(), io.LimitReader(f, backend.ConsoleLogLimit))
 			return err
+		},
+	}
+}
+
+func newSandboxPauseCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "pause NAME",
+		Short: "Save a sandbox to disk and end its VM, to resume it later where it was",
+		Long: `pause saves the sandbox's RAM and device state to its directory, keeps its disks,
+and ends its VM: a paused sandbox costs disk (and its small owning process),
+no RAM or CPU. resume brings it back exactly where it was. A sandbox with a
+command running, a copy in flight or a network cannot be paused.`,
+		Example: `  mvmctl sandbox pause dev
+  mvmctl sandbox resume dev`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sb, err := attach(cmd.Context(), args[0])
+			if err != nil {
+				return &exitError{code: exitFailure, err: err}
+			}
+			defer sb.Close(context.Background())
+			st, err := sb.Pause(cmd.Context())
+			if err != nil {
+				return &exitError{code: exitFailure, err: err}
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "paused %s in %s (%s of state on disk)\n", args[0], st.Duration.Round(time.Millisecond), units.FormatBytes(st.StateBytes))
+			return nil
+		},
+	}
+}
+
+func newSandboxResumeCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:     "resume NAME",
+		Short:   "Resume a paused sandbox where it was",
+		Example: `  mvmctl sandbox resume dev`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sb, err := attach(cmd.Context(), args[0])
+			if err != nil {
+				return &exitError{code: exitFailure, err: err}
+			}
+			defer sb.Close(context.Background())
+			d, err := sb.Resume(cmd.Context())
+			if err != nil {
+				return &exitError{code: exitFailure, err: err}
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "resumed %s in %s\n", args[0], d.Round(time.Millisecond))
+			return nil
 		},
 	}
 }

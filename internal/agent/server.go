@@ -125,7 +125,7 @@ func (s *Server) capabilities() []string {
 		if s.opts.OnHello != nil {
 			// The clock and the reseed come with the hello hook,
 			// the rest with owning the guest's filesystems.
-			caps = append(caps, agentproto.CapSnapshot)
+			caps = append(caps, agentproto.CapSnapshot, agentproto.CapPause)
 		}
 	}
 	if s.opts.OnShutdown != nil {
@@ -335,7 +335,7 @@ func (ss *session) serveStream(st *mux.Stream) {
 			return
 		}
 		ss.waitReady()
-		if err := ss.srv.quiesce(); err != nil {
+		if err := ss.srv.quiesce(call.Quiesce.GetKeepDrives()); err != nil {
 			_ = replyError(st, errorCode(err), err.Error())
 			return
 		}

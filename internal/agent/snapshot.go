@@ -121,7 +121,7 @@ const quiesceWait = 500 * time.Millisecond
 // and restored into with other drives: no command running and no drive
 // mounted. It syncs filesystems (nothing should be dirty, but a snapshot
 // must not capture a write-back in progress).
-func (s *Server) quiesce() error {
+func (s *Server) quiesce(keepDrives bool) error {
 	// An exec whose Exited the host has just read may not have left the
 	// count yet.
 	if !s.waitExecs(quiesceWait) {
@@ -133,7 +133,7 @@ func (s *Server) quiesce() error {
 	s.fsMu.Lock()
 	mounted := len(s.mounted)
 	s.fsMu.Unlock()
-	if mounted > 0 {
+	if mounted > 0 && !keepDrives {
 		return fmt.Errorf("%w: %d drives are mounted; mount drives after the restore (they are swapped)", errPrecondition, mounted)
 	}
 	unix.Sync()

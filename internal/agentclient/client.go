@@ -314,8 +314,14 @@ func (c *Client) Network(ctx context.Context, n Network) error {
 // The session is over for the host: the next one starts with a new hello
 // (DialWithOptions) on the restored VM's connection. It needs
 // agentproto.CapSnapshot.
-func (c *Client) Quiesce(ctx context.Context) error {
-	if _, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Quiesce{Quiesce: &agentpb.Quiesce{}}}); err != nil {
+func (c *Client) Quiesce(ctx context.Context) error { return c.quiesce(ctx, false) }
+
+// QuiesceKeepingDrives is Quiesce for a machine that will be resumed with
+// the same drives (a pause): mounted drives do not refuse it.
+func (c *Client) QuiesceKeepingDrives(ctx context.Context) error { return c.quiesce(ctx, true) }
+
+func (c *Client) quiesce(ctx context.Context, keepDrives bool) error {
+	if _, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Quiesce{Quiesce: &agentpb.Quiesce{KeepDrives: keepDrives}}}); err != nil {
 		return fmt.Errorf("quiesce: %w", err)
 	}
 	return nil

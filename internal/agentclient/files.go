@@ -173,3 +173,29 @@ func (c *Client) Console(ctx context.Context) (io.ReadCloser, error) {
 	stop := context.AfterFunc(ctx, func() { _ = st.Reset() })
 	return &copyOutStream{st: st, stop: stop, r: agentproto.NewFileDataReader(agentproto.NewReader(st))}, nil
 }
+
+// Pause asks a sandbox's owner to pause it (see mvm's Sandbox.Pause).
+func (c *Client) Pause(ctx context.Context) (stateBytes int64, took time.Duration, err error) {
+	resp, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Pause{Pause: &agentpb.Pause{}}})
+	if err != nil {
+		return 0, 0, err
+	}
+	r := resp.GetPause()
+	if r == nil {
+		return 0, 0, errors.New("pause: the owner answered something else")
+	}
+	return int64(min(r.StateBytes, 1<<62)), time.Duration(min(r.DurationMicros, 1<<40)) * time.Microsecond, nil
+}
+
+// Resume asks a sandbox's owner to resume it.
+func (c *Client) Resume(ctx context.Context) (time.Duration, error) {
+	resp, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Resume{Resume: &agentpb.Resume{}}})
+	if err != nil {
+		return 0, err
+	}
+	r := resp.GetResume()
+	if r == nil {
+		return 0, errors.New("resume: the owner answered something else")
+	}
+	return time.Duration(min(r.DurationMicros, 1<<40)) * time.Microsecond, nil
+}

@@ -72,6 +72,9 @@ const (
 	// CapFiles: the CopyIn, CopyOut and Stat calls (version 2) move
 	// files and trees in and out of the command root.
 	CapFiles = "files"
+	// CapPause: Quiesce.keep_drives (version 2), for a machine paused
+	// to disk and resumed with its drives.
+	CapPause = "pause"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

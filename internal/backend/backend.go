@@ -83,6 +83,11 @@ type Snapshot struct {
 	// file is then mapped copy-on-write: no run ever writes it, so any
 	// number of runs can share one snapshot.
 	Restore bool
+	// Paused, with Restore, starts a machine that Pauser.Pause saved:
+	// its RAM is in the state file (no RAM file), and PausedRAM0 says
+	// what Pause reported of its memory layout.
+	Paused     bool
+	PausedRAM0 bool
 	// BeforeResume, when set, is called once the saved state is loaded
 	// and before the restored guest runs: an error stops the machine and
 	// Start returns it (the caller checks there that the files the VMM
@@ -112,6 +117,16 @@ type Snapshotter interface {
 // sure the guest is idle first (no stream open, nothing in flight).
 type SnapshotSaver interface {
 	SaveSnapshot(ctx context.Context) error
+}
+
+// Pauser is implemented by machines that can be paused to disk: Pause
+// stops the guest, writes its whole state (RAM included) to dir's state
+// file, and ends the VMM. The machine is resumed by starting one with the
+// same Config (drives, memory, CPUs) and Snapshot{Dir: dir, Restore:
+// true, Paused: true, PausedRAM0: ram0}. The caller makes sure the guest
+// is idle first (no stream open, nothing in flight).
+type Pauser interface {
+	Pause(ctx context.Context, dir string) (ram0 bool, err error)
 }
 
 // ConsoleLogLimit bounds what is kept of the guest's console: its last

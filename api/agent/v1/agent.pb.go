@@ -252,6 +252,8 @@ type Request struct {
 	//	*Request_CopyOut
 	//	*Request_Stat
 	//	*Request_Console
+	//	*Request_Pause
+	//	*Request_Resume
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -411,6 +413,24 @@ func (x *Request) GetConsole() *Console {
 	return nil
 }
 
+func (x *Request) GetPause() *Pause {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Pause); ok {
+			return x.Pause
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetResume() *Resume {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Resume); ok {
+			return x.Resume
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -472,6 +492,15 @@ type Request_Console struct {
 	Console *Console `protobuf:"bytes,13,opt,name=console,proto3,oneof"`
 }
 
+type Request_Pause struct {
+	// Served by a sandbox's owner (capability "sandbox").
+	Pause *Pause `protobuf:"bytes,14,opt,name=pause,proto3,oneof"`
+}
+
+type Request_Resume struct {
+	Resume *Resume `protobuf:"bytes,15,opt,name=resume,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -498,6 +527,10 @@ func (*Request_Stat) isRequest_Call() {}
 
 func (*Request_Console) isRequest_Call() {}
 
+func (*Request_Pause) isRequest_Call() {}
+
+func (*Request_Resume) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -513,6 +546,8 @@ type Response struct {
 	//	*Response_Network
 	//	*Response_CopyIn
 	//	*Response_Stat
+	//	*Response_Pause
+	//	*Response_Resume
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -646,6 +681,24 @@ func (x *Response) GetStat() *StatReply {
 	return nil
 }
 
+func (x *Response) GetPause() *PauseReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Pause); ok {
+			return x.Pause
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetResume() *ResumeReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Resume); ok {
+			return x.Resume
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -699,6 +752,14 @@ type Response_Stat struct {
 	Stat *StatReply `protobuf:"bytes,10,opt,name=stat,proto3,oneof"`
 }
 
+type Response_Pause struct {
+	Pause *PauseReply `protobuf:"bytes,11,opt,name=pause,proto3,oneof"`
+}
+
+type Response_Resume struct {
+	Resume *ResumeReply `protobuf:"bytes,12,opt,name=resume,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -722,6 +783,10 @@ func (*Response_Network) isResponse_Result() {}
 func (*Response_CopyIn) isResponse_Result() {}
 
 func (*Response_Stat) isResponse_Result() {}
+
+func (*Response_Pause) isResponse_Result() {}
+
+func (*Response_Resume) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -2235,7 +2300,11 @@ func (*RootReply) Descriptor() ([]byte, []int) {
 // once a drive is mounted: drives are swapped at restore, so they are
 // mounted after it. Since version 2 (capability "snapshot").
 type Quiesce struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The host will resume this very machine, with the same drives (a
+	// sandbox paused to disk), so mounted drives do not refuse the call.
+	// Since version 2 (capability "pause").
+	KeepDrives    bool `protobuf:"varint,1,opt,name=keep_drives,json=keepDrives,proto3" json:"keep_drives,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2268,6 +2337,13 @@ func (x *Quiesce) ProtoReflect() protoreflect.Message {
 // Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
 func (*Quiesce) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *Quiesce) GetKeepDrives() bool {
+	if x != nil {
+		return x.KeepDrives
+	}
+	return false
 }
 
 type QuiesceReply struct {
@@ -2919,11 +2995,186 @@ func (*Console) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
+// Pause asks a sandbox's owner to pause the sandbox to disk: its RAM,
+// device state and disks are saved and the VMM ends. Refused
+// (CODE_FAILED_PRECONDITION) while a command runs or a copy is in
+// flight, and for a sandbox with a network.
+type Pause struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Pause) Reset() {
+	*x = Pause{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pause) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pause) ProtoMessage() {}
+
+func (x *Pause) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pause.ProtoReflect.Descriptor instead.
+func (*Pause) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{37}
+}
+
+type PauseReply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Bytes the paused state takes on disk (RAM and device state; the
+	// disks are the sandbox's own).
+	StateBytes     uint64 `protobuf:"varint,1,opt,name=state_bytes,json=stateBytes,proto3" json:"state_bytes,omitempty"`
+	DurationMicros uint64 `protobuf:"varint,2,opt,name=duration_micros,json=durationMicros,proto3" json:"duration_micros,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *PauseReply) Reset() {
+	*x = PauseReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseReply) ProtoMessage() {}
+
+func (x *PauseReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseReply.ProtoReflect.Descriptor instead.
+func (*PauseReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *PauseReply) GetStateBytes() uint64 {
+	if x != nil {
+		return x.StateBytes
+	}
+	return 0
+}
+
+func (x *PauseReply) GetDurationMicros() uint64 {
+	if x != nil {
+		return x.DurationMicros
+	}
+	return 0
+}
+
+// Resume asks a sandbox's owner to resume a paused sandbox where it was.
+type Resume struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Resume) Reset() {
+	*x = Resume{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Resume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Resume) ProtoMessage() {}
+
+func (x *Resume) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Resume.ProtoReflect.Descriptor instead.
+func (*Resume) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{39}
+}
+
+type ResumeReply struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	DurationMicros uint64                 `protobuf:"varint,1,opt,name=duration_micros,json=durationMicros,proto3" json:"duration_micros,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ResumeReply) Reset() {
+	*x = ResumeReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeReply) ProtoMessage() {}
+
+func (x *ResumeReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeReply.ProtoReflect.Descriptor instead.
+func (*ResumeReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ResumeReply) GetDurationMicros() uint64 {
+	if x != nil {
+		return x.DurationMicros
+	}
+	return 0
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xf7\x04\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xd4\x05\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -2938,8 +3189,10 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	" \x01(\v2\x14.mvm.agent.v1.CopyInH\x00R\x06copyIn\x122\n" +
 	"\bcopy_out\x18\v \x01(\v2\x15.mvm.agent.v1.CopyOutH\x00R\acopyOut\x12(\n" +
 	"\x04stat\x18\f \x01(\v2\x12.mvm.agent.v1.StatH\x00R\x04stat\x121\n" +
-	"\aconsole\x18\r \x01(\v2\x15.mvm.agent.v1.ConsoleH\x00R\aconsoleB\x06\n" +
-	"\x04call\"\xc3\x04\n" +
+	"\aconsole\x18\r \x01(\v2\x15.mvm.agent.v1.ConsoleH\x00R\aconsole\x12+\n" +
+	"\x05pause\x18\x0e \x01(\v2\x13.mvm.agent.v1.PauseH\x00R\x05pause\x12.\n" +
+	"\x06resume\x18\x0f \x01(\v2\x14.mvm.agent.v1.ResumeH\x00R\x06resumeB\x06\n" +
+	"\x04call\"\xaa\x05\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
@@ -2951,7 +3204,9 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\anetwork\x18\b \x01(\v2\x1a.mvm.agent.v1.NetworkReplyH\x00R\anetwork\x124\n" +
 	"\acopy_in\x18\t \x01(\v2\x19.mvm.agent.v1.CopyInReplyH\x00R\x06copyIn\x12-\n" +
 	"\x04stat\x18\n" +
-	" \x01(\v2\x17.mvm.agent.v1.StatReplyH\x00R\x04stat\x12+\n" +
+	" \x01(\v2\x17.mvm.agent.v1.StatReplyH\x00R\x04stat\x120\n" +
+	"\x05pause\x18\v \x01(\v2\x18.mvm.agent.v1.PauseReplyH\x00R\x05pause\x123\n" +
+	"\x06resume\x18\f \x01(\v2\x19.mvm.agent.v1.ResumeReplyH\x00R\x06resume\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -3069,8 +3324,10 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\vupper_label\x18\x02 \x01(\tR\n" +
 	"upperLabel\x12\x1a\n" +
 	"\bhostname\x18\x03 \x01(\tR\bhostname\"\v\n" +
-	"\tRootReply\"\t\n" +
-	"\aQuiesce\"\x0e\n" +
+	"\tRootReply\"*\n" +
+	"\aQuiesce\x12\x1f\n" +
+	"\vkeep_drives\x18\x01 \x01(\bR\n" +
+	"keepDrives\"\x0e\n" +
 	"\fQuiesceReply\"s\n" +
 	"\aNetwork\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x18\n" +
@@ -3108,7 +3365,16 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x03gid\x18\x06 \x01(\rR\x03gid\x12\x1f\n" +
 	"\vlink_target\x18\a \x01(\tR\n" +
 	"linkTarget\"\t\n" +
-	"\aConsoleB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\aConsole\"\a\n" +
+	"\x05Pause\"V\n" +
+	"\n" +
+	"PauseReply\x12\x1f\n" +
+	"\vstate_bytes\x18\x01 \x01(\x04R\n" +
+	"stateBytes\x12'\n" +
+	"\x0fduration_micros\x18\x02 \x01(\x04R\x0edurationMicros\"\b\n" +
+	"\x06Resume\"6\n" +
+	"\vResumeReply\x12'\n" +
+	"\x0fduration_micros\x18\x01 \x01(\x04R\x0edurationMicrosB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -3123,7 +3389,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -3165,6 +3431,10 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*StatReply)(nil),        // 37: mvm.agent.v1.StatReply
 	(*FileInfo)(nil),         // 38: mvm.agent.v1.FileInfo
 	(*Console)(nil),          // 39: mvm.agent.v1.Console
+	(*Pause)(nil),            // 40: mvm.agent.v1.Pause
+	(*PauseReply)(nil),       // 41: mvm.agent.v1.PauseReply
+	(*Resume)(nil),           // 42: mvm.agent.v1.Resume
+	(*ResumeReply)(nil),      // 43: mvm.agent.v1.ResumeReply
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -3180,36 +3450,40 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	34, // 10: mvm.agent.v1.Request.copy_out:type_name -> mvm.agent.v1.CopyOut
 	36, // 11: mvm.agent.v1.Request.stat:type_name -> mvm.agent.v1.Stat
 	39, // 12: mvm.agent.v1.Request.console:type_name -> mvm.agent.v1.Console
-	7,  // 13: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 14: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 15: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 16: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 17: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 18: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 19: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 20: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	33, // 21: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
-	37, // 22: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
-	5,  // 23: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 24: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 25: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 26: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 27: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 28: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 29: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 30: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 31: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 32: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 33: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 34: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	5,  // 35: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
-	38, // 36: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
-	38, // 37: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
-	38, // [38:38] is the sub-list for method output_type
-	38, // [38:38] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	40, // 13: mvm.agent.v1.Request.pause:type_name -> mvm.agent.v1.Pause
+	42, // 14: mvm.agent.v1.Request.resume:type_name -> mvm.agent.v1.Resume
+	7,  // 15: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 16: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 17: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 18: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 19: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 20: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 21: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 22: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	33, // 23: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	37, // 24: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	41, // 25: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
+	43, // 26: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
+	5,  // 27: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 28: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 29: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 30: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 31: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 32: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 33: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 34: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 35: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 36: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 37: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 38: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 39: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	38, // 40: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	38, // 41: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	42, // [42:42] is the sub-list for method output_type
+	42, // [42:42] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -3231,6 +3505,8 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_CopyOut)(nil),
 		(*Request_Stat)(nil),
 		(*Request_Console)(nil),
+		(*Request_Pause)(nil),
+		(*Request_Resume)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -3243,6 +3519,8 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Network)(nil),
 		(*Response_CopyIn)(nil),
 		(*Response_Stat)(nil),
+		(*Response_Pause)(nil),
+		(*Response_Resume)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
@@ -3260,7 +3538,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   37,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -103,7 +103,15 @@ func buildArgs(a argsConfig) ([]string, error) {
 
 	machine := "microvm,acpi=off"
 	var memArgs []string
-	if sn := c.Snapshot; sn != nil {
+	if sn := c.Snapshot; sn != nil && sn.Paused {
+		// A paused machine's RAM is in its state: anonymous RAM of the
+		// same layout (the RAM block's name is what the state names).
+		if sn.PausedRAM0 {
+			machine += ",memory-backend=ram0"
+			memArgs = []string{"-object", "memory-backend-ram,id=ram0,size=" + strconv.FormatUint(c.MemoryMiB, 10) + "M"}
+		}
+		memArgs = append(memArgs, "-incoming", "defer")
+	} else if sn != nil {
 		// Guest RAM in a file: written through while booting a machine
 		// to snapshot (share=on), mapped copy-on-write when restoring
 		// (share=off), so the file never changes once saved. With

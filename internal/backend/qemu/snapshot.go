@@ -106,6 +106,42 @@ func (m *machine) SaveSnapshot(ctx context.Context) error {
 	return nil
 }
 
+// Pause implements backend.Pauser: the guest is stopped and its whole
+// state, RAM included (zero pages take a few bytes each), goes to dir's
+// state file; then the VMM ends. ram0 says whether the machine's RAM is
+// the ram0 memory backend (a restored or resumed machine's), which the
+// resumed machine must have too.
+func (m *machine) Pause(ctx context.Context, dir string) (bool, error) {
+	ram0 := m.snapshot != nil && (!m.snapshot.Paused || m.snapshot.PausedRAM0)
+	if _, err := m.qmp.Execute(ctx, "stop", nil); err != nil {
+		return false, fmt.Errorf("pause: %w", err)
+	}
+	noIgnore := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": false}}}
+	if _, err := m.qmp.Execute(ctx, "migrate-set-capabilities", noIgnore); err != nil {
+		return false, fmt.Errorf("pause: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, snapshotState), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if _, err := m.qmp.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": "pause"}, f); err != nil {
+		return false, fmt.Errorf("pause: %w", err)
+	}
+	if _, err := m.qmp.Execute(ctx, "migrate", map[string]any{"uri": "fd:pause"}); err != nil {
+		return false, fmt.Errorf("pause: %w", err)
+	}
+	if err := m.waitMigration(ctx, "query-migrate"); err != nil {
+		return false, fmt.Errorf("pause: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return false, err
+	}
+	stopCtx, cancel := context.WithTimeout(ctx, stopTimeout)
+	defer cancel()
+	return ram0, m.Stop(stopCtx)
+}
+
 // canMapReadOnlyRAM asks QEMU whether its memory-backend-file has the
 // "rom" property (QEMU 8.2), which lets a restore open the RAM file
 // read-only and still map it writable, copy-on-write. It runs once per
@@ -132,8 +168,12 @@ func hasROMProperty(help []byte) bool {
 // defer and lets the guest run.
 func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) error {
 	start := time.Now()
-	if _, err := m.qmp.Execute(ctx, "migrate-set-capabilities", ignoreShared); err != nil {
-		return fmt.Errorf("restore: %w", err)
+	// A paused machine's state holds its RAM: it was saved without
+	// x-ignore-shared, and must be loaded so.
+	if !m.snapshot.Paused {
+		if _, err := m.qmp.Execute(ctx, "migrate-set-capabilities", ignoreShared); err != nil {
+			return fmt.Errorf("restore: %w", err)
+		}
 	}
 	if _, err := m.qmp.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(fd)}); err != nil {
 		return fmt.Errorf("restore: %w", err)
@@ -141,7 +181,7 @@ func (m *machine) restore(ctx context.Context, fd int, events <-chan qmp.Event) 
 	qmpReady := time.Since(start)
 	if err := m.waitMigration(ctx, "query-migrate"); err != nil {
 		if m.refusedState() {
-			err = fmt.Errorf("%w: %w", backend.ErrSnapshotRejected, err)
+			err = fmt.Errorf("%w: %w (%s)", backend.ErrSnapshotRejected, err, lastLines(m.vmmOut.String(), 3))
 		}
 		return fmt.Errorf("restore: %w", err)
 	}
@@ -234,3 +274,4 @@ var (
 	_ backend.Snapshotter   = (*Backend)(nil)
 	_ backend.SnapshotSaver = (*machine)(nil)
 )
+
