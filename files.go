@@ -11,7 +11,10 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 	"syscall"
 	"time"
 
@@ -194,14 +197,25 @@ func guestError(op, p string, err error) error {
 		case "CODE_NOT_FOUND":
 			return &fs.PathError{Op: op, Path: p, Err: fs.ErrNotExist}
 		case "CODE_INVALID_ARGUMENT":
-			return fmt.Errorf("%s %s: %s: %w", op, p, re.Message, ErrInvalid)
+			return fmt.Errorf("%s %s: %s: %w", op, p, printable(re.Message), ErrInvalid)
 		}
-		return fmt.Errorf("%s %s: %s", op, p, re.Message)
+		return fmt.Errorf("%s %s: %s", op, p, printable(re.Message))
 	}
 	if errors.Is(err, agentproto.ErrClosed) {
 		return &VMError{Op: op, Err: err}
 	}
 	return fmt.Errorf("%s %s: %w", op, p, err)
+}
+
+// printable is a guest's text made safe to print on a terminal: one with
+// control characters (or invalid UTF-8) is quoted, escapes shown.
+func printable(s string) string {
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f || r == utf8.RuneError || !unicode.IsPrint(r) && r != ' ' {
+			return strconv.QuoteToGraphic(s)
+		}
+	}
+	return s
 }
 
 func statFile(ctx context.Context, f files, guestPath string) (FileInfo, error) {
@@ -483,27 +497,37 @@ func copyOut(ctx context.Context, f files, src, dst string, opts CopyOptions) (C
 	var sfs unix.Statfs_t
 	if err := unix.Statfs(parent, &sfs); err == nil {
 		free := int64(sfs.Bavail)*sfs.Bsize - copyReserve
-		limit = max(0, min(limit, free))
+		limit = min(limit, free)
+	}
+	if limit <= 0 {
+		return CopyStats{}, fmt.Errorf("copy %s from the guest: %s has less than %d MiB free: %w", p, parent, copyReserve>>20, ErrCopyLimit)
 	}
 
 	staging, err := os.MkdirTemp(parent, ".mvm-cp-*")
 	if err != nil {
 		return CopyStats{}, err
 	}
+	defer forceRemoveAll(staging)
 	root, err := os.OpenRoot(parent)
 	if err != nil {
-		os.RemoveAll(staging)
 		return CopyStats{}, err
 	}
 	defer root.Close()
 	stg := filepath.Base(staging)
-	defer root.RemoveAll(stg)
+	// The guest's stream is unpacked in a root of its own: nothing in
+	// it, not even a link it makes, can reach beside the staging
+	// directory.
+	sroot, err := os.OpenRoot(staging)
+	if err != nil {
+		return CopyStats{}, err
+	}
+	defer sroot.Close()
 
 	rc, err := c.CopyOut(ctx, p)
 	if err != nil {
 		return CopyStats{}, guestError("copy from", p, err)
 	}
-	st, err := treecopy.Extract(rc, root, stg+"/x", treecopy.Limits{MaxBytes: limit, StripSetID: true})
+	st, err := treecopy.Extract(rc, sroot, "x", treecopy.Limits{MaxBytes: limit, StripSetID: true})
 	rc.Close()
 	if err != nil {
 		if errors.Is(err, treecopy.ErrLimit) {
@@ -517,8 +541,23 @@ func copyOut(ctx context.Context, f files, src, dst string, opts CopyOptions) (C
 	return CopyStats{Files: st.Files, Dirs: st.Dirs, Links: st.Links, Bytes: st.Bytes, Duration: time.Since(start)}, nil
 }
 
+// forceRemoveAll removes the staging directory dir, whatever modes the
+// guest gave what is in it: each directory is made searchable and
+// writable first (before it is read), so a mode 0000 cannot keep it.
+func forceRemoveAll(dir string) {
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			_ = os.Chmod(p, 0o700)
+		}
+		return nil
+	})
+	_ = os.RemoveAll(dir)
+}
+
 // place moves the staged from to to, both inside root: renamed over a
 // file, merged into a directory (entry by entry, never through a link).
+// An existing directory keeps its own mode and times: a guest does not
+// get to loosen (or lock) a directory of the host's.
 func place(root *os.Root, from, to string) error {
 	sfi, err := root.Lstat(from)
 	if err != nil {
@@ -545,10 +584,7 @@ func place(root *os.Root, from, to string) error {
 			return err
 		}
 	}
-	if err := root.Chmod(to, sfi.Mode().Perm()); err != nil {
-		return err
-	}
-	return root.Chtimes(to, sfi.ModTime(), sfi.ModTime())
+	return nil
 }
 
 // Console returns what the guest's console printed so far: its last MiB

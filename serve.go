@@ -18,6 +18,10 @@ import (
 	"github.com/mvm-sh/mvm/internal/mux"
 )
 
+// maxClientStreams bounds the streams one client of Serve has open at
+// once; more are reset.
+const maxClientStreams = 256
+
 // CapSandbox is the capability a sandbox served by Serve adds to its
 // guest's: the peer is a sandbox's host process, not the guest agent.
 const CapSandbox = "sandbox"
@@ -119,14 +123,24 @@ func (sb *Sandbox) serveClient(ctx context.Context, conn net.Conn, id string) {
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	// One client cannot hold more than its share of streams (each is a
+	// goroutine here and may be one in the guest).
+	slots := make(chan struct{}, maxClientStreams)
 	for {
 		st, err := sess.Accept()
 		if err != nil {
 			return
 		}
+		select {
+		case slots <- struct{}{}:
+		default:
+			_ = st.Reset()
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func() { <-slots }()
 			sb.proxyStream(ctx, st, id)
 		}()
 	}

@@ -52,6 +52,16 @@ const DefaultMaxEntries = 1 << 20
 // MaxNameLen bounds one entry's name (Linux's PATH_MAX).
 const MaxNameLen = 4096
 
+// MaxDepth bounds how deep an entry may be below the copy's top: every
+// lookup through an os.Root walks the name component by component, so
+// depth is what a stream could make Extract pay per entry.
+const MaxDepth = 128
+
+// entryCost is what each entry is charged against Limits.MaxBytes beside
+// its data: its inode and directory entry, so that a stream of a million
+// empty files or long links is bounded too.
+const entryCost = 512
+
 // ErrLimit is wrapped by Extract's error when the stream goes over a
 // limit.
 var ErrLimit = errors.New("over the copy limit")
@@ -171,6 +181,12 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 	}
 	var dirs []dirTime
 	topDir := false
+	// Every entry's parent must be a directory of this stream (parents
+	// come first): nothing is ever written through a symbolic link,
+	// not even one the stream itself made, and no entry comes twice.
+	seen := map[string]bool{}
+	isDir := map[string]bool{}
+	var charged int64
 	for i := 0; ; i++ {
 		hdr, err := tr.Next()
 		if err == io.EOF {
@@ -197,6 +213,25 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 		} else if rel == "." || !topDir {
 			return st, fmt.Errorf("copy stream entry %q after its top entry", hdr.Name)
 		}
+		if seen[rel] {
+			return st, fmt.Errorf("entry %q comes twice", hdr.Name)
+		}
+		seen[rel] = true
+		if rel != "." {
+			if strings.Count(rel, "/") >= MaxDepth {
+				return st, fmt.Errorf("entry %q is more than %d levels deep: %w", hdr.Name, MaxDepth, ErrLimit)
+			}
+			if parent := path.Dir(rel); !isDir[parent] {
+				return st, fmt.Errorf("entry %q: its parent is not a directory of the stream", hdr.Name)
+			}
+		}
+		if hdr.Typeflag == tar.TypeDir {
+			isDir[rel] = true
+		}
+		charged += entryCost + int64(len(hdr.Linkname))
+		if lim.MaxBytes > 0 && charged > lim.MaxBytes-st.Bytes {
+			return st, fmt.Errorf("the entries' metadata brings the copy over %d bytes: %w", lim.MaxBytes, ErrLimit)
+		}
 		target := name
 		if rel != "." {
 			target = path.Join(name, rel)
@@ -208,10 +243,10 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 		switch hdr.Typeflag {
 		case tar.TypeReg, tar.TypeRegA:
 			if hdr.Size < 0 {
-				return st, fmt.Errorf("%s: negative size", hdr.Name)
+				return st, fmt.Errorf("%q: negative size", hdr.Name)
 			}
-			if lim.MaxBytes > 0 && hdr.Size > lim.MaxBytes-st.Bytes {
-				return st, fmt.Errorf("%s: %d bytes would bring the copy over %d bytes: %w", hdr.Name, hdr.Size, lim.MaxBytes, ErrLimit)
+			if lim.MaxBytes > 0 && hdr.Size > lim.MaxBytes-st.Bytes-charged {
+				return st, fmt.Errorf("%q: %d bytes would bring the copy over %d bytes: %w", hdr.Name, hdr.Size, lim.MaxBytes, ErrLimit)
 			}
 			if err := writeFile(root, target, tr, hdr.Size, mode, hdr.ModTime); err != nil {
 				return st, err
@@ -226,14 +261,14 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 			st.Dirs++
 		case tar.TypeSymlink:
 			if hdr.Linkname == "" || len(hdr.Linkname) > MaxNameLen || strings.IndexByte(hdr.Linkname, 0) >= 0 {
-				return st, fmt.Errorf("%s: bad link target", hdr.Name)
+				return st, fmt.Errorf("%q: bad link target", hdr.Name)
 			}
 			if err := replaceWith(root, target, func(tmp string) error { return root.Symlink(hdr.Linkname, tmp) }); err != nil {
 				return st, err
 			}
 			st.Links++
 		default:
-			return st, fmt.Errorf("%s: entry type %q is not copied (only files, directories and symbolic links)", hdr.Name, hdr.Typeflag)
+			return st, fmt.Errorf("%q: entry type %q is not copied (only files, directories and symbolic links)", hdr.Name, hdr.Typeflag)
 		}
 	}
 	// Innermost first: setting a directory's mode could make it
@@ -273,7 +308,7 @@ func entryName(n string) (string, error) {
 // the same directory, then renamed over what was there.
 func writeFile(root *os.Root, target string, r io.Reader, size int64, mode fs.FileMode, mtime time.Time) error {
 	if fi, err := root.Lstat(target); err == nil && fi.IsDir() {
-		return fmt.Errorf("%s: cannot replace a directory with a file: %w", target, ErrConflict)
+		return fmt.Errorf("%q: cannot replace a directory with a file: %w", target, ErrConflict)
 	}
 	tmp := tempName(target)
 	f, err := root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|noFollow, 0o600)
@@ -298,7 +333,7 @@ func writeFile(root *os.Root, target string, r io.Reader, size int64, mode fs.Fi
 	}
 	if err != nil {
 		_ = root.Remove(tmp)
-		return fmt.Errorf("write %s: %w", target, err)
+		return fmt.Errorf("write %q: %w", target, err)
 	}
 	return nil
 }
@@ -307,7 +342,7 @@ func writeFile(root *os.Root, target string, r io.Reader, size int64, mode fs.Fi
 // temporary name, which is then renamed over target.
 func replaceWith(root *os.Root, target string, make func(tmp string) error) error {
 	if fi, err := root.Lstat(target); err == nil && fi.IsDir() {
-		return fmt.Errorf("%s: cannot replace a directory: %w", target, ErrConflict)
+		return fmt.Errorf("%q: cannot replace a directory: %w", target, ErrConflict)
 	}
 	tmp := tempName(target)
 	if err := make(tmp); err != nil {
@@ -328,7 +363,7 @@ func makeDir(root *os.Root, target string) error {
 	case err == nil && fi.IsDir():
 		return nil
 	case err == nil:
-		return fmt.Errorf("%s: cannot replace a non-directory with a directory: %w", target, ErrConflict)
+		return fmt.Errorf("%q: cannot replace a non-directory with a directory: %w", target, ErrConflict)
 	case !errors.Is(err, fs.ErrNotExist):
 		return err
 	}

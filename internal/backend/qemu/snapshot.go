@@ -274,4 +274,3 @@ var (
 	_ backend.Snapshotter   = (*Backend)(nil)
 	_ backend.SnapshotSaver = (*machine)(nil)
 )
-
