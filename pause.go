@@ -136,7 +136,7 @@ func (sb *Sandbox) Resume(ctx context.Context) (time.Duration, error) {
 	}
 	m, err := sb.cfg.backend.Start(ctx, sb.machineConfig(sb.drives, &backend.Snapshot{Dir: dir, Restore: true, Paused: true, PausedRAM0: ram0}))
 	if err != nil {
-		return 0, &VMError{Op: "resume", Err: err}
+		return 0, &VMError{Op: "resume", Err: fmt.Errorf("%w (the paused state is kept)", err)}
 	}
 	sb.mu.Lock()
 	sb.m = m

@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -294,4 +296,75 @@ func must(t *testing.T, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestSandboxPauseResume: a paused sandbox has no VMM and refuses
+// commands; resumed, its files and a background process are where they
+// were. A pause while a command runs is refused. A resume under a QEMU
+// that cannot load the state fails clearly and keeps the paused state,
+// which the original QEMU then resumes.
+func TestSandboxPauseResume(t *testing.T) {
+	e := newEnv(t)
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapper := filepath.Join(t.TempDir(), "qemu")
+	writeWrapper := func(extra string) {
+		must(t, os.WriteFile(wrapper+".new", []byte("#!/bin/sh\nexec "+qemu+` "$@"`+extra+"\n"), 0o755))
+		must(t, os.Rename(wrapper+".new", wrapper))
+	}
+	writeWrapper("")
+	create := e.command(context.Background(), "sandbox", "create", "pz")
+	create.Env = append(create.Env, "MVM_QEMU="+wrapper)
+	if out, err := create.CombinedOutput(); err != nil {
+		t.Fatalf("create: %v: %s", err, out)
+	}
+	t.Cleanup(func() { e.run(nil, "sandbox", "rm", "pz") })
+	e.mustRun(nil, "sandbox", "exec", "pz", "--", "sh", "-c",
+		`echo kept > /tmp/f; setsid sh -c 'echo $$ > /tmp/pid; i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done' >/dev/null 2>&1 </dev/null & while [ ! -s /tmp/n ]; do sleep 0.05; done`)
+
+	busy := make(chan result, 1)
+	go func() { busy <- e.run(nil, "sandbox", "exec", "pz", "--", "sleep", "3") }()
+	time.Sleep(1 * time.Second)
+	if r := e.run(nil, "sandbox", "pause", "pz"); r.code != 125 || !strings.Contains(string(r.stderr), "busy") {
+		t.Errorf("pause while a command runs: %s", r)
+	}
+	if r := <-busy; r.code != 0 {
+		t.Errorf("the command a pause was refused for: %s", r)
+	}
+
+	r := e.mustRun(nil, "sandbox", "pause", "pz")
+	if !strings.Contains(string(r.stderr), "paused pz") {
+		t.Errorf("pause said %q", r.stderr)
+	}
+	if s := e.sandboxes()["pz"]; s.Status != "paused" {
+		t.Errorf("ls after pause: %+v", s)
+	}
+	if vmms := e.vmms(); len(vmms) != 0 {
+		t.Errorf("a paused sandbox has VMMs: %v", vmms)
+	}
+	if r := e.run(nil, "sandbox", "exec", "pz", "--", "true"); r.code != 125 || !strings.Contains(string(r.stderr), "paused") {
+		t.Errorf("exec on a paused sandbox: %s", r)
+	}
+	if r := e.run(nil, "sandbox", "cp", "pz:/tmp/f", t.TempDir()); r.code != 125 || !strings.Contains(string(r.stderr), "paused") {
+		t.Errorf("cp from a paused sandbox: %s", r)
+	}
+
+	// A QEMU that builds another machine cannot load the state.
+	writeWrapper(" -smp 1")
+	if r := e.run(nil, "sandbox", "resume", "pz"); r.code != 125 || !strings.Contains(string(r.stderr), "paused state is kept") {
+		t.Errorf("resume under another QEMU: %s", r)
+	}
+	if s := e.sandboxes()["pz"]; s.Status != "paused" {
+		t.Errorf("ls after a failed resume: %+v", s)
+	}
+	writeWrapper("")
+	e.mustRun(nil, "sandbox", "resume", "pz")
+	r = e.mustRun(nil, "sandbox", "exec", "pz", "--", "sh", "-c", "cat /tmp/f; a=$(cat /tmp/n); sleep 1; b=$(cat /tmp/n); [ $b -gt $a ] && echo counting; kill -0 $(cat /tmp/pid) && echo alive")
+	if string(r.stdout) != "kept\ncounting\nalive\n" {
+		t.Errorf("after resume: %q; want the file, and the background process still counting", r.stdout)
+	}
+	e.mustRun(nil, "sandbox", "rm", "pz")
+	e.assertClean()
 }
