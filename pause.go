@@ -157,6 +157,10 @@ func (sb *Sandbox) Resume(ctx context.Context) (time.Duration, error) {
 	sb.mu.Lock()
 	sb.pausedDir = ""
 	sb.mu.Unlock()
+	// Idle time counts from the resume.
+	sb.act.mu.Lock()
+	sb.act.last = time.Now()
+	sb.act.mu.Unlock()
 	os.RemoveAll(dir)
 	sb.setStatus(StatusRunning)
 	sb.monitor()

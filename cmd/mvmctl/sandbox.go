@@ -43,6 +43,8 @@ type supervisorSpec struct {
 	Config mvm.Config    `json:"config"`
 	Idle   time.Duration `json:"idle"`
 	TTL    time.Duration `json:"ttl"`
+	// IdlePause pauses an idle sandbox instead of stopping it.
+	IdlePause bool `json:"idle_pause"`
 }
 
 // sandboxRecord is what is left of a sandbox whose supervisor ended, in
@@ -114,7 +116,7 @@ var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 
 func newSandboxCreateCommand(g *globalOptions) *cobra.Command {
 	o := &execOptions{}
-	var idle, ttl string
+	var idle, ttl, onIdle string
 	cmd := &cobra.Command{
 		Use:   "create [flags] [NAME]",
 		Short: "Start a sandbox that stays up, and print its name",
@@ -123,13 +125,17 @@ its name (a generated one if NAME is not given). It takes exec's flags for the
 VM: --template or --image, --cpus, --memory, -d, the network flags.
 
 --idle stops the sandbox after that long without a command running or a file
-being copied; --ttl stops it that long after it was created. Read-write
+being copied (--on-idle pause pauses it instead); --ttl stops it that long
+after it was created. Read-write
 directories are written back when it stops, as with exec.`,
 		Example: `  mvmctl sandbox create dev
   mvmctl sandbox create --template py --idle 30m -d ./src:/src:rw py1`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return createSandbox(cmd, g, o, args, idle, ttl)
+			if onIdle != "stop" && onIdle != "pause" {
+				return &exitError{code: exitFailure, msg: fmt.Sprintf("--on-idle %q: want stop or pause", onIdle)}
+			}
+			return createSandbox(cmd, g, o, args, idle, ttl, onIdle == "pause")
 		},
 	}
 	f := cmd.Flags()
@@ -149,10 +155,11 @@ directories are written back when it stops, as with exec.`,
 	f.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT (repeatable)")
 	f.StringVar(&idle, "idle", "0", "stop the sandbox after this long idle (30m, 2h; 0 for never)")
 	f.StringVar(&ttl, "ttl", "0", "stop the sandbox this long after it was created (0 for never)")
+	f.StringVar(&onIdle, "on-idle", "stop", "what --idle does: stop or pause")
 	return cmd
 }
 
-func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []string, idleS, ttlS string) error {
+func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []string, idleS, ttlS string, idlePause bool) error {
 	fail := func(err error) error { return &exitError{code: exitFailure, err: o.explain(err)} }
 	idle, err := units.ParseTimeout(idleS)
 	if err != nil {
@@ -191,7 +198,7 @@ func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []
 		}
 	}
 	cfg.Name = name
-	spec, err := json.Marshal(supervisorSpec{Config: cfg, Idle: idle, TTL: ttl})
+	spec, err := json.Marshal(supervisorSpec{Config: cfg, Idle: idle, TTL: ttl, IdlePause: idlePause})
 	if err != nil {
 		return fail(err)
 	}
@@ -371,6 +378,16 @@ wait:
 			break wait
 		case <-tick.C:
 			if since := sb.IdleSince(); spec.Idle > 0 && sb.Status() == mvm.StatusRunning && !since.IsZero() && time.Since(since) >= spec.Idle {
+				if spec.IdlePause {
+					if _, err := sb.Pause(ctx); err == nil {
+						g.log.Info("paused: idle", "name", name, "idle", spec.Idle)
+						continue
+					} else if errors.Is(err, mvm.ErrBusy) {
+						continue
+					} else {
+						g.log.Warn("could not pause the idle sandbox; stopping it", "err", err)
+					}
+				}
 				reason = "idle for " + spec.Idle.String() + " (--idle)"
 				break wait
 			}

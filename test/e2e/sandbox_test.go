@@ -250,7 +250,8 @@ func TestSandboxSupervisorKilled(t *testing.T) {
 	e.mustRun(nil, "sandbox", "create", "victim")
 	e.mustRun(nil, "sandbox", "create", "--idle", "2s", "idle")
 	e.mustRun(nil, "sandbox", "create", "--ttl", "4s", "ttl")
-	t.Cleanup(func() { e.run(nil, "sandbox", "rm", "victim", "idle", "ttl") })
+	e.mustRun(nil, "sandbox", "create", "--idle", "2s", "--on-idle", "pause", "idlep")
+	t.Cleanup(func() { e.run(nil, "sandbox", "rm", "victim", "idle", "ttl", "idlep") })
 	sup := e.sandboxes()["victim"].PID
 	if sup == 0 {
 		t.Fatal("no supervisor pid")
@@ -277,7 +278,7 @@ func TestSandboxSupervisorKilled(t *testing.T) {
 
 	if !waitFor(20*time.Second, func() bool {
 		s := e.sandboxes()
-		return s["idle"].Status == "stopped" && s["ttl"].Status == "stopped"
+		return s["idle"].Status == "stopped" && s["ttl"].Status == "stopped" && s["idlep"].Status == "paused"
 	}) {
 		t.Fatalf("idle and ttl sandboxes: %+v", e.sandboxes())
 	}
@@ -285,6 +286,12 @@ func TestSandboxSupervisorKilled(t *testing.T) {
 	if !strings.Contains(s["idle"].Reason, "idle") || !strings.Contains(s["ttl"].Reason, "ttl") {
 		t.Errorf("reasons: %q, %q", s["idle"].Reason, s["ttl"].Reason)
 	}
+	// A sandbox paused for being idle resumes.
+	e.mustRun(nil, "sandbox", "resume", "idlep")
+	if r := e.mustRun(nil, "sandbox", "exec", "idlep", "--", "echo", "back"); string(r.stdout) != "back\n" {
+		t.Errorf("exec after the idle pause: %s", r)
+	}
+	e.mustRun(nil, "sandbox", "rm", "idlep")
 	// Only the killed sandbox's VMM could linger, and it must not.
 	if !waitFor(5*time.Second, func() bool { return len(e.vmms()) == 0 }) {
 		t.Errorf("VMMs left: %v", e.vmms())
