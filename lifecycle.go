@@ -121,3 +121,12 @@ func (l *lifecycle) Timings() []Timing {
 	defer l.mu.Unlock()
 	return append([]Timing(nil), l.timings...)
 }
+
+// push records an undo for a step that ran outside step (a resume
+// registers its undos only once all of it succeeded: a failed resume
+// must keep the paused state, not tear it down).
+func (l *lifecycle) push(undoName string, fn undoFunc) {
+	l.mu.Lock()
+	l.undos = append(l.undos, undoStep{undoName, fn})
+	l.mu.Unlock()
+}

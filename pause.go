@@ -144,10 +144,9 @@ func (sb *Sandbox) Resume(ctx context.Context) (time.Duration, error) {
 	if err := sb.run.RecordVMM(m.PID()); err != nil {
 		sb.log.Warn("record vmm pid", "err", err)
 	}
-	restored := sb.restored
-	sb.restored = true // a session after a quiesce: the restore timeout
+	sb.resuming = true
 	_, _, err = sb.sayHello(ctx)
-	sb.restored = restored
+	sb.resuming = false
 	if err != nil {
 		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
 		_ = m.Stop(stopCtx)

@@ -107,6 +107,7 @@ type Sandbox struct {
 	pausing   bool            // Pause is under way: no new calls
 	pausedDir string          // the paused state, while paused
 	pausedRAM bool            // what Pause said of the memory layout
+	resuming  bool            // the hello is a resumed machine's (same boot)
 }
 
 // agentClient is the agent session of the machine running now (a resume
@@ -309,7 +310,7 @@ func (sb *Sandbox) sayHello(ctx context.Context) (undo undoFunc, detail string, 
 	// A restored guest is a clone: its boot id is the snapshot's until
 	// the hello renews it (the agent also reseeds its RNG and sets the
 	// clock at every hello).
-	client, err := agentclient.DialWithOptions(conn, agentclient.HelloOptions{RenewBootID: sb.restored})
+	client, err := agentclient.DialWithOptions(conn, agentclient.HelloOptions{RenewBootID: sb.restored && !sb.resuming})
 	if err != nil {
 		return nil, "", &VMError{Op: "connect to guest agent", Err: err}
 	}
@@ -319,7 +320,7 @@ func (sb *Sandbox) sayHello(ctx context.Context) (undo undoFunc, detail string, 
 	undo = func(context.Context) error { return sb.agentClient().Close() }
 
 	limit := bootTimeout
-	if sb.restored {
+	if sb.restored || sb.resuming {
 		limit = restoreTimeout
 	}
 	hctx, cancel := context.WithTimeout(ctx, limit)
@@ -338,7 +339,7 @@ func (sb *Sandbox) sayHello(ctx context.Context) (undo undoFunc, detail string, 
 		return undo, "", &VMError{Op: "boot", Err: vmEnded(sb.m)}
 	}
 	switch {
-	case err == nil && !sb.restored:
+	case err == nil && !sb.restored && !sb.resuming:
 		// A restored guest's uptimes are the snapshot's boot.
 		detail = fmt.Sprintf("guest kernel %s, agent init %s",
 			ms(sb.hello.AgentStart), ms(sb.hello.GuestUptime-sb.hello.AgentStart))

@@ -107,7 +107,7 @@ talk to it over a socket only you can open.`,
 	}
 	cmd.AddCommand(newSandboxCreateCommand(g), newSandboxSuperviseCommand(g), newSandboxLsCommand(),
 		newSandboxExecCommand(g), newSandboxCpCommand(g), newSandboxStopCommand(), newSandboxRmCommand(), newSandboxLogsCommand(),
-		newSandboxPauseCommand(), newSandboxResumeCommand())
+		newSandboxPauseCommand(), newSandboxResumeCommand(g))
 	return cmd
 }
 
@@ -206,7 +206,27 @@ func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []
 	if err != nil {
 		return fail(err)
 	}
-	logf, err := os.OpenFile(filepath.Join(dir, name+".log"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	// Kept for a later resume of the sandbox by a new supervisor.
+	if err := atomicfile.WriteBytes(filepath.Join(dir, name+".spec.json"), 0o600, spec); err != nil {
+		return fail(err)
+	}
+	if err := spawnSupervisor(g, name, spec, false); err != nil {
+		return err
+	}
+	fmt.Fprintln(cmd.OutOrStdout(), name)
+	return nil
+}
+
+// spawnSupervisor starts the detached supervisor of the sandbox name with
+// spec (resuming its detached paused state with resume) and waits until
+// it is ready or has said why it could not be.
+func spawnSupervisor(g *globalOptions, name string, spec []byte, resume bool) error {
+	fail := func(err error) error { return &exitError{code: exitFailure, err: err} }
+	dir, err := sandboxesDir()
+	if err != nil {
+		return fail(err)
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, name+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return fail(err)
 	}
@@ -216,6 +236,9 @@ func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []
 		return fail(err)
 	}
 	sargs := []string{"sandbox", "supervise", name}
+	if resume {
+		sargs = append(sargs, "--resume")
+	}
 	if g.verbose {
 		sargs = append(sargs, "-v")
 	}
@@ -242,7 +265,6 @@ func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []
 		return &exitError{code: exitFailure, msg: fmt.Sprintf("the sandbox's process ended before it was ready: %s", strings.TrimSpace(tail(string(b), 2000)))}
 	}
 	_ = sup.Process.Release()
-	fmt.Fprintln(cmd.OutOrStdout(), name)
 	return nil
 }
 
@@ -269,6 +291,9 @@ func sandboxExists(name string) (bool, string) {
 	if info, ok := runningSandbox(name); ok {
 		return true, "is " + string(info.Status)
 	}
+	if detachedSandbox(name) {
+		return true, "is paused"
+	}
 	if r, err := readRecord(name); err == nil {
 		return true, "exists (" + r.Status + ")"
 	}
@@ -280,6 +305,21 @@ func sandboxExists(name string) (bool, string) {
 		}
 	}
 	return false, ""
+}
+
+// detachedSandbox reports whether name is a paused sandbox no process
+// holds.
+func detachedSandbox(name string) bool {
+	list, err := mvm.Detached(mvm.Config{})
+	if err != nil {
+		return false
+	}
+	for _, d := range list {
+		if d.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // runningSandbox finds the live sandbox called name: a run whose
@@ -300,7 +340,8 @@ func runningSandbox(name string) (mvm.RunInfo, bool) {
 }
 
 func newSandboxSuperviseCommand(g *globalOptions) *cobra.Command {
-	return &cobra.Command{
+	var resume bool
+	cmd := &cobra.Command{
 		Use:    "supervise NAME",
 		Short:  "Own a sandbox's VM (started by sandbox create)",
 		Hidden: true,
@@ -308,15 +349,17 @@ func newSandboxSuperviseCommand(g *globalOptions) *cobra.Command {
   mvmctl sandbox supervise dev < config.json`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return supervise(g, args[0])
+			return supervise(g, args[0], resume)
 		},
 	}
+	cmd.Flags().BoolVar(&resume, "resume", false, "resume the sandbox's detached paused state instead of starting it")
+	return cmd
 }
 
 // supervise is the supervisor: it starts the sandbox, tells create it is
 // ready on stdout, serves it until it is stopped (SIGTERM, SIGINT), idle
 // or past its lifetime, or its VM died, then closes it and records why.
-func supervise(g *globalOptions, name string) error {
+func supervise(g *globalOptions, name string, resume bool) error {
 	var spec supervisorSpec
 	if err := json.NewDecoder(os.Stdin).Decode(&spec); err != nil {
 		fmt.Printf("error: read the sandbox's configuration: %v\n", err)
@@ -330,7 +373,13 @@ func supervise(g *globalOptions, name string) error {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	sb, err := mvm.Start(ctx, cfg)
+	var sb *mvm.Sandbox
+	var err error
+	if resume {
+		sb, err = mvm.ResumeDetached(ctx, mvm.Config{Logger: g.log}, name)
+	} else {
+		sb, err = mvm.Start(ctx, cfg)
+	}
 	if err != nil {
 		fmt.Printf("error: %v\n", err)
 		return &exitError{code: exitFailure, err: err}
@@ -358,11 +407,31 @@ func supervise(g *globalOptions, name string) error {
 		defer t.Stop()
 		ttl = t.C
 	}
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	status, reason := "stopped", ""
 wait:
 	for {
+		if sb.Status() == mvm.StatusPaused {
+			// Paused (by a client or --on-idle): the sandbox is left to
+			// its run directory, and this process ends; resume starts a
+			// new one.
+			cancel()
+			listener.Close()
+			<-served
+			if sb.Status() == mvm.StatusPaused {
+				return detachSupervised(g, sb, name)
+			}
+			// Resumed meanwhile: serve again.
+			ctx, cancel = context.WithCancel(context.Background())
+			defer cancel()
+			if listener, err = mvm.Listen(path); err != nil {
+				g.log.Error("listen again after a resume", "err", err)
+				status, reason = "failed", err.Error()
+				break wait
+			}
+			go func() { served <- sb.Serve(ctx, listener) }()
+		}
 		select {
 		case sig := <-sigs:
 			reason = "stopped (" + sig.String() + ")"
@@ -438,6 +507,26 @@ wait:
 	return nil
 }
 
+// detachSupervised hands a paused sandbox over to its run directory: the
+// console log is kept for `sandbox logs`, and this supervisor ends.
+func detachSupervised(g *globalOptions, sb *mvm.Sandbox, name string) error {
+	if dir, err := sandboxesDir(); err == nil {
+		if b, err := sb.Console(context.Background()); err == nil {
+			_ = atomicfile.WriteBytes(filepath.Join(dir, name+".console.log"), 0o600, b)
+		}
+	}
+	if path, err := mvm.SocketPath(mvm.Config{}, name); err == nil {
+		os.Remove(path)
+	}
+	if err := sb.Detach(); err != nil {
+		g.log.Error("detach the paused sandbox", "err", err)
+		_, _ = sb.Close(context.Background())
+		return &exitError{code: exitFailure, err: err}
+	}
+	g.log.Info("paused and detached", "name", name)
+	return nil
+}
+
 func rootName(cfg mvm.Config) string {
 	if cfg.Template != "" {
 		return cfg.Template
@@ -472,6 +561,12 @@ func listSandboxes() ([]sandboxJSON, error) {
 		seen[r.Name] = true
 		out = append(out, sandboxJSON{r.Name, string(r.Status), r.Root, r.CPUs, r.MemoryMiB, r.Dirs, r.Created, r.Owner, ""})
 	}
+	if det, err := mvm.Detached(mvm.Config{}); err == nil {
+		for _, d := range det {
+			seen[d.Name] = true
+			out = append(out, sandboxJSON{d.Name, string(mvm.StatusPaused), d.Root, d.CPUs, d.MemoryMiB, d.Dirs, d.Created, 0, pausedAgo(d.Paused)})
+		}
+	}
 	dir, err := sandboxesDir()
 	if err != nil {
 		return nil, err
@@ -479,7 +574,7 @@ func listSandboxes() ([]sandboxJSON, error) {
 	recs, _ := filepath.Glob(filepath.Join(dir, "*.json"))
 	for _, p := range recs {
 		name := strings.TrimSuffix(filepath.Base(p), ".json")
-		if seen[name] {
+		if strings.HasSuffix(name, ".spec") || seen[name] {
 			continue
 		}
 		if r, err := readRecord(name); err == nil {
@@ -529,6 +624,13 @@ failed, with why) until they are removed.`,
 	return cmd
 }
 
+func pausedAgo(t time.Time) string {
+	if age := units.ShortAge(time.Since(t)); age != "just now" {
+		return "paused " + age + " ago"
+	}
+	return "paused just now"
+}
+
 func oneLine(s string, n int) string {
 	s = strings.ReplaceAll(s, "\n", " ")
 	if len(s) > n {
@@ -545,6 +647,9 @@ func attach(ctx context.Context, name string) (*mvm.Sandbox, error) {
 		return sb, nil
 	}
 	if errors.Is(err, mvm.ErrNotFound) {
+		if detachedSandbox(name) {
+			return nil, fmt.Errorf("the sandbox %s is paused (mvmctl sandbox resume %s)", name, name)
+		}
 		if r, rerr := readRecord(name); rerr == nil {
 			return nil, fmt.Errorf("the sandbox %s is %s: %s", name, r.Status, r.Reason)
 		}
@@ -747,6 +852,37 @@ func newSandboxStopCommand() *cobra.Command {
 // has (its changes written back).
 func stopSandbox(name string) error {
 	info, ok := runningSandbox(name)
+	if !ok && detachedSandbox(name) {
+		var det mvm.DetachedInfo
+		if list, err := mvm.Detached(mvm.Config{}); err == nil {
+			for _, d := range list {
+				if d.Name == name {
+					det = d
+				}
+			}
+		}
+		wbs, err := mvm.CloseDetached(context.Background(), mvm.Config{}, name)
+		reason := "stopped while paused"
+		for _, wb := range wbs {
+			if wb.Err != nil {
+				reason += "; write-back of " + wb.Dir.Host + " failed: " + wb.Err.Error()
+			}
+		}
+		if err != nil && len(wbs) == 0 {
+			return fmt.Errorf("stop %s: %w", name, err)
+		}
+		dir, derr := sandboxesDir()
+		if derr == nil {
+			rec := sandboxRecord{Name: name, Status: "stopped", Reason: reason, Root: det.Root, CPUs: det.CPUs,
+				MemoryMiB: det.MemoryMiB, Dirs: det.Dirs, Created: det.Created, Ended: time.Now()}
+			if b, err := os.ReadFile(filepath.Join(dir, name+".console.log")); err == nil && len(b) > 0 {
+				rec.ConsoleLog = filepath.Join(dir, name+".console.log")
+			}
+			b, _ := json.MarshalIndent(rec, "", "  ")
+			_ = atomicfile.WriteBytes(filepath.Join(dir, name+".json"), 0o600, b)
+		}
+		return nil
+	}
 	if !ok {
 		if _, err := readRecord(name); err == nil {
 			return nil // already ended
@@ -785,7 +921,7 @@ func newSandboxRmCommand() *cobra.Command {
 				if err := stopSandbox(name); err != nil {
 					return &exitError{code: exitFailure, err: err}
 				}
-				for _, suffix := range []string{".json", ".log", ".console.log"} {
+				for _, suffix := range []string{".json", ".spec.json", ".log", ".console.log"} {
 					_ = os.Remove(filepath.Join(dir, name+suffix))
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), name)
@@ -848,9 +984,17 @@ command running, a copy in flight or a network cannot be paused.`,
 				return &exitError{code: exitFailure, err: err}
 			}
 			defer sb.Close(context.Background())
+			owner, _ := runningSandbox(args[0])
 			st, err := sb.Pause(cmd.Context())
 			if err != nil {
 				return &exitError{code: exitFailure, err: err}
+			}
+			// Its owner hands it to its run directory and ends.
+			if owner.Owner != 0 {
+				deadline := time.Now().Add(30 * time.Second)
+				for time.Now().Before(deadline) && syscall.Kill(owner.Owner, 0) == nil {
+					time.Sleep(20 * time.Millisecond)
+				}
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "paused %s in %s (%s of state on disk)\n", args[0], st.Duration.Round(time.Millisecond), units.FormatBytes(st.StateBytes))
 			return nil
@@ -858,14 +1002,31 @@ command running, a copy in flight or a network cannot be paused.`,
 	}
 }
 
-func newSandboxResumeCommand() *cobra.Command {
+func newSandboxResumeCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:     "resume NAME",
 		Short:   "Resume a paused sandbox where it was",
 		Example: `  mvmctl sandbox resume dev`,
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			sb, err := attach(cmd.Context(), args[0])
+			name := args[0]
+			if detachedSandbox(name) {
+				start := time.Now()
+				dir, err := sandboxesDir()
+				if err != nil {
+					return &exitError{code: exitFailure, err: err}
+				}
+				spec, err := os.ReadFile(filepath.Join(dir, name+".spec.json"))
+				if err != nil {
+					return &exitError{code: exitFailure, err: fmt.Errorf("resume %s: its configuration: %w", name, err)}
+				}
+				if err := spawnSupervisor(g, name, spec, true); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "resumed %s in %s\n", name, time.Since(start).Round(time.Millisecond))
+				return nil
+			}
+			sb, err := attach(cmd.Context(), name)
 			if err != nil {
 				return &exitError{code: exitFailure, err: err}
 			}

@@ -68,6 +68,36 @@ func Create(root, name string) (*Run, error) {
 	return &Run{Name: name, Dir: dir, lock: lock, created: created}, nil
 }
 
+// DetachedFile marks a run directory that outlives its owner on
+// purpose: a paused sandbox waiting for a later process to resume it.
+// Reclaim leaves such a directory alone.
+const DetachedFile = "detached.json"
+
+// Adopt takes over the existing run directory called name in root,
+// whose owner let go of it (a detached paused sandbox): it takes the
+// run's lock, and fails if a live process holds it.
+func Adopt(root, name string) (*Run, error) {
+	dir := filepath.Join(root, name)
+	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("adopt run %s: %w", name, err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("adopt run %s: another process holds it", name)
+		}
+		return nil, fmt.Errorf("adopt run %s: %w", name, err)
+	}
+	created := time.Now().UTC()
+	if rec, err := readRecord(filepath.Join(dir, recordFile)); err == nil && !rec.Created.IsZero() {
+		created = rec.Created
+	}
+	_ = lock.Truncate(0)
+	fmt.Fprintf(lock, "pid %d\nadopted %s\n", os.Getpid(), time.Now().UTC().Format(time.RFC3339Nano))
+	return &Run{Name: name, Dir: dir, lock: lock, created: created}, nil
+}
+
 // ensurePrivateDir creates dir 0700, or checks that an existing one is a
 // directory owned by us, and tightens its mode.
 func ensurePrivateDir(dir string) error {
@@ -184,6 +214,11 @@ func reclaimOne(dir string, salvage func(string) error) (bool, error) {
 			}
 			return false, fmt.Errorf("reclaim %s: %w", dir, err)
 		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, DetachedFile)); err == nil {
+		// A sandbox paused and detached: not a leftover, it waits for
+		// its resume (or its removal).
+		return false, nil
 	}
 	killOrphanVMM(dir)
 	if salvage != nil {
