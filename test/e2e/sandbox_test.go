@@ -305,11 +305,12 @@ func must(t *testing.T, err error) {
 	}
 }
 
-// TestSandboxPauseResume: a paused sandbox has no VMM and refuses
-// commands; resumed, its files and a background process are where they
-// were. A pause while a command runs is refused. A resume under a QEMU
-// that cannot load the state fails clearly and keeps the paused state,
-// which the original QEMU then resumes.
+// TestSandboxPauseResume: a paused sandbox has no VMM and no owning
+// process, only its files on disk, and refuses commands; resumed (by a
+// new owner), its files and a background process are where they were.
+// A pause while a command runs is refused. A resume under a QEMU that
+// cannot load the state fails clearly and keeps the paused state, which
+// the original QEMU then resumes.
 func TestSandboxPauseResume(t *testing.T) {
 	e := newEnv(t)
 	qemu, err := exec.LookPath("qemu-system-x86_64")
@@ -322,7 +323,8 @@ func TestSandboxPauseResume(t *testing.T) {
 		must(t, os.Rename(wrapper+".new", wrapper))
 	}
 	writeWrapper("")
-	create := e.command(context.Background(), "sandbox", "create", "pz")
+	rw := t.TempDir()
+	create := e.command(context.Background(), "sandbox", "create", "-d", rw+":/rw:rw", "pz")
 	create.Env = append(create.Env, "MVM_QEMU="+wrapper)
 	if out, err := create.CombinedOutput(); err != nil {
 		t.Fatalf("create: %v: %s", err, out)
@@ -345,11 +347,15 @@ func TestSandboxPauseResume(t *testing.T) {
 	if !strings.Contains(string(r.stderr), "paused pz") {
 		t.Errorf("pause said %q", r.stderr)
 	}
-	if s := e.sandboxes()["pz"]; s.Status != "paused" {
-		t.Errorf("ls after pause: %+v", s)
+	owner := e.sandboxes()["pz"]
+	if owner.Status != "paused" || owner.PID != 0 {
+		t.Errorf("ls after pause: %+v; want paused with no owning process", owner)
 	}
 	if vmms := e.vmms(); len(vmms) != 0 {
 		t.Errorf("a paused sandbox has VMMs: %v", vmms)
+	}
+	if out, _ := exec.Command("pgrep", "-f", "sandbox supervise pz").Output(); len(out) > 0 {
+		t.Errorf("a paused sandbox's owner still runs: %s", out)
 	}
 	if r := e.run(nil, "sandbox", "exec", "pz", "--", "true"); r.code != 125 || !strings.Contains(string(r.stderr), "paused") {
 		t.Errorf("exec on a paused sandbox: %s", r)
@@ -360,17 +366,33 @@ func TestSandboxPauseResume(t *testing.T) {
 
 	// A QEMU that builds another machine cannot load the state.
 	writeWrapper(" -smp 1")
-	if r := e.run(nil, "sandbox", "resume", "pz"); r.code != 125 || !strings.Contains(string(r.stderr), "paused state is kept") {
-		t.Errorf("resume under another QEMU: %s", r)
+	resume := e.command(context.Background(), "sandbox", "resume", "pz")
+	resume.Env = append(resume.Env, "MVM_QEMU="+wrapper)
+	if out, err := resume.CombinedOutput(); err == nil || !strings.Contains(string(out), "paused state is kept") {
+		t.Errorf("resume under another QEMU: %v: %s", err, out)
 	}
 	if s := e.sandboxes()["pz"]; s.Status != "paused" {
 		t.Errorf("ls after a failed resume: %+v", s)
 	}
 	writeWrapper("")
-	e.mustRun(nil, "sandbox", "resume", "pz")
+	resume = e.command(context.Background(), "sandbox", "resume", "pz")
+	resume.Env = append(resume.Env, "MVM_QEMU="+wrapper)
+	if out, err := resume.CombinedOutput(); err != nil {
+		t.Fatalf("resume: %v: %s", err, out)
+	}
 	r = e.mustRun(nil, "sandbox", "exec", "pz", "--", "sh", "-c", "cat /tmp/f; a=$(cat /tmp/n); sleep 1; b=$(cat /tmp/n); [ $b -gt $a ] && echo counting; kill -0 $(cat /tmp/pid) && echo alive")
 	if string(r.stdout) != "kept\ncounting\nalive\n" {
 		t.Errorf("after resume: %q; want the file, and the background process still counting", r.stdout)
+	}
+	// Stopped while paused, it writes its read-write directory back.
+	e.mustRun(nil, "sandbox", "exec", "pz", "--", "sh", "-c", "echo late > /rw/late")
+	e.mustRun(nil, "sandbox", "pause", "pz")
+	e.mustRun(nil, "sandbox", "stop", "pz")
+	if b, err := os.ReadFile(filepath.Join(rw, "late")); err != nil || string(b) != "late\n" {
+		t.Errorf("stopped while paused, the rw directory has %q, %v", b, err)
+	}
+	if s := e.sandboxes()["pz"]; s.Status != "stopped" {
+		t.Errorf("ls after a stop while paused: %+v", s)
 	}
 	e.mustRun(nil, "sandbox", "rm", "pz")
 	e.assertClean()
