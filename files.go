@@ -44,6 +44,36 @@ type CopyOptions struct {
 	// Limit bounds the bytes a copy out of the guest writes on the host
 	// (0: DefaultCopyLimit).
 	Limit int64
+	// Progress, when set, is called from time to time (at most every
+	// 100 ms, and once at the end) with the bytes of the copy's stream
+	// moved so far, for a progress display.
+	Progress func(bytes int64)
+}
+
+// progressReader counts what is read through it for CopyOptions.Progress.
+type progressReader struct {
+	r    io.Reader
+	fn   func(int64)
+	n    int64
+	last time.Time
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	p.n += int64(n)
+	if now := time.Now(); err != nil || now.Sub(p.last) >= 100*time.Millisecond {
+		p.last = now
+		p.fn(p.n)
+	}
+	return n, err
+}
+
+// withProgress wraps r when opts asks for progress.
+func withProgress(r io.Reader, opts CopyOptions) io.Reader {
+	if opts.Progress == nil {
+		return r
+	}
+	return &progressReader{r: r, fn: opts.Progress, last: time.Now()}
 }
 
 // CopyStats says what a copy moved.
@@ -152,9 +182,10 @@ func (sb *Sandbox) ReadFile(ctx context.Context, guestPath string, w io.Writer, 
 // guest with docker cp's rules: to dst itself when dst does not exist,
 // into it when it is a directory, over it when it is a file; src ending
 // in "/." copies a directory's contents. Modes and modification times are
-// kept; the guest's copies belong to root.
-func (sb *Sandbox) CopyIn(ctx context.Context, src, dst string) (CopyStats, error) {
-	return copyIn(ctx, sb, src, dst)
+// kept; the guest's copies belong to root. opts.Progress follows it; its
+// Limit is for copies out.
+func (sb *Sandbox) CopyIn(ctx context.Context, src, dst string, opts CopyOptions) (CopyStats, error) {
+	return copyIn(ctx, sb, src, dst, opts)
 }
 
 // CopyOut copies the guest's file, link or directory tree src to the
@@ -366,7 +397,7 @@ func readGuestFile(ctx context.Context, f files, guestPath string, w io.Writer, 
 	return n, nil
 }
 
-func copyIn(ctx context.Context, f files, src, dst string) (CopyStats, error) {
+func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (CopyStats, error) {
 	start := time.Now()
 	contents := strings.HasSuffix(src, "/.")
 	sfi, err := os.Lstat(src)
@@ -420,7 +451,7 @@ func copyIn(ctx context.Context, f files, src, dst string) (CopyStats, error) {
 		_, err := treecopy.Write(pw, r, name)
 		pw.CloseWithError(err)
 	}()
-	st, err := c.CopyIn(ctx, target, pr)
+	st, err := c.CopyIn(ctx, target, withProgress(pr, opts))
 	pr.CloseWithError(io.ErrClosedPipe)
 	if err != nil {
 		return CopyStats{}, guestError("copy to", target, err)
@@ -527,7 +558,7 @@ func copyOut(ctx context.Context, f files, src, dst string, opts CopyOptions) (C
 	if err != nil {
 		return CopyStats{}, guestError("copy from", p, err)
 	}
-	st, err := treecopy.Extract(rc, sroot, "x", treecopy.Limits{MaxBytes: limit, StripSetID: true})
+	st, err := treecopy.Extract(withProgress(rc, opts), sroot, "x", treecopy.Limits{MaxBytes: limit, StripSetID: true})
 	rc.Close()
 	if err != nil {
 		if errors.Is(err, treecopy.ErrLimit) {

@@ -812,12 +812,25 @@ func sandboxCp(cmd *cobra.Command, src, dst, limitS string) error {
 	defer sb.Close(context.Background())
 	var st mvm.CopyStats
 	var where string
+	opts := mvm.CopyOptions{Limit: int64(lim) << 20}
+	progress := term.IsTerminal(int(os.Stderr.Fd()))
+	if progress {
+		start := time.Now()
+		opts.Progress = func(n int64) {
+			if d := time.Since(start); d > 500*time.Millisecond {
+				fmt.Fprintf(cmd.ErrOrStderr(), "\rcopying: %s (%.0f MiB/s)   ", units.FormatBytes(n), float64(n)/(1<<20)/d.Seconds())
+			}
+		}
+	}
 	if dIn {
-		st, err = sb.CopyIn(cmd.Context(), sp, dp)
+		st, err = sb.CopyIn(cmd.Context(), sp, dp, opts)
 		where = dst
 	} else {
-		st, err = sb.CopyOut(cmd.Context(), sp, dp, mvm.CopyOptions{Limit: int64(lim) << 20})
+		st, err = sb.CopyOut(cmd.Context(), sp, dp, opts)
 		where = dp
+	}
+	if progress && st.Duration > 500*time.Millisecond || progress && err != nil {
+		fmt.Fprint(cmd.ErrOrStderr(), "\r\033[K")
 	}
 	if err != nil {
 		var pe *fs.PathError
