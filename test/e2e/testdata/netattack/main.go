@@ -10,6 +10,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -113,8 +114,17 @@ func synflood(ip string, port, n int) error {
 	copy(to.Addr[:], dst)
 	for i := range n {
 		seg := syn(src, dst, uint16(10000+rand.IntN(50000)), uint16(port), rand.Uint32())
-		if err := syscall.Sendto(fd, seg, 0, to); err != nil {
-			return fmt.Errorf("send %d: %w", i, err)
+		// A full transmit queue (ENOBUFS) is waited out, as a flooder
+		// would: the flood goes at the rate the guest's NIC takes.
+		for tries := 0; ; tries++ {
+			err := syscall.Sendto(fd, seg, 0, to)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, syscall.ENOBUFS) || tries >= 5000 {
+				return fmt.Errorf("send %d: %w", i, err)
+			}
+			time.Sleep(time.Millisecond)
 		}
 	}
 	fmt.Printf("sent %d\n", n)
