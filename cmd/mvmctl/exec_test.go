@@ -65,3 +65,16 @@ func TestRequestErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestCappedWriter(t *testing.T) {
+	var buf strings.Builder
+	c := &cappedWriter{w: &buf, left: 10}
+	for _, s := range []string{"12345", "67890", "x", "yyyy"} {
+		if n, err := c.Write([]byte(s)); n != len(s) || err != nil {
+			t.Fatalf("Write(%q) = %d, %v", s, n, err)
+		}
+	}
+	if got := buf.String(); !strings.HasPrefix(got, "1234567890mvmctl: the log reached") || strings.Contains(got, "yyyy") {
+		t.Errorf("wrote %q", got)
+	}
+}

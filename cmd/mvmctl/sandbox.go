@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -365,6 +367,14 @@ func supervise(g *globalOptions, name string, resume bool) error {
 		fmt.Printf("error: read the sandbox's configuration: %v\n", err)
 		return &exitError{code: exitFailure}
 	}
+	// The log is a file that lives as long as the sandbox, and what it
+	// says may be the guest's doing (a flood of refused connections):
+	// bounded.
+	level := slog.LevelWarn
+	if g.verbose {
+		level = slog.LevelDebug
+	}
+	g.log = slog.New(slog.NewTextHandler(&cappedWriter{w: os.Stderr, left: supervisorLogLimit}, &slog.HandlerOptions{Level: level}))
 	cfg := spec.Config
 	cfg.Name, cfg.Logger = name, g.log
 	sigs := make(chan os.Signal, 2)
@@ -505,6 +515,32 @@ wait:
 		}
 	}
 	return nil
+}
+
+// supervisorLogLimit bounds a supervisor's log file.
+const supervisorLogLimit = 8 << 20
+
+// cappedWriter writes up to left bytes to w, then one line saying the
+// rest is dropped, then nothing.
+type cappedWriter struct {
+	mu    sync.Mutex
+	w     io.Writer
+	left  int64
+	noted bool
+}
+
+func (c *cappedWriter) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if int64(len(p)) <= c.left {
+		c.left -= int64(len(p))
+		return c.w.Write(p)
+	}
+	if !c.noted {
+		c.noted = true
+		_, _ = fmt.Fprintf(c.w, "mvmctl: the log reached its limit; the rest is dropped\n")
+	}
+	return len(p), nil
 }
 
 // detachSupervised hands a paused sandbox over to its run directory: the
