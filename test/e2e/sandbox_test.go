@@ -107,6 +107,25 @@ func TestSandboxLifecycle(t *testing.T) {
 		t.Errorf("two 2 s commands took %s together: they did not run at once", d)
 	}
 
+	if os.Geteuid() == 0 {
+		// Another user, who can reach the directories above, cannot
+		// list, use or stop the sandbox: the run and state directories
+		// are the owner's alone.
+		for d := filepath.Dir(e.runDir); d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+			must(t, os.Chmod(d, 0o755))
+		}
+		for _, args := range [][]string{{"sandbox", "exec", "box", "--", "true"}, {"sandbox", "stop", "box"}, {"sandbox", "cp", "box:/etc/hostname", "/tmp/x"}} {
+			cmd := exec.Command("setpriv", append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", mvmctl}, args...)...)
+			cmd.Env = e.environ()
+			if out, err := cmd.CombinedOutput(); err == nil {
+				t.Errorf("another user ran mvmctl %q: %s", args, out)
+			}
+		}
+		if s := e.sandboxes()["box"]; s.Status != "running" {
+			t.Errorf("after another user's tries: %+v", s)
+		}
+	}
+
 	dup := e.run(nil, "sandbox", "create", "box")
 	if dup.code != 125 || !strings.Contains(string(dup.stderr), "box is running") || dup.elapsed > 2*time.Second {
 		t.Errorf("duplicate create: %s; want a quick 125 naming the running sandbox", dup)
