@@ -82,6 +82,10 @@ type Config struct {
 	// Network, when set, gives the VM a network card (see Network); nil
 	// is no network device at all.
 	Network *Network
+	// Env is the environment every command of the sandbox starts with,
+	// as KEY=VALUE strings: after a template's Env, before the command's
+	// own (later ones win).
+	Env []string
 	// Name names the sandbox in its run directory and in `mvmctl ps`:
 	// [A-Za-z0-9][A-Za-z0-9_.-]{0,62}, unique among running sandboxes;
 	// "" gets a generated one.
@@ -184,6 +188,15 @@ func resolve(cfg Config) (resolved, error) {
 	if cfg.Kernel != "" {
 		if _, err := os.Stat(cfg.Kernel); err != nil {
 			return r, &RequestError{Field: "Kernel", Value: cfg.Kernel, Err: errors.Unwrap(err)}
+		}
+	}
+	for _, kv := range cfg.Env {
+		name, value, ok := strings.Cut(kv, "=")
+		if !ok {
+			return r, invalid("Env", execreq.Quote(kv), "want KEY=VALUE")
+		}
+		if err := execreq.Env(envvar.Var{Name: name, Value: value}); err != nil {
+			return r, &RequestError{Field: "Env", Value: execreq.Quote(name), Err: err}
 		}
 	}
 	for _, k := range cfg.KernelArgs {

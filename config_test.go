@@ -95,3 +95,23 @@ func TestCmdValidate(t *testing.T) {
 		})
 	}
 }
+
+func TestConfigEnvValidate(t *testing.T) {
+	for _, c := range []struct {
+		env  []string
+		want string
+	}{
+		{[]string{"A=1", "B="}, ""},
+		{[]string{"NOEQUALS"}, `Env "NOEQUALS": want KEY=VALUE`},
+		{[]string{"A-B=1"}, `Env "A-B": invalid variable name`},
+		{[]string{"A=1\x00"}, `Env "A": value contains a NUL byte`},
+	} {
+		err := Config{Env: c.env, Accel: AccelTCG}.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("Env %q: %v", c.env, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrInvalid)):
+			t.Errorf("Env %q: %v, want %q (ErrInvalid)", c.env, err, c.want)
+		}
+	}
+}

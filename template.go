@@ -198,6 +198,9 @@ func (sb *Sandbox) prepareRoot(ctx context.Context) error {
 // command line tool that takes arguments to append to the Entrypoint
 // builds Argv itself; see LookupTemplate).
 func (sb *Sandbox) withImageDefaults(cmd Cmd) (Cmd, error) {
+	if len(sb.cfg.Env) > 0 {
+		cmd.Env = append(append([]string(nil), sb.cfg.Env...), cmd.Env...)
+	}
 	if sb.root == nil {
 		return cmd, nil
 	}

@@ -355,6 +355,7 @@ var execFlags = map[string]string{
 	"Cmd":         "",
 	"Cmd.Argv":    "command",
 	"Cmd.Env":     "--env",
+	"Env":         "--env",
 	"Cmd.Dir":     "--workdir",
 	"Cmd.User":    "--user",
 	"Cmd.Timeout": "--timeout",

@@ -155,6 +155,7 @@ directories are written back when it stops, as with exec.`,
 	f.StringArrayVar(&o.loopback, "allow-host-loopback", nil, "let the guest reach this port of the host's 127.0.0.1 (repeatable)")
 	f.StringArrayVar(&o.addHosts, "add-host", nil, "a static DNS name NAME:IPv4 for the guest (repeatable)")
 	f.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT (repeatable)")
+	f.StringArrayVarP(&o.env, "env", "e", nil, "set an environment variable KEY=VALUE for every command (repeatable; a bare KEY copies the host's value)")
 	f.StringVar(&idle, "idle", "0", "stop the sandbox after this long idle (30m, 2h; 0 for never)")
 	f.StringVar(&ttl, "ttl", "0", "stop the sandbox this long after it was created (0 for never)")
 	f.StringVar(&onIdle, "on-idle", "stop", "what --idle does: stop or pause")
@@ -172,10 +173,12 @@ func createSandbox(cmd *cobra.Command, g *globalOptions, o *execOptions, args []
 		return fail(fmt.Errorf("--ttl: %w", err))
 	}
 	o.timeout = "0"
-	cfg, _, err := o.request([]string{"true"})
+	cfg, c, err := o.request([]string{"true"})
 	if err != nil {
 		return fail(err)
 	}
+	// -e at create: every command's environment.
+	cfg.Env = c.Env
 	name := ""
 	if len(args) == 1 {
 		name = args[0]

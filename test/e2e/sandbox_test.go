@@ -62,7 +62,7 @@ func (e *env) mustRun(stdin []byte, args ...string) result {
 func TestSandboxLifecycle(t *testing.T) {
 	e := newEnv(t)
 	data := t.TempDir()
-	e.mustRun(nil, "sandbox", "create", "-d", data+":/data:rw", "box")
+	e.mustRun(nil, "sandbox", "create", "-d", data+":/data:rw", "-e", "GREETING=hello", "-e", "KEEP=kept", "box")
 	t.Cleanup(func() { e.run(nil, "sandbox", "rm", "box") })
 
 	if s := e.sandboxes()["box"]; s.Status != "running" || s.PID == 0 || s.Dirs != 1 {
@@ -81,6 +81,10 @@ func TestSandboxLifecycle(t *testing.T) {
 	r = e.mustRun([]byte("from stdin"), "sandbox", "exec", "box", "--", "sh", "-c", "cat /tmp/state; pidof sleep >/dev/null && echo server-alive; cat")
 	if string(r.stdout) != "kept\nserver-alive\nfrom stdin" {
 		t.Errorf("later exec saw %q; want the file, the background process and stdin", r.stdout)
+	}
+	r = e.mustRun(nil, "sandbox", "exec", "-e", "GREETING=override", "box", "--", "sh", "-c", `echo "$GREETING $KEEP"`)
+	if string(r.stdout) != "override kept\n" {
+		t.Errorf("create's -e under exec's -e: %q", r.stdout)
 	}
 	if r := e.run(nil, "sandbox", "exec", "box", "--", "nosuchcommand"); r.code != 127 {
 		t.Errorf("missing command: %s, want 127", r)
@@ -270,7 +274,31 @@ func TestSandboxSupervisorKilled(t *testing.T) {
 	e.mustRun(nil, "sandbox", "create", "--idle", "2s", "idle")
 	e.mustRun(nil, "sandbox", "create", "--ttl", "4s", "ttl")
 	e.mustRun(nil, "sandbox", "create", "--idle", "2s", "--on-idle", "pause", "idlep")
-	t.Cleanup(func() { e.run(nil, "sandbox", "rm", "victim", "idle", "ttl", "idlep") })
+	e.mustRun(nil, "sandbox", "create", "vmdies")
+	t.Cleanup(func() { e.run(nil, "sandbox", "rm", "victim", "idle", "ttl", "idlep", "vmdies") })
+
+	// A VM that dies under its supervisor: the sandbox ends as failed,
+	// saying why.
+	var ps []struct {
+		Name   string `json:"name"`
+		VMMPID int    `json:"vmm_pid"`
+	}
+	if r := e.mustRun(nil, "ps", "--json"); json.Unmarshal(r.stdout, &ps) != nil {
+		t.Fatalf("ps --json: %s", r)
+	}
+	for _, p := range ps {
+		if p.Name == "vmdies" && p.VMMPID > 0 {
+			must(t, syscall.Kill(p.VMMPID, syscall.SIGKILL))
+		}
+	}
+	if !waitFor(20*time.Second, func() bool { return e.sandboxes()["vmdies"].Status == "failed" }) {
+		t.Errorf("a sandbox whose VM was killed: %+v", e.sandboxes()["vmdies"])
+	} else if s := e.sandboxes()["vmdies"]; !strings.Contains(s.Reason, "VM") && !strings.Contains(s.Reason, "vm") {
+		t.Errorf("its reason: %q", s.Reason)
+	}
+	if r := e.run(nil, "sandbox", "exec", "vmdies", "--", "true"); r.code != 125 || !strings.Contains(string(r.stderr), "failed") {
+		t.Errorf("exec on a sandbox whose VM died: %s", r)
+	}
 	sup := e.sandboxes()["victim"].PID
 	if sup == 0 {
 		t.Fatal("no supervisor pid")
