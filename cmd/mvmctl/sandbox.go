@@ -690,6 +690,9 @@ func attach(ctx context.Context, name string) (*mvm.Sandbox, error) {
 			return nil, fmt.Errorf("the sandbox %s is paused (mvmctl sandbox resume %s)", name, name)
 		}
 		if r, rerr := readRecord(name); rerr == nil {
+			if r.Status == "failed" {
+				return nil, fmt.Errorf("the sandbox %s failed: %s", name, r.Reason)
+			}
 			return nil, fmt.Errorf("the sandbox %s is %s: %s", name, r.Status, r.Reason)
 		}
 		return nil, fmt.Errorf("no sandbox called %s (mvmctl sandbox ls lists them)", name)
