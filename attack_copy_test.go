@@ -40,7 +40,7 @@ type attackGuest struct {
 
 type attackFiles struct{ c *agentclient.Client }
 
-func (f attackFiles) agent() (*agentclient.Client, error) { return f.c, nil }
+func (f attackFiles) agent() (*agentclient.Client, func(), error) { return f.c, func() {}, nil }
 
 func attackConnect(t *testing.T, g attackGuest) attackFiles {
 	t.Helper()

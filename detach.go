@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -47,24 +48,17 @@ func (sb *Sandbox) Detach() error {
 	if sb.attached {
 		return errors.New("detach: an attached sandbox belongs to another process")
 	}
+	if !sb.opMu.TryLock() {
+		return fmt.Errorf("detach %s: %w: a pause or resume is under way", sb.name, ErrBusy)
+	}
+	defer sb.opMu.Unlock()
 	sb.mu.Lock()
-	status, ram0 := sb.status, sb.pausedRAM
+	status := sb.status
 	sb.mu.Unlock()
 	if status != StatusPaused {
 		return fmt.Errorf("detach %s: the sandbox is %s; pause it first", sb.name, status)
 	}
-	cfg := sb.cfg.Config
-	cfg.Logger, cfg.ImageProgress, cfg.backend = nil, nil, nil
-	rec := detachedRecord{Version: detachedVersion, Config: cfg, Drives: sb.drives, RAM0: ram0,
-		Kernel: sb.img.Kernel, Initrd: sb.img.Initrd, Paused: time.Now().UTC(), Restored: sb.restored}
-	if sb.root != nil {
-		rec.Lower = sb.root.lower
-	}
-	b, err := json.MarshalIndent(rec, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.WriteBytes(sb.run.Path(runstate.DetachedFile), 0o600, b); err != nil {
+	if err := sb.writeDetached(); err != nil {
 		return fmt.Errorf("detach %s: %w", sb.name, err)
 	}
 	sb.closeOnce.Do(func() {
@@ -78,6 +72,27 @@ func (sb *Sandbox) Detach() error {
 		sb.mu.Unlock()
 	})
 	return nil
+}
+
+// writeDetached writes the record a later process rebuilds the paused
+// sandbox from (Pause writes it too, so that the run survives this
+// process's death as a paused sandbox).
+func (sb *Sandbox) writeDetached() error {
+	sb.mu.Lock()
+	ram0 := sb.pausedRAM
+	sb.mu.Unlock()
+	cfg := sb.cfg.Config
+	cfg.Logger, cfg.ImageProgress, cfg.backend = nil, nil, nil
+	rec := detachedRecord{Version: detachedVersion, Config: cfg, Drives: sb.drives, RAM0: ram0,
+		Kernel: sb.img.Kernel, Initrd: sb.img.Initrd, Paused: time.Now().UTC(), Restored: sb.restored}
+	if sb.root != nil {
+		rec.Lower = sb.root.lower
+	}
+	b, err := json.MarshalIndent(rec, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteBytes(sb.run.Path(runstate.DetachedFile), 0o600, b)
 }
 
 // DetachedInfo is a paused sandbox that no process holds.
@@ -145,8 +160,17 @@ func adoptDetached(ctx context.Context, cfg Config, name string) (*Sandbox, deta
 		return nil, rec, invalid("Name", name, "not a sandbox name")
 	}
 	dir := filepath.Join(cfg.RunDir, name)
-	rec, err := readDetached(dir)
+	if _, err := os.Stat(filepath.Join(dir, runstate.DetachedFile)); err != nil {
+		return nil, rec, fmt.Errorf("%w: no paused sandbox %s", ErrNotFound, name)
+	}
+	run, err := runstate.Adopt(cfg.RunDir, name)
 	if err != nil {
+		return nil, rec, err
+	}
+	// Read under the lock: another process may have resumed or ended it.
+	rec, err = readDetached(dir)
+	if err != nil {
+		run.Release()
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, rec, fmt.Errorf("%w: no paused sandbox %s", ErrNotFound, name)
 		}
@@ -157,16 +181,14 @@ func adoptDetached(ctx context.Context, cfg Config, name string) (*Sandbox, deta
 	c.CacheDir, c.StateDir, c.RunDir, c.DataDir = cfg.CacheDir, cfg.StateDir, cfg.RunDir, cfg.DataDir
 	r, err := resolve(c)
 	if err != nil {
+		run.Release()
 		return nil, rec, fmt.Errorf("paused sandbox %s: %w", name, err)
 	}
 	if err := defaultBackend(&r); err != nil {
+		run.Release()
 		return nil, rec, err
 	}
 	sb := newSandbox(r, image.Image{Kernel: rec.Kernel, Initrd: rec.Initrd})
-	run, err := runstate.Adopt(cfg.RunDir, name)
-	if err != nil {
-		return nil, rec, err
-	}
 	sb.run, sb.vmDir = run, run.Dir
 	fail := func(err error) (*Sandbox, detachedRecord, error) {
 		if sb.root != nil {
@@ -226,24 +248,36 @@ func ResumeDetached(ctx context.Context, cfg Config, name string) (*Sandbox, err
 		sb.run.Release()
 	}
 	start := time.Now()
-	m, err := sb.cfg.backend.Start(ctx, sb.machineConfig(sb.drives, &backend.Snapshot{Dir: sb.pausedDir, Restore: true, Paused: true, PausedRAM0: sb.pausedRAM}))
-	if err != nil {
+	// Until the guest answers, a death of this process must leave the
+	// run to reclaim (which keeps its read-write changes), not a record
+	// that offers its state again: once the guest ran, the disks moved on.
+	record := sb.run.Path(runstate.DetachedFile)
+	aside := record + ".resuming"
+	if err := os.Rename(record, aside); err != nil {
 		release()
-		return nil, &VMError{Op: "resume", Err: fmt.Errorf("%w (the paused state is kept)", err)}
+		return nil, fmt.Errorf("resume %s: %w", name, err)
 	}
-	sb.m = m
-	if err := sb.run.RecordVMM(m.PID()); err != nil {
-		sb.log.Warn("record vmm pid", "err", err)
-	}
-	sb.resuming = true
-	_, _, err = sb.sayHello(ctx)
-	sb.resuming = false
-	if err != nil {
-		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
-		_ = m.Stop(stopCtx)
-		cancel()
-		release()
-		return nil, fmt.Errorf("resume %s: %w (the paused state is kept)", name, err)
+	if err := sb.startResumed(ctx, sb.pausedDir, sb.pausedRAM); err != nil {
+		if errors.Is(err, errStateKept) {
+			_ = os.Rename(aside, record)
+			release()
+			return nil, &VMError{Op: "resume", Err: err}
+		}
+		// Spent: the sandbox ends here, its disks written back.
+		os.Remove(aside)
+		os.RemoveAll(sb.pausedDir)
+		sb.pausedDir = ""
+		sb.fail(&VMError{Op: "resume", Err: err})
+		sb.mu.Lock()
+		sb.status = StatusFailed
+		sb.mu.Unlock()
+		wbs, cerr := sb.Close(context.WithoutCancel(ctx))
+		for _, wb := range wbs {
+			if wb.Err != nil {
+				cerr = errors.Join(cerr, wb.Err)
+			}
+		}
+		return nil, errors.Join(&VMError{Op: "resume", Err: fmt.Errorf("%w; the sandbox was stopped and its read-write directories written back", err)}, cerr)
 	}
 	sb.life.record("resume", start, "")
 	sb.life.push("stop vm", sb.stopVM)
@@ -251,7 +285,7 @@ func ResumeDetached(ctx context.Context, cfg Config, name string) (*Sandbox, err
 	sb.life.push("shut down guest", sb.shutdownGuest)
 	// From here the sandbox is this process's: the state it came from
 	// is spent.
-	os.Remove(sb.run.Path(runstate.DetachedFile))
+	os.Remove(aside)
 	os.RemoveAll(sb.pausedDir)
 	sb.pausedDir = ""
 	sb.setStatus(StatusRunning)
@@ -265,12 +299,49 @@ func ResumeDetached(ctx context.Context, cfg Config, name string) (*Sandbox, err
 // removed.
 func CloseDetached(ctx context.Context, cfg Config, name string) ([]WriteBack, error) {
 	sb, _, err := adoptDetached(ctx, cfg, name)
-	if err != nil {
+	if errors.Is(err, ErrNotFound) {
 		return nil, err
 	}
+	if err != nil {
+		// It cannot be rebuilt (a host directory, its template or QEMU
+		// is gone): it ends as a crashed run does, its read-write
+		// changes kept for `mvmctl recover`.
+		if ferr := forgetDetached(ctx, cfg, name); ferr != nil {
+			return nil, errors.Join(err, ferr)
+		}
+		return nil, fmt.Errorf("%w; its read-write changes are kept (mvmctl recover lists them)", err)
+	}
+	// From here it is an ordinary run being torn down: a write-back that
+	// fails or is interrupted keeps its changes the usual way (staged/,
+	// or the run left for reclaim to salvage), and nothing offers the
+	// saved state again over disks the write-back may have repaired.
+	os.Remove(sb.run.Path(runstate.DetachedFile))
+	os.RemoveAll(sb.pausedDir)
+	sb.pausedDir = ""
 	// There is no VM to stop: the sandbox goes straight to its teardown.
 	sb.mu.Lock()
 	sb.status = StatusRunning
 	sb.mu.Unlock()
 	return sb.Close(ctx)
+}
+
+// forgetDetached turns the detached run called name into a leftover and
+// reclaims it: its read-write directories go to staged/.
+func forgetDetached(ctx context.Context, cfg Config, name string) error {
+	if err := fillDirs(&cfg); err != nil {
+		return err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	run, err := runstate.Adopt(cfg.RunDir, name)
+	if err != nil {
+		return err
+	}
+	os.Remove(run.Path(runstate.DetachedFile))
+	os.RemoveAll(run.Path("paused"))
+	run.Release()
+	sb := newSandbox(resolved{Config: cfg}, image.Image{})
+	_, err = runstate.ReclaimSalvaging(cfg.RunDir, sb.log, sb.salvage)
+	return err
 }

@@ -133,24 +133,29 @@ func guestFileInfo(a agentclient.FileInfo) FileInfo {
 // files is what the file operations need of a sandbox: its agent client,
 // once it is usable. Sandbox and Attached both serve them.
 type files interface {
-	agent() (*agentclient.Client, error)
+	agent() (*agentclient.Client, func(), error)
 }
 
-// agent is the sandbox's agent client, if the sandbox can take calls.
-func (sb *Sandbox) agent() (*agentclient.Client, error) {
+// agent is the sandbox's agent client, if the sandbox can take calls,
+// and the func that ends the call: a file call in flight keeps Pause
+// away, as a command does.
+func (sb *Sandbox) agent() (*agentclient.Client, func(), error) {
 	if sb.closingOrClosed() {
-		return nil, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	if err := sb.Err(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	sb.act.begin()
 	if err := sb.paused(); err != nil {
-		return nil, err
+		sb.act.end()
+		return nil, nil, err
 	}
-	if !sb.hello.Has(agentproto.CapFiles) {
-		return nil, &VMError{Op: "files", Err: fmt.Errorf("the guest agent (%s) cannot move files", sb.hello.AgentVersion)}
+	if h := sb.helloReply(); !h.Has(agentproto.CapFiles) {
+		sb.act.end()
+		return nil, nil, &VMError{Op: "files", Err: fmt.Errorf("the guest agent (%s) cannot move files", h.AgentVersion)}
 	}
-	return sb.agentClient(), nil
+	return sb.agentClient(), sb.act.end, nil
 }
 
 // Stat describes the guest's path (a symbolic link itself, not what it
@@ -254,10 +259,11 @@ func statFile(ctx context.Context, f files, guestPath string) (FileInfo, error) 
 	if err != nil {
 		return FileInfo{}, err
 	}
-	c, err := f.agent()
+	c, done, err := f.agent()
 	if err != nil {
 		return FileInfo{}, err
 	}
+	defer done()
 	info, _, _, err := c.Stat(ctx, p, false)
 	if err != nil {
 		return FileInfo{}, guestError("stat", p, err)
@@ -270,10 +276,11 @@ func readDir(ctx context.Context, f files, guestPath string) ([]FileInfo, error)
 	if err != nil {
 		return nil, err
 	}
-	c, err := f.agent()
+	c, done, err := f.agent()
 	if err != nil {
 		return nil, err
 	}
+	defer done()
 	info, entries, _, err := c.Stat(ctx, p, true)
 	if err != nil {
 		return nil, guestError("read dir", p, err)
@@ -293,10 +300,11 @@ func writeGuestFile(ctx context.Context, f files, guestPath string, r io.Reader,
 	if err != nil {
 		return err
 	}
-	c, err := f.agent()
+	c, done, err := f.agent()
 	if err != nil {
 		return err
 	}
+	defer done()
 	// tar needs the size first: a reader that does not know it is
 	// spooled to a temporary file.
 	size, body, cleanup, err := sized(r)
@@ -362,10 +370,11 @@ func readGuestFile(ctx context.Context, f files, guestPath string, w io.Writer, 
 	if err != nil {
 		return 0, err
 	}
-	c, err := f.agent()
+	c, done, err := f.agent()
 	if err != nil {
 		return 0, err
 	}
+	defer done()
 	limit := opts.Limit
 	if limit <= 0 {
 		limit = DefaultCopyLimit
@@ -411,10 +420,11 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 	if err != nil {
 		return CopyStats{}, err
 	}
-	c, err := f.agent()
+	c, done, err := f.agent()
 	if err != nil {
 		return CopyStats{}, err
 	}
+	defer done()
 	target := p
 	info, _, _, err := c.Stat(ctx, p, false)
 	switch {
@@ -474,10 +484,11 @@ func copyOut(ctx context.Context, f files, src, dst string, opts CopyOptions) (C
 	if dst == "" {
 		return CopyStats{}, invalid("dst", dst, "empty destination")
 	}
-	c, err := f.agent()
+	c, done, err := f.agent()
 	if err != nil {
 		return CopyStats{}, err
 	}
+	defer done()
 	info, _, _, err := c.Stat(ctx, p, false)
 	if err != nil {
 		return CopyStats{}, guestError("stat", p, err)

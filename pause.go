@@ -12,6 +12,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
+	"github.com/mvm-sh/mvm/internal/runstate"
 )
 
 // ErrPaused is wrapped by the error of a call on a paused sandbox.
@@ -43,9 +44,14 @@ func (sb *Sandbox) Pause(ctx context.Context) (PauseStats, error) {
 	if sb.attached {
 		return sb.remotePause(ctx)
 	}
+	// One pause, resume or detach at a time; Close waits for it.
+	if !sb.opMu.TryLock() {
+		return PauseStats{}, fmt.Errorf("pause %s: %w: a pause or resume is under way", sb.name, ErrBusy)
+	}
+	defer sb.opMu.Unlock()
 	sb.mu.Lock()
 	status := sb.status
-	if status == StatusRunning && !sb.pausing {
+	if status == StatusRunning {
 		sb.pausing = true
 	}
 	sb.mu.Unlock()
@@ -76,11 +82,8 @@ func (sb *Sandbox) Pause(ctx context.Context) (PauseStats, error) {
 	// The monitor's pings would be lost once the agent is quiesced.
 	close(sb.monPause)
 	<-sb.monDone
-	resumeMonitor := func() {
-		sb.monitor()
-	}
 	if err := sb.agentClient().QuiesceKeepingDrives(ctx); err != nil {
-		resumeMonitor()
+		sb.monitor()
 		var re *agentclient.RemoteError
 		if errors.As(err, &re) && re.Code == "CODE_FAILED_PRECONDITION" {
 			return PauseStats{}, fmt.Errorf("pause %s: %w: %s", sb.name, ErrBusy, re.Message)
@@ -93,9 +96,16 @@ func (sb *Sandbox) Pause(ctx context.Context) (PauseStats, error) {
 	}
 	ram0, err := p.Pause(ctx, dir)
 	if err != nil {
+		os.RemoveAll(dir)
 		return PauseStats{}, sb.pauseFailed(err)
 	}
 	_ = sb.agentClient().Close()
+	// The state refers to the disks as they are now: make them as
+	// durable as it is before anyone relies on it.
+	if err := syncDrives(sb.drives, dir); err != nil {
+		os.RemoveAll(dir)
+		return PauseStats{}, sb.pauseFailed(err)
+	}
 	var st PauseStats
 	if fi, err := os.Stat(filepath.Join(dir, "state")); err == nil {
 		st.StateBytes = diskUsage(fi)
@@ -104,10 +114,41 @@ func (sb *Sandbox) Pause(ctx context.Context) (PauseStats, error) {
 	sb.pausedDir, sb.pausedRAM, sb.pausing = dir, ram0, false
 	sb.mu.Unlock()
 	done = true
+	// Written now, while this process holds the run's lock: if it dies
+	// from here on, the run is a paused sandbox to resume, not a
+	// leftover for reclaim.
+	if err := sb.writeDetached(); err != nil {
+		sb.log.Warn("record the paused state", "err", err)
+	}
 	sb.setStatus(StatusPaused)
 	st.Duration = time.Since(start)
 	sb.life.record("pause", start, fmt.Sprintf("%d MiB of state", st.StateBytes>>20))
 	return st, nil
+}
+
+// syncDrives flushes the writable drives and the paused state's
+// directory to disk (the VMM writes its images with cache=unsafe).
+func syncDrives(drives []backend.Drive, dir string) error {
+	for _, d := range drives {
+		if d.ReadOnly || d.Path == "" {
+			continue
+		}
+		f, err := os.OpenFile(d.Path, os.O_RDWR, 0)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // pauseFailed fails a sandbox whose pause broke half-way: its agent is
@@ -120,23 +161,69 @@ func (sb *Sandbox) pauseFailed(err error) error {
 
 // Resume starts a paused sandbox's VM again from its saved state, with
 // its disks, and reconnects to its agent: every process in it goes on
-// where it was. A resume that fails keeps the paused state, so it can be
-// tried again (a QEMU binary replaced meanwhile cannot load it: stop the
-// sandbox, or put that QEMU back).
+// where it was. A resume whose VMM could not load the state (a QEMU
+// binary replaced meanwhile) keeps the paused state for another try. One
+// whose guest ran but did not answer has spent it (the disks moved on):
+// the sandbox fails, and its Close writes its read-write directories
+// back from the disks.
 func (sb *Sandbox) Resume(ctx context.Context) (time.Duration, error) {
 	start := time.Now()
 	if sb.attached {
 		return sb.remoteResume(ctx)
 	}
+	if !sb.opMu.TryLock() {
+		return 0, fmt.Errorf("resume %s: %w: a pause or resume is under way", sb.name, ErrBusy)
+	}
+	defer sb.opMu.Unlock()
 	sb.mu.Lock()
 	status, dir, ram0 := sb.status, sb.pausedDir, sb.pausedRAM
 	sb.mu.Unlock()
 	if status != StatusPaused {
 		return 0, fmt.Errorf("resume %s: the sandbox is %s, not paused", sb.name, status)
 	}
+	// Until the guest answers, a death of this process must not leave a
+	// record that offers the state for another resume.
+	os.Remove(sb.run.Path(runstate.DetachedFile))
+	if err := sb.startResumed(ctx, dir, ram0); err != nil {
+		if errors.Is(err, errStateKept) {
+			if werr := sb.writeDetached(); werr != nil {
+				sb.log.Warn("record the paused state", "err", werr)
+			}
+			return 0, err
+		}
+		os.RemoveAll(dir)
+		sb.mu.Lock()
+		sb.pausedDir = ""
+		sb.mu.Unlock()
+		ve := &VMError{Op: "resume", Err: err}
+		sb.fail(ve)
+		return 0, ve
+	}
+	sb.mu.Lock()
+	sb.pausedDir = ""
+	sb.mu.Unlock()
+	os.RemoveAll(dir)
+	// Idle time counts from the resume.
+	sb.act.mu.Lock()
+	sb.act.last = time.Now()
+	sb.act.mu.Unlock()
+	sb.monitor()
+	sb.setStatus(StatusRunning)
+	sb.life.record("resume", start, "")
+	return time.Since(start), nil
+}
+
+// errStateKept marks a resume that failed before the guest ran: the
+// paused state is still good.
+var errStateKept = errors.New("the paused state is kept")
+
+// startResumed starts the VMM from the paused state in dir and says
+// hello to its agent. An error wraps errStateKept when the guest never
+// ran; otherwise the VMM is stopped and the state is spent.
+func (sb *Sandbox) startResumed(ctx context.Context, dir string, ram0 bool) error {
 	m, err := sb.cfg.backend.Start(ctx, sb.machineConfig(sb.drives, &backend.Snapshot{Dir: dir, Restore: true, Paused: true, PausedRAM0: ram0}))
 	if err != nil {
-		return 0, &VMError{Op: "resume", Err: fmt.Errorf("%w (the paused state is kept)", err)}
+		return fmt.Errorf("%w (%w)", err, errStateKept)
 	}
 	sb.mu.Lock()
 	sb.m = m
@@ -148,23 +235,15 @@ func (sb *Sandbox) Resume(ctx context.Context) (time.Duration, error) {
 	_, _, err = sb.sayHello(ctx)
 	sb.resuming = false
 	if err != nil {
+		if c := sb.agentClient(); c != nil {
+			_ = c.Close()
+		}
 		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
 		_ = m.Stop(stopCtx)
 		cancel()
-		return 0, fmt.Errorf("resume %s: %w (the paused state is kept)", sb.name, err)
+		return fmt.Errorf("the resumed guest did not answer (%w); its saved state is spent", err)
 	}
-	sb.mu.Lock()
-	sb.pausedDir = ""
-	sb.mu.Unlock()
-	// Idle time counts from the resume.
-	sb.act.mu.Lock()
-	sb.act.last = time.Now()
-	sb.act.mu.Unlock()
-	os.RemoveAll(dir)
-	sb.setStatus(StatusRunning)
-	sb.monitor()
-	sb.life.record("resume", start, "")
-	return time.Since(start), nil
+	return nil
 }
 
 // paused reports ErrPaused while the sandbox is paused or pausing.

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/agentclient"
@@ -108,6 +109,15 @@ type Sandbox struct {
 	pausedDir string          // the paused state, while paused
 	pausedRAM bool            // what Pause said of the memory layout
 	resuming  bool            // the hello is a resumed machine's (same boot)
+	opMu      sync.Mutex      // one Pause, Resume or Detach at a time; Close waits
+	clientSeq atomic.Uint64   // names Serve's clients, across every Serve
+}
+
+// helloReply is the agent's hello of the machine running now.
+func (sb *Sandbox) helloReply() *agentclient.Hello {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	return sb.hello
 }
 
 // agentClient is the agent session of the machine running now (a resume
@@ -328,7 +338,9 @@ func (sb *Sandbox) sayHello(ctx context.Context) (undo undoFunc, detail string, 
 	helloErr := make(chan error, 1)
 	go func() {
 		h, err := client.Hello(hctx)
+		sb.mu.Lock()
 		sb.hello = h
+		sb.mu.Unlock()
 		helloErr <- err
 	}()
 	select {
@@ -535,6 +547,10 @@ func vmEnded(m backend.Machine) error {
 // write-back in progress is interrupted, its changes kept. Close is
 // idempotent; later calls return the first call's results.
 func (sb *Sandbox) Close(ctx context.Context) ([]WriteBack, error) {
+	// Not in the middle of a pause or resume (their VMM would outlive
+	// the teardown).
+	sb.opMu.Lock()
+	defer sb.opMu.Unlock()
 	sb.closeOnce.Do(func() {
 		sb.setStatus(StatusClosing)
 		close(sb.stopMonitor)

@@ -48,7 +48,6 @@ func (sb *Sandbox) Serve(ctx context.Context, ln net.Listener) error {
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	var seq atomic.Uint64
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -60,7 +59,7 @@ func (sb *Sandbox) Serve(ctx context.Context, ln net.Listener) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sb.serveClient(ctx, conn, "c"+strconv.FormatUint(seq.Add(1), 10))
+			sb.serveClient(ctx, conn, "c"+strconv.FormatUint(sb.clientSeq.Add(1), 10))
 		}()
 	}
 }
@@ -159,20 +158,21 @@ func (sb *Sandbox) helloClient(st *mux.Stream) error {
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "the first call of a session must be hello")
 		return errors.New("no hello")
 	}
-	v := sb.hello.Version
+	gh := sb.helloReply()
+	v := gh.Version
 	if v < h.MinVersion || v > h.MaxVersion {
 		msg := fmt.Sprintf("the sandbox speaks protocol version %d, the client %d..%d", v, h.MinVersion, h.MaxVersion)
 		_ = replyError(st, agentpb.Error_CODE_VERSION, msg)
 		return errors.New(msg)
 	}
 	caps := []string{CapSandbox}
-	for _, c := range sb.hello.Capabilities {
+	for _, c := range gh.Capabilities {
 		if slices.Contains(clientCaps, c) {
 			caps = append(caps, c)
 		}
 	}
 	return agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Hello{Hello: &agentpb.HelloReply{
-		Version: v, AgentVersion: sb.hello.AgentVersion, Capabilities: caps,
+		Version: v, AgentVersion: gh.AgentVersion, Capabilities: caps,
 	}}})
 }
 

@@ -428,7 +428,8 @@ wait:
 		if sb.Status() == mvm.StatusPaused {
 			// Paused (by a client or --on-idle): the sandbox is left to
 			// its run directory, and this process ends; resume starts a
-			// new one.
+			// new one. The pause's reply reaches its client first.
+			time.Sleep(200 * time.Millisecond)
 			cancel()
 			listener.Close()
 			<-served
@@ -903,40 +904,45 @@ func newSandboxStopCommand() *cobra.Command {
 	}
 }
 
+// stopDetached ends a paused sandbox no process holds.
+func stopDetached(name string) error {
+	var det mvm.DetachedInfo
+	if list, err := mvm.Detached(mvm.Config{}); err == nil {
+		for _, d := range list {
+			if d.Name == name {
+				det = d
+			}
+		}
+	}
+	wbs, err := mvm.CloseDetached(context.Background(), mvm.Config{}, name)
+	reason := "stopped while paused"
+	for _, wb := range wbs {
+		if wb.Err != nil {
+			reason += "; write-back of " + wb.Dir.Host + " failed: " + wb.Err.Error()
+		}
+	}
+	if err != nil && len(wbs) == 0 {
+		return fmt.Errorf("stop %s: %w", name, err)
+	}
+	dir, derr := sandboxesDir()
+	if derr == nil {
+		rec := sandboxRecord{Name: name, Status: "stopped", Reason: reason, Root: det.Root, CPUs: det.CPUs,
+			MemoryMiB: det.MemoryMiB, Dirs: det.Dirs, Created: det.Created, Ended: time.Now()}
+		if b, err := os.ReadFile(filepath.Join(dir, name+".console.log")); err == nil && len(b) > 0 {
+			rec.ConsoleLog = filepath.Join(dir, name+".console.log")
+		}
+		b, _ := json.MarshalIndent(rec, "", "  ")
+		_ = atomicfile.WriteBytes(filepath.Join(dir, name+".json"), 0o600, b)
+	}
+	return nil
+}
+
 // stopSandbox asks the supervisor to end the sandbox and waits until it
 // has (its changes written back).
 func stopSandbox(name string) error {
 	info, ok := runningSandbox(name)
 	if !ok && detachedSandbox(name) {
-		var det mvm.DetachedInfo
-		if list, err := mvm.Detached(mvm.Config{}); err == nil {
-			for _, d := range list {
-				if d.Name == name {
-					det = d
-				}
-			}
-		}
-		wbs, err := mvm.CloseDetached(context.Background(), mvm.Config{}, name)
-		reason := "stopped while paused"
-		for _, wb := range wbs {
-			if wb.Err != nil {
-				reason += "; write-back of " + wb.Dir.Host + " failed: " + wb.Err.Error()
-			}
-		}
-		if err != nil && len(wbs) == 0 {
-			return fmt.Errorf("stop %s: %w", name, err)
-		}
-		dir, derr := sandboxesDir()
-		if derr == nil {
-			rec := sandboxRecord{Name: name, Status: "stopped", Reason: reason, Root: det.Root, CPUs: det.CPUs,
-				MemoryMiB: det.MemoryMiB, Dirs: det.Dirs, Created: det.Created, Ended: time.Now()}
-			if b, err := os.ReadFile(filepath.Join(dir, name+".console.log")); err == nil && len(b) > 0 {
-				rec.ConsoleLog = filepath.Join(dir, name+".console.log")
-			}
-			b, _ := json.MarshalIndent(rec, "", "  ")
-			_ = atomicfile.WriteBytes(filepath.Join(dir, name+".json"), 0o600, b)
-		}
-		return nil
+		return stopDetached(name)
 	}
 	if !ok {
 		if _, err := readRecord(name); err == nil {
@@ -950,6 +956,10 @@ func stopSandbox(name string) error {
 	deadline := time.Now().Add(6 * time.Minute)
 	for time.Now().Before(deadline) {
 		if syscall.Kill(info.Owner, 0) != nil {
+			// It may have been pausing: then it left a paused sandbox.
+			if detachedSandbox(name) {
+				return stopDetached(name)
+			}
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -1007,11 +1017,17 @@ func newSandboxLogsCommand() *cobra.Command {
 				_, err = cmd.OutOrStdout().Write(b)
 				return err
 			}
-			r, err := readRecord(name)
-			if err != nil {
+			logPath := ""
+			if r, err := readRecord(name); err == nil {
+				logPath = r.ConsoleLog
+			} else if detachedSandbox(name) {
+				if dir, err := sandboxesDir(); err == nil {
+					logPath = filepath.Join(dir, name+".console.log")
+				}
+			} else {
 				return &exitError{code: exitFailure, msg: fmt.Sprintf("no sandbox called %s", name)}
 			}
-			f, err := os.Open(r.ConsoleLog)
+			f, err := os.Open(logPath)
 			if err != nil {
 				return &exitError{code: exitFailure, err: fmt.Errorf("the console log of %s: %w", name, err)}
 			}
@@ -1060,6 +1076,7 @@ command running, a copy in flight or a network cannot be paused.`,
 func newSandboxResumeCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:     "resume NAME",
+		Aliases: []string{"unpause"},
 		Short:   "Resume a paused sandbox where it was",
 		Example: `  mvmctl sandbox resume dev`,
 		Args:    cobra.ExactArgs(1),

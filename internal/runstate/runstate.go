@@ -82,12 +82,21 @@ func Adopt(root, name string) (*Run, error) {
 	if err != nil {
 		return nil, fmt.Errorf("adopt run %s: %w", name, err)
 	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
+	// A reclaim or a listing may hold the lock for a moment.
+	for tries := 0; ; tries++ {
+		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			lock.Close()
+			return nil, fmt.Errorf("adopt run %s: %w", name, err)
+		}
+		if tries >= 50 {
+			lock.Close()
 			return nil, fmt.Errorf("adopt run %s: another process holds it", name)
 		}
-		return nil, fmt.Errorf("adopt run %s: %w", name, err)
+		time.Sleep(20 * time.Millisecond)
 	}
 	created := time.Now().UTC()
 	if rec, err := readRecord(filepath.Join(dir, recordFile)); err == nil && !rec.Created.IsZero() {
@@ -215,12 +224,12 @@ func reclaimOne(dir string, salvage func(string) error) (bool, error) {
 			return false, fmt.Errorf("reclaim %s: %w", dir, err)
 		}
 	}
+	killOrphanVMM(dir)
 	if _, err := os.Stat(filepath.Join(dir, DetachedFile)); err == nil {
 		// A sandbox paused and detached: not a leftover, it waits for
 		// its resume (or its removal).
 		return false, nil
 	}
-	killOrphanVMM(dir)
 	if salvage != nil {
 		if err := salvage(dir); err != nil {
 			return false, fmt.Errorf("reclaim %s: kept: %w", dir, err)
