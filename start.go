@@ -188,7 +188,7 @@ func loadImage(r resolved) (image.Image, error) {
 		if _, err := os.Stat(r.Kernel); err != nil {
 			return image.Image{}, &RequestError{Field: "Kernel", Value: r.Kernel, Err: errors.Unwrap(err)}
 		}
-		img.Kernel = r.Kernel
+		img.Kernel, img.KernelKey = r.Kernel, image.UserKernelKey(r.Kernel)
 	}
 	return img, nil
 }
@@ -204,17 +204,18 @@ func newName() string {
 // that restore it cannot disagree about them.
 func (sb *Sandbox) machineConfig(drives []backend.Drive, snap *backend.Snapshot) backend.Config {
 	return backend.Config{
-		Name:       sb.name,
-		RunDir:     sb.vmDir,
-		ConsoleLog: filepath.Join(sb.vmDir, "console.log"),
-		Kernel:     sb.img.Kernel,
-		Initrd:     sb.img.Initrd,
-		KernelArgs: sb.cfg.KernelArgs,
-		CPUs:       sb.cfg.CPUs,
-		MemoryMiB:  sb.cfg.memMiB,
-		Accel:      sb.cfg.accel.Kind,
-		Drives:     drives,
-		NIC:        sb.nic,
-		Snapshot:   snap,
+		Name:          sb.name,
+		RunDir:        sb.vmDir,
+		ConsoleLog:    filepath.Join(sb.vmDir, "console.log"),
+		Kernel:        sb.img.Kernel,
+		Initrd:        sb.img.Initrd,
+		ForeignKernel: image.IsUserKernel(sb.img.KernelKey),
+		KernelArgs:    sb.cfg.KernelArgs,
+		CPUs:          sb.cfg.CPUs,
+		MemoryMiB:     sb.cfg.memMiB,
+		Accel:         sb.cfg.accel.Kind,
+		Drives:        drives,
+		NIC:           sb.nic,
+		Snapshot:      snap,
 	}
 }

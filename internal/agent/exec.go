@@ -197,15 +197,20 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	if id.explicit {
 		attr.Sys.Credential = &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}
 	}
+	fork := func() (int, error) { return syscall.ForkExec(path, req.Argv, attr) }
 	if !root.isHost() {
 		// The command's root is the template's; the agent stays where
-		// it is. Go's fork applies the chroot before the working
-		// directory, so cwd and path are paths inside the root.
-		attr.Sys.Chroot = root.path
+		// it is. The spawner forks from inside the root, so cwd and
+		// path are paths there; without one, Go's fork applies the
+		// chroot before the working directory.
+		if sp := s.srv.rootSpawner(); sp != nil {
+			inRoot := fork
+			fork = func() (int, error) { return sp.fork(inRoot) }
+		} else {
+			attr.Sys.Chroot = root.path
+		}
 	}
-	pid, status, err := s.reaper.start(func() (int, error) {
-		return syscall.ForkExec(path, req.Argv, attr)
-	})
+	pid, status, err := s.reaper.start(fork)
 	// The child holds its own copies now: on a terminal, the end of
 	// output is when no process has the slave open any more.
 	sio.startedChild()

@@ -87,8 +87,9 @@ func (s *Server) mountDevice(req *agentpb.Mount) error {
 	// redirect_dir and metacopy off: a renamed directory is copied up and a
 	// chmod copies the file, so the upper layer always holds complete
 	// files and plain directories, which is what the host writes back.
+	// xino=on, as for the root: equal d_ino and st_ino across layers.
 	opts := "lowerdir=" + escapeOverlay(lower) + ",upperdir=" + escapeOverlay(upper) + ",workdir=" + escapeOverlay(work) +
-		",redirect_dir=off,metacopy=off,index=off,xino=off"
+		",redirect_dir=off,metacopy=off,index=off,xino=on"
 	return root.mountIn("overlay", req.Target, "overlay", unix.MS_NOATIME, opts)
 }
 

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -40,6 +41,7 @@ var earlyMounts = []mount{
 // lateMounts are only needed by commands; they are set up while the agent
 // already talks to the host.
 var lateMounts = []mount{
+	cgroupMount,
 	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"},
 	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
 }
@@ -66,6 +68,7 @@ func InitSystem(log *slog.Logger) <-chan struct{} {
 	go func() {
 		defer close(ready)
 		mountAll(log, lateMounts)
+		enableControllers(log)
 		finishInit(log)
 	}()
 	return ready
@@ -282,6 +285,12 @@ func PowerOff(log *slog.Logger) {
 
 func powerOff(log *slog.Logger) {
 	_ = unix.Kill(-1, unix.SIGKILL)
+	// A killed process holds its mount namespace until it has exited,
+	// and a command root's filesystems with it, whatever the agent
+	// unmounts: wait for them, then end the spawners' namespaces, so
+	// that unmounting really closes every filesystem.
+	waitOthersExited(time.Second)
+	stopSpawners()
 	unix.Sync()
 	unmountAll(log, time.Second)
 	unix.Sync()
@@ -394,4 +403,69 @@ func CmdlineHas(flag string) bool {
 		}
 	}
 	return false
+}
+
+// waitOthersExited waits up to wait for every process but the agent to
+// have exited (a zombie has: it holds no files and no namespace any more).
+// Kernel threads are not counted.
+func waitOthersExited(wait time.Duration) {
+	deadline := time.Now().Add(wait)
+	for othersAlive() && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// othersAlive reports whether a process other than the agent is still
+// running or exiting.
+func othersAlive() bool {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	self := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue // gone
+		}
+		if st, ok := procState(b); ok && st.alive() {
+			return true
+		}
+	}
+	return false
+}
+
+// procStat is what othersAlive needs of /proc/PID/stat.
+type procStat struct {
+	state byte
+	flags uint64
+}
+
+// pfKthread is the kernel's PF_KTHREAD task flag.
+const pfKthread = 0x00200000
+
+func (p procStat) alive() bool { return p.state != 'Z' && p.state != 'X' && p.flags&pfKthread == 0 }
+
+// procState parses /proc/PID/stat: the state is the field after the
+// command name (which may hold spaces and parentheses, so the last ')'
+// ends it), the flags the seventh after that.
+func procState(b []byte) (procStat, bool) {
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return procStat{}, false
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 7 || len(f[0]) != 1 {
+		return procStat{}, false
+	}
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	if err != nil {
+		return procStat{}, false
+	}
+	return procStat{state: f[0][0], flags: flags}, true
 }

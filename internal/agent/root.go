@@ -43,6 +43,7 @@ type rootMount struct {
 var rootMounts = []rootMount{
 	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
 	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	rootMount(cgroupMount),
 	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
 	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "newinstance,gid=5,mode=0620,ptmxmode=0666"},
 	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
@@ -118,8 +119,13 @@ func (s *Server) setRootWait(req *agentpb.Root, wait time.Duration) error {
 	// volatile: the writable layer is thrown away with the run, so
 	// fsync and syncfs on the root need not wait for the disk (dpkg,
 	// pip and sqlite call them a lot). The kernel's defaults otherwise
-	// (no redirect_dir, no metacopy), as container runtimes use.
-	opts := "lowerdir=" + escapeOverlay(lower) + ",upperdir=" + escapeOverlay(upper) + ",workdir=" + escapeOverlay(work) + ",volatile"
+	// (no redirect_dir, no metacopy), as container runtimes use, but
+	// xino=on: the layers are two filesystems, and without it a merged
+	// directory's readdir gives other inode numbers (d_ino) than stat
+	// gives (st_ino), which find, tar, rsync, git and CPython's os tests
+	// see as a broken filesystem. xino keeps them equal and stable by
+	// putting the layer's number in the inode number's high bits.
+	opts := "lowerdir=" + escapeOverlay(lower) + ",upperdir=" + escapeOverlay(upper) + ",workdir=" + escapeOverlay(work) + ",volatile,xino=on"
 	if err := mountAt("overlay", rootDir, "overlay", 0, opts); err != nil {
 		return fail(err)
 	}
@@ -143,7 +149,25 @@ func (s *Server) setRootWait(req *agentpb.Root, wait time.Duration) error {
 	}
 	s.root, s.rootLabel = r, req.LowerLabel
 	s.mounted[lowerDev], s.mounted[upperDev] = true, true
+	s.spawner = s.startSpawner()
 	return nil
+}
+
+// startSpawner starts the spawner of the root at rootDir, first making
+// the root's mounts shared so that the spawner's namespace follows them.
+// Without one (a kernel that refuses either step) commands are chrooted
+// as before: everything works but creating user namespaces.
+func (s *Server) startSpawner() *spawner {
+	if err := unix.Mount("", rootDir, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
+		s.log.Warn("root: commands are chrooted (no user namespaces)", "err", fmt.Errorf("make %s shared: %w", rootDir, err))
+		return nil
+	}
+	sp, err := newSpawner(rootDir)
+	if err != nil {
+		s.log.Warn("root: commands are chrooted (no user namespaces)", "err", err)
+		return nil
+	}
+	return sp
 }
 
 // prepareUpper creates the upper and work directories of an overlay on the

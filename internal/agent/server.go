@@ -51,6 +51,7 @@ type Server struct {
 	// netMu makes Network calls one at a time.
 	netMu     sync.Mutex
 	root      *fsRoot
+	spawner   *spawner        // forks the root's commands; nil: chroot (or the agent's own root)
 	rootLabel string          // the template's label, once a Root call set one
 	mounted   map[string]bool // device paths the agent mounted
 	drives    drives
@@ -103,6 +104,13 @@ func (s *Server) cmdRoot() *fsRoot {
 	s.fsMu.Lock()
 	defer s.fsMu.Unlock()
 	return s.root
+}
+
+// rootSpawner is the spawner of the commands' root, nil when there is none.
+func (s *Server) rootSpawner() *spawner {
+	s.fsMu.Lock()
+	defer s.fsMu.Unlock()
+	return s.spawner
 }
 
 // capabilities is what this agent announces in HelloReply.

@@ -109,7 +109,7 @@ func ensureKernel(ctx context.Context, s Store, opts BootstrapOptions, progress 
 			return "", "", fmt.Errorf("--kernel: %w", err)
 		}
 		progress(Event{Step: "kernel", Detail: "using " + abs})
-		return abs, "user:" + abs, nil
+		return abs, UserKernelKey(abs), nil
 	}
 	tarball, err := kernel.FindSource()
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/atomicfile"
@@ -32,6 +33,22 @@ type Image struct {
 	InitrdKey string    `json:"initrd_key"`
 	Created   time.Time `json:"created"`
 }
+
+// userKernelPrefix starts the KernelKey of a kernel brought with --kernel.
+const userKernelPrefix = "user:"
+
+// UserKernelKey is the KernelKey of the kernel at path, brought by the
+// user rather than built by mvm.
+func UserKernelKey(path string) string {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	return userKernelPrefix + path
+}
+
+// IsUserKernel reports whether a KernelKey is a user's kernel: one that
+// may lack the patches and options mvm's own build has.
+func IsUserKernel(key string) bool { return strings.HasPrefix(key, userKernelPrefix) }
 
 // ErrNotBootstrapped means the image has never been built on this machine.
 var ErrNotBootstrapped = errors.New("no default image: run `mvmctl bootstrap` first (it builds the guest kernel and initramfs, about 5 minutes once)")

@@ -10,14 +10,16 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
-	_ "embed"
+	"embed"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -34,9 +36,17 @@ import (
 //go:embed microvm.config
 var Fragment []byte
 
+// patches are applied to the source, in name order, before it is
+// configured. Each says in its own comment why it is carried; a patch
+// that does not apply fails the build (a kernel without it would be
+// configured for what it cannot do, see docs/kernel.md).
+//
+//go:embed patches/*.patch
+var patches embed.FS
+
 // recipeVersion changes whenever Build changes what it produces from the
 // same source and fragment.
-const recipeVersion = "1"
+const recipeVersion = "2"
 
 // expectedSteps approximates the number of build steps make prints for
 // this config, for a progress estimate only.
@@ -51,6 +61,7 @@ func Deps() []hostdeps.Dep {
 		hostdeps.Program("bison", "bison"),
 		hostdeps.Program("bc", "bc"),
 		hostdeps.Program("tar", "tar"),
+		hostdeps.Program("patch", "patch"),
 		hostdeps.Program("xz", "xz-utils"),
 		hostdeps.Program("bzip2", "bzip2"),
 		hostdeps.File("/usr/include/libelf.h", "libelf-dev"),
@@ -125,6 +136,17 @@ func Key(tarball string) (string, error) {
 	}
 	h := sha256.New()
 	fmt.Fprintf(h, "recipe %s\nsource %x\nfragment %x\n", recipeVersion, src.Sum(nil), sha256.Sum256(Fragment))
+	names, err := patchNames()
+	if err != nil {
+		return "", err
+	}
+	for _, n := range names {
+		b, err := patches.ReadFile(n)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(h, "patch %s %x\n", n, sha256.Sum256(b))
+	}
 	return hex.EncodeToString(h.Sum(nil))[:24], nil
 }
 
@@ -219,6 +241,9 @@ func (b *Builder) Build(ctx context.Context, dst string) error {
 	if err != nil {
 		return err
 	}
+	if err := applyPatches(ctx, run, src); err != nil {
+		return err
+	}
 	out := filepath.Join(b.WorkDir, "out")
 	frag := filepath.Join(b.WorkDir, "microvm.config")
 	if err := os.WriteFile(frag, Fragment, 0o644); err != nil {
@@ -263,6 +288,38 @@ func (b *Builder) Build(ctx context.Context, dst string) error {
 	report(Progress{Phase: "done", Step: steps, Total: steps})
 	b.Log.Debug("kernel built", "dst", dst, "elapsed", time.Since(start))
 	return os.RemoveAll(b.WorkDir)
+}
+
+// patchNames lists the embedded patches in the order they apply.
+func patchNames() ([]string, error) {
+	m, err := fs.Glob(patches, "patches/*.patch")
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(m)
+	return m, nil
+}
+
+// applyPatches applies every embedded patch to the source tree at src.
+func applyPatches(ctx context.Context, run func(func(string), string, ...string) error, src string) error {
+	names, err := patchNames()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		b, err := patches.ReadFile(n)
+		if err != nil {
+			return err
+		}
+		f := filepath.Join(filepath.Dir(src), path.Base(n))
+		if err := os.WriteFile(f, b, 0o644); err != nil {
+			return err
+		}
+		if err := run(nil, "patch", "-d", src, "-p1", "--forward", "--batch", "-i", f); err != nil {
+			return fmt.Errorf("kernel patch %s does not apply to this source: %w", path.Base(n), err)
+		}
+	}
+	return ctx.Err()
 }
 
 func sourceDir(work string) (string, error) {

@@ -25,11 +25,26 @@ var baseKernelArgs = []string{
 	"random.trust_cpu=on", "mitigations=off",
 }
 
-// tcgKernelArgs are added under TCG only. Without ACPI there is no PM timer
-// and the LAPIC timer would be calibrated against jiffies, which costs about
-// a quarter of a second emulated; noapictimer keeps the PIT as the clock
-// event device. Under KVM the calibration is free (kvmclock, TSC deadline).
-var tcgKernelArgs = []string{"noapictimer"}
+// tcgKernelArgs are added under TCG for mvm's own kernel. Without ACPI
+// there is no PM timer or HPET, and calibrating the LAPIC timer against
+// jiffies costs about a quarter of a second emulated; QEMU's APIC timer
+// counts at a fixed 1 GHz (its APIC_BUS_CYCLE_NS), which
+// lapic_timer_hz= (a patch mvm's kernel carries, see
+// internal/kernel/patches) tells the kernel instead. The LAPIC timer is
+// then a working one-shot clock event device and, with the TSC trusted
+// (tsc=reliable: under TCG every vCPU reads the host's TSC, so they are in
+// step, but the guest sees no invariant-TSC flag and would fall back to
+// 10 ms jiffies), high-resolution timers work from the first command on:
+// sleeps and timeouts of a millisecond take a millisecond, not ten. Under
+// KVM the guest has kvm-clock and the TSC-deadline timer and needs none
+// of this.
+var tcgKernelArgs = []string{"tsc=reliable", "lapic_timer_hz=1000000000"}
+
+// tcgForeignKernelArgs are added under TCG for a kernel brought with
+// --kernel, which cannot be told the APIC's rate: noapictimer keeps the
+// PIT as the clock event device (timers have jiffy resolution) rather
+// than spend the calibration's quarter second on every boot.
+var tcgForeignKernelArgs = []string{"noapictimer"}
 
 // argsConfig is everything the command line depends on; building it is a
 // pure function so it can be checked against golden files.
@@ -90,7 +105,11 @@ func buildArgs(a argsConfig) ([]string, error) {
 		accelArgs = []string{"-accel", "kvm", "-cpu", "host"}
 	case accel.TCG:
 		accelArgs = []string{"-accel", "tcg", "-cpu", "max"}
-		kargs = append(kargs, tcgKernelArgs...)
+		if c.ForeignKernel {
+			kargs = append(kargs, tcgForeignKernelArgs...)
+		} else {
+			kargs = append(kargs, tcgKernelArgs...)
+		}
 	default:
 		return nil, fmt.Errorf("accelerator must be kvm or tcg, got %q", c.Accel)
 	}

@@ -50,8 +50,12 @@ var goldenCases = []goldenCase{
 		name:   "tcg-default",
 		modify: func(a *argsConfig) {},
 		check: func(t *testing.T, args []string) {
-			if !slices.Contains(kernelArgs(t, args), "noapictimer") {
-				t.Errorf("-append %q lacks noapictimer under TCG", appendValue(t, args))
+			k := kernelArgs(t, args)
+			if !slices.Contains(k, "lapic_timer_hz=1000000000") || !slices.Contains(k, "tsc=reliable") {
+				t.Errorf("-append %q lacks the preset timer arguments under TCG", appendValue(t, args))
+			}
+			if slices.Contains(k, "noapictimer") {
+				t.Errorf("-append %q turns the APIC timer off for mvm's own kernel", appendValue(t, args))
 			}
 			wantSeq(t, args, "-accel", "tcg", "-cpu", "max")
 			wantSeq(t, args, "-smp", "2")
@@ -74,12 +78,25 @@ var goldenCases = []goldenCase{
 		name:   "kvm",
 		modify: func(a *argsConfig) { a.cfg.Accel = accel.KVM },
 		check: func(t *testing.T, args []string) {
-			if v := appendValue(t, args); strings.Contains(v, "noapictimer") {
-				t.Errorf("-append %q contains noapictimer under KVM", v)
+			if v := appendValue(t, args); strings.Contains(v, "noapictimer") || strings.Contains(v, "lapic_timer_hz") || strings.Contains(v, "tsc=") {
+				t.Errorf("-append %q has TCG's timer arguments under KVM", v)
 			}
 			wantSeq(t, args, "-accel", "kvm", "-cpu", "host")
 			if slices.Contains(args, "tcg") {
 				t.Errorf("KVM arguments mention tcg: %q", args)
+			}
+		},
+	},
+	{
+		name:   "foreign-kernel",
+		modify: func(a *argsConfig) { a.cfg.ForeignKernel = true },
+		check: func(t *testing.T, args []string) {
+			k := kernelArgs(t, args)
+			if !slices.Contains(k, "noapictimer") {
+				t.Errorf("-append %q lacks noapictimer for a --kernel kernel under TCG", appendValue(t, args))
+			}
+			if slices.Contains(k, "lapic_timer_hz=1000000000") {
+				t.Errorf("-append %q passes lapic_timer_hz to a kernel that may not know it", appendValue(t, args))
 			}
 		},
 	},
@@ -93,7 +110,7 @@ var goldenCases = []goldenCase{
 			if len(k) < 3 || !slices.Equal(k[len(k)-2:], []string{"mvm.debug=1", "loglevel=7"}) {
 				t.Errorf("-append %q does not end with the extra arguments in order", appendValue(t, args))
 			}
-			if !slices.Contains(k, "noapictimer") || !slices.Contains(k, "console=ttyS0") {
+			if !slices.Contains(k, "lapic_timer_hz=1000000000") || !slices.Contains(k, "console=ttyS0") {
 				t.Errorf("-append %q lost the built-in arguments", appendValue(t, args))
 			}
 		},
@@ -408,7 +425,7 @@ func TestBuildArgsDoesNotAliasConfig(t *testing.T) {
 	if diff := cmp.Diff([]string{"x=1"}, a.cfg.KernelArgs); diff != "" {
 		t.Errorf("KernelArgs changed (-want +got):\n%s", diff)
 	}
-	if slices.Contains(baseKernelArgs, "x=1") || slices.Contains(baseKernelArgs, "noapictimer") {
+	if slices.Contains(baseKernelArgs, "x=1") || slices.Contains(baseKernelArgs, "noapictimer") || slices.Contains(baseKernelArgs, "tsc=reliable") {
 		t.Errorf("baseKernelArgs changed: %q", baseKernelArgs)
 	}
 }
