@@ -30,15 +30,16 @@ var (
 	toolsErr  error
 )
 
-// tools builds the in-guest programs (testdata/diskattack, netattack),
-// once, into a directory the tests share read-only with the guest.
+// tools builds the in-guest programs (testdata/diskattack, netattack,
+// guestprobe), once, into a directory the tests share read-only with the
+// guest.
 func tools(t *testing.T) string {
 	t.Helper()
 	toolsOnce.Do(func() {
 		// Under the suite's work directory (the cache's parent), which
 		// the suite removes at the end.
 		toolsDir = filepath.Join(filepath.Dir(cacheDir), "tools")
-		for _, prog := range []string{"diskattack", "netattack"} {
+		for _, prog := range []string{"diskattack", "netattack", "guestprobe"} {
 			cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(toolsDir, prog), "./testdata/"+prog)
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 			if out, err := cmd.CombinedOutput(); err != nil {
