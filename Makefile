@@ -4,6 +4,7 @@
 #   make bootstrap   build the default guest image (kernel + initramfs)
 #   make test        unit tests and the end-to-end suite on real VMs
 #   make bench       benchmarks against bare baselines (prints ratios)
+#   make compat      CPython's regression suite, 49 modules, in a VM and on the host
 #   make fuzz        run every fuzz target for FUZZTIME (default 30s) each
 #   make install     install into $(PREFIX)
 
@@ -12,7 +13,7 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build bootstrap test unit e2e bench fuzz lint proto check-proto install clean
+.PHONY: all build bootstrap test unit e2e compat bench fuzz lint proto check-proto install clean
 
 all: build
 
@@ -43,6 +44,11 @@ unit: build
 
 e2e: build
 	$(GO) test -count=1 -timeout 30m ./test/e2e/ -mvmctl=$(CURDIR)/bin/mvmctl
+
+# CPython's regression tests for the long module list, in a Debian
+# template and on the host (docs/guest.md); make test runs a short list.
+compat: build
+	$(GO) test -count=1 -timeout 90m -run '^TestCPythonSuite$$' ./test/e2e/ -mvmctl=$(CURDIR)/bin/mvmctl -compat-full -v
 
 bench: build
 	$(GO) test -count=1 -timeout 60m -run '^$$' -bench . -benchtime 1x ./test/bench/ -mvmctl=$(CURDIR)/bin/mvmctl

@@ -36,7 +36,10 @@ PKGS="qemu-system-x86 busybox-static e2fsprogs mmdebstrap debian-archive-keyring
 #   runsc                    make bench: gVisor's `runsc do`, the baseline of the
 #                            snapshot-restore benchmark
 #   uidmap                   lets mmdebstrap build Debian templates without root
+#   libpython3.11-testsuite  make test: CPython's own tests, run on the host and
+#                            in a Debian template (TestCPythonSuite, Debian 12)
 EXTRA="rsync runsc uidmap"
+if grep -qs '^12' /etc/debian_version; then EXTRA="$EXTRA libpython3.11-testsuite"; fi
 
 missing() {
 	for p in "$@"; do

@@ -170,6 +170,8 @@ var compatFull = flag.Bool("compat-full", false, "TestCPythonSuite runs the whol
 
 // cpythonShort are the modules TestCPythonSuite runs in make test (about
 // two minutes under TCG on 2 cores); cpythonFull are make compat's.
+// test_sysconfig is left out: it needs libpython3.11-dev, a package
+// difference between host and template rather than a guest one.
 var (
 	cpythonShort = []string{
 		"test_os", "test_fcntl", "test_posix", "test_pty", "test_time", "test_select",
@@ -183,7 +185,7 @@ var (
 		"test_signal", "test_subprocess", "test_threading", "test_shutil", "test_pathlib",
 		"test_tarfile", "test_zipfile", "test_logging", "test_faulthandler", "test_io",
 		"test_fork1", "test_wait3", "test_threadsignals", "test_zlib", "test_gzip",
-		"test_random", "test_largefile", "test_mailbox", "test_sysconfig")
+		"test_random", "test_largefile", "test_mailbox", "test_getopt")
 )
 
 var pythonTestsTemplate fixtureOnce
@@ -256,7 +258,7 @@ func TestCPythonSuite(t *testing.T) {
 	t.Logf("VM: %d modules in %s", len(mods), time.Since(start).Round(time.Second))
 
 	hostRes, vmRes := regrtestResults(hostOut), regrtestResults(vmOut)
-	var passedHost, lost []string
+	var passedHost, retry []string
 	for _, m := range mods {
 		if hostRes[m] != "passed" {
 			t.Logf("%s does not pass on the host either (%q): not compared", m, hostRes[m])
@@ -264,8 +266,26 @@ func TestCPythonSuite(t *testing.T) {
 		}
 		passedHost = append(passedHost, m)
 		if vmRes[m] != "passed" {
-			lost = append(lost, m+" ("+vmRes[m]+")")
+			retry = append(retry, m)
 		}
+	}
+	// A module that failed once is run again alone, as regrtest's own -w
+	// does: timing tests (test_eintr's) can lose to a loaded host, on
+	// the host as in a VM. One that passes then is logged, not failed.
+	var lost []string
+	if len(retry) > 0 {
+		t.Logf("failed in the VM, passing on the host: %s; running them again", strings.Join(retry, ", "))
+		cmd := e.command(ctx, append([]string{"exec", "--template", "pytests", "--memory", "1G", "-w", "/tmp", "--", "python3", "-m", "test", "-u", "none", "--timeout", "900"}, retry...)...)
+		again, _ := cmd.CombinedOutput()
+		againRes := regrtestResults(again)
+		for _, m := range retry {
+			if againRes[m] == "passed" {
+				t.Logf("%s passed when run again (first: %q)", m, vmRes[m])
+				continue
+			}
+			lost = append(lost, m+" ("+vmRes[m]+", then "+againRes[m]+")")
+		}
+		vmOut = append(vmOut, again...)
 	}
 	if len(passedHost) < len(mods)*3/4 {
 		t.Errorf("only %d of %d modules pass on the host: the comparison says little\n%s", len(passedHost), len(mods), tail(string(hostOut)))
