@@ -15,6 +15,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/hostdeps"
 	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/kernel"
 )
 
 // Every entry point that makes a machine (Start, PrepareSnapshot,
@@ -188,7 +189,11 @@ func loadImage(r resolved) (image.Image, error) {
 		if _, err := os.Stat(r.Kernel); err != nil {
 			return image.Image{}, &RequestError{Field: "Kernel", Value: r.Kernel, Err: errors.Unwrap(err)}
 		}
-		img.Kernel, img.KernelKey = r.Kernel, image.UserKernelKey(r.Kernel)
+		takes, err := kernel.TakesLapicTimerHz(r.Kernel)
+		if err != nil {
+			return image.Image{}, &RequestError{Field: "Kernel", Value: r.Kernel, Err: err}
+		}
+		img.Kernel, img.KernelKey, img.LapicTimerHz = r.Kernel, image.UserKernelKey(r.Kernel), takes
 	}
 	return img, nil
 }
@@ -209,7 +214,7 @@ func (sb *Sandbox) machineConfig(drives []backend.Drive, snap *backend.Snapshot)
 		ConsoleLog:    filepath.Join(sb.vmDir, "console.log"),
 		Kernel:        sb.img.Kernel,
 		Initrd:        sb.img.Initrd,
-		ForeignKernel: image.IsUserKernel(sb.img.KernelKey),
+		ForeignKernel: !sb.img.LapicTimerHz,
 		KernelArgs:    sb.cfg.KernelArgs,
 		CPUs:          sb.cfg.CPUs,
 		MemoryMiB:     sb.cfg.memMiB,

@@ -41,9 +41,9 @@ type Config struct {
 	Kernel string
 	// Initrd is the initramfs; it is the guest's first root filesystem.
 	Initrd string
-	// ForeignKernel says Kernel is not mvm's own build (it was brought
-	// with --kernel): it may lack what mvm's kernel carries, so the
-	// backend passes only arguments every kernel understands.
+	// ForeignKernel says Kernel lacks what mvm's own build carries (a
+	// kernel brought with --kernel, or one of an older mvm): the backend
+	// passes only arguments every kernel understands.
 	ForeignKernel bool
 	// KernelArgs are appended to the backend's own kernel command line.
 	KernelArgs []string

@@ -85,10 +85,13 @@ func Bootstrap(ctx context.Context, s Store, opts BootstrapOptions) (Image, erro
 	if img.Kernel, img.KernelKey, err = ensureKernel(ctx, s, opts, progress); err != nil {
 		return Image{}, err
 	}
+	if img.LapicTimerHz, err = kernel.TakesLapicTimerHz(img.Kernel); err != nil {
+		return Image{}, err
+	}
 	if img.Initrd, img.InitrdKey, err = ensureInitrd(s, opts, progress); err != nil {
 		return Image{}, err
 	}
-	if old, err := s.Load(DefaultName); err == nil && old.Kernel == img.Kernel && old.Initrd == img.Initrd {
+	if old, err := s.Load(DefaultName); err == nil && old.Kernel == img.Kernel && old.Initrd == img.Initrd && old.LapicTimerHz == img.LapicTimerHz {
 		progress(Event{Step: "image", Detail: "default image is up to date"})
 		return old, nil
 	}

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/mvm-sh/mvm/internal/atomicfile"
@@ -29,9 +28,13 @@ type Image struct {
 	// kernel brought with --kernel).
 	KernelKey string `json:"kernel_key"`
 	// Initrd is the initramfs (newc cpio) with the agent as /init.
-	Initrd    string    `json:"initrd"`
-	InitrdKey string    `json:"initrd_key"`
-	Created   time.Time `json:"created"`
+	// LapicTimerHz says the kernel takes lapic_timer_hz= (mvm's own
+	// build does, see internal/kernel/patches): under TCG it then gets
+	// a one-shot APIC timer and high-resolution timers.
+	LapicTimerHz bool      `json:"lapic_timer_hz,omitempty"`
+	Initrd       string    `json:"initrd"`
+	InitrdKey    string    `json:"initrd_key"`
+	Created      time.Time `json:"created"`
 }
 
 // userKernelPrefix starts the KernelKey of a kernel brought with --kernel.
@@ -45,10 +48,6 @@ func UserKernelKey(path string) string {
 	}
 	return userKernelPrefix + path
 }
-
-// IsUserKernel reports whether a KernelKey is a user's kernel: one that
-// may lack the patches and options mvm's own build has.
-func IsUserKernel(key string) bool { return strings.HasPrefix(key, userKernelPrefix) }
 
 // ErrNotBootstrapped means the image has never been built on this machine.
 var ErrNotBootstrapped = errors.New("no default image: run `mvmctl bootstrap` first (it builds the guest kernel and initramfs, about 5 minutes once)")

@@ -8,6 +8,7 @@ package kernel
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"embed"
@@ -366,4 +367,35 @@ func VerifyConfig(configPath string, fragment []byte) error {
 		return fmt.Errorf("kernel config lost fragment settings (unmet dependencies in this kernel version?): %s", strings.Join(lost, "; "))
 	}
 	return nil
+}
+
+// lapicParam is the boot parameter patches/0001 adds.
+var lapicParam = []byte("lapic_timer_hz")
+
+// TakesLapicTimerHz reports whether the uncompressed kernel at path knows
+// the lapic_timer_hz= parameter (it carries patches/0001, as mvm's own
+// build does): it is then given the APIC timer's rate instead of
+// noapictimer under TCG. The parameter's name is in the image's
+// .init.setup strings; a compressed kernel (bzImage) reads as one without.
+func TakesLapicTimerHz(path string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20+len(lapicParam))
+	keep := 0
+	for {
+		n, err := io.ReadFull(f, buf[keep:])
+		if bytes.Contains(buf[:keep+n], lapicParam) {
+			return true, nil
+		}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return false, nil
+		}
+		if err != nil {
+			return false, fmt.Errorf("read kernel %s: %w", path, err)
+		}
+		keep = copy(buf, buf[keep+n-len(lapicParam)+1:keep+n])
+	}
 }

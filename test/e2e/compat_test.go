@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"flag"
@@ -218,8 +217,9 @@ func regrtestResults(out []byte) map[string]string {
 }
 
 // TestCPythonSuite runs CPython's regression tests for a list of modules
-// in a Debian template and on the host with Debian's same python3.11
-// (libpython3.11-testsuite, which .ci/run installs), and fails for every
+// in a Debian template and on the host with the same CPython release from
+// Debian (python3.11 and libpython3.11-testsuite, which .ci/run installs),
+// and fails for every
 // module that passes on the host but not in the VM.
 func TestCPythonSuite(t *testing.T) {
 	host := "/usr/bin/python3.11"
@@ -233,15 +233,20 @@ func TestCPythonSuite(t *testing.T) {
 	}
 	e := newTemplateRunEnv(t)
 
-	version := []string{"-c", "import sys; print(sys.version)"}
+	// The same CPython release; the Debian revision may differ (the
+	// template comes from bookworm's main archive, the host may have
+	// bookworm-updates or -security): both are logged.
+	version := []string{"-c", "import sys; print('.'.join(map(str, sys.version_info[:3])), sys.version.replace(chr(10), ' '))"}
 	hv, err := exec.Command(host, version...).Output()
 	if err != nil {
 		t.Fatalf("%s: %v", host, err)
 	}
 	gv := e.run(nil, append([]string{"exec", "--template", "pytests", "--", "python3"}, version...)...)
-	if gv.code != 0 || !bytes.Equal(gv.stdout, hv) {
-		t.Fatalf("the guest's python is not the host's: host %q, guest %s", hv, gv)
+	hf, gf := strings.Fields(string(hv)), strings.Fields(string(gv.stdout))
+	if gv.code != 0 || len(hf) == 0 || len(gf) == 0 || hf[0] != gf[0] {
+		t.Fatalf("the guest's python is not the host's release: host %q, guest %s", hv, gv)
 	}
+	t.Logf("python on the host: %s; in the VM: %s", strings.TrimSpace(string(hv)), strings.TrimSpace(string(gv.stdout)))
 
 	regrtest := append([]string{"-m", "test", "-j2", "-u", "none", "--timeout", "900"}, mods...)
 	start := time.Now()
