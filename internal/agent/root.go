@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -158,6 +159,12 @@ func (s *Server) setRootWait(req *agentpb.Root, wait time.Duration) error {
 // Without one (a kernel that refuses either step) commands are chrooted
 // as before: everything works but creating user namespaces.
 func (s *Server) startSpawner() *spawner {
+	if os.Getpid() == 1 && CmdlineHas("mvm.chroot") {
+		// MVM_KERNEL_ARGS=mvm.chroot: the old way, to compare or to
+		// step around a problem with the spawner.
+		s.log.Info("root: commands are chrooted (mvm.chroot)")
+		return nil
+	}
 	if err := unix.Mount("", rootDir, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
 		s.log.Warn("root: commands are chrooted (no user namespaces)", "err", fmt.Errorf("make %s shared: %w", rootDir, err))
 		return nil
