@@ -27,14 +27,11 @@ func enableControllers(log *slog.Logger) {
 		log.Debug("cgroup controllers", "err", err)
 		return
 	}
-	var enable []string
+	// One at a time: a controller the kernel refuses (cpu with
+	// RT_GROUP_SCHED, say) must not keep the others off.
 	for _, c := range strings.Fields(string(b)) {
-		enable = append(enable, "+"+c)
-	}
-	if len(enable) == 0 {
-		return
-	}
-	if err := os.WriteFile(cgroupRoot+"/cgroup.subtree_control", []byte(strings.Join(enable, " ")), 0); err != nil {
-		log.Warn("cgroup controllers", "err", err)
+		if err := os.WriteFile(cgroupRoot+"/cgroup.subtree_control", []byte("+"+c), 0); err != nil {
+			log.Warn("cgroup controller", "controller", c, "err", err)
+		}
 	}
 }

@@ -134,6 +134,11 @@ func (s *Server) setRootWait(req *agentpb.Root, wait time.Duration) error {
 	r := &fsRoot{path: rootDir}
 	for _, m := range rootMounts {
 		if err := r.mountIn(m.source, m.target, m.fstype, m.flags, m.data); err != nil {
+			if m.fstype == cgroupMount.fstype && (errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT)) {
+				// A --kernel kernel without cgroup2: the root goes on without it.
+				s.log.Warn("root: no cgroup2", "err", err)
+				continue
+			}
 			return fail(fmt.Errorf("root: %w", err))
 		}
 		done = append(done, filepath.Join(rootDir, m.target))

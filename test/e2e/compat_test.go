@@ -280,7 +280,7 @@ func TestCPythonSuite(t *testing.T) {
 	var lost []string
 	if len(retry) > 0 {
 		t.Logf("failed in the VM, passing on the host: %s; running them again", strings.Join(retry, ", "))
-		cmd := e.command(ctx, append([]string{"exec", "--template", "pytests", "--memory", "1G", "-w", "/tmp", "--", "python3", "-m", "test", "-u", "none", "--timeout", "900"}, retry...)...)
+		cmd := e.command(ctx, append([]string{"exec", "--template", "pytests", "--memory", "1G", "-w", "/tmp", "--", "python3", "-m", "test", "-j1", "-u", "none", "--timeout", "900"}, retry...)...)
 		again, _ := cmd.CombinedOutput()
 		againRes := regrtestResults(again)
 		for _, m := range retry {

@@ -245,7 +245,7 @@ func fanotify(dir string) (any, error) {
 		if l < uint32(unix.FAN_EVENT_METADATA_LEN) || int(l) > len(b) {
 			break
 		}
-		if efd := int32(binary.LittleEndian.Uint32(b[20:24])); efd >= 0 {
+		if efd := int32(binary.LittleEndian.Uint32(b[16:20])); efd >= 0 {
 			unix.Close(int(efd))
 		}
 		events++
