@@ -167,8 +167,8 @@ cat /sys/fs/cgroup/probe/pids.events`
 
 var compatFull = flag.Bool("compat-full", false, "TestCPythonSuite runs the whole module list (make compat), not the short one")
 
-// cpythonShort are the modules TestCPythonSuite runs in make test (about
-// two minutes under TCG on 2 cores); cpythonFull are make compat's.
+// cpythonShort are the modules TestCPythonSuite runs in make test (about a
+// minute in the VM under TCG on 2 cores); cpythonFull are make compat's.
 // test_sysconfig is left out: it needs libpython3.11-dev, a package
 // difference between host and template rather than a guest one.
 var (
