@@ -233,7 +233,7 @@ func writeImage(ctx context.Context, t *tree, img string, o Options, extraBlocks
 		ctx:     ctx,
 		f:       f,
 		geo:     geo,
-		now:     unix.NsecToTimespec(time.Now().UnixNano()),
+		now:     stampTime(),
 		next:    geo.dataStart(0),
 		lastIno: firstIno - 1, // the reserved inodes are in use
 		dirs:    make([]uint32, geo.groups),
@@ -874,4 +874,18 @@ func (s *seqWriter) flush() error {
 	err := writeFull(s.f, s.buf, s.off)
 	s.buf = s.buf[:0]
 	return err
+}
+
+// stampTime is the time the image's superblock and creation times record:
+// the kernel's coarse realtime clock, the one it stamps files with and the
+// one time(2) (and so e2fsck and mkfs) reads. The precise clock can be a
+// tick ahead of it, and a superblock written at 12:00:00.001 and checked
+// a millisecond later by a tool whose clock still says 11:59:59 is "last
+// written in the future".
+func stampTime() unix.Timespec {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_REALTIME_COARSE, &ts); err != nil {
+		return unix.NsecToTimespec(time.Now().UnixNano())
+	}
+	return ts
 }
