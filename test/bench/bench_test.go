@@ -77,8 +77,9 @@ func bareArgs(img image.Image, a accel.Mode, console string, withDevice bool) []
 	kargs := "console=ttyS0 quiet 8250.nr_uarts=1 reboot=t panic=-1 random.trust_cpu=on mitigations=off"
 	cpu := "host"
 	if a == accel.TCG {
-		kargs += " noapictimer"
-		cpu = "max"
+		// mvm's own kernel and CPU under TCG (internal/backend/qemu).
+		kargs += " tsc=reliable lapic_timer_hz=1000000000"
+		cpu = qemu.TCGCPU
 	}
 	args := []string{
 		"-M", "microvm,acpi=off", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",

@@ -57,7 +57,7 @@ var goldenCases = []goldenCase{
 			if slices.Contains(k, "noapictimer") {
 				t.Errorf("-append %q turns the APIC timer off for mvm's own kernel", appendValue(t, args))
 			}
-			wantSeq(t, args, "-accel", "tcg", "-cpu", "max")
+			wantSeq(t, args, "-accel", "tcg", "-cpu", "max,-erms,-fsrm")
 			wantSeq(t, args, "-smp", "2")
 			wantSeq(t, args, "-m", "512M")
 			wantSeq(t, args, "-kernel", "/var/cache/mvm/vmlinux")

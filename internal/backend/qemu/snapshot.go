@@ -23,7 +23,7 @@ const stopTimeout = 2 * time.Second
 
 // snapshotKeyVersion changes whenever this package changes how it saves
 // or restores machines.
-const snapshotKeyVersion = "1"
+const snapshotKeyVersion = "2"
 
 // SnapshotKey implements backend.Snapshotter. QEMU restores state only
 // into the build that saved it, so the key is the binary itself: its path,
