@@ -22,6 +22,10 @@ type Result struct {
 	WriteBacks []WriteBack
 	// Timings is the sandbox's step-by-step breakdown.
 	Timings []Timing
+	// MissingSnapshot, when set, is the machine configuration this run
+	// had to boot for want of a snapshot (see Sandbox.MissingSnapshot):
+	// HealSnapshot makes it, for the next run to restore.
+	MissingSnapshot *Config
 }
 
 // WriteBackErr joins the errors of the write-backs that failed.
@@ -152,6 +156,9 @@ func Run(ctx context.Context, cfg Config, cmd Cmd, opts ...RunOption) (Result, e
 	res.WriteBacks, _ = sb.Close(closeCtx)
 	close(closing)
 	res.Timings = sb.Timings()
+	if c, ok := sb.MissingSnapshot(); ok {
+		res.MissingSnapshot = &c
+	}
 	var ve *VMError
 	if errors.As(err, &ve) && ve.ConsoleLog == "" {
 		ve.ConsoleLog = sb.consoleLogKept()

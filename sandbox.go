@@ -86,6 +86,7 @@ type Sandbox struct {
 	restored      bool              // the machine came from a snapshot
 	snap          *snapshot.Checked // the snapshot it came from
 	snapDiscarded bool              // this run discarded it
+	healWanted    bool              // it booted for want of a snapshot its configuration could have (MissingSnapshot)
 	savedDir      string            // the snapshot this sandbox saved (PrepareSnapshot)
 
 	mu         sync.Mutex
@@ -185,6 +186,7 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 		switch {
 		case err == nil:
 			sb.life.annotate("restored from snapshot " + snap.Dir)
+			snapshot.MarkUsed(snap.Dir)
 			return sb.started(m), nil
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
@@ -236,7 +238,7 @@ func (sb *Sandbox) discard(c *snapshot.Checked, what string, err error) {
 	if sb.snapDiscarded {
 		return
 	}
-	sb.snapDiscarded = true
+	sb.snapDiscarded, sb.healWanted = true, true
 	if !c.Discard() {
 		sb.log.Warn("the snapshot "+what+"; booting instead (it was replaced meanwhile)", "snapshot", c.Dir, "err", err)
 		return
@@ -252,7 +254,7 @@ func (sb *Sandbox) tampered(c *snapshot.Checked) {
 	if sb.snapDiscarded {
 		return
 	}
-	sb.snapDiscarded = true
+	sb.snapDiscarded, sb.healWanted = true, true
 	c.Discard()
 	sb.log.Error("the snapshot's RAM file or state was written while a run had it open; the snapshot is discarded ("+sb.snapshotFix()+" makes a new one; a VMM never writes it: report this)", "snapshot", c.Dir)
 }

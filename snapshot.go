@@ -104,6 +104,7 @@ func (sb *Sandbox) snapshot(ctx context.Context) (c *snapshot.Checked, unlock fu
 	}
 	switch {
 	case errors.Is(err, snapshot.ErrNone):
+		sb.healWanted = true
 		return nil, nil, err.Error() + " (" + sb.snapshotFix() + " makes one)"
 	case errors.Is(err, snapshot.ErrCorrupt):
 		sb.discard(c, "is damaged", err)

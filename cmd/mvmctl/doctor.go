@@ -49,6 +49,11 @@ docs/doctor.md for its fields).`,
 			h.DefaultSnapshot = func(ctx context.Context) (string, error) {
 				return mvm.SnapshotFor(ctx, mvm.Config{Accel: mvm.Accel(accel)})
 			}
+			if b, err := mvm.SnapshotBudget(); err == nil {
+				h.SnapshotBudget = b
+			}
+			h.AutoSnapshot = !autoSnapshotOff()
+			h.HealLog = mvm.HealLog(mvm.Config{})
 			rep := doctor.Run(cmd.Context(), h)
 			out := cmd.OutOrStdout()
 			if jsonOut {

@@ -177,6 +177,10 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 		printTimings(cmd.ErrOrStderr(), res.Timings)
 	}
 	reportWriteBacks(cmd.ErrOrStderr(), res.WriteBacks, g.verbose)
+	if res.MissingSnapshot != nil {
+		// The run's output is out; the next identical run restores.
+		spawnHeal(g, *res.MissingSnapshot)
+	}
 	code, msg := exitStatus(res, o.explain(err), c.Timeout)
 	if code == 0 && msg == "" {
 		return nil

@@ -15,6 +15,7 @@ import (
 
 	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/oci"
+	"github.com/mvm-sh/mvm/internal/snapshot"
 	"github.com/mvm-sh/mvm/internal/template"
 	"github.com/mvm-sh/mvm/internal/units"
 )
@@ -397,6 +398,16 @@ func newTemplateInfoCommand() *cobra.Command {
 			line("digest", t.Digest)
 			line("rootfs", fmt.Sprintf("%s (%s, %s on disk)", t.Rootfs.Path, mib(t.Rootfs.Size), mib(s.DiskUsage(t))))
 			line("snapshots", fmt.Sprintf("%s (%s on disk)", s.SnapshotDir(t), mib(s.SnapshotUsage(t))))
+			us, _ := snapshot.Store{Root: s.SnapshotDir(t)}.List()
+			for _, u := range us {
+				line("snapshot", fmt.Sprintf("%d vCPUs, %d MiB (%s on disk), made %s, last restored %s", u.Meta.CPUs, u.Meta.MemoryMiB, mib(u.Size),
+					u.Made.Local().Format(time.RFC3339), u.LastUsed.Local().Format(time.RFC3339)))
+			}
+			if len(us) > 0 {
+				if b, err := mvm.SnapshotBudget(); err == nil && b > 0 {
+					line("kept", fmt.Sprintf("while all snapshots fit in %s (MVM_SNAPSHOT_BUDGET); the least recently restored go first", mib(b)))
+				}
+			}
 			if t.Kernel != nil {
 				line("kernel", t.Kernel.Path)
 			}

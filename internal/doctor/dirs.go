@@ -383,10 +383,40 @@ func checkSnapshots(ctx context.Context, h *Host, f *facts) Result {
 			}
 		}
 	}
-	if n == 0 {
-		r.Message = "no snapshots" + defaultSnap
-		return r
+	kept := "no snapshots"
+	if n > 0 {
+		kept = fmt.Sprintf("%d %s (%s", n, pluralWord(n, "snapshot", "snapshots"), units.FormatBytes(size))
+		if h.SnapshotBudget > 0 {
+			kept += " of a " + units.FormatBytes(h.SnapshotBudget) + " budget"
+		}
+		kept += ")"
 	}
-	r.Message = fmt.Sprintf("%d %s (%s)", n, pluralWord(n, "snapshot", "snapshots"), units.FormatBytes(size)) + defaultSnap
+	if h.AutoSnapshot {
+		kept += "; a run that boots for want of one makes it"
+	} else {
+		kept += "; runs make none themselves (MVM_NO_AUTO_SNAPSHOT)"
+	}
+	r.Message = kept + defaultSnap
+	if last := lastLogLine(h.HealLog); strings.Contains(last, " failed for ") {
+		// The newest heal failed: every run of that configuration
+		// boots, and tries again.
+		r.Status = Warn
+		r.Message += "; the last snapshot made after a run failed: " + last
+		if r.Fix == "" {
+			r.Fix = "see " + h.HealLog
+		}
+	}
 	return r
+}
+
+// lastLogLine is the last line of the (small, bounded) log at path.
+func lastLogLine(path string) string {
+	if path == "" {
+		return ""
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	return lastLine(string(b))
 }

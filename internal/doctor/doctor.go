@@ -129,6 +129,12 @@ type Host struct {
 	// DefaultSnapshot returns the snapshot `mvmctl exec` would restore,
 	// or why it would boot instead; nil skips that part of the check.
 	DefaultSnapshot func(ctx context.Context) (string, error)
+	// SnapshotBudget is the disk space snapshots may take (0: no
+	// limit), AutoSnapshot whether runs that boot for want of one make
+	// it, and HealLog where that is logged ("" for none).
+	SnapshotBudget int64
+	AutoSnapshot   bool
+	HealLog        string
 
 	// ProbeTimeout bounds each QEMU probe (0: DefaultProbeTimeout).
 	ProbeTimeout time.Duration

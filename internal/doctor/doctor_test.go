@@ -484,6 +484,21 @@ func TestTemplatesAndSnapshots(t *testing.T) {
 	os.WriteFile(filepath.Join(filepath.Dir(snap), "lock"), nil, 0o644)
 	os.MkdirAll(filepath.Join(filepath.Dir(snap), ".tmp-1"), 0o755)
 	expect(t, f.run(t), "snapshots", OK, "1 snapshot (1.0 MiB)", "-")
+	expect(t, f.run(t), "snapshots", OK, "runs make none themselves (MVM_NO_AUTO_SNAPSHOT)", "-")
+
+	// The budget and the healing, as mvmctl fills them in; a failed
+	// heal is the last line of its log.
+	f.SnapshotBudget, f.AutoSnapshot = 2<<30, true
+	expect(t, f.run(t), "snapshots", OK, "1 snapshot (1.0 MiB of a 2.0 GiB budget); a run that boots for want of one makes it", "-")
+	f.HealLog = filepath.Join(f.CacheDir, "snapshots", "heal.log")
+	os.MkdirAll(filepath.Dir(f.HealLog), 0o755)
+	os.WriteFile(f.HealLog, []byte("2026-12-07T10:00:00Z made /x (the default image, 2 vCPUs, 512 MiB, 56 MiB) in 1s\n"), 0o644)
+	expect(t, f.run(t), "snapshots", OK, "a run that boots for want of one makes it", "-")
+	os.WriteFile(f.HealLog, []byte("2026-12-07T10:00:00Z made /x in 1s\n2026-12-07T10:01:00Z failed for the default image, 1 vCPUs, 512 MiB: no space left on device\x1b[2J\n"), 0o644)
+	c = expect(t, f.run(t), "snapshots", Warn, "the last snapshot made after a run failed: 2026-12-07T10:01:00Z failed for the default image, 1 vCPUs, 512 MiB: no space left on device[2J", "see "+f.HealLog)
+	if strings.ContainsRune(c.Message, 0x1b) {
+		t.Errorf("snapshots: the log's escape reached the report: %q", c.Message)
+	}
 }
 
 func TestHasNote(t *testing.T) {

@@ -32,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mvm-sh/mvm/internal/atomicfile"
+	"github.com/mvm-sh/mvm/internal/diskusage"
 	"github.com/mvm-sh/mvm/internal/lockfile"
 )
 
@@ -535,4 +536,89 @@ func stale(dir, vmm string) bool {
 	old := strings.Fields(keyField(meta.Key, "vmm"))
 	cur := strings.Fields(vmm)
 	return len(old) > 1 && len(cur) > 1 && old[1] == cur[1] && keyField(meta.Key, "vmm") != vmm
+}
+
+// usedFile's modification time is when a run last restored the snapshot
+// (its record's is when it was made): the budget removes the snapshots
+// used longest ago first.
+const usedFile = "used"
+
+// MarkUsed records that a run restores the snapshot in dir now. It costs
+// a utimes (or, the first time, a create); failing, it only makes the
+// snapshot look older to the budget.
+func MarkUsed(dir string) {
+	p := filepath.Join(dir, usedFile)
+	now := time.Now()
+	if err := os.Chtimes(p, now, now); errors.Is(err, os.ErrNotExist) {
+		if f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|unix.O_NOFOLLOW, 0o644); err == nil {
+			f.Close()
+		}
+	}
+}
+
+// Usage is one snapshot in a store, as the budget sees it.
+type Usage struct {
+	Dir string
+	// Meta is its record: the machine configuration it restores.
+	Meta Meta
+	// Size is the disk space its files take (the RAM file is sparse).
+	Size int64
+	// Made is when it was saved, LastUsed when a run last restored it
+	// (Made if none did).
+	Made, LastUsed time.Time
+	store          Store
+}
+
+// List returns the store's complete snapshots; a store that does not
+// exist has none.
+func (s Store) List() ([]Usage, error) {
+	ents, err := os.ReadDir(s.Root)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Usage
+	for _, e := range ents {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		dir := filepath.Join(s.Root, e.Name())
+		b, err := os.ReadFile(filepath.Join(dir, recordFile))
+		if err != nil {
+			continue
+		}
+		var meta Meta
+		if json.Unmarshal(b, &meta) != nil {
+			continue
+		}
+		u := Usage{Dir: dir, Meta: meta, Size: diskusage.Of(dir), Made: meta.Created, LastUsed: meta.Created, store: s}
+		if fi, err := os.Stat(filepath.Join(dir, usedFile)); err == nil && fi.ModTime().After(u.LastUsed) {
+			u.LastUsed = fi.ModTime()
+		}
+		out = append(out, u)
+	}
+	return out, nil
+}
+
+// Remove removes the snapshot unless a run is restoring from its store
+// at this moment (between its check of a snapshot and its VMM having the
+// files open, a run holds the store's lock shared): it takes that lock
+// exclusively, without waiting, and reports false when it could not.
+// Runs already restored keep their open files.
+func (u Usage) Remove() (bool, error) {
+	l, err := lockfile.Take(filepath.Join(u.store.Root, "lock"), unix.LOCK_EX|unix.LOCK_NB, true)
+	if errors.Is(err, lockfile.ErrWouldBlock) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer l.Release()
+	trash, ok := moveAside(u.Dir)
+	if !ok {
+		return false, nil
+	}
+	return true, os.RemoveAll(trash)
 }

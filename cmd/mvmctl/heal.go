@@ -1,0 +1,97 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm"
+)
+
+// A run that booted for want of a snapshot leaves one for the next run:
+// mvmctl starts `mvmctl snapshot-heal` after the run's command has ended
+// and its output is out, detached (its own session, no terminal, no
+// descriptor of the run's), niced, and does not wait for it. The healer
+// boots a fresh VM (nothing the run's command touched) and saves it, one
+// at a time per configuration; what it did goes to the heal log.
+
+// autoSnapshotOff reports whether MVM_NO_AUTO_SNAPSHOT turns the healing
+// off (any value but "", "0" and "false").
+func autoSnapshotOff() bool {
+	v := strings.TrimSpace(os.Getenv("MVM_NO_AUTO_SNAPSHOT"))
+	return v != "" && v != "0" && !strings.EqualFold(v, "false")
+}
+
+// spawnHeal starts the detached healer for cfg. Failing to start it only
+// costs the next run its restore, so errors are logged, not returned.
+func spawnHeal(g *globalOptions, cfg mvm.Config) {
+	if autoSnapshotOff() {
+		return
+	}
+	spec, err := json.Marshal(cfg)
+	if err != nil {
+		g.log.Debug("no snapshot made after the run", "err", err)
+		return
+	}
+	self, err := os.Executable()
+	if err != nil {
+		g.log.Debug("no snapshot made after the run", "err", err)
+		return
+	}
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		g.log.Debug("no snapshot made after the run", "err", err)
+		return
+	}
+	defer devnull.Close()
+	h := exec.Command(self, "snapshot-heal", "--config", string(spec))
+	// Not the run's stdout or stderr: a pipe the user reads would stay
+	// open until the healer ends.
+	h.Stdin, h.Stdout, h.Stderr = devnull, devnull, devnull
+	h.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := h.Start(); err != nil {
+		g.log.Debug("no snapshot made after the run", "err", err)
+		return
+	}
+	g.log.Debug("making the missing snapshot in the background", "pid", h.Process.Pid, "log", mvm.HealLog(cfg))
+	_ = h.Process.Release()
+}
+
+func newSnapshotHealCommand(g *globalOptions) *cobra.Command {
+	var spec string
+	cmd := &cobra.Command{
+		Use:    "snapshot-heal --config JSON",
+		Short:  "Make the snapshot a run found missing (started by mvmctl exec)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Below everything the user runs: the VM it boots is only
+			// for the next run.
+			_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 19)
+			var cfg mvm.Config
+			if err := json.Unmarshal([]byte(spec), &cfg); err != nil {
+				return &exitError{code: exitFailure, err: fmt.Errorf("--config: %w", err)}
+			}
+			cfg.Logger = g.log
+			info, err := mvm.HealSnapshot(cmd.Context(), cfg)
+			switch {
+			case errors.Is(err, mvm.ErrSnapshotExists), errors.Is(err, mvm.ErrBusy):
+				fmt.Fprintln(cmd.ErrOrStderr(), "snapshot-heal:", err)
+				return nil
+			case err != nil:
+				return &exitError{code: exitFailure, err: err}
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), info.Dir)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&spec, "config", "", "the machine configuration, as the SDK's Config in JSON")
+	return cmd
+}
