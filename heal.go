@@ -128,6 +128,12 @@ func healSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 		return SnapshotInfo{}, err
 	}
 	defer l.Release()
+	failed := filepath.Join(st.Root, "."+filepath.Base(st.Dir(key))+".heal-failed")
+	if fi, err := os.Stat(failed); err == nil && time.Since(fi.ModTime()) < healRetry {
+		// Every cold run of a configuration whose save fails (a full
+		// disk) would otherwise boot a second VM to fail again.
+		return SnapshotInfo{}, fmt.Errorf("%w: making this snapshot failed %s ago; the next try is after %s", ErrBusy, time.Since(fi.ModTime()).Round(time.Second), healRetry)
+	}
 	if unlock, err := st.Lock(); err == nil {
 		_, err = st.Find(key)
 		unlock()
@@ -137,13 +143,21 @@ func healSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	}
 	info, err := PrepareSnapshot(ctx, cfg)
 	if err != nil {
+		if f, ferr := os.OpenFile(failed, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW, 0o644); ferr == nil {
+			f.Close()
+		}
 		return SnapshotInfo{}, err
 	}
+	_ = os.Remove(failed)
 	if budget > 0 {
 		pruneSnapshots(cfg, budget, info.Dir)
 	}
 	return info, nil
 }
+
+// healRetry is how long after a failed heal of a configuration the next
+// is not tried.
+const healRetry = 10 * time.Minute
 
 // snapshotStores are every store of snapshots under cfg's directories:
 // the default image's, and one per template revision.

@@ -182,6 +182,11 @@ func runExec(cmd *cobra.Command, g *globalOptions, o *execOptions, argv []string
 		spawnHeal(g, *res.MissingSnapshot)
 	}
 	code, msg := exitStatus(res, o.explain(err), c.Timeout)
+	if errors.Is(err, mvm.ErrCommandNotFound) && cfg.Template == "" && cfg.Image == "" && len(c.Argv) > 0 {
+		if hint := notFoundHint(c.Argv[0]); hint != "" {
+			msg += "\nmvmctl: " + hint
+		}
+	}
 	if code == 0 && msg == "" {
 		return nil
 	}
