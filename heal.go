@@ -149,6 +149,13 @@ func healSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 		return SnapshotInfo{}, err
 	}
 	_ = os.Remove(failed)
+	// What no run can restore any more (another QEMU, kernel or agent
+	// build) goes from every store, not only this one's.
+	for _, other := range snapshotStores(cfg) {
+		if other.Root != st.Root {
+			other.PruneStale(key)
+		}
+	}
 	if budget > 0 {
 		pruneSnapshots(cfg, budget, info.Dir)
 	}
@@ -251,6 +258,9 @@ func HealLog(cfg Config) string {
 func logHeal(cfg Config, line string) {
 	p := HealLog(cfg)
 	if p == "" {
+		return
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return
 	}
 	if fi, err := os.Stat(p); err == nil && fi.Size() > healLogMax {

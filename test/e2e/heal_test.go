@@ -324,3 +324,29 @@ func TestCommandNotFoundHint(t *testing.T) {
 		t.Errorf("a path: %s", r)
 	}
 }
+
+// TestSnapshotHealsTemplate: a template's run of a shape its snapshot
+// lacks leaves that shape's snapshot in the template's store, and the
+// next such run restores it.
+func TestSnapshotHealsTemplate(t *testing.T) {
+	tree := templateTree(t, t.TempDir())
+	h := newHealEnv(t, "MVM_DATA_DIR="+filepath.Join(t.TempDir(), "data"))
+	if r := h.runWith(h.extra, "template", "create", "tiny", "--from-dir", tree, "--no-snapshot"); r.code != 0 {
+		t.Fatalf("template create: %s", r)
+	}
+	r := h.exec("--template", "tiny", "--cpus", "1", "--", "cat", "/etc/os-release")
+	if r.code != 0 || restored(r) || !coldFor(r, "no snapshot for this configuration") {
+		t.Fatalf("first run on the template: %s", r)
+	}
+	h.waitHealed(" made ", 1)
+	if !strings.Contains(h.healLog(), "template tiny, 1 vCPUs") {
+		t.Errorf("heal log: %s", h.healLog())
+	}
+	if recs, _ := filepath.Glob(filepath.Join(h.cache, "templates", "snapshots", "*", "*", "snapshot.json")); len(recs) != 1 {
+		t.Errorf("template snapshots %v, want one", recs)
+	}
+	r2 := h.exec("--template", "tiny", "--cpus", "1", "--", "cat", "/etc/os-release")
+	if r2.code != 0 || !restored(r2) || !bytes.Equal(r2.stdout, r.stdout) {
+		t.Fatalf("second run on the template: %s (first printed %q)", r2, r.stdout)
+	}
+}
