@@ -284,6 +284,7 @@ func PowerOff(log *slog.Logger) {
 }
 
 func powerOff(log *slog.Logger) {
+	closeForks()
 	_ = unix.Kill(-1, unix.SIGKILL)
 	// A killed process holds its mount namespace until it has exited,
 	// and a command root's filesystems with it, whatever the agent

@@ -51,6 +51,11 @@ func newReaper() *reaper {
 func (r *reaper) start(fork func() (int, error)) (int, <-chan unix.WaitStatus, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	forkGate.RLock()
+	defer forkGate.RUnlock()
+	if forkGate.closed {
+		return 0, nil, errPoweringOff
+	}
 	pid, err := fork()
 	if err != nil {
 		return 0, nil, err
@@ -81,4 +86,25 @@ func (r *reaper) reapAll() {
 		}
 		r.mu.Unlock()
 	}
+}
+
+// forkGate lets PowerOff stop every later fork before it kills every
+// process: a command whose exec arrived while the guest powers off would
+// otherwise start after the kill and hold its root (and the disks under
+// it) while the agent unmounts. A fork in progress finishes first, and
+// its child is killed with the rest.
+var forkGate struct {
+	sync.RWMutex
+	closed bool
+}
+
+// errPoweringOff is what a fork asked for after closeForks gets.
+var errPoweringOff = errors.New("the guest is powering off")
+
+// closeForks makes every later reaper start fail with errPoweringOff,
+// once the forks in progress have returned.
+func closeForks() {
+	forkGate.Lock()
+	forkGate.closed = true
+	forkGate.Unlock()
 }
