@@ -67,10 +67,11 @@ func spawnHeal(g *globalOptions, cfg mvm.Config) {
 func newSnapshotHealCommand(g *globalOptions) *cobra.Command {
 	var spec string
 	cmd := &cobra.Command{
-		Use:    "snapshot-heal --config JSON",
-		Short:  "Make the snapshot a run found missing (started by mvmctl exec)",
-		Hidden: true,
-		Args:   cobra.NoArgs,
+		Use:     "snapshot-heal --config JSON",
+		Short:   "Make the snapshot a run found missing (started by mvmctl exec)",
+		Example: `  mvmctl snapshot-heal --config '{"CPUs":1,"Memory":536870912}'   # what exec starts after a cold run of --cpus 1`,
+		Hidden:  true,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Below everything the user runs: the VM it boots is only
 			// for the next run.
