@@ -518,6 +518,11 @@ wait:
 			g.log.Warn("write the sandbox's record", "err", err)
 		}
 	}
+	if cfg, ok := sb.MissingSnapshot(); ok {
+		// As exec does after its run: the next sandbox or run of this
+		// configuration restores.
+		spawnHeal(g, cfg)
+	}
 	return nil
 }
 

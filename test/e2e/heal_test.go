@@ -350,3 +350,30 @@ func TestSnapshotHealsTemplate(t *testing.T) {
 		t.Fatalf("second run on the template: %s (first printed %q)", r2, r.stdout)
 	}
 }
+
+// TestSnapshotHealsAfterSandbox: a sandbox that booted for want of a
+// snapshot leaves one when it stops, and the next run restores it.
+func TestSnapshotHealsAfterSandbox(t *testing.T) {
+	h := newHealEnv(t)
+	mustRun := func(args ...string) result {
+		t.Helper()
+		r := h.runWith(h.extra, args...)
+		if r.code != 0 {
+			t.Fatalf("mvmctl %q: %s", args, r)
+		}
+		return r
+	}
+	mustRun("sandbox", "create", "--memory", "384M", "hb")
+	t.Cleanup(func() { h.runWith(h.extra, "sandbox", "rm", "hb") })
+	if r := mustRun("sandbox", "exec", "hb", "--", "echo", "in"); string(r.stdout) != "in\n" {
+		t.Fatalf("sandbox exec: %s", r)
+	}
+	if len(h.snapshots()) != 0 || h.healLog() != "" {
+		t.Fatalf("a snapshot was made while the sandbox ran: %v %s", h.snapshots(), h.healLog())
+	}
+	mustRun("sandbox", "stop", "hb")
+	h.waitHealed(" made ", 1)
+	if r := h.exec("--memory", "384M", "--", "true"); r.code != 0 || !restored(r) {
+		t.Fatalf("the run after the sandbox did not restore: %s", r)
+	}
+}
