@@ -104,21 +104,22 @@ const MaxResponseSize = 64 << 10
 // that a read can return this much.
 const ChunkSize = 128 << 10
 
-// SessionConfig is the stream multiplexer's configuration on both ends. A
-// 4 MiB window (yamux starts at 256 KiB) keeps a bulk output stream from
+// SessionConfig is the stream multiplexer's configuration on both ends. An
+// 8 MiB window (yamux starts at 256 KiB) keeps a bulk output stream from
 // stalling on window updates when the guest is slow to be scheduled
 // (TCG): a command's stdout measured 173-176 MiB/s with 1 MiB, 222-243
-// with 4, 234-313 with 8 and 233-279 with 16. The window is also what a
+// with 4, 261-313 with 8 and 233-279 with 16. The window is also what a
 // guest can make the host buffer per stream while the host's reader lags:
-// mvmctl's peak RSS under a flood into a slow reader was 23.6 MiB with a
-// 1 MiB window, 37.0 with 4 and 54.5 with 8 (TestOutputFloodIntoSlowReader
-// allows 64), which is why it is not larger.
+// mvmctl's peak RSS under a flood into a slow reader
+// (TestOutputFloodIntoSlowReader, which allows 64 MiB) is 37 MiB with
+// 8 MiB, since a stream's buffer never grows past its window (it was 54.5
+// MiB when append chose the growth, and 23.6 with a 1 MiB window).
 // The session sends no keepalives of its own: the peer is a VM that may be
 // paused (snapshots, a debugger) and a missed ping must not end the
 // session. A caller that knows the VM runs checks liveness with
 // mux.Session.Ping, which the agent answers from its reader.
 func SessionConfig() mux.Config {
-	return mux.Config{Window: 4 << 20}
+	return mux.Config{Window: 8 << 20}
 }
 
 // Reader reads framed messages from one stream.

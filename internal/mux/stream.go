@@ -95,14 +95,28 @@ func (st *Stream) receive(br *bufio.Reader, length uint32) error {
 }
 
 // appendLocked buffers p, reusing the space already read when that makes
-// room. The buffer holds at most a window of unread data, so it stays
-// within a small multiple of the window however the peer cuts its frames.
+// room. The buffer holds at most a window of unread data (the peer can
+// send no more), so once the read part is reclaimed p always fits in a
+// window's capacity: the buffer grows by doubling but never past the
+// window, however the peer cuts its frames, rather than to the double
+// that append would pick.
 func (st *Stream) appendLocked(p []byte) {
-	if st.off > 0 && len(st.buf)+len(p) > cap(st.buf) {
+	if len(st.buf)+len(p) <= cap(st.buf) {
+		st.buf = append(st.buf, p...)
+		return
+	}
+	if st.off > 0 {
 		n := copy(st.buf, st.buf[st.off:])
 		st.buf, st.off = st.buf[:n], 0
+		if len(st.buf)+len(p) <= cap(st.buf) {
+			st.buf = append(st.buf, p...)
+			return
+		}
 	}
-	st.buf = append(st.buf, p...)
+	need := len(st.buf) + len(p)
+	grown := make([]byte, len(st.buf), max(min(2*cap(st.buf), int(st.s.cfg.Window)), need))
+	copy(grown, st.buf)
+	st.buf = append(grown, p...)
 }
 
 // grantLocked returns consumed window to the peer once half of it is used,
