@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"sort"
 	"strings"
 
@@ -69,19 +68,11 @@ func templatesWith(name string) []string {
 // rootHas reports whether the ext4 image at img has name in one of
 // commandDirs (as any kind of file: a link to the interpreter counts).
 func rootHas(img, name string) bool {
-	f, err := os.Open(img)
+	fsys, closeImg, err := ext4.OpenFile(img)
 	if err != nil {
 		return false
 	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return false
-	}
-	fsys, err := ext4.Open(f, fi.Size())
-	if err != nil {
-		return false
-	}
+	defer closeImg()
 	for _, d := range commandDirs {
 		if _, err := fsys.Lookup(d + "/" + name); err == nil {
 			return true

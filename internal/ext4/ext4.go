@@ -44,6 +44,7 @@ import (
 	"hash/crc32"
 	"io"
 	"io/fs"
+	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -945,4 +946,24 @@ func findXattr(entries, base []byte, name string) ([]byte, bool, error) {
 		off += (16 + nameLen + 3) &^ 3
 	}
 	return nil, false, nil
+}
+
+// OpenFile opens the image file at path for reading; closing it is the
+// returned function's job.
+func OpenFile(path string) (*FS, func(), error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	fsys, err := Open(f, fi.Size())
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return fsys, func() { f.Close() }, nil
 }

@@ -38,7 +38,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 
@@ -164,7 +163,7 @@ func Commit(ctx context.Context, p Pending) (Stats, error) {
 	if err := checkImage(ctx, p.Upper); err != nil {
 		return Stats{}, err
 	}
-	upper, closeUpper, err := openImage(p.Upper)
+	upper, closeUpper, err := ext4.OpenFile(p.Upper)
 	if err != nil {
 		if errors.Is(err, ext4.ErrCorrupt) || errors.Is(err, ext4.ErrUnsupported) || errors.Is(err, ext4.ErrNeedsRecovery) {
 			return Stats{}, &InvalidChangeSetError{Reason: "unreadable scratch image", Err: err}
@@ -172,7 +171,7 @@ func Commit(ctx context.Context, p Pending) (Stats, error) {
 		return Stats{}, fmt.Errorf("scratch image: %w", err)
 	}
 	defer closeUpper()
-	lower, closeLower, err := openImage(p.Lower)
+	lower, closeLower, err := ext4.OpenFile(p.Lower)
 	if err != nil {
 		return Stats{}, fmt.Errorf("directory image: %w", err)
 	}
@@ -187,25 +186,6 @@ func Commit(ctx context.Context, p Pending) (Stats, error) {
 		return st, fmt.Errorf("sync %s: %w", p.Host, err)
 	}
 	return st, nil
-}
-
-// openImage opens an image file for the ext4 reader.
-func openImage(path string) (*ext4.FS, func(), error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, nil, err
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	fsys, err := ext4.Open(f, fi.Size())
-	if err != nil {
-		f.Close()
-		return nil, nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return fsys, func() { f.Close() }, nil
 }
 
 func formatBytes(n int64) string {
