@@ -79,6 +79,7 @@ func withShortPath(path string, fn func(string) error) error {
 // commands this process started that still run; the sandbox goes on.
 // Only RunDir and Logger matter in cfg.
 func Attach(ctx context.Context, cfg Config, name string) (*Sandbox, error) {
+	start := time.Now()
 	path, err := SocketPath(cfg, name)
 	if err != nil {
 		return nil, err
@@ -112,6 +113,13 @@ func Attach(ctx context.Context, cfg Config, name string) (*Sandbox, error) {
 		client.Close()
 		return nil, fmt.Errorf("attach %s: %s does not serve a sandbox", name, path)
 	}
+	return attached(cfg, name, client, h, "attach", "", start), nil
+}
+
+// attached is the Sandbox of a VM another process serves on client,
+// whose guest said h. Its first timing is step (with detail), which began
+// at start.
+func attached(cfg Config, name string, client *agentclient.Client, h *agentclient.Hello, step, detail string, start time.Time) *Sandbox {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -120,12 +128,12 @@ func Attach(ctx context.Context, cfg Config, name string) (*Sandbox, error) {
 	sb.client, sb.hello, sb.attached = client, h, true
 	sb.monPause, sb.monDone = make(chan struct{}), make(chan struct{})
 	close(sb.monDone)
-	_ = sb.life.step(ctx, "attach", "disconnect", func(context.Context) (undoFunc, error) {
-		return func(context.Context) error { return client.Close() }, nil
-	})
+	sb.life.t0 = start
+	sb.life.record(step, start, detail)
+	sb.life.push("disconnect", func(context.Context) error { return client.Close() })
 	sb.setStatus(StatusRunning)
 	go sb.watchAttached()
-	return sb, nil
+	return sb
 }
 
 // watchAttached pings the serving process while the sandbox is attached:

@@ -93,6 +93,10 @@ type Config struct {
 	// NoSnapshot makes the sandbox boot even when a snapshot of its
 	// configuration could be restored (see PrepareSnapshot).
 	NoSnapshot bool
+	// NoPool makes Start and Run start their own VM even when the
+	// user's pool (mvmctl pool, Pool) has one of this configuration
+	// ready; MVM_NO_POOL=1 does the same for every run.
+	NoPool bool
 
 	// CacheDir holds images (default: $XDG_CACHE_HOME/mvm), StateDir
 	// what outlives a run: kept console logs, staged write-backs

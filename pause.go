@@ -44,6 +44,9 @@ func (sb *Sandbox) Pause(ctx context.Context) (PauseStats, error) {
 	if sb.attached {
 		return sb.remotePause(ctx)
 	}
+	if sb.pooled {
+		return PauseStats{}, fmt.Errorf("pause %s: a VM taken from a pool serves one run and is not paused; start a sandbox of your own (Config.NoPool) to pause it", sb.name)
+	}
 	// One pause, resume or detach at a time; Close waits for it.
 	if !sb.opMu.TryLock() {
 		return PauseStats{}, fmt.Errorf("pause %s: %w: a pause or resume is under way", sb.name, ErrBusy)

@@ -20,6 +20,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/image"
 	"github.com/mvm-sh/mvm/internal/network"
+	"github.com/mvm-sh/mvm/internal/procmem"
 	"github.com/mvm-sh/mvm/internal/runstate"
 	"github.com/mvm-sh/mvm/internal/snapshot"
 )
@@ -102,6 +103,7 @@ type Sandbox struct {
 
 	act      activity // calls of Serve's clients, for IdleSince
 	attached bool     // Attach made it: another process owns the VM
+	pooled   bool     // a pool's VM: it serves one run, and is not paused
 
 	drives    []backend.Drive // the machine's, for a resume
 	monPause  chan struct{}   // closed to stop this machine's monitor (Pause)
@@ -584,6 +586,19 @@ func (sb *Sandbox) consoleLogKept() string {
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
 	return sb.consoleLog
+}
+
+// privateMemory is the private resident memory of the sandbox's VMM, 0
+// when it cannot be read.
+func (sb *Sandbox) privateMemory() int64 {
+	if sb.m == nil {
+		return 0
+	}
+	n, err := procmem.PrivateTree(sb.m.PID())
+	if err != nil {
+		return 0
+	}
+	return n
 }
 
 // Timings returns how long each step of the sandbox's life took so far,

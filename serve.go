@@ -120,6 +120,13 @@ func (sb *Sandbox) serveClient(ctx context.Context, conn net.Conn, id string) {
 		sb.log.Debug("client hello", "client", id, "err", err)
 		return
 	}
+	sb.serveSession(ctx, sess, id)
+}
+
+// serveSession passes the streams of a client's session to the guest
+// until the session ends (a pool serves a session this way once it has
+// handed the client this sandbox).
+func (sb *Sandbox) serveSession(ctx context.Context, sess *mux.Session, id string) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	// One client cannot hold more than its share of streams (each is a
@@ -165,15 +172,21 @@ func (sb *Sandbox) helloClient(st *mux.Stream) error {
 		_ = replyError(st, agentpb.Error_CODE_VERSION, msg)
 		return errors.New(msg)
 	}
+	return agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Hello{Hello: &agentpb.HelloReply{
+		Version: v, AgentVersion: gh.AgentVersion, Capabilities: sb.clientCapabilities(),
+	}}})
+}
+
+// clientCapabilities is what a client of Serve (or of a pool) may use of
+// the guest.
+func (sb *Sandbox) clientCapabilities() []string {
 	caps := []string{CapSandbox}
-	for _, c := range gh.Capabilities {
+	for _, c := range sb.helloReply().Capabilities {
 		if slices.Contains(clientCaps, c) {
 			caps = append(caps, c)
 		}
 	}
-	return agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Hello{Hello: &agentpb.HelloReply{
-		Version: v, AgentVersion: gh.AgentVersion, Capabilities: caps,
-	}}})
+	return caps
 }
 
 func replyError(w io.Writer, code agentpb.Error_Code, msg string) error {

@@ -95,10 +95,24 @@ func (sb *Sandbox) startPlan() plan {
 // input fails in milliseconds with ErrInvalid and boots nothing.
 // Cancelling ctx aborts the start (and tears down what was started); once
 // Start has returned, the sandbox lives until Close.
+//
+// A VM the user's pool (Pool) holds ready for cfg is taken instead of
+// starting one, unless cfg.NoPool is set; the Sandbox then behaves the
+// same, except that it cannot be paused. Its first timing says which
+// path the start took.
 func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
+	t0 := time.Now()
+	pooled, why := fromPool(ctx, cfg)
+	if pooled != nil {
+		return pooled, nil
+	}
 	sb, err := prepare(cfg)
 	if err != nil {
 		return nil, err
+	}
+	if !cfg.NoPool {
+		sb.life.t0 = t0
+		sb.life.record("pool", t0, "not taken: "+why)
 	}
 	if err := sb.runPlan(ctx, sb.startPlan()); err != nil {
 		if errors.Is(err, ErrVM) {

@@ -99,7 +99,7 @@ Run "mvmctl bootstrap" once to build the guest kernel and initramfs, and
 		},
 	}
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "print what mvmctl does, with timings, on stderr")
-	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newTemplateCommand(g), newPsCommand(), newSandboxCommand(g), newMCPCommand(g), newVersionCommand(), newDoctorCommand(), newSnapshotHealCommand(g))
+	root.AddCommand(newExecCommand(g), newBootstrapCommand(g), newRecoverCommand(g), newTemplateCommand(g), newPsCommand(), newSandboxCommand(g), newMCPCommand(g), newVersionCommand(), newDoctorCommand(), newSnapshotHealCommand(g), newPoolCommand(g))
 	addCompletions(root)
 	return root
 }

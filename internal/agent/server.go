@@ -133,7 +133,7 @@ func (s *Server) capabilities() []string {
 		if s.opts.OnHello != nil {
 			// The clock and the reseed come with the hello hook,
 			// the rest with owning the guest's filesystems.
-			caps = append(caps, agentproto.CapSnapshot, agentproto.CapPause)
+			caps = append(caps, agentproto.CapSnapshot, agentproto.CapPause, agentproto.CapRefresh)
 		}
 	}
 	if s.opts.OnShutdown != nil {
@@ -351,6 +351,16 @@ func (ss *session) serveStream(st *mux.Stream) {
 		// The reply is out: nothing more of this session may be.
 		ss.conn.setQuiet()
 		ss.log.Debug("quiesced; the next session may come from a restored snapshot")
+	case *agentpb.Request_Refresh:
+		if !ss.srv.opts.Mounts || ss.srv.opts.OnHello == nil {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "refresh is not served by this agent")
+			return
+		}
+		if err := ss.srv.refresh(call.Refresh); err != nil {
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Refresh{Refresh: &agentpb.RefreshReply{}}})
 	case *agentpb.Request_Hello:
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
 	default:

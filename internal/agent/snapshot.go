@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 )
 
 // What a VM restored from a snapshot must not share with its siblings is
@@ -57,6 +59,22 @@ func (s *Server) applyIdentity(hostname string, bootID []byte) {
 			s.log.Warn("set boot id", "err", err)
 		}
 	}
+}
+
+// refresh applies a Refresh: what a hello renews, in a running session.
+func (s *Server) refresh(r *agentpb.Refresh) error {
+	if err := checkHelloIdentity("", r.BootId); err != nil {
+		return err
+	}
+	s.opts.OnHello(&agentpb.Hello{HostTimeUnixNano: r.HostTimeUnixNano, Entropy: r.Entropy})
+	if len(r.BootId) == 16 {
+		// Unlike a hello's, a refresh's boot id must take: a pool hands
+		// the VM out only once it has.
+		if err := s.setBootID(r.BootId); err != nil {
+			return fmt.Errorf("set boot id: %w", err)
+		}
+	}
+	return nil
 }
 
 // setBootID makes /proc/sys/kernel/random/boot_id read id, for the agent's

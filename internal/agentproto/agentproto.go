@@ -75,6 +75,10 @@ const (
 	// CapPause: Quiesce.keep_drives (version 2), for a machine paused
 	// to disk and resumed with its drives.
 	CapPause = "pause"
+	// CapRefresh: the Refresh call (version 2) renews the clock, the
+	// random number generator and the boot id of a running guest, as a
+	// hello does: what a pool's VM gets when it is handed out.
+	CapRefresh = "refresh"
 )
 
 // PortName is the virtio-serial port name the agent looks for. The host

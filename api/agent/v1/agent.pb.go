@@ -10,8 +10,9 @@
 // Each stream starts with one Request from the host. What follows depends on
 // the call:
 //
-//   hello, ping, signal, mount, root, network, shutdown, stat: the agent
-//         writes one Response and closes.
+//   hello, ping, signal, mount, root, network, shutdown, stat, refresh,
+//         take, pool_status: the agent (or pool) writes one Response and
+//         closes.
 //   copy_in: the host writes FileData messages (a tar stream, ending with
 //         eof); the agent writes one Response once the stream is unpacked
 //         (or as soon as it fails) and closes.
@@ -254,6 +255,9 @@ type Request struct {
 	//	*Request_Console
 	//	*Request_Pause
 	//	*Request_Resume
+	//	*Request_Refresh
+	//	*Request_Take
+	//	*Request_PoolStatus
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -431,6 +435,33 @@ func (x *Request) GetResume() *Resume {
 	return nil
 }
 
+func (x *Request) GetRefresh() *Refresh {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Refresh); ok {
+			return x.Refresh
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetTake() *Take {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Take); ok {
+			return x.Take
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetPoolStatus() *PoolStatus {
+	if x != nil {
+		if x, ok := x.Call.(*Request_PoolStatus); ok {
+			return x.PoolStatus
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -501,6 +532,20 @@ type Request_Resume struct {
 	Resume *Resume `protobuf:"bytes,15,opt,name=resume,proto3,oneof"`
 }
 
+type Request_Refresh struct {
+	// Capability "refresh" (the agent of a pool's VM).
+	Refresh *Refresh `protobuf:"bytes,16,opt,name=refresh,proto3,oneof"`
+}
+
+type Request_Take struct {
+	// Served by a pool (capability "pool").
+	Take *Take `protobuf:"bytes,17,opt,name=take,proto3,oneof"`
+}
+
+type Request_PoolStatus struct {
+	PoolStatus *PoolStatus `protobuf:"bytes,18,opt,name=pool_status,json=poolStatus,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -531,6 +576,12 @@ func (*Request_Pause) isRequest_Call() {}
 
 func (*Request_Resume) isRequest_Call() {}
 
+func (*Request_Refresh) isRequest_Call() {}
+
+func (*Request_Take) isRequest_Call() {}
+
+func (*Request_PoolStatus) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -548,6 +599,9 @@ type Response struct {
 	//	*Response_Stat
 	//	*Response_Pause
 	//	*Response_Resume
+	//	*Response_Refresh
+	//	*Response_Take
+	//	*Response_PoolStatus
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -699,6 +753,33 @@ func (x *Response) GetResume() *ResumeReply {
 	return nil
 }
 
+func (x *Response) GetRefresh() *RefreshReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Refresh); ok {
+			return x.Refresh
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetTake() *TakeReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Take); ok {
+			return x.Take
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetPoolStatus() *PoolStatusReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_PoolStatus); ok {
+			return x.PoolStatus
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -760,6 +841,18 @@ type Response_Resume struct {
 	Resume *ResumeReply `protobuf:"bytes,12,opt,name=resume,proto3,oneof"`
 }
 
+type Response_Refresh struct {
+	Refresh *RefreshReply `protobuf:"bytes,13,opt,name=refresh,proto3,oneof"`
+}
+
+type Response_Take struct {
+	Take *TakeReply `protobuf:"bytes,14,opt,name=take,proto3,oneof"`
+}
+
+type Response_PoolStatus struct {
+	PoolStatus *PoolStatusReply `protobuf:"bytes,16,opt,name=pool_status,json=poolStatus,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -787,6 +880,12 @@ func (*Response_Stat) isResponse_Result() {}
 func (*Response_Pause) isResponse_Result() {}
 
 func (*Response_Resume) isResponse_Result() {}
+
+func (*Response_Refresh) isResponse_Result() {}
+
+func (*Response_Take) isResponse_Result() {}
+
+func (*Response_PoolStatus) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -3170,11 +3269,471 @@ func (x *ResumeReply) GetDurationMicros() uint64 {
 	return 0
 }
 
+// Refresh gives a guest that has been running for a while what a hello
+// gives a new session: the host's clock, entropy (and a reseed of the
+// kernel's random number generator, as after a hello) and a new boot id.
+// A pool sends it to a VM it restored ahead of time at the moment it
+// hands the VM to a run, so that the run sees a machine as fresh as one
+// restored for it. Capability "refresh"; boot_id as in Hello.
+type Refresh struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	HostTimeUnixNano int64                  `protobuf:"varint,1,opt,name=host_time_unix_nano,json=hostTimeUnixNano,proto3" json:"host_time_unix_nano,omitempty"`
+	Entropy          []byte                 `protobuf:"bytes,2,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	BootId           []byte                 `protobuf:"bytes,3,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *Refresh) Reset() {
+	*x = Refresh{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Refresh) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Refresh) ProtoMessage() {}
+
+func (x *Refresh) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Refresh.ProtoReflect.Descriptor instead.
+func (*Refresh) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *Refresh) GetHostTimeUnixNano() int64 {
+	if x != nil {
+		return x.HostTimeUnixNano
+	}
+	return 0
+}
+
+func (x *Refresh) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
+	}
+	return nil
+}
+
+func (x *Refresh) GetBootId() []byte {
+	if x != nil {
+		return x.BootId
+	}
+	return nil
+}
+
+type RefreshReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RefreshReply) Reset() {
+	*x = RefreshReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RefreshReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RefreshReply) ProtoMessage() {}
+
+func (x *RefreshReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RefreshReply.ProtoReflect.Descriptor instead.
+func (*RefreshReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{42}
+}
+
+// Take asks for a VM of a shape, a string the host computes from the
+// configuration it would otherwise start (see docs/protocol.md). A pool
+// with no VM of that shape ready answers CODE_NOT_FOUND, and the host
+// starts its own.
+type Take struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shape         string                 `protobuf:"bytes,1,opt,name=shape,proto3" json:"shape,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Take) Reset() {
+	*x = Take{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Take) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Take) ProtoMessage() {}
+
+func (x *Take) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Take.ProtoReflect.Descriptor instead.
+func (*Take) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *Take) GetShape() string {
+	if x != nil {
+		return x.Shape
+	}
+	return ""
+}
+
+// TakeReply names the VM taken and says what its agent serves, as a
+// HelloReply says it.
+type TakeReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	AgentVersion  string                 `protobuf:"bytes,3,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	Capabilities  []string               `protobuf:"bytes,4,rep,name=capabilities,proto3" json:"capabilities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TakeReply) Reset() {
+	*x = TakeReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TakeReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TakeReply) ProtoMessage() {}
+
+func (x *TakeReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TakeReply.ProtoReflect.Descriptor instead.
+func (*TakeReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *TakeReply) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TakeReply) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *TakeReply) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *TakeReply) GetCapabilities() []string {
+	if x != nil {
+		return x.Capabilities
+	}
+	return nil
+}
+
+type PoolStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PoolStatus) Reset() {
+	*x = PoolStatus{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PoolStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PoolStatus) ProtoMessage() {}
+
+func (x *PoolStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PoolStatus.ProtoReflect.Descriptor instead.
+func (*PoolStatus) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
+}
+
+type PoolStatusReply struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Shapes []*PoolShape           `protobuf:"bytes,1,rep,name=shapes,proto3" json:"shapes,omitempty"`
+	// The pool process.
+	Pid             uint32 `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	StartedUnixNano int64  `protobuf:"varint,3,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	// How long a shape may go without a take before its VMs are given back.
+	IdleLimitMillis uint64 `protobuf:"varint,4,opt,name=idle_limit_millis,json=idleLimitMillis,proto3" json:"idle_limit_millis,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *PoolStatusReply) Reset() {
+	*x = PoolStatusReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PoolStatusReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PoolStatusReply) ProtoMessage() {}
+
+func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PoolStatusReply.ProtoReflect.Descriptor instead.
+func (*PoolStatusReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *PoolStatusReply) GetShapes() []*PoolShape {
+	if x != nil {
+		return x.Shapes
+	}
+	return nil
+}
+
+func (x *PoolStatusReply) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *PoolStatusReply) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *PoolStatusReply) GetIdleLimitMillis() uint64 {
+	if x != nil {
+		return x.IdleLimitMillis
+	}
+	return 0
+}
+
+// PoolShape is one shape a pool keeps VMs of.
+type PoolShape struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As Take names it.
+	Shape string `protobuf:"bytes,1,opt,name=shape,proto3" json:"shape,omitempty"`
+	// For people: "default image, 2 CPUs, 512 MiB".
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// How many VMs the pool keeps ready.
+	Size     uint32 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	Ready    uint32 `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
+	Starting uint32 `protobuf:"varint,5,opt,name=starting,proto3" json:"starting,omitempty"`
+	// Taken and still running.
+	Taken uint32 `protobuf:"varint,6,opt,name=taken,proto3" json:"taken,omitempty"`
+	// Handed out since the pool started, and takes that found none ready.
+	Served uint64 `protobuf:"varint,7,opt,name=served,proto3" json:"served,omitempty"`
+	Missed uint64 `protobuf:"varint,8,opt,name=missed,proto3" json:"missed,omitempty"`
+	// Private memory of the ready VMs' VMMs (what is not shared with the
+	// snapshot's RAM file or other processes), in bytes.
+	PrivateBytes uint64 `protobuf:"varint,9,opt,name=private_bytes,json=privateBytes,proto3" json:"private_bytes,omitempty"`
+	// The ready VMs were given back for want of takes.
+	Idle bool `protobuf:"varint,10,opt,name=idle,proto3" json:"idle,omitempty"`
+	// Why the last start failed, if it did.
+	LastError     string `protobuf:"bytes,11,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PoolShape) Reset() {
+	*x = PoolShape{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PoolShape) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PoolShape) ProtoMessage() {}
+
+func (x *PoolShape) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PoolShape.ProtoReflect.Descriptor instead.
+func (*PoolShape) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *PoolShape) GetShape() string {
+	if x != nil {
+		return x.Shape
+	}
+	return ""
+}
+
+func (x *PoolShape) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *PoolShape) GetSize() uint32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *PoolShape) GetReady() uint32 {
+	if x != nil {
+		return x.Ready
+	}
+	return 0
+}
+
+func (x *PoolShape) GetStarting() uint32 {
+	if x != nil {
+		return x.Starting
+	}
+	return 0
+}
+
+func (x *PoolShape) GetTaken() uint32 {
+	if x != nil {
+		return x.Taken
+	}
+	return 0
+}
+
+func (x *PoolShape) GetServed() uint64 {
+	if x != nil {
+		return x.Served
+	}
+	return 0
+}
+
+func (x *PoolShape) GetMissed() uint64 {
+	if x != nil {
+		return x.Missed
+	}
+	return 0
+}
+
+func (x *PoolShape) GetPrivateBytes() uint64 {
+	if x != nil {
+		return x.PrivateBytes
+	}
+	return 0
+}
+
+func (x *PoolShape) GetIdle() bool {
+	if x != nil {
+		return x.Idle
+	}
+	return false
+}
+
+func (x *PoolShape) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xd4\x05\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xee\x06\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -3191,8 +3750,12 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04stat\x18\f \x01(\v2\x12.mvm.agent.v1.StatH\x00R\x04stat\x121\n" +
 	"\aconsole\x18\r \x01(\v2\x15.mvm.agent.v1.ConsoleH\x00R\aconsole\x12+\n" +
 	"\x05pause\x18\x0e \x01(\v2\x13.mvm.agent.v1.PauseH\x00R\x05pause\x12.\n" +
-	"\x06resume\x18\x0f \x01(\v2\x14.mvm.agent.v1.ResumeH\x00R\x06resumeB\x06\n" +
-	"\x04call\"\xaa\x05\n" +
+	"\x06resume\x18\x0f \x01(\v2\x14.mvm.agent.v1.ResumeH\x00R\x06resume\x121\n" +
+	"\arefresh\x18\x10 \x01(\v2\x15.mvm.agent.v1.RefreshH\x00R\arefresh\x12(\n" +
+	"\x04take\x18\x11 \x01(\v2\x12.mvm.agent.v1.TakeH\x00R\x04take\x12;\n" +
+	"\vpool_status\x18\x12 \x01(\v2\x18.mvm.agent.v1.PoolStatusH\x00R\n" +
+	"poolStatusB\x06\n" +
+	"\x04call\"\xd3\x06\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
@@ -3206,7 +3769,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04stat\x18\n" +
 	" \x01(\v2\x17.mvm.agent.v1.StatReplyH\x00R\x04stat\x120\n" +
 	"\x05pause\x18\v \x01(\v2\x18.mvm.agent.v1.PauseReplyH\x00R\x05pause\x123\n" +
-	"\x06resume\x18\f \x01(\v2\x19.mvm.agent.v1.ResumeReplyH\x00R\x06resume\x12+\n" +
+	"\x06resume\x18\f \x01(\v2\x19.mvm.agent.v1.ResumeReplyH\x00R\x06resume\x126\n" +
+	"\arefresh\x18\r \x01(\v2\x1a.mvm.agent.v1.RefreshReplyH\x00R\arefresh\x12-\n" +
+	"\x04take\x18\x0e \x01(\v2\x17.mvm.agent.v1.TakeReplyH\x00R\x04take\x12@\n" +
+	"\vpool_status\x18\x10 \x01(\v2\x1d.mvm.agent.v1.PoolStatusReplyH\x00R\n" +
+	"poolStatus\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -3374,7 +3941,40 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0fduration_micros\x18\x02 \x01(\x04R\x0edurationMicros\"\b\n" +
 	"\x06Resume\"6\n" +
 	"\vResumeReply\x12'\n" +
-	"\x0fduration_micros\x18\x01 \x01(\x04R\x0edurationMicrosB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
+	"\x0fduration_micros\x18\x01 \x01(\x04R\x0edurationMicros\"k\n" +
+	"\aRefresh\x12-\n" +
+	"\x13host_time_unix_nano\x18\x01 \x01(\x03R\x10hostTimeUnixNano\x12\x18\n" +
+	"\aentropy\x18\x02 \x01(\fR\aentropy\x12\x17\n" +
+	"\aboot_id\x18\x03 \x01(\fR\x06bootId\"\x0e\n" +
+	"\fRefreshReply\"\x1c\n" +
+	"\x04Take\x12\x14\n" +
+	"\x05shape\x18\x01 \x01(\tR\x05shape\"\x82\x01\n" +
+	"\tTakeReply\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12#\n" +
+	"\ragent_version\x18\x03 \x01(\tR\fagentVersion\x12\"\n" +
+	"\fcapabilities\x18\x04 \x03(\tR\fcapabilities\"\f\n" +
+	"\n" +
+	"PoolStatus\"\xac\x01\n" +
+	"\x0fPoolStatusReply\x12/\n" +
+	"\x06shapes\x18\x01 \x03(\v2\x17.mvm.agent.v1.PoolShapeR\x06shapes\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\rR\x03pid\x12*\n" +
+	"\x11started_unix_nano\x18\x03 \x01(\x03R\x0fstartedUnixNano\x12*\n" +
+	"\x11idle_limit_millis\x18\x04 \x01(\x04R\x0fidleLimitMillis\"\xa7\x02\n" +
+	"\tPoolShape\x12\x14\n" +
+	"\x05shape\x18\x01 \x01(\tR\x05shape\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\rR\x04size\x12\x14\n" +
+	"\x05ready\x18\x04 \x01(\rR\x05ready\x12\x1a\n" +
+	"\bstarting\x18\x05 \x01(\rR\bstarting\x12\x14\n" +
+	"\x05taken\x18\x06 \x01(\rR\x05taken\x12\x16\n" +
+	"\x06served\x18\a \x01(\x04R\x06served\x12\x16\n" +
+	"\x06missed\x18\b \x01(\x04R\x06missed\x12#\n" +
+	"\rprivate_bytes\x18\t \x01(\x04R\fprivateBytes\x12\x12\n" +
+	"\x04idle\x18\n" +
+	" \x01(\bR\x04idle\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\v \x01(\tR\tlastErrorB,Z*github.com/mvm-sh/mvm/api/agent/v1;agentpbb\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -3389,7 +3989,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -3435,6 +4035,13 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*PauseReply)(nil),       // 41: mvm.agent.v1.PauseReply
 	(*Resume)(nil),           // 42: mvm.agent.v1.Resume
 	(*ResumeReply)(nil),      // 43: mvm.agent.v1.ResumeReply
+	(*Refresh)(nil),          // 44: mvm.agent.v1.Refresh
+	(*RefreshReply)(nil),     // 45: mvm.agent.v1.RefreshReply
+	(*Take)(nil),             // 46: mvm.agent.v1.Take
+	(*TakeReply)(nil),        // 47: mvm.agent.v1.TakeReply
+	(*PoolStatus)(nil),       // 48: mvm.agent.v1.PoolStatus
+	(*PoolStatusReply)(nil),  // 49: mvm.agent.v1.PoolStatusReply
+	(*PoolShape)(nil),        // 50: mvm.agent.v1.PoolShape
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -3452,38 +4059,45 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	39, // 12: mvm.agent.v1.Request.console:type_name -> mvm.agent.v1.Console
 	40, // 13: mvm.agent.v1.Request.pause:type_name -> mvm.agent.v1.Pause
 	42, // 14: mvm.agent.v1.Request.resume:type_name -> mvm.agent.v1.Resume
-	7,  // 15: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 16: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 17: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 18: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 19: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 20: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 21: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 22: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	33, // 23: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
-	37, // 24: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
-	41, // 25: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
-	43, // 26: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
-	5,  // 27: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 28: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 29: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 30: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 31: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 32: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 33: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 34: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 35: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 36: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 37: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 38: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	5,  // 39: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
-	38, // 40: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
-	38, // 41: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
-	42, // [42:42] is the sub-list for method output_type
-	42, // [42:42] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	44, // 15: mvm.agent.v1.Request.refresh:type_name -> mvm.agent.v1.Refresh
+	46, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
+	48, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
+	7,  // 18: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 19: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 20: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 21: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 22: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 23: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 24: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 25: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	33, // 26: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	37, // 27: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	41, // 28: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
+	43, // 29: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
+	45, // 30: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
+	47, // 31: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
+	49, // 32: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
+	5,  // 33: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 34: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 35: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 36: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 37: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 38: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 39: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 40: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 41: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 42: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 43: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 44: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 45: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	38, // 46: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	38, // 47: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	50, // 48: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
+	49, // [49:49] is the sub-list for method output_type
+	49, // [49:49] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -3507,6 +4121,9 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Console)(nil),
 		(*Request_Pause)(nil),
 		(*Request_Resume)(nil),
+		(*Request_Refresh)(nil),
+		(*Request_Take)(nil),
+		(*Request_PoolStatus)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -3521,6 +4138,9 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Stat)(nil),
 		(*Response_Pause)(nil),
 		(*Response_Resume)(nil),
+		(*Response_Refresh)(nil),
+		(*Response_Take)(nil),
+		(*Response_PoolStatus)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
@@ -3538,7 +4158,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   41,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

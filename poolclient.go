@@ -1,0 +1,171 @@
+package mvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mvm-sh/mvm/internal/agentclient"
+	"github.com/mvm-sh/mvm/internal/lockfile"
+)
+
+// PoolSocket is the socket the pool of cfg's user serves (in PoolDir).
+func PoolSocket(cfg Config) (string, error) {
+	dir, err := PoolDir(cfg)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, poolSocketName), nil
+}
+
+// ErrNoPool is PoolStatusOf's error when no pool runs for the user.
+var ErrNoPool = errors.New("no pool is running")
+
+// dialPool connects to the user's pool and says hello. It returns
+// ErrNoPool when none runs.
+func dialPool(ctx context.Context, cfg Config) (*agentclient.Client, error) {
+	path, err := PoolSocket(cfg)
+	if err != nil {
+		return nil, err
+	}
+	var conn net.Conn
+	err = withShortPath(path, func(p string) error {
+		var d net.Dialer
+		var err error
+		conn, err = d.DialContext(ctx, "unix", p)
+		return err
+	})
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
+			return nil, ErrNoPool
+		}
+		return nil, fmt.Errorf("pool: %w", err)
+	}
+	client, err := agentclient.Dial(conn)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("pool: %w", err)
+	}
+	h, err := client.Hello(ctx)
+	if err == nil && !h.Has(CapPool) {
+		err = fmt.Errorf("%s does not serve a pool", path)
+	}
+	if err != nil {
+		client.Close()
+		return nil, fmt.Errorf("pool: %w", err)
+	}
+	return client, nil
+}
+
+// fromPool is a sandbox of a VM the user's pool held ready for cfg, or
+// nil and why there is none (for the run's timings). It never fails a
+// run: anything wrong with the pool is a reason to start a VM instead.
+func fromPool(ctx context.Context, cfg Config) (*Sandbox, string) {
+	if cfg.NoPool {
+		return nil, "the pool is off for this run"
+	}
+	if os.Getenv("MVM_NO_POOL") == "1" {
+		return nil, "MVM_NO_POOL=1"
+	}
+	if cfg.Name != "" {
+		// A named sandbox is one of its own.
+		return nil, "a named sandbox"
+	}
+	start := time.Now()
+	r, err := resolve(cfg)
+	if err != nil {
+		// Start says what is wrong.
+		return nil, err.Error()
+	}
+	shape, why := poolShapeOf(r)
+	if why != "" {
+		return nil, why
+	}
+	ctx, cancel := context.WithTimeout(ctx, takeTimeout)
+	defer cancel()
+	client, err := dialPool(ctx, r.Config)
+	if err != nil {
+		return nil, err.Error()
+	}
+	name, h, err := client.Take(ctx, shape)
+	if err != nil {
+		client.Close()
+		return nil, err.Error()
+	}
+	return attached(r.Config, name, client, h, "take from pool", name, start), ""
+}
+
+// PoolStatusOf asks the pool of cfg's user what it holds: ErrNoPool when
+// none runs.
+func PoolStatusOf(ctx context.Context, cfg Config) (PoolStatus, error) {
+	client, err := dialPool(ctx, cfg)
+	if err != nil {
+		return PoolStatus{}, err
+	}
+	defer client.Close()
+	r, err := client.PoolStatus(ctx)
+	if err != nil {
+		return PoolStatus{}, err
+	}
+	st := PoolStatus{PID: int(r.Pid), Started: time.Unix(0, r.StartedUnixNano), IdleLimit: time.Duration(r.IdleLimitMillis) * time.Millisecond}
+	for _, s := range r.Shapes {
+		st.Shapes = append(st.Shapes, PoolShapeStatus{
+			Shape: s.Shape, Description: s.Description, Size: int(s.Size), Ready: int(s.Ready),
+			Starting: int(s.Starting), Taken: int(s.Taken), Served: s.Served, Missed: s.Missed,
+			PrivateBytes: int64(s.PrivateBytes), Idle: s.Idle, LastError: s.LastError,
+		})
+	}
+	return st, nil
+}
+
+// ErrPoolRunning is ListenPool's error when the user's pool already runs.
+var ErrPoolRunning = errors.New("a pool is already running")
+
+// poolListener is the pool's socket; closing it drops the pool's lock.
+type poolListener struct {
+	net.Listener
+	lock *lockfile.Lock
+}
+
+func (l *poolListener) Close() error {
+	err := l.Listener.Close()
+	l.lock.Release()
+	return err
+}
+
+// ListenPool makes the socket of the user's pool (PoolSocket), private to
+// the user, for Pool.Run. One pool runs per user: the pool's lock is
+// held until the listener is closed (or the process ends), and a second
+// ListenPool fails with ErrPoolRunning meanwhile.
+func ListenPool(cfg Config) (net.Listener, error) {
+	dir, err := PoolDir(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, err
+	}
+	lock, err := lockfile.Take(filepath.Join(dir, "lock"), unix.LOCK_EX|unix.LOCK_NB, true)
+	if errors.Is(err, lockfile.ErrWouldBlock) {
+		return nil, ErrPoolRunning
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pool lock: %w", err)
+	}
+	ln, err := Listen(filepath.Join(dir, poolSocketName))
+	if err != nil {
+		lock.Release()
+		return nil, err
+	}
+	return &poolListener{Listener: ln, lock: lock}, nil
+}
