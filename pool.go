@@ -362,7 +362,11 @@ func (p *Pool) serveConn(ctx context.Context, conn net.Conn) {
 			}
 			vm, s := p.take(ctx, call.Take.Shape)
 			if vm == nil {
-				_ = replyError(st, agentpb.Error_CODE_NOT_FOUND, "no VM of this shape is ready")
+				msg := "has no VM of this shape ready"
+				if s == nil {
+					msg = "keeps no VMs of this shape (mvmctl pool status lists its shapes)"
+				}
+				_ = replyError(st, agentpb.Error_CODE_NOT_FOUND, msg)
 				st.Close()
 				return
 			}

@@ -23,8 +23,15 @@ func (c *Client) Refresh(ctx context.Context) error {
 	return nil
 }
 
-// ErrNoneReady is Take's error when the pool has no VM of the shape ready.
+// ErrNoneReady is wrapped by Take's error when the pool has no VM of the
+// shape ready (or keeps none of it); the error says which, in the pool's
+// words.
 var ErrNoneReady = errors.New("the pool has no VM of this shape ready")
+
+type notTaken struct{ msg string }
+
+func (e *notTaken) Error() string        { return e.msg }
+func (e *notTaken) Is(target error) bool { return target == ErrNoneReady }
 
 // Take asks a pool for a VM of shape. Once it returned, the session's
 // calls go to that VM, which is destroyed when the session ends. The
@@ -34,7 +41,7 @@ func (c *Client) Take(ctx context.Context, shape string) (name string, h *Hello,
 	if err != nil {
 		var re *RemoteError
 		if errors.As(err, &re) && re.Code == agentpb.Error_CODE_NOT_FOUND.String() {
-			return "", nil, ErrNoneReady
+			return "", nil, &notTaken{"the pool " + re.Message}
 		}
 		return "", nil, fmt.Errorf("take: %w", err)
 	}
