@@ -65,12 +65,22 @@ func dialPool(ctx context.Context, cfg Config) (*agentclient.Client, error) {
 }
 
 // fromPool is a sandbox of a VM the user's pool held ready for cfg, or
-// nil and why there is none (for the run's timings). It never fails a
-// run: anything wrong with the pool is a reason to start a VM instead.
+// nil and why it took none: "" when no pool runs (nothing to say). It
+// never fails a run: anything wrong with the pool is a reason to start a
+// VM instead.
 func fromPool(ctx context.Context, cfg Config) (*Sandbox, string) {
 	if cfg.NoPool {
-		return nil, "the pool is off for this run"
+		return nil, ""
 	}
+	start := time.Now()
+	sb, why := takeFromPool(ctx, cfg, start)
+	if sb == nil && why != "" && !poolSocketExists(cfg) {
+		why = ""
+	}
+	return sb, why
+}
+
+func takeFromPool(ctx context.Context, cfg Config, start time.Time) (*Sandbox, string) {
 	if os.Getenv("MVM_NO_POOL") == "1" {
 		return nil, "MVM_NO_POOL=1"
 	}
@@ -78,11 +88,10 @@ func fromPool(ctx context.Context, cfg Config) (*Sandbox, string) {
 		// A named sandbox is one of its own.
 		return nil, "a named sandbox"
 	}
-	start := time.Now()
 	r, err := resolve(cfg)
 	if err != nil {
 		// Start says what is wrong.
-		return nil, err.Error()
+		return nil, ""
 	}
 	shape, why := poolShapeOf(r)
 	if why != "" {
@@ -91,6 +100,9 @@ func fromPool(ctx context.Context, cfg Config) (*Sandbox, string) {
 	ctx, cancel := context.WithTimeout(ctx, takeTimeout)
 	defer cancel()
 	client, err := dialPool(ctx, r.Config)
+	if errors.Is(err, ErrNoPool) {
+		return nil, ""
+	}
 	if err != nil {
 		return nil, err.Error()
 	}
@@ -100,6 +112,16 @@ func fromPool(ctx context.Context, cfg Config) (*Sandbox, string) {
 		return nil, err.Error()
 	}
 	return attached(r.Config, name, client, h, "take from pool", name, start), ""
+}
+
+// poolSocketExists: the user's pool has (or had) a socket.
+func poolSocketExists(cfg Config) bool {
+	path, err := PoolSocket(cfg)
+	if err != nil {
+		return false
+	}
+	_, err = os.Stat(path)
+	return err == nil
 }
 
 // PoolStatusOf asks the pool of cfg's user what it holds: ErrNoPool when

@@ -110,7 +110,7 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !cfg.NoPool {
+	if why != "" {
 		sb.life.t0 = t0
 		sb.life.record("pool", t0, "not taken: "+why)
 	}
