@@ -45,7 +45,7 @@ func snapEnv(b *testing.B) []string {
 }
 
 // stepRE reads a step's time from the -v breakdown.
-var stepRE = regexp.MustCompile(`(?:: |, |; )(start vm|agent ready|mount|exec \S+|stop vm|shut down guest|write back|prepare disks|total) (\d+)ms`)
+var stepRE = regexp.MustCompile(`(?:: |, |; )(take from pool|start vm|agent ready|mount|exec \S+|stop vm|shut down guest|write back|prepare disks|total) (\d+)ms`)
 
 // vRun is one mvmctl -v run: its wall time and the breakdown's steps.
 type vRun struct {
@@ -68,7 +68,7 @@ func runV(b *testing.B, env []string, args ...string) vRun {
 		b.Fatalf("mvmctl exec %q: %v\n%s", args, err, stderr.String())
 	}
 	for _, l := range strings.Split(stderr.String(), "\n") {
-		if strings.HasPrefix(l, "mvmctl: reclaim ") {
+		if strings.HasPrefix(l, "mvmctl: ") && strings.Contains(l, "; total ") {
 			r.line = l
 		}
 	}
