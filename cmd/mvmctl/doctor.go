@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -54,6 +55,15 @@ docs/doctor.md for its fields).`,
 			}
 			h.AutoSnapshot = !autoSnapshotOff()
 			h.HealLog = mvm.HealLog(mvm.Config{})
+			if st, err := mvm.PoolStatusOf(cmd.Context(), mvm.Config{}); err == nil {
+				h.PoolRunning = true
+				for _, s := range st.Shapes {
+					h.Pool = append(h.Pool, fmt.Sprintf("%s: %d of %d ready", s.Description, s.Ready, s.Size))
+					if s.LastError != "" && s.Ready == 0 && h.PoolProblem == "" {
+						h.PoolProblem = s.Description + " cannot fill: " + s.LastError
+					}
+				}
+			}
 			rep := doctor.Run(cmd.Context(), h)
 			out := cmd.OutOrStdout()
 			if jsonOut {

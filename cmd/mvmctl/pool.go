@@ -278,7 +278,7 @@ func newPoolServeCommand(g *globalOptions) *cobra.Command {
 		Use:     "serve",
 		Short:   "Be the pool (started by pool start)",
 		Hidden:  true,
-		Example: `  # not typed by users: mvmctl pool start runs it`,
+		Example: "  # not typed by users: mvmctl pool start runs\n  mvmctl pool serve < pool.json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return servePool(g)
@@ -341,7 +341,9 @@ func newPoolStatusCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show your pool: its shapes, VMs and memory",
-		Args:  cobra.NoArgs,
+		Example: `  mvmctl pool status
+  mvmctl pool status --json | jq '.Shapes[] | {Description, Ready, Served}'`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := mvm.PoolStatusOf(cmd.Context(), mvm.Config{})
 			if errors.Is(err, mvm.ErrNoPool) {
@@ -393,9 +395,10 @@ func printPoolStatus(w io.Writer, st mvm.PoolStatus) {
 
 func newPoolStopCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:   "stop",
-		Short: "Stop your pool; runs that took a VM of it finish first",
-		Args:  cobra.NoArgs,
+		Use:     "stop",
+		Short:   "Stop your pool; runs that took a VM of it finish first",
+		Example: `  mvmctl pool stop`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := mvm.PoolStatusOf(cmd.Context(), mvm.Config{})
 			if errors.Is(err, mvm.ErrNoPool) {

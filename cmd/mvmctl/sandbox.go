@@ -677,7 +677,16 @@ func pausedAgo(t time.Time) string {
 }
 
 func oneLine(s string, n int) string {
-	s = strings.ReplaceAll(s, "\n", " ")
+	// What it shows may come from a guest: no control characters.
+	s = strings.Map(func(r rune) rune {
+		switch {
+		case r == '\n' || r == '\t':
+			return ' '
+		case r < 0x20 || r == 0x7f:
+			return -1
+		}
+		return r
+	}, s)
 	if len(s) > n {
 		s = s[:n-3] + "..."
 	}

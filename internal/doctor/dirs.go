@@ -420,3 +420,20 @@ func lastLogLine(path string) string {
 	}
 	return lastLine(string(b))
 }
+
+// checkPool says whether the user's pool runs and what it holds: runs
+// that match a shape of it start from a VM restored ahead of time.
+func checkPool(h *Host) Result {
+	r := Result{ID: "pool", Status: OK}
+	if !h.PoolRunning {
+		r.Message = "no pool is running (mvmctl pool start keeps VMs ready, for runs that start in tens of milliseconds)"
+		return r
+	}
+	r.Message = "running: " + strings.Join(h.Pool, "; ")
+	if h.PoolProblem != "" {
+		r.Status = Warn
+		r.Message += "; " + lastLine(strings.ReplaceAll(h.PoolProblem, "\n", " "))
+		r.Fix = "see mvmctl pool status and the pool's log"
+	}
+	return r
+}

@@ -135,6 +135,12 @@ type Host struct {
 	SnapshotBudget int64
 	AutoSnapshot   bool
 	HealLog        string
+	// Pool is what the user's pool holds, one line per shape ("ready 2
+	// of 2"), and PoolProblem why a shape cannot fill; PoolRunning says
+	// whether one runs at all.
+	PoolRunning bool
+	Pool        []string
+	PoolProblem string
 
 	// ProbeTimeout bounds each QEMU probe (0: DefaultProbeTimeout).
 	ProbeTimeout time.Duration
@@ -302,6 +308,7 @@ func Run(ctx context.Context, h Host) Report {
 		checkMmdebstrap(&h),
 		checkTemplates(&h),
 		checkSnapshots(ctx, &h, f),
+		checkPool(&h),
 		checkDiskSpace(&h, "disk-cache", "cache", h.CacheDir),
 		checkDiskSpace(&h, "disk-state", "state", h.StateDir),
 		checkPrivateDir(&h, "state-dir", "state directory", h.StateDir, false),
