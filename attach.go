@@ -113,19 +113,19 @@ func Attach(ctx context.Context, cfg Config, name string) (*Sandbox, error) {
 		client.Close()
 		return nil, fmt.Errorf("attach %s: %s does not serve a sandbox", name, path)
 	}
-	return attached(cfg, name, client, h, "attach", "", start), nil
+	return attached(cfg, name, client, h, "attach", "", start, false), nil
 }
 
 // attached is the Sandbox of a VM another process serves on client,
 // whose guest said h. Its first timing is step (with detail), which began
-// at start.
-func attached(cfg Config, name string, client *agentclient.Client, h *agentclient.Hello, step, detail string, start time.Time) *Sandbox {
+// at start; taken says the VM came from a pool.
+func attached(cfg Config, name string, client *agentclient.Client, h *agentclient.Hello, step, detail string, start time.Time, taken bool) *Sandbox {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	cfg.Name = name
 	sb := newSandbox(resolved{Config: cfg}, image.Image{})
-	sb.client, sb.hello, sb.attached = client, h, true
+	sb.client, sb.hello, sb.attached, sb.taken = client, h, true, taken
 	sb.monPause, sb.monDone = make(chan struct{}), make(chan struct{})
 	close(sb.monDone)
 	sb.life.t0 = start
@@ -154,7 +154,7 @@ func (sb *Sandbox) watchAttached() {
 			select {
 			case <-sb.stopMonitor:
 			default:
-				sb.fail(&VMError{Op: "run", Err: fmt.Errorf("the sandbox %s went away (%w)", sb.name, err)})
+				sb.fail(&VMError{Op: "run", Err: fmt.Errorf("%s went away (%w)", sb.remoteName(), err)})
 			}
 			return
 		}

@@ -294,7 +294,7 @@ func (p *Process) finish(outErr error) {
 		// gone, which the machine says a moment later.
 		switch {
 		case p.sb.attached:
-			p.sb.fail(&VMError{Op: "run", Err: fmt.Errorf("the connection to the sandbox %s broke (%w)", p.sb.name, err)})
+			p.sb.fail(&VMError{Op: "run", Err: fmt.Errorf("the connection to %s broke (%w)", p.sb.remoteName(), err)})
 		default:
 			select {
 			case <-p.sb.m.Done():

@@ -111,7 +111,7 @@ func takeFromPool(ctx context.Context, cfg Config, start time.Time) (*Sandbox, s
 		client.Close()
 		return nil, err.Error()
 	}
-	return attached(r.Config, name, client, h, "take from pool", name, start), ""
+	return attached(r.Config, name, client, h, "take from pool", name, start, true), ""
 }
 
 // poolSocketExists: the user's pool has (or had) a socket.

@@ -104,6 +104,7 @@ type Sandbox struct {
 	act      activity // calls of Serve's clients, for IdleSince
 	attached bool     // Attach made it: another process owns the VM
 	pooled   bool     // a pool's VM: it serves one run, and is not paused
+	taken    bool     // attached to a VM taken from a pool
 
 	drives    []backend.Drive // the machine's, for a resume
 	monPause  chan struct{}   // closed to stop this machine's monitor (Pause)
@@ -586,6 +587,15 @@ func (sb *Sandbox) consoleLogKept() string {
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
 	return sb.consoleLog
+}
+
+// remoteName names an attached sandbox's VM in errors: a pool's, or a
+// sandbox another process serves.
+func (sb *Sandbox) remoteName() string {
+	if sb.taken {
+		return "the VM " + sb.name + " of your pool (its pool ended, or the VM died)"
+	}
+	return "the sandbox " + sb.name
 }
 
 // privateMemory is the private resident memory of the sandbox's VMM, 0

@@ -205,6 +205,17 @@ func TestPoolInterrupt(t *testing.T) {
 	}
 }
 
+// TestPoolTerminal: TestCLITerminal's session (prompt, size, resize,
+// Ctrl-C to the foreground job, the exit status, the host terminal left
+// as it was) on a pool's VM.
+func TestPoolTerminal(t *testing.T) {
+	p := startPool(t, "--size", "1")
+	terminalSession(t, p.env)
+	if n := p.served(); n != 1 {
+		t.Fatalf("the session did not take the pool's VM (served %d)", n)
+	}
+}
+
 // TestPoolConcurrentRunsFresh: two runs at once take two VMs, each with
 // its own boot id and random bytes, and a clock set when it was handed
 // out.
@@ -323,8 +334,25 @@ func TestPoolKilled(t *testing.T) {
 	if len(p.vmms()) != 2 {
 		t.Fatalf("VMMs of a pool of 2: %v", p.vmms())
 	}
+	// A run on one of its VMs when it dies fails clearly.
+	cmd := p.command(context.Background(), "exec", "--", "sh", "-c", "echo started; sleep 30; echo never")
+	out, _ := cmd.StdoutPipe()
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	rd := bufio.NewReader(out)
+	if l, _ := rd.ReadString('\n'); l != "started\n" {
+		t.Fatalf("first line %q", l)
+	}
 	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
+	}
+	rest, _ := rd.ReadString(0)
+	_ = cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != 125 || rest != "" || !strings.Contains(errb.String(), "of your pool (its pool ended, or the VM died)") {
+		t.Fatalf("the run whose pool died: exit %d, stdout %q, stderr %q", code, rest, errb.String())
 	}
 	if !waitFor(10*time.Second, func() bool { return len(p.vmms()) == 0 }) {
 		t.Fatalf("VMMs outlived their pool: %v", p.vmms())
