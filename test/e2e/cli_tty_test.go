@@ -100,7 +100,11 @@ func (p *hostPTY) typeIn(t *testing.T, s string) {
 // An interactive shell on a real terminal: prompt, size, resize, Ctrl-C
 // reaching the foreground job and not the VM, the exit status, and the
 // host terminal left as it was.
-func TestCLITerminal(t *testing.T) { terminalSession(t, newEnv(t)) }
+func TestCLITerminal(t *testing.T) {
+	e := newEnv(t)
+	terminalSession(t, e)
+	e.assertClean()
+}
 
 func terminalSession(t *testing.T, e *env) {
 	p := openHostPTY(t, 30, 100)
