@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -426,5 +427,54 @@ func TestPoolIdleGivesBack(t *testing.T) {
 	p.waitReady()
 	if s := p.status().Shapes[0]; s.Idle || s.Missed != 1 || s.PrivateBytes <= 0 {
 		t.Fatalf("after the miss: %+v", s)
+	}
+}
+
+// TestPoolOtherUser: another user's runs never take this user's VMs, and
+// another uid cannot reach the pool, even through a socket left open.
+func TestPoolOtherUser(t *testing.T) {
+	p := startPool(t, "--size", "1")
+	// Another user has a state directory of their own: no pool there.
+	other := newEnv(t)
+	if r := other.run(nil, "-v", "exec", "--", "true"); r.code != 0 || bytes.Contains(r.stderr, []byte("take from pool")) {
+		t.Fatalf("another user's run: %s", r)
+	}
+	if os.Geteuid() != 0 {
+		return
+	}
+	for d := filepath.Dir(p.state); d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	asNobody := func(args ...string) ([]byte, error) {
+		cmd := exec.Command("setpriv", append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", mvmctl}, args...)...)
+		cmd.Env = p.environ()
+		return cmd.CombinedOutput()
+	}
+	for _, args := range [][]string{{"pool", "status"}, {"pool", "stop"}} {
+		if out, err := asNobody(args...); err == nil {
+			t.Errorf("another user ran mvmctl %q: %s", args, out)
+		}
+	}
+	// Even with the directory and the socket opened to all, the pool
+	// refuses a peer of another uid.
+	dir := filepath.Join(p.state, "pool")
+	for _, d := range []string{p.state, dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(filepath.Join(dir, "pool.sock"), 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := asNobody("pool", "status"); err == nil {
+		t.Errorf("another uid read the pool's status through an open socket: %s", out)
+	}
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(p.poolLog(), "refused a client") }) {
+		t.Errorf("the pool did not log the refused peer: %s", p.poolLog())
+	}
+	if r := p.run(nil, "-v", "exec", "--", "true"); r.code != 0 || !bytes.Contains(r.stderr, []byte("take from pool")) {
+		t.Fatalf("the owner's run after another uid's tries: %s", r)
 	}
 }
