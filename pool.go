@@ -265,6 +265,7 @@ func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
 		s.ready = nil
 		s.mu.Unlock()
 		for _, vm := range vms {
+			close(vm.gone)
 			p.destroy(vm)
 		}
 	}
