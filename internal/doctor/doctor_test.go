@@ -22,7 +22,7 @@ import (
 // allIDs is every check, in report order (docs/doctor.md lists them).
 var allIDs = []string{
 	"accel", "kvm", "qemu", "qemu-features", "qemu-sandbox", "qemu-confine", "jailer",
-	"image", "kernel", "agent", "busybox", "e2fsprogs", "mmdebstrap", "templates", "snapshots",
+	"image", "kernel", "agent", "busybox", "e2fsprogs", "mmdebstrap", "templates", "snapshots", "pool",
 	"disk-cache", "disk-state", "state-dir", "run-dir", "staged", "logs",
 }
 
