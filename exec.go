@@ -87,7 +87,9 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	if len(cmd.Argv) == 0 || cmd.Argv[0] == "" {
+	if (len(cmd.Argv) == 0 && !(sb.taken && sb.cfg.onTemplate())) || (len(cmd.Argv) > 0 && cmd.Argv[0] == "") {
+		// A pool's VM on a template gets the image's Entrypoint and
+		// Cmd from the pool, which has the template.
 		return nil, invalid("Cmd.Argv", "", "no command given")
 	}
 	env, err := cmd.check()

@@ -47,6 +47,9 @@ const (
 	// refillDelay is how long after a take the pool waits (unless the
 	// run ended first) before it restores the VM's replacement.
 	refillDelay = 250 * time.Millisecond
+	// readyFailWindow: a ready VM that fails sooner counts as a failed
+	// start.
+	readyFailWindow = 30 * time.Second
 	// poolRetryMax bounds the wait between failed starts of a shape.
 	poolRetryMax = 30 * time.Second
 )
@@ -125,7 +128,10 @@ type poolShape struct {
 	taken    int
 	served   uint64
 	missed   uint64
-	lastTake time.Time
+	lastTake time.Time // the last take, served or missed (idleness)
+	lastOut  time.Time // the last VM handed out (the refill's delay)
+	backoff  time.Duration
+	retryAt  time.Time // no start before, after failures
 	idle     bool
 	lastErr  string
 }
@@ -247,8 +253,13 @@ func describeShape(r resolved) string {
 // Run fills the pool and serves it on ln until ctx ends. Then it stops
 // taking, gives back the ready VMs, and waits for the runs of the VMs it
 // handed out to end before it returns (a run is never cut short by a
-// pool that stops). ln is closed.
+// pool that stops). ln is closed; a ListenPool listener's lock is held
+// until Run returns.
 func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
+	pl, _ := ln.(*poolListener)
+	if pl != nil {
+		pl.running.Store(true)
+	}
 	var fillers sync.WaitGroup
 	for _, s := range p.shapes {
 		fillers.Add(1)
@@ -257,7 +268,12 @@ func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
 			p.fill(ctx, s)
 		}()
 	}
+	// A pool whose socket failed ends (its fillers with it), rather
+	// than keep VMs no run can take.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	err := p.serve(ctx, ln)
+	cancel()
 	fillers.Wait()
 	for _, s := range p.shapes {
 		s.mu.Lock()
@@ -270,6 +286,10 @@ func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
 		}
 	}
 	p.sessions.Wait()
+	if pl != nil {
+		// Only now: until its last run ended this is the user's pool.
+		pl.lock.Release()
+	}
 	return err
 }
 
@@ -277,14 +297,23 @@ func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
 func (p *Pool) serve(ctx context.Context, ln net.Listener) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	var delay time.Duration
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("pool: %w", err)
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("pool: %w", err)
+			}
+			// Out of descriptors, most likely: wait, as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			p.log.Warn("accept", "err", err, "retry in", delay)
+			sleep(ctx, delay)
+			continue
 		}
+		delay = 0
 		if err := sameUser(conn); err != nil {
 			p.log.Warn("refused a client", "err", err)
 			conn.Close()
@@ -416,6 +445,21 @@ func (p *Pool) serveTaken(sess *mux.Session, st *mux.Stream, vm *pooledVM, s *po
 		return
 	}
 	p.log.Debug("handed out", "vm", vm.sb.name, "shape", s.desc)
+	// The VM ends with its run's session, whatever its streams wait
+	// for (a guest that stopped reading a stdin the client no longer
+	// sends), and the session with the VM: a VM that failed (frozen,
+	// crashed) fails its run, as an unpooled run's would.
+	ended := make(chan struct{})
+	defer close(ended)
+	go func() {
+		select {
+		case <-sess.Done():
+			p.destroy(vm)
+		case <-vm.sb.Failed():
+			sess.Close()
+		case <-ended:
+		}
+	}()
 	// Not the pool's context: a pool that stops lets its runs finish.
 	vm.sb.serveSession(context.Background(), sess, "run")
 }
@@ -448,6 +492,7 @@ func (p *Pool) take(ctx context.Context, shape string) (*pooledVM, *poolShape) {
 		s.ready = s.ready[1:]
 		close(vm.gone)
 		s.taken++
+		s.lastOut = time.Now()
 		s.mu.Unlock()
 		s.poke()
 		t0 := time.Now()
@@ -473,13 +518,23 @@ func (p *Pool) take(ctx context.Context, shape string) (*pooledVM, *poolShape) {
 			p.log.Debug("take", "vm", vm.sb.name, "check", t1.Sub(t0), "refresh", time.Since(t1))
 			s.mu.Lock()
 			s.served++
+			// A VM that served a run: the shape starts well again.
+			s.backoff = 0
 			s.mu.Unlock()
 			return vm, s
 		}
 		p.log.Info("not handed out", "vm", vm.sb.name, "err", err)
-		p.destroy(vm)
+		go p.destroy(vm)
 		s.mu.Lock()
 		s.taken--
+		if keyErr == nil && key != vm.key {
+			// The others were restored from the same stale machine.
+			for _, other := range s.ready {
+				close(other.gone)
+				go p.destroy(other)
+			}
+			s.ready = nil
+		}
 		s.mu.Unlock()
 		if ctx.Err() != nil {
 			return nil, s
@@ -498,7 +553,6 @@ func (s *poolShape) poke() {
 // fill keeps the shape's ready VMs at its size until ctx ends, one start
 // at a time, and gives them back when no take came for the idle limit.
 func (p *Pool) fill(ctx context.Context, s *poolShape) {
-	var backoff time.Duration // after starts that failed in a row
 	for ctx.Err() == nil {
 		s.mu.Lock()
 		if !s.idle && time.Since(s.lastTake) >= p.opts.IdleLimit && len(s.ready) > 0 {
@@ -507,8 +561,12 @@ func (p *Pool) fill(ctx context.Context, s *poolShape) {
 		// A VM just handed out is left its run's first moments before
 		// its replacement starts: on a small host a restore beside it
 		// slows the very run the pool is for.
-		settle := refillDelay - time.Since(s.lastTake)
-		need := !s.idle && len(s.ready)+s.starting < s.size && (s.taken == 0 || settle <= 0)
+		settle := max(refillDelay-time.Since(s.lastOut), time.Until(s.retryAt))
+		if s.taken == 0 {
+			settle = time.Until(s.retryAt)
+		}
+		short := !s.idle && len(s.ready)+s.starting < s.size
+		need := short && settle <= 0
 		if need {
 			s.starting++
 		}
@@ -520,28 +578,29 @@ func (p *Pool) fill(ctx context.Context, s *poolShape) {
 			switch {
 			case err == nil && ctx.Err() == nil:
 				s.ready = append(s.ready, vm)
-				s.lastErr, backoff = "", 0
+				s.lastErr = ""
 			case err != nil && ctx.Err() == nil:
 				s.lastErr = err.Error()
-				backoff = min(max(2*backoff, time.Second), poolRetryMax)
+				s.failedStart()
 			}
+			retry := s.backoff
 			s.mu.Unlock()
 			switch {
 			case err == nil && ctx.Err() != nil:
 				p.destroy(vm)
 			case err == nil:
-				go p.watchReady(s, vm)
+				go p.watchReady(s, vm, time.Now())
 			case ctx.Err() == nil:
-				p.log.Warn("start a VM", "shape", s.desc, "err", err, "retry in", backoff)
-				sleep(ctx, backoff)
+				p.log.Warn("start a VM", "shape", s.desc, "err", err, "retry in", retry)
 			}
 			continue
 		}
-		// Until a take or a VM's end wakes it, or the shape turns idle.
+		// Until a take or a VM's end wakes it, the retry or the refill
+		// is due, or the shape turns idle.
 		s.mu.Lock()
 		wait := time.Hour
 		switch {
-		case !s.idle && len(s.ready)+s.starting < s.size:
+		case short:
 			wait = max(settle, time.Millisecond)
 		case !s.idle:
 			wait = max(p.opts.IdleLimit-time.Since(s.lastTake), 10*time.Millisecond)
@@ -555,6 +614,13 @@ func (p *Pool) fill(ctx context.Context, s *poolShape) {
 		}
 		t.Stop()
 	}
+}
+
+// failedStart backs the shape's starts off after a failure (1 s, then
+// doubling to poolRetryMax), until a VM of it serves a run; s.mu is held.
+func (s *poolShape) failedStart() {
+	s.backoff = min(max(2*s.backoff, time.Second), poolRetryMax)
+	s.retryAt = time.Now().Add(s.backoff)
 }
 
 // sleep waits d or until ctx ends.
@@ -577,25 +643,36 @@ func (p *Pool) giveBack(s *poolShape) {
 	s.ready, s.idle = nil, true
 }
 
-// watchReady drops a ready VM that fails before it is taken.
-func (p *Pool) watchReady(s *poolShape, vm *pooledVM) {
+// watchReady drops a ready VM that fails before it is taken. One that
+// fails soon after it became ready (at ready) counts as a failed start: a
+// template whose guest powers off by itself must not be restored again
+// and again.
+func (p *Pool) watchReady(s *poolShape, vm *pooledVM, ready time.Time) {
 	select {
 	case <-vm.gone:
 		return
 	case <-vm.sb.Failed():
 	}
 	s.mu.Lock()
+	found := false
 	for i, r := range s.ready {
 		if r == vm {
 			s.ready = append(s.ready[:i:i], s.ready[i+1:]...)
 			close(vm.gone)
 			s.lastErr = "a ready VM failed: " + vm.sb.Err().Error()
+			if time.Since(ready) < readyFailWindow {
+				s.failedStart()
+			}
+			found = true
 			break
 		}
 	}
 	s.mu.Unlock()
-	p.destroy(vm)
-	s.poke()
+	if found {
+		p.log.Warn("a ready VM failed", "vm", vm.sb.name, "err", vm.sb.Err())
+		p.destroy(vm)
+		s.poke()
+	}
 }
 
 // startVM starts one VM of the shape and warms it: under emulation a

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -47,6 +48,13 @@ func dialPool(ctx context.Context, cfg Config) (*agentclient.Client, error) {
 			return nil, ErrNoPool
 		}
 		return nil, fmt.Errorf("pool: %w", err)
+	}
+	// Runs send the pool their commands, environment and stdin: only to
+	// a pool of this user (the directory should make sure of it; a
+	// shared MVM_STATE_DIR would not).
+	if err := sameUser(conn); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("pool: %s is served by another user: %w", path, err)
 	}
 	client, err := agentclient.Dial(conn)
 	if err != nil {
@@ -147,18 +155,39 @@ func PoolStatusOf(ctx context.Context, cfg Config) (PoolStatus, error) {
 	return st, nil
 }
 
+// privateDir makes dir (a directory of this user's, not a link) mode
+// 0700.
+func privateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s is not a directory of yours", dir)
+	}
+	return os.Chmod(dir, 0o700)
+}
+
 // ErrPoolRunning is ListenPool's error when the user's pool already runs.
 var ErrPoolRunning = errors.New("a pool is already running")
 
-// poolListener is the pool's socket; closing it drops the pool's lock.
+// poolListener is the pool's socket. Closing it drops the pool's lock,
+// unless a Pool.Run serves it: Run drops the lock when it returns, once
+// the runs of the VMs it handed out have ended.
 type poolListener struct {
 	net.Listener
-	lock *lockfile.Lock
+	lock    *lockfile.Lock
+	running atomic.Bool
 }
 
 func (l *poolListener) Close() error {
 	err := l.Listener.Close()
-	l.lock.Release()
+	if !l.running.Load() {
+		l.lock.Release()
+	}
 	return err
 }
 
@@ -171,10 +200,7 @@ func ListenPool(cfg Config) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(dir, 0o700); err != nil {
+	if err := privateDir(dir); err != nil {
 		return nil, err
 	}
 	lock, err := lockfile.Take(filepath.Join(dir, "lock"), unix.LOCK_EX|unix.LOCK_NB, true)

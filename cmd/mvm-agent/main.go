@@ -54,7 +54,7 @@ func main() {
 		if agent.CmdlineHas("mvm.debug") {
 			level.Set(slog.LevelDebug)
 		}
-		opts.OnHello = func(h *agentpb.Hello) { agent.ApplyHello(log, h) }
+		opts.OnHello = func(h *agentpb.Hello) error { return agent.ApplyHello(log, h) }
 		opts.OnShutdown = func() { agent.PowerOff(log) }
 		opts.Mounts = true
 	}

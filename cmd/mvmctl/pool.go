@@ -200,7 +200,7 @@ func startPool(cmd *cobra.Command, g *globalOptions, spec poolSpec, wait bool) e
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fail(err)
 	}
-	logf, err := os.OpenFile(filepath.Join(dir, "pool.log"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	logf, err := os.OpenFile(filepath.Join(dir, "pool.log"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fail(err)
 	}
@@ -260,7 +260,7 @@ func waitPoolReady(ctx context.Context, w io.Writer) error {
 		full := true
 		for _, s := range st.Shapes {
 			if s.LastError != "" && s.Ready == 0 {
-				return &exitError{code: exitFailure, msg: fmt.Sprintf("the pool cannot start VMs of %s: %s", s.Description, s.LastError)}
+				return &exitError{code: exitFailure, msg: fmt.Sprintf("the pool cannot start VMs of %s: %s", s.Description, oneLine(s.LastError, 2000))}
 			}
 			full = full && s.Ready >= s.Size
 		}

@@ -682,7 +682,7 @@ func oneLine(s string, n int) string {
 		switch {
 		case r == '\n' || r == '\t':
 			return ' '
-		case r < 0x20 || r == 0x7f:
+		case r < 0x20 || r == 0x7f || (r >= 0x80 && r <= 0x9f):
 			return -1
 		}
 		return r

@@ -56,7 +56,7 @@ func (c *hostConn) Close() error {
 // guest's filesystems and applies hellos), without touching the test
 // machine: the hellos the tests send carry no host name or boot id.
 func snapshotServer() *Server {
-	return NewServer(nil, "test", Options{Mounts: true, OnHello: func(*agentpb.Hello) {}})
+	return NewServer(nil, "test", Options{Mounts: true, OnHello: func(*agentpb.Hello) error { return nil }})
 }
 
 // serveRestartable starts srv on a fresh socketpair and returns the raw

@@ -197,18 +197,25 @@ func loopbackUp() error {
 // mix in at its next scheduled reseed (up to a minute later), while
 // RNDRESEEDCRNG makes the very next read of /dev/urandom or getrandom
 // come from the new state.
-func ApplyHello(log *slog.Logger, h *agentpb.Hello) {
+//
+// Failures are logged and returned: a hello goes on without them, a
+// refresh (which a pool relies on before it hands a VM out) fails.
+func ApplyHello(log *slog.Logger, h *agentpb.Hello) error {
+	var errs []error
 	if ns := h.GetHostTimeUnixNano(); ns > 0 {
 		tv := unix.NsecToTimeval(ns)
 		if err := unix.Settimeofday(&tv); err != nil {
 			log.Warn("set clock", "err", err)
+			errs = append(errs, fmt.Errorf("set clock: %w", err))
 		}
 	}
 	if seed := h.GetEntropy(); len(seed) > 0 {
 		if err := addEntropy(seed); err != nil {
 			log.Warn("add entropy", "err", err)
+			errs = append(errs, fmt.Errorf("add entropy: %w", err))
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // addEntropy feeds seed to the kernel with RNDADDENTROPY, which (unlike a

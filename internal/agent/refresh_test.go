@@ -2,11 +2,15 @@ package agent
 
 import (
 	"bytes"
+	"errors"
 	"sync"
 	"testing"
 
 	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 )
+
+// failing is the entropy whose application the test's hook fails.
+var failing []byte
 
 // A refresh applies its clock and entropy through the hello hook, checks
 // its boot id as a hello does, and is served only by an agent that owns
@@ -14,13 +18,18 @@ import (
 func TestRefresh(t *testing.T) {
 	var mu sync.Mutex
 	var got []*agentpb.Hello
-	srv := NewServer(nil, "test", Options{Mounts: true, OnHello: func(h *agentpb.Hello) {
+	srv := NewServer(nil, "test", Options{Mounts: true, OnHello: func(h *agentpb.Hello) error {
 		mu.Lock()
 		got = append(got, h)
 		mu.Unlock()
+		if bytes.Equal(h.Entropy, failing) {
+			return errors.New("RNDRESEEDCRNG: operation not permitted")
+		}
+		return nil
 	}})
 	h := serve(t, srv)
 	entropy := bytes.Repeat([]byte{7}, 32)
+	failing = bytes.Repeat([]byte{9}, 32)
 	tests := []struct {
 		name string
 		req  *agentpb.Refresh
@@ -30,6 +39,8 @@ func TestRefresh(t *testing.T) {
 		// machine's /proc.
 		{"clock and entropy", &agentpb.Refresh{HostTimeUnixNano: 0, Entropy: entropy}, 0},
 		{"short boot id", &agentpb.Refresh{Entropy: entropy, BootId: []byte{1, 2, 3}}, agentpb.Error_CODE_INVALID_ARGUMENT},
+		{"no entropy", &agentpb.Refresh{}, agentpb.Error_CODE_INVALID_ARGUMENT},
+		{"reseed fails", &agentpb.Refresh{Entropy: failing}, agentpb.Error_CODE_INTERNAL},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -57,7 +68,7 @@ func TestRefresh(t *testing.T) {
 			if e := resp.GetError(); e == nil || e.Code != tt.code {
 				t.Fatalf("reply %v, want error %s", resp.Result, tt.code)
 			}
-			if applied != 0 {
+			if applied != 0 && tt.name != "reseed fails" {
 				t.Fatalf("a refused refresh still reached the hello hook")
 			}
 		})

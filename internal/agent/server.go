@@ -67,7 +67,7 @@ type Options struct {
 	// OnHello applies what the host's hello carries (clock, entropy). Only
 	// the guest's init sets it: applying a host clock anywhere else would
 	// be wrong.
-	OnHello func(*agentpb.Hello)
+	OnHello func(*agentpb.Hello) error
 	// OnShutdown is called once the reply to a Shutdown call is on its way.
 	// Nil makes the agent refuse Shutdown.
 	OnShutdown func()
@@ -229,7 +229,8 @@ func (ss *session) hello(st *mux.Stream) error {
 		}
 	}
 	if ss.srv.opts.OnHello != nil {
-		ss.srv.opts.OnHello(h)
+		// Logged by the hook; the session is more use than a clock.
+		_ = ss.srv.opts.OnHello(h)
 	}
 	if ss.srv.opts.Mounts {
 		ss.srv.applyIdentity(h.Hostname, h.BootId)

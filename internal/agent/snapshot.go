@@ -66,7 +66,14 @@ func (s *Server) refresh(r *agentpb.Refresh) error {
 	if err := checkHelloIdentity("", r.BootId); err != nil {
 		return err
 	}
-	s.opts.OnHello(&agentpb.Hello{HostTimeUnixNano: r.HostTimeUnixNano, Entropy: r.Entropy})
+	if len(r.Entropy) < 16 {
+		// A refresh without a reseed would leave the clone's random
+		// state its siblings share.
+		return fmt.Errorf("%w: a refresh needs at least 16 bytes of entropy, got %d", errInvalidRequest, len(r.Entropy))
+	}
+	if err := s.opts.OnHello(&agentpb.Hello{HostTimeUnixNano: r.HostTimeUnixNano, Entropy: r.Entropy}); err != nil {
+		return err
+	}
 	if len(r.BootId) == 16 {
 		// Unlike a hello's, a refresh's boot id must take: a pool hands
 		// the VM out only once it has.

@@ -157,9 +157,9 @@ var execSeq atomic.Uint64
 // Exec asks the agent to start a command and returns at once; output flows
 // to spec's writers in the background. Use Wait for the exit status.
 func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
-	if len(spec.Argv) == 0 {
-		return nil, errors.New("exec: empty argv")
-	}
+	// An empty argv is sent as it is: a sandbox's owner that holds a
+	// template fills in the image's Entrypoint and Cmd, and an agent
+	// refuses it (REASON_INVALID).
 	st, err := c.sess.OpenContext(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("exec: open stream: %w", agentproto.Classify(err))

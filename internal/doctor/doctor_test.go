@@ -506,8 +506,8 @@ func TestPoolCheck(t *testing.T) {
 	expect(t, f.run(t), "pool", OK, "no pool is running", "-")
 	f.PoolRunning, f.Pool = true, []string{"default image, 2 CPUs, 512M: 2 of 2 ready"}
 	expect(t, f.run(t), "pool", OK, "running: default image, 2 CPUs, 512M: 2 of 2 ready", "-")
-	f.PoolProblem = "template py cannot fill: boot: the guest\x1b[2J died\nagain"
-	c := expect(t, f.run(t), "pool", Warn, "template py cannot fill: boot: the guest[2J died again", "see mvmctl pool status and the pool's log")
+	f.PoolProblem = "template py cannot fill: boot: the guest\x1b[2J died\u009b2J\nagain"
+	c := expect(t, f.run(t), "pool", Warn, "template py cannot fill: boot: the guest[2J died2J again", "see mvmctl pool status and the pool's log")
 	if strings.ContainsRune(c.Message, 0x1b) {
 		t.Errorf("pool: an escape reached the report: %q", c.Message)
 	}
