@@ -478,3 +478,85 @@ func TestPoolOtherUser(t *testing.T) {
 		t.Fatalf("the owner's run after another uid's tries: %s", r)
 	}
 }
+
+// runDirs lists the env's run directories (one per VM, the pool's too).
+func (p *poolEnv) runDirs() []string {
+	entries, _ := os.ReadDir(p.runDir)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestPoolTakenVMDies: a run whose pool VM dies under it fails as an
+// unpooled run whose VM died (exit 125, at once), and the pool goes on.
+func TestPoolTakenVMDies(t *testing.T) {
+	p := startPool(t, "--size", "1")
+	before := p.runDirs()
+	if len(before) != 1 {
+		t.Fatalf("run directories of a pool of 1: %v", before)
+	}
+	c, _ := startReadyArgs(t, p.env, "--timeout", "0", "--", "sh", "-c", "echo ready; sleep 60")
+	// Only the taken VM runs until the refill's delay is over.
+	vmms := p.vmms()
+	if len(vmms) != 1 {
+		t.Fatalf("VMMs while the run is young: %v", vmms)
+	}
+	if err := syscall.Kill(vmms[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_ = c.Wait()
+	if code := c.ProcessState.ExitCode(); code != 125 || time.Since(start) > 10*time.Second {
+		t.Fatalf("exit %d after %s, want 125 at once; stderr %q", code, time.Since(start), c.stderr)
+	}
+	p.waitReady()
+	if r := p.run(nil, "exec", "--", "echo", "hi"); r.code != 0 || string(r.stdout) != "hi\n" {
+		t.Fatalf("the next run: %s", r)
+	}
+}
+
+// TestPoolClientKilled: a pooled run's mvmctl killed while its command
+// does not read the stdin it was sent leaves no VM behind.
+func TestPoolClientKilled(t *testing.T) {
+	p := startPool(t, "--size", "1")
+	taken := p.runDirs()
+	if len(taken) != 1 {
+		t.Fatalf("run directories of a pool of 1: %v", taken)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := p.command(ctx, "exec", "-i", "--timeout", "0", "--", "sh", "-c", "echo ready; sleep 600")
+	in, _ := cmd.StdinPipe()
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := bufio.NewReader(out).ReadString('\n'); l != "ready\n" {
+		t.Fatalf("first line %q", l)
+	}
+	// More than the guest's window: the host side blocks on it.
+	go func() {
+		chunk := make([]byte, 1<<20)
+		for {
+			if _, err := in.Write(chunk); err != nil {
+				return
+			}
+		}
+	}()
+	time.Sleep(time.Second)
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	if !waitFor(15*time.Second, func() bool {
+		for _, d := range p.runDirs() {
+			if d == taken[0] {
+				return false
+			}
+		}
+		return true
+	}) {
+		t.Fatalf("the VM %s outlived its killed run: %v", taken[0], p.runDirs())
+	}
+	p.waitReady()
+}
