@@ -42,8 +42,11 @@ const (
 	MaxPoolSize = 16
 	// poolSocketName is the pool's socket, in PoolDir.
 	poolSocketName = "pool.sock"
-	// takeTimeout bounds a take (the hello, the refresh of the VM).
-	takeTimeout = 5 * time.Second
+	// poolHelloTimeout bounds a run's connect and hello to its pool,
+	// takeTimeout the take (on the pool's side: the checks and the
+	// refresh of the VM); a run that hits either starts its own VM.
+	poolHelloTimeout = time.Second
+	takeTimeout      = 3 * time.Second
 	// refillDelay is how long after a take the pool waits (unless the
 	// run ended first) before it restores the VM's replacement.
 	refillDelay = 250 * time.Millisecond

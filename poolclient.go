@@ -105,16 +105,20 @@ func takeFromPool(ctx context.Context, cfg Config, start time.Time) (*Sandbox, s
 	if why != "" {
 		return nil, why
 	}
-	ctx, cancel := context.WithTimeout(ctx, takeTimeout)
+	// A pool that does not answer (stopped, swamped) costs a run at
+	// most these before it starts its own VM.
+	hctx, cancel := context.WithTimeout(ctx, poolHelloTimeout)
 	defer cancel()
-	client, err := dialPool(ctx, r.Config)
+	client, err := dialPool(hctx, r.Config)
 	if errors.Is(err, ErrNoPool) {
 		return nil, ""
 	}
 	if err != nil {
 		return nil, err.Error()
 	}
-	name, h, err := client.Take(ctx, shape)
+	tctx, cancel := context.WithTimeout(ctx, takeTimeout)
+	defer cancel()
+	name, h, err := client.Take(tctx, shape)
 	if err != nil {
 		client.Close()
 		return nil, err.Error()
