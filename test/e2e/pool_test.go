@@ -560,3 +560,22 @@ func TestPoolClientKilled(t *testing.T) {
 	}
 	p.waitReady()
 }
+
+// TestPoolUnresponsive: a pool that does not answer (stopped) costs a
+// run about a second, after which it starts its own VM.
+func TestPoolUnresponsive(t *testing.T) {
+	p := startPool(t, "--size", "1")
+	pid := p.status().PID
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Kill(pid, syscall.SIGCONT)
+	r := p.run(nil, "-v", "exec", "--", "echo", "hi")
+	syscall.Kill(pid, syscall.SIGCONT)
+	if r.code != 0 || string(r.stdout) != "hi\n" || !bytes.Contains(r.stderr, []byte("not taken: pool: context deadline exceeded")) {
+		t.Fatalf("a run with a stopped pool: %s", r)
+	}
+	if r.elapsed > 5*time.Second {
+		t.Errorf("a stopped pool cost the run %s", r.elapsed)
+	}
+}
