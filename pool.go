@@ -263,6 +263,10 @@ func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
 	if pl != nil {
 		pl.running.Store(true)
 	}
+	// A pool whose socket failed ends (its fillers with it), rather
+	// than keep VMs no run can take.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	var fillers sync.WaitGroup
 	for _, s := range p.shapes {
 		fillers.Add(1)
@@ -271,10 +275,6 @@ func (p *Pool) Run(ctx context.Context, ln net.Listener) error {
 			p.fill(ctx, s)
 		}()
 	}
-	// A pool whose socket failed ends (its fillers with it), rather
-	// than keep VMs no run can take.
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	err := p.serve(ctx, ln)
 	cancel()
 	fillers.Wait()
