@@ -55,6 +55,11 @@ func readXattrs(path string) ([]xattr, error) {
 	}
 	var out []xattr
 	for _, full := range strings.Split(strings.TrimRight(string(list[:size]), "\x00"), "\x00") {
+		if full == "" {
+			// An empty list: overlayfs sizes its list with the names
+			// it then hides (trusted.overlay.*).
+			continue
+		}
 		value, err := getxattr(path, full)
 		if errors.Is(err, unix.ENODATA) {
 			continue // removed since the list

@@ -52,8 +52,8 @@ func setup(m *testing.M) int {
 	return m.Run()
 }
 
-// prepare builds mvmctl, mvm-agent and mvm-jailer from this tree (unless
-// -mvmctl names a binary, with the other two beside it) and bootstraps a private image cache
+// prepare builds mvmctl, mvm-agent, mvm-jailer and the containerd shim
+// from this tree (unless -mvmctl names a binary, with the others beside it) and bootstraps a private image cache
 // that reuses the user's compiled kernel.
 func prepare(work string) error {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
@@ -66,6 +66,7 @@ func prepare(work string) error {
 		mvmctl = filepath.Join(bin, "mvmctl")
 		for _, b := range []struct{ out, pkg string }{
 			{mvmctl, "../../cmd/mvmctl"}, {filepath.Join(bin, "mvm-agent"), "../../cmd/mvm-agent"}, {filepath.Join(bin, "mvm-jailer"), "../../cmd/mvm-jailer"},
+			{filepath.Join(bin, "containerd-shim-mvm-v2"), "../../cmd/containerd-shim-mvm-v2"},
 		} {
 			cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -1,0 +1,15 @@
+// Command containerd-shim-mvm-v2 is mvm's containerd shim
+// (io.containerd.mvm.v2): containerd runs it for each task of a runtime
+// configured with that name, and it runs the task's processes in a
+// microVM. See docs/kubernetes.md.
+package main
+
+import (
+	"github.com/containerd/containerd/runtime/v2/shim"
+
+	"github.com/mvm-sh/mvm/internal/ctrshim"
+)
+
+func main() {
+	shim.Run(ctrshim.RuntimeName, ctrshim.New)
+}

@@ -1,0 +1,637 @@
+// Package ctrshim is mvm's containerd shim v2 (io.containerd.mvm.v2): it
+// serves containerd's task API (version 2, what containerd 1.6 and 1.7
+// speak) by running each container's processes in a microVM, through
+// the mvm SDK. The container's root filesystem, which containerd's
+// snapshotter lays out as mounts, is mounted in the bundle, written once
+// into an ext4 template (content-addressed: the same layers cost nothing
+// the second time) and attached to the VM read-only under the run's own
+// writable layer, as for `mvmctl exec --template`.
+//
+// One shim process serves one task (containerd starts a shim per
+// container); the VM starts at Start, not Create, and ends at Delete.
+package ctrshim
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v2"
+	apitypes "github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/errdefs"
+	"github.com/containerd/containerd/mount"
+	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/containerd/protobuf"
+	ptypes "github.com/containerd/containerd/protobuf/types"
+	"github.com/containerd/containerd/runtime/v2/shim"
+	"github.com/containerd/fifo"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/mvm-sh/mvm"
+	"github.com/mvm-sh/mvm/internal/template"
+	"github.com/mvm-sh/mvm/internal/xdg"
+)
+
+// RuntimeName is the runtime containerd names this shim by.
+const RuntimeName = "io.containerd.mvm.v2"
+
+var _ = (taskAPI.TaskService)(&Service{})
+
+// Service is the shim's task service.
+type Service struct {
+	id        string
+	publisher shim.Publisher
+	shutdown  func()
+	log       *slog.Logger
+
+	mu     sync.Mutex
+	bundle string
+	spec   *specs.Spec
+	tmpl   string // the container's template name
+	sb     *mvm.Sandbox
+	procs  map[string]*process // "" is the init process
+}
+
+// process is the init process or an exec of the task.
+type process struct {
+	id                    string
+	argv, env             []string
+	dir, user             string
+	stdin, stdout, stderr string
+	terminal              bool
+
+	p        *mvm.Process
+	pid      uint32
+	started  bool
+	done     chan struct{}
+	status   uint32
+	exitedAt time.Time
+	closers  []io.Closer
+	stdinW   io.Closer
+}
+
+// New is the shim's init function (shim.Init).
+func New(ctx context.Context, id string, publisher shim.Publisher, shutdown func()) (shim.Shim, error) {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})).With("task", id)
+	return &Service{id: id, publisher: publisher, shutdown: shutdown, log: log, procs: map[string]*process{}}, nil
+}
+
+// dirs are the mvm directories the shim uses: containerd runs shims as
+// root with its own environment, so MVM_* variables or root's XDG
+// directories (where `mvmctl bootstrap`, run as root, put the image).
+func dirs() mvm.Config {
+	if os.Getenv("HOME") == "" {
+		os.Setenv("HOME", "/root")
+	}
+	var c mvm.Config
+	c.DataDir, _ = xdg.DataDir()
+	c.CacheDir, _ = xdg.CacheDir()
+	return c
+}
+
+// StartShim starts the shim's long-lived process and returns its address
+// (containerd runs `containerd-shim-mvm-v2 ... start`).
+func (s *Service) StartShim(ctx context.Context, opts shim.StartOpts) (_ string, retErr error) {
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return "", err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	address, err := shim.SocketAddress(ctx, opts.Address, opts.ID)
+	if err != nil {
+		return "", err
+	}
+	socket, err := shim.NewSocket(address)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return "", err
+		}
+		if err := shim.RemoveSocket(address); err != nil {
+			return "", fmt.Errorf("remove the socket in use: %w", err)
+		}
+		if socket, err = shim.NewSocket(address); err != nil {
+			return "", err
+		}
+	}
+	defer func() {
+		if retErr != nil {
+			socket.Close()
+			_ = shim.RemoveSocket(address)
+		}
+	}()
+	if err := shim.WriteAddress("address", address); err != nil {
+		return "", err
+	}
+	f, err := socket.File()
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	cmd, err := shimCommand(self, cwd, ns, opts)
+	if err != nil {
+		return "", err
+	}
+	cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	go func() { _ = cmd.Wait() }()
+	if err := shim.WritePidFile("shim.pid", cmd.Process.Pid); err != nil {
+		_ = cmd.Process.Kill()
+		return "", err
+	}
+	return address, nil
+}
+
+// Cleanup is `containerd-shim-mvm-v2 ... delete`: containerd's cleanup
+// after a shim that died. The VM died with the shim (its VMM is the
+// shim's child); what is left is the bundle's rootfs mount and the
+// container's template.
+func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) {
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	if err := mount.UnmountAll(filepath.Join(cwd, "rootfs"), 0); err != nil {
+		s.log.Warn("unmount the rootfs", "err", err)
+	}
+	removeTemplate(templateName(s.id, cwd))
+	return &taskAPI.DeleteResponse{ExitedAt: protobuf.ToTimestamp(time.Now()), ExitStatus: 128 + uint32(syscall.SIGKILL)}, nil
+}
+
+// templateName names the container's template: unique per bundle.
+func templateName(id, bundle string) string {
+	h := sha256.Sum256([]byte(id + "\x00" + bundle))
+	return "ctr-" + hex.EncodeToString(h[:8])
+}
+
+func removeTemplate(name string) {
+	c := dirs()
+	st, err := template.Open(c.DataDir, c.CacheDir)
+	if err != nil {
+		return
+	}
+	_ = st.Remove(name)
+}
+
+// Create mounts the rootfs and makes the container's template; the VM
+// starts with the init process (Start).
+func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.spec != nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "task %s", r.ID)
+	}
+	b, err := os.ReadFile(filepath.Join(r.Bundle, "config.json"))
+	if err != nil {
+		return nil, err
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("config.json: %w", err)
+	}
+	if spec.Process == nil || len(spec.Process.Args) == 0 {
+		return nil, errdefs.ToGRPCf(errdefs.ErrInvalidArgument, "the spec has no process args")
+	}
+	rootfs := filepath.Join(r.Bundle, "rootfs")
+	if len(r.Rootfs) > 0 {
+		var mounts []mount.Mount
+		for _, m := range r.Rootfs {
+			mounts = append(mounts, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+		}
+		if err := os.MkdirAll(rootfs, 0o711); err != nil {
+			return nil, err
+		}
+		if err := mount.All(mounts, rootfs); err != nil {
+			return nil, fmt.Errorf("mount the rootfs: %w", err)
+		}
+		defer func() {
+			if retErr != nil {
+				_ = mount.UnmountAll(rootfs, 0)
+			}
+		}()
+	}
+	name := templateName(r.ID, r.Bundle)
+	c := dirs()
+	st, err := template.Open(c.DataDir, c.CacheDir)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	if _, err := st.Create(ctx, name, template.Spec{Dir: rootfs}, template.Options{}); err != nil {
+		return nil, fmt.Errorf("the container's root filesystem: %w", err)
+	}
+	s.log.Info("rootfs written", "template", name, "took", time.Since(start))
+	s.bundle, s.spec, s.tmpl = r.Bundle, &spec, name
+	p := s.newProcess("", spec.Process, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
+	s.procs[""] = p
+	return &taskAPI.CreateTaskResponse{}, nil
+}
+
+func (s *Service) newProcess(id string, sp *specs.Process, stdin, stdout, stderr string, terminal bool) *process {
+	user := ""
+	if sp.User.UID != 0 || sp.User.GID != 0 {
+		user = strconv.FormatUint(uint64(sp.User.UID), 10) + ":" + strconv.FormatUint(uint64(sp.User.GID), 10)
+	}
+	return &process{
+		id: id, argv: sp.Args, env: sp.Env, dir: sp.Cwd, user: user,
+		stdin: stdin, stdout: stdout, stderr: stderr, terminal: terminal,
+		done: make(chan struct{}),
+	}
+}
+
+// shape is the VM's shape from the spec's resources: the memory limit
+// (at least mvm.MinMemory), and the CPU quota rounded up.
+func shape(spec *specs.Spec) (cpus int, memory int64) {
+	if spec.Linux == nil || spec.Linux.Resources == nil {
+		return 0, 0
+	}
+	res := spec.Linux.Resources
+	if m := res.Memory; m != nil && m.Limit != nil && *m.Limit > 0 {
+		memory = max((*m.Limit+(1<<20)-1)&^((1<<20)-1), mvm.MinMemory)
+	}
+	if c := res.CPU; c != nil && c.Quota != nil && c.Period != nil && *c.Quota > 0 && *c.Period > 0 {
+		cpus = int((uint64(*c.Quota) + *c.Period - 1) / *c.Period)
+		cpus = min(max(cpus, 1), mvm.MaxCPUs)
+	}
+	return cpus, memory
+}
+
+// Start starts the init process (booting the VM) or an exec.
+func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
+	s.mu.Lock()
+	p := s.procs[r.ExecID]
+	s.mu.Unlock()
+	if p == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	}
+	if r.ExecID == "" {
+		cpus, memory := shape(s.spec)
+		c := dirs()
+		c.Template, c.CPUs, c.Memory, c.Name = s.tmpl, cpus, memory, "ctr-"+shortID(s.id)
+		sb, err := mvm.Start(context.WithoutCancel(ctx), c)
+		if err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		s.sb = sb
+		s.mu.Unlock()
+	}
+	if err := s.startProcess(p); err != nil {
+		return nil, err
+	}
+	if r.ExecID == "" {
+		s.publish(ctx, "/tasks/start", &eventstypes.TaskStart{ContainerID: s.id, Pid: p.pid})
+	} else {
+		s.publish(ctx, "/tasks/exec-started", &eventstypes.TaskExecStarted{ContainerID: s.id, ExecID: r.ExecID, Pid: p.pid})
+	}
+	return &taskAPI.StartResponse{Pid: p.pid}, nil
+}
+
+func shortID(id string) string {
+	h := sha256.Sum256([]byte(id))
+	return hex.EncodeToString(h[:6])
+}
+
+// startProcess runs p in the VM with its stdio on containerd's FIFOs.
+func (s *Service) startProcess(p *process) error {
+	s.mu.Lock()
+	sb := s.sb
+	s.mu.Unlock()
+	if sb == nil {
+		return errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "the task is not started")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := mvm.Cmd{Argv: p.argv, Env: p.env, Dir: p.dir, User: p.user}
+	if p.stdout != "" {
+		w, err := fifo.OpenFifo(ctx, p.stdout, syscall.O_WRONLY, 0)
+		if err != nil {
+			return fmt.Errorf("stdout: %w", err)
+		}
+		cmd.Stdout = w
+		p.closers = append(p.closers, w)
+	}
+	if p.stderr != "" && !p.terminal {
+		w, err := fifo.OpenFifo(ctx, p.stderr, syscall.O_WRONLY, 0)
+		if err != nil {
+			return fmt.Errorf("stderr: %w", err)
+		}
+		cmd.Stderr = w
+		p.closers = append(p.closers, w)
+	}
+	if p.stdin != "" {
+		rd, err := fifo.OpenFifo(ctx, p.stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			return fmt.Errorf("stdin: %w", err)
+		}
+		cmd.Stdin = rd
+		p.stdinW = rd
+		p.closers = append(p.closers, rd)
+	}
+	if p.terminal {
+		cmd.TTY = &mvm.TTY{Rows: 24, Cols: 80}
+	}
+	proc, err := sb.Start(context.Background(), cmd)
+	if err != nil {
+		for _, c := range p.closers {
+			c.Close()
+		}
+		return err
+	}
+	<-proc.Started()
+	s.mu.Lock()
+	p.p, p.pid, p.started = proc, uint32(proc.PID()), true
+	s.mu.Unlock()
+	go s.reap(p)
+	return nil
+}
+
+// reap waits for p to end and tells containerd.
+func (s *Service) reap(p *process) {
+	st, err := p.p.Wait()
+	code := uint32(st.Code)
+	switch {
+	case st.Signal != 0:
+		code = 128 + uint32(st.Signal)
+	case err != nil && st.Code < 0:
+		code = 255
+	}
+	for _, c := range p.closers {
+		c.Close()
+	}
+	s.mu.Lock()
+	p.status, p.exitedAt = code, time.Now()
+	s.mu.Unlock()
+	close(p.done)
+	s.publish(context.Background(), "/tasks/exit", &eventstypes.TaskExit{
+		ContainerID: s.id, ID: p.execOrID(s.id), Pid: p.pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(p.exitedAt),
+	})
+}
+
+func (p *process) execOrID(id string) string {
+	if p.id == "" {
+		return id
+	}
+	return p.id
+}
+
+func (s *Service) publish(ctx context.Context, topic string, ev any) {
+	if s.publisher == nil {
+		return
+	}
+	ctx = namespaces.WithNamespace(context.WithoutCancel(ctx), namespaceOf(ctx))
+	if err := s.publisher.Publish(ctx, topic, ev); err != nil {
+		s.log.Warn("publish", "topic", topic, "err", err)
+	}
+}
+
+func namespaceOf(ctx context.Context) string {
+	if ns, ok := namespaces.Namespace(ctx); ok {
+		return ns
+	}
+	if ns := os.Getenv("NAMESPACE"); ns != "" {
+		return ns
+	}
+	return namespaces.Default
+}
+
+// Delete ends a process's record, or the task: the VM, the rootfs mount
+// and the template.
+func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	s.mu.Lock()
+	p := s.procs[r.ExecID]
+	s.mu.Unlock()
+	if p == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	}
+	if p.started {
+		select {
+		case <-p.done:
+		default:
+			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "process %q is running", r.ExecID)
+		}
+	}
+	s.mu.Lock()
+	delete(s.procs, r.ExecID)
+	sb := s.sb
+	if r.ExecID == "" {
+		s.sb = nil
+	}
+	s.mu.Unlock()
+	if r.ExecID == "" {
+		if sb != nil {
+			_, _ = sb.Close(context.Background())
+		}
+		if err := mount.UnmountAll(filepath.Join(s.bundle, "rootfs"), 0); err != nil {
+			s.log.Warn("unmount the rootfs", "err", err)
+		}
+		removeTemplate(s.tmpl)
+		s.publish(ctx, "/tasks/delete", &eventstypes.TaskDelete{ContainerID: s.id, Pid: p.pid, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)})
+	}
+	return &taskAPI.DeleteResponse{Pid: p.pid, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)}, nil
+}
+
+// Exec records an exec process; Start runs it.
+func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*ptypes.Empty, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.procs[r.ExecID] != nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "exec %q", r.ExecID)
+	}
+	var sp specs.Process
+	if r.Spec == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrInvalidArgument, "exec %q has no process spec", r.ExecID)
+	}
+	if err := json.Unmarshal(r.Spec.Value, &sp); err != nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrInvalidArgument, "exec %q: %v", r.ExecID, err)
+	}
+	s.procs[r.ExecID] = s.newProcess(r.ExecID, &sp, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
+	return &ptypes.Empty{}, nil
+}
+
+// ResizePty resizes a process's terminal.
+func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*ptypes.Empty, error) {
+	p, err := s.running(r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.p.Resize(ctx, uint16(r.Height), uint16(r.Width)); err != nil {
+		return nil, err
+	}
+	return &ptypes.Empty{}, nil
+}
+
+func (s *Service) running(execID string) (*process, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.procs[execID]
+	if p == nil || !p.started {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q is not running", execID)
+	}
+	return p, nil
+}
+
+// State reports a process.
+func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.procs[r.ExecID]
+	if p == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	}
+	status := apitypes.Status_CREATED
+	if p.started {
+		status = apitypes.Status_RUNNING
+		select {
+		case <-p.done:
+			status = apitypes.Status_STOPPED
+		default:
+		}
+	}
+	return &taskAPI.StateResponse{
+		ID: r.ID, Bundle: s.bundle, Pid: p.pid, Status: status, Stdin: p.stdin, Stdout: p.stdout, Stderr: p.stderr,
+		Terminal: p.terminal, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt), ExecID: r.ExecID,
+	}, nil
+}
+
+// Kill signals a process (its process group, in the guest).
+func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Empty, error) {
+	s.mu.Lock()
+	p := s.procs[r.ExecID]
+	s.mu.Unlock()
+	if p == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	}
+	if !p.started {
+		return &ptypes.Empty{}, nil
+	}
+	select {
+	case <-p.done:
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q already exited", r.ExecID)
+	default:
+	}
+	if err := p.p.Signal(ctx, syscall.Signal(r.Signal)); err != nil {
+		return nil, err
+	}
+	return &ptypes.Empty{}, nil
+}
+
+// Pids lists the task's processes (their guest pids).
+func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*apitypes.ProcessInfo
+	for _, p := range s.procs {
+		if p.started {
+			out = append(out, &apitypes.ProcessInfo{Pid: p.pid})
+		}
+	}
+	return &taskAPI.PidsResponse{Processes: out}, nil
+}
+
+// CloseIO closes a process's stdin.
+func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*ptypes.Empty, error) {
+	p, err := s.running(r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if r.Stdin && p.stdinW != nil {
+		p.stdinW.Close()
+	}
+	return &ptypes.Empty{}, nil
+}
+
+// Wait waits for a process to end.
+func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
+	s.mu.Lock()
+	p := s.procs[r.ExecID]
+	s.mu.Unlock()
+	if p == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	}
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return &taskAPI.WaitResponse{ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)}, nil
+}
+
+// Connect says which processes serve the task.
+func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var pid uint32
+	if p := s.procs[""]; p != nil {
+		pid = p.pid
+	}
+	return &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), TaskPid: pid}, nil
+}
+
+// Shutdown ends the shim once its task is gone.
+func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
+	s.mu.Lock()
+	n := len(s.procs)
+	s.mu.Unlock()
+	if n > 0 {
+		return &ptypes.Empty{}, nil
+	}
+	s.shutdown()
+	return &ptypes.Empty{}, nil
+}
+
+var errNotBuilt = errors.New("not supported by the mvm shim yet")
+
+func (s *Service) Pause(context.Context, *taskAPI.PauseRequest) (*ptypes.Empty, error) {
+	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "pause: %v", errNotBuilt)
+}
+
+func (s *Service) Resume(context.Context, *taskAPI.ResumeRequest) (*ptypes.Empty, error) {
+	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "resume: %v", errNotBuilt)
+}
+
+func (s *Service) Checkpoint(context.Context, *taskAPI.CheckpointTaskRequest) (*ptypes.Empty, error) {
+	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint: %v", errNotBuilt)
+}
+
+func (s *Service) Stats(context.Context, *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "stats: %v", errNotBuilt)
+}
+
+func (s *Service) Update(context.Context, *taskAPI.UpdateTaskRequest) (*ptypes.Empty, error) {
+	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "update: %v", errNotBuilt)
+}
+
+// shimCommand is the shim's long-lived process: this binary, without
+// the start action, in its own process group (containerd's signals are
+// not its).
+func shimCommand(self, dir, ns string, opts shim.StartOpts) (*exec.Cmd, error) {
+	cmd := exec.Command(self, "-namespace", ns, "-id", opts.ID, "-address", opts.Address)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return cmd, nil
+}

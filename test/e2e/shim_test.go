@@ -1,0 +1,244 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/compression"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/mvm-sh/mvm/internal/oci/ocitest"
+)
+
+// The tests here run a real containerd (Debian's 1.6, started with a
+// config and directories of the test's own) with mvm's shim as the
+// runtime io.containerd.mvm.v2, and drive it with ctr as a user does.
+
+// ctrd is one test's containerd.
+type ctrd struct {
+	*env
+	dir, sock string
+	cmd       *exec.Cmd
+}
+
+// startContainerd starts containerd for the test; it is stopped, and
+// the test's VMs, mounts and templates checked gone, at the end.
+func startContainerd(t *testing.T) *ctrd {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root on the host: containerd mounts the containers' root filesystems")
+	}
+	bin, err := exec.LookPath("containerd")
+	if err != nil {
+		t.Fatalf("containerd is needed (apt-get install containerd): %v", err)
+	}
+	if _, err := exec.LookPath("ctr"); err != nil {
+		t.Fatalf("ctr is needed (apt-get install containerd): %v", err)
+	}
+	shimBin := filepath.Join(filepath.Dir(mvmctl), "containerd-shim-mvm-v2")
+	if _, err := os.Stat(shimBin); err != nil {
+		t.Fatalf("the shim is not built: %v", err)
+	}
+	// Short: the socket's path must fit a unix address.
+	dir, err := os.MkdirTemp("", "ctd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &ctrd{env: newEnv(t), dir: dir, sock: filepath.Join(dir, "c.sock")}
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = %q
+[ttrpc]
+  address = %q
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc")
+	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "containerd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.cmd = exec.Command(bin, "--config", filepath.Join(dir, "config.toml"))
+	c.cmd.Env = append(c.environ("MVM_DATA_DIR="+filepath.Join(dir, "data")), "PATH="+filepath.Dir(shimBin)+":"+os.Getenv("PATH"))
+	c.cmd.Stdout, c.cmd.Stderr = logf, logf
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = c.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = c.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = c.cmd.Process.Kill()
+			<-done
+		}
+		logf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("containerd's log:\n%s", tail(string(b)))
+		}
+		c.assertClean()
+		if ms := c.mounts(); len(ms) > 0 {
+			t.Errorf("mounts left under containerd's directories: %v", ms)
+			for _, m := range ms {
+				_ = syscall.Unmount(m, syscall.MNT_DETACH)
+			}
+		}
+		os.RemoveAll(dir)
+	})
+	if !waitFor(20*time.Second, func() bool { return c.ctr(nil, "version").code == 0 }) {
+		t.Fatalf("containerd did not start: %s", c.ctr(nil, "version"))
+	}
+	return c
+}
+
+// ctr runs ctr against the test's containerd.
+func (c *ctrd) ctr(stdin []byte, args ...string) result {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ctr", append([]string{"-a", c.sock}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = bytes.NewReader(stdin), &out, &errb
+	start := time.Now()
+	err := cmd.Run()
+	r := result{stdout: out.Bytes(), stderr: errb.Bytes(), elapsed: time.Since(start)}
+	if ee, ok := err.(*exec.ExitError); ok {
+		r.code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("ctr %q: %v", args, err)
+	}
+	return r
+}
+
+// mounts lists the mount points under containerd's directories.
+func (c *ctrd) mounts() []string {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && strings.HasPrefix(f[4], c.dir+"/") {
+			out = append(out, f[4])
+		}
+	}
+	return out
+}
+
+// importImage imports the test image (busybox and accounts; see
+// testImage) as docker.io/library/mvmtest:1, and the same running as the
+// user app (1000:1000) as docker.io/library/mvmtest-app:1.
+func (c *ctrd) importImage(t *testing.T) string {
+	t.Helper()
+	c.importAs(t, "docker.io/library/mvmtest-app:1", v1.Config{Env: []string{"PATH=/bin"}, User: "app", WorkingDir: "/home/app"})
+	return c.importAs(t, "docker.io/library/mvmtest:1", v1.Config{Env: []string{"PATH=/bin", "FROM_IMAGE=yes"}})
+}
+
+func (c *ctrd) importAs(t *testing.T, ref string, cfg v1.Config) string {
+	t.Helper()
+	// The test image's first layer and a marker (its second layer has
+	// a hard link across layers, which containerd's unpacker refuses).
+	base, err := busyboxLayer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := ocitest.Image(cfg, "amd64",
+		ocitest.Layer(base, compression.GZip), ocitest.Layer(ocitest.Tar(ocitest.File("marker", "shim\n", 0o644, 0, 0)), compression.GZip))
+	archive := filepath.Join(c.dir, "image.tar")
+	if err := ocitest.WriteDockerArchive(archive, img, ref); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.ctr(nil, "image", "import", archive); r.code != 0 {
+		t.Fatalf("ctr image import: %s", r)
+	}
+	return ref
+}
+
+// TestShimRun: ctr run with the mvm runtime runs the command in a
+// microVM, with the spec's args, env, working directory and user, its
+// stdout and stderr apart, and its exit code.
+func TestShimRun(t *testing.T) {
+	c := startContainerd(t)
+	ref := c.importImage(t)
+	r := c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", ref, "run1",
+		"sh", "-c", `echo "out $FROM_IMAGE"; echo err >&2; uname -r; exit 3`)
+	if r.code != 3 || !strings.HasPrefix(string(r.stdout), "out yes\n") || !strings.Contains(string(r.stdout), "-mvm") || string(r.stderr) != "err\n" {
+		t.Fatalf("ctr run: %s", r)
+	}
+	host, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	if strings.Contains(string(r.stdout), strings.TrimSpace(string(host))) {
+		t.Fatalf("the command ran on the host's kernel: %s", r)
+	}
+	r = c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", "--env", "GREETING=hello world", "--cwd", "/tmp",
+		ref, "run2", "sh", "-c", `echo "$GREETING"; pwd; cat /marker`)
+	if r.code != 0 || string(r.stdout) != "hello world\n/tmp\nshim\n" {
+		t.Fatalf("ctr run with env and cwd: %s", r)
+	}
+	// The image's user and working directory, as the spec has them.
+	r = c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", "docker.io/library/mvmtest-app:1", "run3", "sh", "-c", "id -u; id -g; pwd")
+	if r.code != 0 || string(r.stdout) != "1000\n1000\n/home/app\n" {
+		t.Fatalf("ctr run of an image with a user: %s", r)
+	}
+	// The spec's CPU quota and memory limit are the VM's shape.
+	r = c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", "--cpus", "1", "--memory-limit", "268435456",
+		ref, "run4", "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
+	var kb int
+	fmt.Sscanf(strings.TrimPrefix(strings.SplitN(string(r.stdout), "\n", 2)[1], "MemTotal:"), "%d", &kb)
+	if r.code != 0 || !strings.HasPrefix(string(r.stdout), "1\n") || kb > 256<<10 || kb < 160<<10 {
+		t.Fatalf("ctr run --cpus 1 --memory-limit 256M: %s (MemTotal %d kB)", r, kb)
+	}
+	if r := c.ctr(nil, "container", "ls", "-q"); len(bytes.TrimSpace(r.stdout)) != 0 {
+		t.Fatalf("containers left after --rm: %s", r)
+	}
+}
+
+// TestShimTaskLifecycle: a detached task can be listed, exec'd into,
+// killed and deleted, as with runc, and leaves nothing.
+func TestShimTaskLifecycle(t *testing.T) {
+	c := startContainerd(t)
+	ref := c.importImage(t)
+	if r := c.ctr(nil, "run", "-d", "--runtime", "io.containerd.mvm.v2", ref, "box", "sh", "-c", "echo started > /tmp/state; exec sleep 600"); r.code != 0 {
+		t.Fatalf("ctr run -d: %s", r)
+	}
+	if !waitFor(30*time.Second, func() bool { return bytes.Contains(c.ctr(nil, "task", "ls").stdout, []byte("RUNNING")) }) {
+		t.Fatalf("task ls: %s", c.ctr(nil, "task", "ls"))
+	}
+	if r := c.ctr(nil, "task", "ps", "box"); r.code != 0 || len(bytes.Fields(r.stdout)) < 2 {
+		t.Fatalf("task ps: %s", r)
+	}
+	// An exec sees the init process's files: the same VM.
+	r := c.ctr(nil, "task", "exec", "--exec-id", "e1", "box", "sh", "-c", "cat /tmp/state; exit 4")
+	if r.code != 4 || string(r.stdout) != "started\n" {
+		t.Fatalf("task exec: %s", r)
+	}
+	if r := c.ctr(nil, "task", "kill", "-s", "SIGKILL", "box"); r.code != 0 {
+		t.Fatalf("task kill: %s", r)
+	}
+	if !waitFor(30*time.Second, func() bool { return bytes.Contains(c.ctr(nil, "task", "ls").stdout, []byte("STOPPED")) }) {
+		t.Fatalf("after kill, task ls: %s", c.ctr(nil, "task", "ls"))
+	}
+	if r := c.ctr(nil, "task", "delete", "box"); r.code != 0 {
+		t.Fatalf("task delete: %s", r)
+	}
+	if r := c.ctr(nil, "container", "delete", "box"); r.code != 0 {
+		t.Fatalf("container delete: %s", r)
+	}
+	if !waitFor(10*time.Second, func() bool { return len(c.vmms()) == 0 }) {
+		t.Fatalf("VMMs after delete: %v", c.vmms())
+	}
+	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
+		t.Errorf("templates left after delete: %v", ts)
+	}
+}
