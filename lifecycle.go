@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"time"
+
+	"github.com/mvm-sh/mvm/internal/image"
+	"github.com/mvm-sh/mvm/internal/runstate"
 )
 
 // A sandbox's life is a list of named steps: Start runs them in order and
@@ -129,4 +133,35 @@ func (l *lifecycle) push(undoName string, fn undoFunc) {
 	l.mu.Lock()
 	l.undos = append(l.undos, undoStep{undoName, fn})
 	l.mu.Unlock()
+}
+
+// Reclaim removes what runs of this user left behind when their owner
+// died (killed, crashed): it kills a VMM that outlived its owner and
+// removes the run's directory, keeping a read-write directory's unwritten
+// changes (mvmctl recover). Every Start does this first; a front end that
+// knows an owner just died (a containerd shim's cleanup) calls it to
+// clean up at once. It returns the runs it reclaimed. Only RunDir,
+// StateDir and Logger matter in cfg.
+func Reclaim(cfg Config) ([]string, error) {
+	if err := fillDirs(&cfg); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	sb := newSandbox(resolved{Config: cfg}, image.Image{})
+	return runstate.ReclaimSalvaging(cfg.RunDir, sb.log, sb.salvage)
+}
+
+// RunDirOf is the run directory a sandbox called name has while it runs
+// (and, when its owner died, until Reclaim removes it). Only RunDir
+// matters in cfg.
+func RunDirOf(cfg Config, name string) (string, error) {
+	if !namePattern.MatchString(name) {
+		return "", invalid("Name", name, "not a sandbox name")
+	}
+	if err := fillDirs(&cfg); err != nil {
+		return "", err
+	}
+	return filepath.Join(cfg.RunDir, name), nil
 }

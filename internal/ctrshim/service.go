@@ -176,6 +176,9 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 		s.log.Warn("unmount the rootfs", "err", err)
 	}
 	removeTemplate(templateName(s.id, cwd))
+	// The VM's run directory, which its dead owner could not remove:
+	// reclaimed once its VMM, which dies with the shim, is gone too.
+	reclaimVM(s.log, vmName(s.id))
 	return &taskAPI.DeleteResponse{ExitedAt: protobuf.ToTimestamp(time.Now()), ExitStatus: 128 + uint32(syscall.SIGKILL)}, nil
 }
 
@@ -288,7 +291,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if r.ExecID == "" {
 		cpus, memory := shape(s.spec)
 		c := dirs()
-		c.Template, c.CPUs, c.Memory, c.Name = s.tmpl, cpus, memory, "ctr-"+shortID(s.id)
+		c.Template, c.CPUs, c.Memory, c.Name = s.tmpl, cpus, memory, vmName(s.id)
 		sb, err := mvm.Start(context.WithoutCancel(ctx), c)
 		if err != nil {
 			return nil, err
@@ -306,6 +309,28 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		s.publish(ctx, "/tasks/exec-started", &eventstypes.TaskExecStarted{ContainerID: s.id, ExecID: r.ExecID, Pid: p.pid})
 	}
 	return &taskAPI.StartResponse{Pid: p.pid}, nil
+}
+
+// vmName is the name of the task's VM (its run directory's).
+func vmName(id string) string { return "ctr-" + shortID(id) }
+
+// reclaimVM reclaims the run directory of the dead shim's VM, waiting up
+// to 10 s for the VMM to die after its owner.
+func reclaimVM(log *slog.Logger, name string) {
+	dir, err := mvm.RunDirOf(mvm.Config{}, name)
+	if err != nil {
+		return
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := mvm.Reclaim(mvm.Config{}); err != nil {
+			log.Warn("reclaim", "err", err)
+		}
+		if _, err := os.Stat(dir); os.IsNotExist(err) || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func shortID(id string) string {

@@ -86,16 +86,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 			<-done
 		}
 		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("containerd's log:\n%s", tail(string(b)))
-		}
 		c.assertClean()
 		if ms := c.mounts(); len(ms) > 0 {
 			t.Errorf("mounts left under containerd's directories: %v", ms)
 			for _, m := range ms {
 				_ = syscall.Unmount(m, syscall.MNT_DETACH)
 			}
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			var keep []string
+			for _, l := range strings.Split(string(b), "\n") {
+				if !strings.Contains(l, "loading plugin") {
+					keep = append(keep, l)
+				}
+			}
+			t.Logf("containerd's log:\n%s", tail(strings.Join(keep, "\n")))
 		}
 		os.RemoveAll(dir)
 	})
@@ -241,4 +247,63 @@ func TestShimTaskLifecycle(t *testing.T) {
 	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
 		t.Errorf("templates left after delete: %v", ts)
 	}
+}
+
+// TestShimKilled: a shim killed with SIGKILL takes its VM with it, and
+// containerd's cleanup (the shim's delete) leaves no mount, template or
+// run directory.
+func TestShimKilled(t *testing.T) {
+	c := startContainerd(t)
+	ref := c.importImage(t)
+	if r := c.ctr(nil, "run", "-d", "--runtime", "io.containerd.mvm.v2", ref, "victim", "sleep", "600"); r.code != 0 {
+		t.Fatalf("ctr run -d: %s", r)
+	}
+	if !waitFor(30*time.Second, func() bool { return len(c.vmms()) == 1 }) {
+		t.Fatalf("VMMs of the task: %v", c.vmms())
+	}
+	shims := pidsOf("containerd-shim-mvm-v2", "-id victim")
+	if len(shims) != 1 {
+		t.Fatalf("shim processes: %v", shims)
+	}
+	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(15*time.Second, func() bool { return len(c.vmms()) == 0 }) {
+		t.Fatalf("the VM outlived its shim: %v", c.vmms())
+	}
+	if !waitFor(30*time.Second, func() bool { return !bytes.Contains(c.ctr(nil, "task", "ls").stdout, []byte("RUNNING")) }) {
+		t.Fatalf("task ls after the shim died: %s", c.ctr(nil, "task", "ls"))
+	}
+	_ = c.ctr(nil, "task", "delete", "victim")
+	if r := c.ctr(nil, "container", "delete", "victim"); r.code != 0 {
+		t.Fatalf("container delete: %s", r)
+	}
+	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
+		t.Errorf("templates left: %v", ts)
+	}
+	// The dead VM's run directory goes with containerd's cleanup of the
+	// shim, once the VMM is gone.
+	if !waitFor(15*time.Second, func() bool { d, _ := os.ReadDir(c.runDir); return len(d) == 0 }) {
+		d, _ := os.ReadDir(c.runDir)
+		t.Errorf("run directories after the cleanup: %v", d)
+	}
+}
+
+// pidsOf lists the processes whose command line has name and args.
+func pidsOf(name, args string) []int {
+	var pids []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		cl := strings.ReplaceAll(string(b), "\x00", " ")
+		if strings.Contains(cl, name) && strings.Contains(cl, args+" ") {
+			var pid int
+			fmt.Sscanf(strings.TrimPrefix(p, "/proc/"), "%d", &pid)
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
