@@ -1,6 +1,6 @@
 # mvm: run commands in throwaway microVMs.
 #
-#   make build       build bin/mvmctl and bin/mvm-agent
+#   make build       build bin/mvmctl, bin/mvm-agent, bin/mvm-jailer and the containerd shim
 #   make bootstrap   build the default guest image (kernel + initramfs)
 #   make test        unit tests and the end-to-end suite on real VMs
 #   make bench       benchmarks against bare baselines (prints ratios)
@@ -24,6 +24,8 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mvm-agent ./cmd/mvm-agent
 	# Confines QEMU when mvm runs as root (see cmd/mvm-jailer).
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mvm-jailer ./cmd/mvm-jailer
+	# containerd's runtime io.containerd.mvm.v2 (docs/kubernetes.md).
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/containerd-shim-mvm-v2 ./cmd/containerd-shim-mvm-v2
 
 bootstrap: build
 	bin/mvmctl bootstrap
@@ -88,6 +90,7 @@ install: build
 	install -m 0755 bin/mvmctl $(DESTDIR)$(PREFIX)/bin/mvmctl
 	install -m 0755 bin/mvm-agent $(DESTDIR)$(PREFIX)/libexec/mvm/mvm-agent
 	install -m 0755 bin/mvm-jailer $(DESTDIR)$(PREFIX)/libexec/mvm/mvm-jailer
+	install -m 0755 bin/containerd-shim-mvm-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-mvm-v2
 
 clean:
 	rm -rf bin
