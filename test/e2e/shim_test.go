@@ -192,6 +192,11 @@ func TestShimRun(t *testing.T) {
 	if r.code != 0 || string(r.stdout) != "hello world\n/tmp\nshim\n" {
 		t.Fatalf("ctr run with env and cwd: %s", r)
 	}
+	// stdin reaches the command, and its end is the command's EOF.
+	r = c.ctr([]byte("from the host\n"), "run", "--rm", "--runtime", "io.containerd.mvm.v2", ref, "stdin", "sh", "-c", "cat; echo done")
+	if r.code != 0 || string(r.stdout) != "from the host\ndone\n" {
+		t.Fatalf("ctr run with stdin: %s", r)
+	}
 	// The image's user and working directory, as the spec has them.
 	r = c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", "docker.io/library/mvmtest-app:1", "run3", "sh", "-c", "id -u; id -g; pwd")
 	if r.code != 0 || string(r.stdout) != "1000\n1000\n/home/app\n" {
