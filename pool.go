@@ -401,7 +401,10 @@ func (p *Pool) serveConn(ctx context.Context, conn net.Conn) {
 				}
 				_ = replyError(st, agentpb.Error_CODE_NOT_FOUND, msg)
 				st.Close()
-				return
+				// The client ends the session: closing it here could
+				// lose the reply in flight. It ends with the pool again.
+				stop = context.AfterFunc(ctx, func() { sess.Close() })
+				continue
 			}
 			p.serveTaken(sess, st, vm, s)
 			return
