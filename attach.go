@@ -72,6 +72,25 @@ func withShortPath(path string, fn func(string) error) error {
 	return fn("/proc/self/fd/" + strconv.Itoa(fd) + "/" + filepath.Base(path))
 }
 
+// errNoListener is dialUnix's error when nothing serves the socket (it
+// is missing, or its server died).
+var errNoListener = errors.New("nothing listens on the socket")
+
+// dialUnix connects to the unix socket at path (a long one too).
+func dialUnix(ctx context.Context, path string) (net.Conn, error) {
+	var conn net.Conn
+	err := withShortPath(path, func(p string) error {
+		var d net.Dialer
+		var err error
+		conn, err = d.DialContext(ctx, "unix", p)
+		return err
+	})
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
+		return nil, errNoListener
+	}
+	return conn, err
+}
+
 // Attach connects to the sandbox called name that another process (mvmctl
 // sandbox create, or any program's Serve) runs, and returns it as a
 // Sandbox: Exec, Start, the file operations and their errors are those of
@@ -84,15 +103,9 @@ func Attach(ctx context.Context, cfg Config, name string) (*Sandbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	var conn net.Conn
-	err = withShortPath(path, func(p string) error {
-		var d net.Dialer
-		var err error
-		conn, err = d.DialContext(ctx, "unix", p)
-		return err
-	})
+	conn, err := dialUnix(ctx, path)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
+		if errors.Is(err, errNoListener) {
 			return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
 		}
 		return nil, fmt.Errorf("attach %s: %w", name, err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -36,17 +35,11 @@ func dialPool(ctx context.Context, cfg Config) (*agentclient.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	var conn net.Conn
-	err = withShortPath(path, func(p string) error {
-		var d net.Dialer
-		var err error
-		conn, err = d.DialContext(ctx, "unix", p)
-		return err
-	})
+	conn, err := dialUnix(ctx, path)
+	if errors.Is(err, errNoListener) {
+		return nil, ErrNoPool
+	}
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
-			return nil, ErrNoPool
-		}
 		return nil, fmt.Errorf("pool: %w", err)
 	}
 	// Runs send the pool their commands, environment and stdin: only to

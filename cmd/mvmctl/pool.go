@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -209,38 +207,14 @@ func startPool(cmd *cobra.Command, g *globalOptions, spec poolSpec, wait bool) e
 	if err != nil {
 		return fail(err)
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return fail(err)
-	}
 	args := []string{"pool", "serve"}
 	if g.verbose {
 		args = append(args, "-v")
 	}
-	p := exec.Command(self, args...)
-	p.Stdin = strings.NewReader(string(b))
-	p.Stderr = logf
-	ready, err := p.StdoutPipe()
+	pid, err := spawnReady(args, b, logf, "the pool's process")
 	if err != nil {
-		return fail(err)
+		return err
 	}
-	// Its own session: the terminal's signals and hangup are not its.
-	p.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := p.Start(); err != nil {
-		return fail(err)
-	}
-	line, _ := bufio.NewReader(ready).ReadString('\n')
-	line = strings.TrimSpace(line)
-	if line != "ready" {
-		_ = p.Wait()
-		if msg, ok := strings.CutPrefix(line, "error: "); ok {
-			return &exitError{code: exitFailure, msg: msg}
-		}
-		b, _ := os.ReadFile(logf.Name())
-		return &exitError{code: exitFailure, msg: fmt.Sprintf("the pool's process ended before it was ready: %s", strings.TrimSpace(tail(string(b), 2000)))}
-	}
-	pid := p.Process.Pid
-	_ = p.Process.Release()
 	fmt.Fprintf(cmd.OutOrStdout(), "pool started (pid %d); its log is %s\n", pid, logf.Name())
 	if !wait {
 		return nil

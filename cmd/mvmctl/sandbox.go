@@ -236,10 +236,6 @@ func spawnSupervisor(g *globalOptions, name string, spec []byte, resume bool) er
 		return fail(err)
 	}
 	defer logf.Close()
-	self, err := os.Executable()
-	if err != nil {
-		return fail(err)
-	}
 	sargs := []string{"sandbox", "supervise", name}
 	if resume {
 		sargs = append(sargs, "--resume")
@@ -247,30 +243,44 @@ func spawnSupervisor(g *globalOptions, name string, spec []byte, resume bool) er
 	if g.verbose {
 		sargs = append(sargs, "-v")
 	}
-	sup := exec.Command(self, sargs...)
-	sup.Stdin = strings.NewReader(string(spec))
-	sup.Stderr = logf
-	ready, err := sup.StdoutPipe()
+	_, err = spawnReady(sargs, spec, logf, "the sandbox's process")
+	return err
+}
+
+// spawnReady starts this binary with args, detached (its own session:
+// the terminal's signals and hangup are not its), spec on its stdin and
+// its stderr to logf, and waits for it to say "ready" on stdout, or why
+// it could not be ("error: ..."). It returns the process's pid.
+func spawnReady(args []string, spec []byte, logf *os.File, what string) (int, error) {
+	fail := func(err error) error { return &exitError{code: exitFailure, err: err} }
+	self, err := os.Executable()
 	if err != nil {
-		return fail(err)
+		return 0, fail(err)
 	}
-	// Its own session: the terminal's signals and hangup are not its.
-	sup.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := sup.Start(); err != nil {
-		return fail(err)
+	p := exec.Command(self, args...)
+	p.Stdin = strings.NewReader(string(spec))
+	p.Stderr = logf
+	ready, err := p.StdoutPipe()
+	if err != nil {
+		return 0, fail(err)
+	}
+	p.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := p.Start(); err != nil {
+		return 0, fail(err)
 	}
 	line, _ := bufio.NewReader(ready).ReadString('\n')
 	line = strings.TrimSpace(line)
 	if line != "ready" {
-		_ = sup.Wait()
+		_ = p.Wait()
 		if msg, ok := strings.CutPrefix(line, "error: "); ok {
-			return &exitError{code: exitFailure, msg: msg}
+			return 0, &exitError{code: exitFailure, msg: msg}
 		}
 		b, _ := os.ReadFile(logf.Name())
-		return &exitError{code: exitFailure, msg: fmt.Sprintf("the sandbox's process ended before it was ready: %s", strings.TrimSpace(tail(string(b), 2000)))}
+		return 0, &exitError{code: exitFailure, msg: fmt.Sprintf("%s ended before it was ready: %s", what, strings.TrimSpace(tail(string(b), 2000)))}
 	}
-	_ = sup.Process.Release()
-	return nil
+	pid := p.Process.Pid
+	_ = p.Process.Release()
+	return pid, nil
 }
 
 func tail(s string, n int) string {
