@@ -78,6 +78,11 @@ type argsConfig struct {
 	// ramReadOnly restores with the RAM file opened read-only (QEMU 8.2
 	// and later: readonly=on,rom=off); see snapshotRAMReadOnly.
 	ramReadOnly bool
+	// tscKHz, when not zero, is the host TSC's rate, which under TCG is
+	// the guest's (internal/hostclock): the guest kernel is told it
+	// (tsc_early_khz=) rather than calibrate it against the emulated PIT,
+	// which fails on a busy host and leaves the VM on 10 ms jiffies.
+	tscKHz uint64
 }
 
 // Snapshot files in Snapshot.Dir.
@@ -119,6 +124,9 @@ func buildArgs(a argsConfig) ([]string, error) {
 			kargs = append(kargs, tcgForeignKernelArgs...)
 		} else {
 			kargs = append(kargs, tcgKernelArgs...)
+			if a.tscKHz != 0 {
+				kargs = append(kargs, "tsc_early_khz="+strconv.FormatUint(a.tscKHz, 10))
+			}
 		}
 	default:
 		return nil, fmt.Errorf("accelerator must be kvm or tcg, got %q", c.Accel)

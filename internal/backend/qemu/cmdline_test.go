@@ -101,6 +101,27 @@ var goldenCases = []goldenCase{
 		},
 	},
 	{
+		name:   "tsc-rate",
+		modify: func(a *argsConfig) { a.tscKHz = 2599985 },
+		check: func(t *testing.T, args []string) {
+			if k := kernelArgs(t, args); !slices.Contains(k, "tsc_early_khz=2599985") {
+				t.Errorf("-append %q does not tell the guest the TSC's rate", appendValue(t, args))
+			}
+		},
+	},
+	{
+		name: "tsc-rate-foreign-kernel",
+		modify: func(a *argsConfig) {
+			a.tscKHz = 2599985
+			a.cfg.ForeignKernel = true
+		},
+		check: func(t *testing.T, args []string) {
+			if v := appendValue(t, args); strings.Contains(v, "tsc_early_khz") {
+				t.Errorf("-append %q passes tsc_early_khz to a kernel that may not know it", v)
+			}
+		},
+	},
+	{
 		name: "kernel-args",
 		modify: func(a *argsConfig) {
 			a.cfg.KernelArgs = []string{"mvm.debug=1", "loglevel=7"}

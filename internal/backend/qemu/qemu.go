@@ -30,9 +30,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/helperbin"
+	"github.com/mvm-sh/mvm/internal/hostclock"
 	"github.com/mvm-sh/mvm/internal/qmp"
 )
 
@@ -112,6 +114,15 @@ func (b *Backend) Start(ctx context.Context, cfg backend.Config) (backend.Machin
 		return nil, err
 	}
 	a := argsConfig{cfg: cfg, sandbox: b.Sandbox}
+	if cfg.Accel == accel.TCG && !cfg.ForeignKernel && (cfg.Snapshot == nil || !cfg.Snapshot.Restore) {
+		// Only a boot reads the command line: a restored guest has long
+		// since parsed it, so a restore does not measure.
+		k, err := hostclock.TSCKHz()
+		if err != nil {
+			m.log.Debug("the guest calibrates its TSC", "why", err)
+		}
+		a.tscKHz = k
+	}
 	var err error
 	if m.agent, a.agentFD, err = pair("agent"); err != nil {
 		return fail(err)

@@ -22,8 +22,10 @@ import (
 const stopTimeout = 2 * time.Second
 
 // snapshotKeyVersion changes whenever this package changes how it saves
-// or restores machines.
-const snapshotKeyVersion = "2"
+// or restores machines, or what a booted guest is told: 3 gives the
+// guest the TSC's rate (a snapshot saved by an older mvm on a busy host
+// may have a guest on 10 ms jiffies, and every restore would keep it).
+const snapshotKeyVersion = "3"
 
 // SnapshotKey implements backend.Snapshotter. QEMU restores state only
 // into the build that saved it, so the key is the binary itself: its path,
