@@ -13,6 +13,7 @@ import (
 
 	"github.com/mvm-sh/mvm/internal/accel"
 	"github.com/mvm-sh/mvm/internal/adddir"
+	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/devices"
 	"github.com/mvm-sh/mvm/internal/envvar"
@@ -345,6 +346,13 @@ type Cmd struct {
 	// input: a Ctrl-C typed there (byte 0x03) interrupts the foreground
 	// job through the guest's line discipline. Resize changes the size.
 	TTY *TTY
+	// Cgroup, when set, starts the command in the guest cgroup of that
+	// name (a child of /sys/fs/cgroup, made when missing), and with it
+	// everything the command spawns; Sandbox.CgroupStats reads its
+	// counters. One path component of letters, digits, '.', '_' and '-'
+	// (at most 64). The containerd shim puts each container's processes
+	// in one, for its metrics and its OOM kills.
+	Cgroup string
 }
 
 // TTY is a terminal's size in characters.
@@ -400,6 +408,11 @@ func (c *Cmd) check() ([]envvar.Var, error) {
 	}
 	if strings.ContainsAny(c.User, "\x00\n") || len(c.User) > 256 {
 		return nil, invalid("Cmd.User", execreq.Quote(c.User), "not a user name or id")
+	}
+	if c.Cgroup != "" {
+		if err := agentproto.CheckCgroupName(c.Cgroup); err != nil {
+			return nil, invalid("Cmd.Cgroup", execreq.Quote(c.Cgroup), "%v", err)
+		}
 	}
 	if c.TTY != nil && (c.TTY.Rows == 0 || c.TTY.Cols == 0) {
 		return nil, invalid("Cmd.TTY", fmt.Sprintf("%dx%d", c.TTY.Rows, c.TTY.Cols), "rows and columns of a terminal must be positive")

@@ -15,6 +15,7 @@ func TestCmdValidate(t *testing.T) {
 		argv    []string
 		env     []string
 		dir     string
+		cgroup  string
 		wantErr string // exact message; empty means valid
 		wantIs  error
 	}{
@@ -69,13 +70,22 @@ func TestCmdValidate(t *testing.T) {
 			wantErr: "Cmd: command and environment are too long: 786490 bytes, the limit is 786432 (each string counts its length plus 9)", wantIs: execreq.ErrTooLong,
 		},
 		{
+			name: "cgroup with a slash", argv: []string{"x"}, cgroup: "../etc",
+			wantErr: `Cmd.Cgroup "../etc": cgroup name "../etc": only letters, digits, '.', '_' and '-'`,
+		},
+		{
+			name: "cgroup ..", argv: []string{"x"}, cgroup: "..",
+			wantErr: `Cmd.Cgroup "..": cgroup name "..": want 1 to 64 characters, not . or ..`,
+		},
+		{name: "a cgroup", argv: []string{"x"}, cgroup: "ctr-0a1b"},
+		{
 			name: "many empty strings count their NULs and pointers", argv: append([]string{"x"}, make([]string, execreq.MaxTotal/9)...),
 			wantErr: "Cmd: command and environment are too long: 786439 bytes, the limit is 786432 (each string counts its length plus 9)", wantIs: execreq.ErrTooLong,
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := Cmd{Argv: tt.argv, Env: tt.env, Dir: tt.dir}.Validate()
+			err := Cmd{Argv: tt.argv, Env: tt.env, Dir: tt.dir, Cgroup: tt.cgroup}.Validate()
 			got := ""
 			if err != nil {
 				got = err.Error()

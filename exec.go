@@ -12,6 +12,7 @@ import (
 
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/agentproto"
+	"github.com/mvm-sh/mvm/internal/execreq"
 )
 
 // hostTimeoutSlack is how much longer than a command's timeout plus kill
@@ -125,6 +126,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		Argv:          cmd.Argv,
 		Env:           env,
 		User:          cmd.User,
+		Cgroup:        cmd.Cgroup,
 		Dir:           cmd.Dir,
 		Stdin:         cmd.Stdin,
 		Stdout:        cmd.Stdout,
@@ -206,7 +208,50 @@ func (sb *Sandbox) needs(cmd Cmd) error {
 	if cmd.User != "" && !sb.hello.Has(agentproto.CapExecUser) {
 		return invalid("Cmd.User", "", "the guest agent (%s) cannot run commands as another user", sb.hello.AgentVersion)
 	}
+	if cmd.Cgroup != "" && !sb.hello.Has(agentproto.CapCgroup) {
+		return invalid("Cmd.Cgroup", "", "the guest agent (%s) has no cgroup support (a kernel without cgroup2?)", sb.hello.AgentVersion)
+	}
 	return nil
+}
+
+// CgroupStats are the counters of a guest cgroup (Cmd.Cgroup), as the
+// guest's kernel reports them: the guest can make them say anything, so
+// they are figures to show, never to act on.
+type CgroupStats struct {
+	// CPU time in microseconds (cpu.stat), and the CPU limit's periods.
+	CPUUsageMicros, CPUUserMicros, CPUSystemMicros uint64
+	CPUPeriods, CPUThrottled, CPUThrottledMicros   uint64
+	// Memory in bytes: in use (memory.current), its limit (memory.max;
+	// 0 is none), swap, and the page cache's share of it.
+	Memory, MemoryLimit, Swap, MemoryFile uint64
+	// Tasks (pids.current) and their limit (0 is none).
+	Pids, PidsLimit uint64
+	// OOMEvents counts the times the cgroup hit its memory limit, and
+	// OOMKills its processes the OOM killer killed, for whatever reason.
+	OOMEvents, OOMKills uint64
+}
+
+// CgroupStats reads the counters of the guest cgroup name.
+func (sb *Sandbox) CgroupStats(ctx context.Context, name string) (CgroupStats, error) {
+	if err := agentproto.CheckCgroupName(name); err != nil {
+		return CgroupStats{}, invalid("CgroupStats", execreq.Quote(name), "%v", err)
+	}
+	if !sb.hello.Has(agentproto.CapCgroup) {
+		return CgroupStats{}, invalid("CgroupStats", "", "the guest agent (%s) has no cgroup support", sb.hello.AgentVersion)
+	}
+	if err := sb.Err(); err != nil {
+		return CgroupStats{}, err
+	}
+	r, err := sb.agentClient().CgroupStats(ctx, name)
+	if err != nil {
+		return CgroupStats{}, err
+	}
+	return CgroupStats{
+		CPUUsageMicros: r.CpuUsageUsec, CPUUserMicros: r.CpuUserUsec, CPUSystemMicros: r.CpuSystemUsec,
+		CPUPeriods: r.CpuNrPeriods, CPUThrottled: r.CpuNrThrottled, CPUThrottledMicros: r.CpuThrottledUsec,
+		Memory: r.MemoryCurrent, MemoryLimit: r.MemoryMax, Swap: r.SwapCurrent, MemoryFile: r.MemoryFile,
+		Pids: r.PidsCurrent, PidsLimit: r.PidsMax, OOMEvents: r.OomEvents, OOMKills: r.OomKills,
+	}, nil
 }
 
 // onOutputError is called by the agent client when writing the command's

@@ -1,11 +1,17 @@
 package agent
 
 import (
+	"fmt"
+	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
+	"github.com/mvm-sh/mvm/internal/agentproto"
 )
 
 // cgroupMount is the cgroup2 hierarchy at /sys/fs/cgroup, where systemd
@@ -20,7 +26,8 @@ const cgroupRoot = "/sys/fs/cgroup"
 // controller the kernel offers (cpu, cpuset, memory, pids with mvm's
 // kernel), as systemd does at boot: a program in the guest that makes a
 // cgroup can then limit it. Commands stay in the root cgroup, which no
-// limit applies to, as on a host without a service manager.
+// limit applies to, as on a host without a service manager, unless
+// their Exec names one (Exec.cgroup: a containerd task's).
 func enableControllers(log *slog.Logger) {
 	b, err := os.ReadFile(cgroupRoot + "/cgroup.controllers")
 	if err != nil {
@@ -34,4 +41,86 @@ func enableControllers(log *slog.Logger) {
 			log.Warn("cgroup controller", "controller", c, "err", err)
 		}
 	}
+}
+
+// haveCgroups says whether the cgroup2 hierarchy is mounted (a --kernel
+// kernel may lack it).
+func haveCgroups() bool {
+	_, err := os.Stat(cgroupRoot + "/cgroup.controllers")
+	return err == nil
+}
+
+// openCgroup opens the cgroup name, a child of the root, making it if it
+// is missing: the directory a clone into it (CLONE_INTO_CGROUP) takes.
+func openCgroup(name string) (int, error) {
+	if err := agentproto.CheckCgroupName(name); err != nil {
+		return -1, err
+	}
+	dir := cgroupRoot + "/" + name
+	if err := unix.Mkdir(dir, 0o755); err != nil && err != unix.EEXIST {
+		return -1, fmt.Errorf("cgroup %s: %w", name, err)
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("cgroup %s: %w", name, err)
+	}
+	return fd, nil
+}
+
+// maxCgroupFile bounds what is read of one cgroup file.
+const maxCgroupFile = 64 << 10
+
+// cgroupStats reads the counters of the cgroup name.
+func cgroupStats(name string) (*agentpb.CgroupStatsReply, error) {
+	if err := agentproto.CheckCgroupName(name); err != nil {
+		return nil, err
+	}
+	dir, err := os.OpenRoot(cgroupRoot + "/" + name)
+	if err != nil {
+		return nil, err
+	}
+	defer dir.Close()
+	read := func(file string) []byte {
+		f, err := dir.Open(file)
+		if err != nil {
+			return nil
+		}
+		defer f.Close()
+		b, _ := io.ReadAll(io.LimitReader(f, maxCgroupFile))
+		return b
+	}
+	r := &agentpb.CgroupStatsReply{}
+	cpu := keyed(read("cpu.stat"))
+	r.CpuUsageUsec, r.CpuUserUsec, r.CpuSystemUsec = cpu["usage_usec"], cpu["user_usec"], cpu["system_usec"]
+	r.CpuNrPeriods, r.CpuNrThrottled, r.CpuThrottledUsec = cpu["nr_periods"], cpu["nr_throttled"], cpu["throttled_usec"]
+	r.MemoryCurrent = single(read("memory.current"))
+	r.MemoryMax = single(read("memory.max"))
+	r.SwapCurrent = single(read("memory.swap.current"))
+	r.PidsCurrent = single(read("pids.current"))
+	r.PidsMax = single(read("pids.max"))
+	ev := keyed(read("memory.events"))
+	r.OomEvents, r.OomKills = ev["oom"], ev["oom_kill"]
+	r.MemoryFile = keyed(read("memory.stat"))["file"]
+	return r, nil
+}
+
+// keyed parses a flat-keyed cgroup file ("key value" lines).
+func keyed(b []byte) map[string]uint64 {
+	m := map[string]uint64{}
+	for line := range strings.Lines(string(b)) {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), " ")
+		if !ok {
+			continue
+		}
+		if n, err := strconv.ParseUint(v, 10, 64); err == nil {
+			m[k] = n
+		}
+	}
+	return m
+}
+
+// single parses a one-value cgroup file; "max" (no limit) is 0.
+func single(b []byte) uint64 {
+	n, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	return n
 }

@@ -173,6 +173,18 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		}
 		env = withDefault(env, "TERM", "xterm")
 	}
+	cgFD := -1
+	if req.Cgroup != "" {
+		if !s.srv.opts.Mounts || !haveCgroups() {
+			fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "cgroups are not served by this agent")
+			return
+		}
+		if cgFD, err = openCgroup(req.Cgroup); err != nil {
+			fail(agentpb.StartFailure_REASON_INVALID, errnoOf(err), "%v", err)
+			return
+		}
+		defer unix.Close(cgFD)
+	}
 	sio, err := newStdio(root, req.Stdin, win)
 	if err != nil {
 		fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "%v", err)
@@ -196,6 +208,11 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	}
 	if id.explicit {
 		attr.Sys.Credential = &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}
+	}
+	if cgFD >= 0 {
+		// The child is born in the cgroup (clone3's CLONE_INTO_CGROUP):
+		// nothing it forks can start outside it.
+		attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cgFD
 	}
 	fork := func() (int, error) { return syscall.ForkExec(path, req.Argv, attr) }
 	if !root.isHost() {

@@ -130,6 +130,9 @@ func (s *Server) capabilities() []string {
 	}
 	if s.opts.Mounts {
 		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname, agentproto.CapNetwork)
+		if haveCgroups() {
+			caps = append(caps, agentproto.CapCgroup)
+		}
 		if s.opts.OnHello != nil {
 			// The clock and the reseed come with the hello hook,
 			// the rest with owning the guest's filesystems.
@@ -362,6 +365,17 @@ func (ss *session) serveStream(st *mux.Stream) {
 			return
 		}
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Refresh{Refresh: &agentpb.RefreshReply{}}})
+	case *agentpb.Request_CgroupStats:
+		if !ss.srv.opts.Mounts || !haveCgroups() {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "cgroups are not served by this agent")
+			return
+		}
+		r, err := cgroupStats(call.CgroupStats.GetName())
+		if err != nil {
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_CgroupStats{CgroupStats: r}})
 	case *agentpb.Request_Hello:
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
 	default:

@@ -47,6 +47,8 @@ type ExecSpec struct {
 	// agentproto.CapExecUser: an agent without it ignores the field and
 	// runs the command as root.
 	User string
+	// Cgroup starts the command in that guest cgroup (agentproto.CapCgroup).
+	Cgroup string
 	// TTY, when set, runs the command on a pseudo-terminal of this size:
 	// the terminal is its stdin, stdout and stderr, everything it writes
 	// arrives on Stdout (Stderr gets nothing), and Stdin is typed into
@@ -179,6 +181,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 		KillGraceMillis: uint64(spec.KillGrace.Milliseconds()),
 		Id:              p.id,
 		User:            spec.User,
+		Cgroup:          spec.Cgroup,
 	}
 	if t := spec.TTY; t != nil {
 		req.Tty = true

@@ -64,3 +64,16 @@ func (c *Client) PoolStatus(ctx context.Context) (*agentpb.PoolStatusReply, erro
 	}
 	return s, nil
 }
+
+// CgroupStats reads a guest cgroup's counters (agentproto.CapCgroup).
+func (c *Client) CgroupStats(ctx context.Context, name string) (*agentpb.CgroupStatsReply, error) {
+	resp, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_CgroupStats{CgroupStats: &agentpb.CgroupStats{Name: name}}})
+	if err != nil {
+		return nil, fmt.Errorf("cgroup stats: %w", err)
+	}
+	r := resp.GetCgroupStats()
+	if r == nil {
+		return nil, fmt.Errorf("cgroup stats: unexpected reply %T", resp.Result)
+	}
+	return r, nil
+}

@@ -79,7 +79,29 @@ const (
 	// random number generator and the boot id of a running guest, as a
 	// hello does: what a pool's VM gets when it is handed out.
 	CapRefresh = "refresh"
+	// CapCgroup: Exec.cgroup starts a command in a cgroup of its own,
+	// and the CgroupStats call reads it (version 2).
+	CapCgroup = "cgroup"
 )
+
+// MaxCgroupName bounds Exec.cgroup and CgroupStats.name.
+const MaxCgroupName = 64
+
+// CheckCgroupName says whether name can name a child of the guest's
+// cgroup root: one path component of letters, digits, '.', '_' and '-',
+// at most MaxCgroupName bytes, not "." or "..". The host checks it before
+// asking and the agent again before it touches the hierarchy.
+func CheckCgroupName(name string) error {
+	if name == "" || len(name) > MaxCgroupName || name == "." || name == ".." {
+		return fmt.Errorf("cgroup name %q: want 1 to %d characters, not . or ..", name, MaxCgroupName)
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return fmt.Errorf("cgroup name %q: only letters, digits, '.', '_' and '-'", name)
+		}
+	}
+	return nil
+}
 
 // PortName is the virtio-serial port name the agent looks for. The host
 // names the port this way; the guest finds /dev/vportNpM through sysfs.

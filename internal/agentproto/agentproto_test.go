@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -81,5 +82,29 @@ func TestClassify(t *testing.T) {
 	other := errors.New("other")
 	if Classify(other) != other {
 		t.Error("Classify changed an unrelated error")
+	}
+}
+
+func TestCheckCgroupName(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		ok   bool
+	}{
+		{"ctr-0a1b2c3d4e5f", true},
+		{"a.b_c-D9", true},
+		{"", false},
+		{".", false},
+		{"..", false},
+		{"a/b", false},
+		{"../etc", false},
+		{"x y", false},
+		{"é", false},
+		{"a\x00", false},
+		{strings.Repeat("a", MaxCgroupName), true},
+		{strings.Repeat("a", MaxCgroupName+1), false},
+	} {
+		if err := CheckCgroupName(c.name); (err == nil) != c.ok {
+			t.Errorf("CheckCgroupName(%q) = %v, want ok=%v", c.name, err, c.ok)
+		}
 	}
 }

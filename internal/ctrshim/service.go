@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	cgstats "github.com/containerd/cgroups/v3/cgroup2/stats"
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v2"
 	apitypes "github.com/containerd/containerd/api/types/task"
@@ -38,6 +39,7 @@ import (
 	ptypes "github.com/containerd/containerd/protobuf/types"
 	"github.com/containerd/containerd/runtime/v2/shim"
 	"github.com/containerd/fifo"
+	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/mvm-sh/mvm"
@@ -62,8 +64,17 @@ type Service struct {
 	spec   *specs.Spec
 	tmpl   string // the container's template name
 	sb     *mvm.Sandbox
+	memory int64               // the VM's memory in bytes
 	procs  map[string]*process // "" is the init process
+	// oomKills is the container cgroup's oom_kill count last seen: a
+	// process's end that raised it was the OOM killer's doing.
+	oomKills uint64
 }
+
+// cgroupName is the guest cgroup the task's processes run in (all of
+// them, init and execs, as runc does): its counters are the task's
+// metrics, and its oom_kill count tells an OOM kill from a plain SIGKILL.
+func cgroupName(id string) string { return "ctr-" + shortID(id) }
 
 // process is the init process or an exec of the task.
 type process struct {
@@ -296,8 +307,11 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		if err != nil {
 			return nil, err
 		}
+		if memory == 0 {
+			memory = mvm.DefaultMemory
+		}
 		s.mu.Lock()
-		s.sb = sb
+		s.sb, s.memory = sb, memory
 		s.mu.Unlock()
 	}
 	if err := s.startProcess(p); err != nil {
@@ -348,7 +362,7 @@ func (s *Service) startProcess(p *process) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := mvm.Cmd{Argv: p.argv, Env: p.env, Dir: p.dir, User: p.user}
+	cmd := mvm.Cmd{Argv: p.argv, Env: p.env, Dir: p.dir, User: p.user, Cgroup: cgroupName(s.id)}
 	if p.stdout != "" {
 		w, err := fifo.OpenFifo(ctx, p.stdout, syscall.O_WRONLY, 0)
 		if err != nil {
@@ -405,6 +419,10 @@ func (s *Service) reap(p *process) {
 	for _, c := range p.closers {
 		c.Close()
 	}
+	if st.Signal == syscall.SIGKILL && s.oomKilled() {
+		s.log.Info("OOM kill", "exec", p.id, "pid", p.pid)
+		s.publish(context.Background(), "/tasks/oom", &eventstypes.TaskOOM{ContainerID: s.id})
+	}
 	s.mu.Lock()
 	p.status, p.exitedAt = code, time.Now()
 	s.mu.Unlock()
@@ -412,6 +430,32 @@ func (s *Service) reap(p *process) {
 	s.publish(context.Background(), "/tasks/exit", &eventstypes.TaskExit{
 		ContainerID: s.id, ID: p.execOrID(s.id), Pid: p.pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(p.exitedAt),
 	})
+}
+
+// oomKilled says whether the container's cgroup counted an OOM kill
+// since it last looked: containerd (and the CRI, as the reason
+// OOMKilled) learns it from the TaskOOM event sent before the exit.
+func (s *Service) oomKilled() bool {
+	s.mu.Lock()
+	sb := s.sb
+	s.mu.Unlock()
+	if sb == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := sb.CgroupStats(ctx, cgroupName(s.id))
+	if err != nil {
+		s.log.Warn("cgroup stats", "err", err)
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st.OOMKills <= s.oomKills {
+		return false
+	}
+	s.oomKills = st.OOMKills
+	return true
 }
 
 func (p *process) execOrID(id string) string {
@@ -642,8 +686,43 @@ func (s *Service) Checkpoint(context.Context, *taskAPI.CheckpointTaskRequest) (*
 	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint: %v", errNotBuilt)
 }
 
-func (s *Service) Stats(context.Context, *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
-	return nil, errdefs.ToGRPCf(errdefs.ErrNotImplemented, "stats: %v", errNotBuilt)
+// Stats reports the task's cgroup in the guest, in the shape runc's shim
+// gives on a cgroup2 host (ctr task metrics, the CRI's container stats).
+// A memory limit of none is the VM's memory: that is the task's bound.
+func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	s.mu.Lock()
+	sb, memory := s.sb, s.memory
+	s.mu.Unlock()
+	if sb == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "task %s is not running", r.ID)
+	}
+	st, err := sb.CgroupStats(ctx, cgroupName(s.id))
+	if err != nil {
+		return nil, err
+	}
+	data, err := typeurl.MarshalAny(metrics(st, uint64(memory)))
+	if err != nil {
+		return nil, err
+	}
+	return &taskAPI.StatsResponse{Stats: protobuf.FromAny(data)}, nil
+}
+
+// metrics is st as containerd's cgroup2 metrics, with vmMemory as the
+// memory limit where the cgroup has none.
+func metrics(st mvm.CgroupStats, vmMemory uint64) *cgstats.Metrics {
+	limit := st.MemoryLimit
+	if limit == 0 || limit > vmMemory {
+		limit = vmMemory
+	}
+	return &cgstats.Metrics{
+		Pids: &cgstats.PidsStat{Current: st.Pids, Limit: st.PidsLimit},
+		CPU: &cgstats.CPUStat{
+			UsageUsec: st.CPUUsageMicros, UserUsec: st.CPUUserMicros, SystemUsec: st.CPUSystemMicros,
+			NrPeriods: st.CPUPeriods, NrThrottled: st.CPUThrottled, ThrottledUsec: st.CPUThrottledMicros,
+		},
+		Memory:       &cgstats.MemoryStat{Usage: st.Memory, UsageLimit: limit, SwapUsage: st.Swap, File: st.MemoryFile},
+		MemoryEvents: &cgstats.MemoryEvents{Oom: st.OOMEvents, OomKill: st.OOMKills},
+	}
 }
 
 func (s *Service) Update(context.Context, *taskAPI.UpdateTaskRequest) (*ptypes.Empty, error) {

@@ -234,6 +234,19 @@ func TestShimTaskLifecycle(t *testing.T) {
 	if r.code != 4 || string(r.stdout) != "started\n" {
 		t.Fatalf("task exec: %s", r)
 	}
+	// Metrics come from the task's cgroup in the guest: its one process
+	// (sleep), CPU time, and memory within the VM's 512 MiB.
+	r = c.ctr(nil, "task", "metrics", "box")
+	m := metricTable(r.stdout)
+	t.Logf("ctr task metrics:\n%s", r.stdout)
+	if r.code != 0 || m["pids.current"] != 1 || m["cpu.usage_usec"] == 0 || m["memory.usage"] == 0 || m["memory.usage_limit"] != 512<<20 {
+		t.Fatalf("task metrics: %s (parsed %v)", r, m)
+	}
+	// An exec that spawns children is in the same cgroup while it runs.
+	r = c.ctr(nil, "task", "exec", "--exec-id", "e2", "box", "sh", "-c", "cat /proc/self/cgroup; sleep 1 & sleep 1 & wait")
+	if r.code != 0 || !strings.HasPrefix(string(r.stdout), "0::/ctr-") {
+		t.Fatalf("the exec's cgroup: %s", r)
+	}
 	if r := c.ctr(nil, "task", "kill", "-s", "SIGKILL", "box"); r.code != 0 {
 		t.Fatalf("task kill: %s", r)
 	}
@@ -251,6 +264,91 @@ func TestShimTaskLifecycle(t *testing.T) {
 	}
 	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
 		t.Errorf("templates left after delete: %v", ts)
+	}
+}
+
+// metricTable parses ctr task metrics' table: "NAME  VALUE" lines.
+func metricTable(out []byte) map[string]uint64 {
+	m := map[string]uint64{}
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 2 {
+			var v uint64
+			if _, err := fmt.Sscanf(f[1], "%d", &v); err == nil {
+				m[f[0]] = v
+			}
+		}
+	}
+	return m
+}
+
+// TestShimOOM: a container that needs more memory than its limit (the
+// VM's size) is killed by the guest's OOM killer, exits 137, and
+// containerd gets the TaskOOM event, as from runc; a plain SIGKILL of
+// the same task gives no such event.
+func TestShimOOM(t *testing.T) {
+	c := startContainerd(t)
+	ref := c.importImage(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := exec.CommandContext(ctx, "ctr", "-a", c.sock, "events")
+	var evs screen
+	events.Stdout = &evs
+	if err := events.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cancel(); _ = events.Wait() }()
+	// A shell variable of 300 MB, grown as it reads, in a 128 MiB VM.
+	r := c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", "--memory-limit", "134217728",
+		ref, "hog", "sh", "-c", "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}")
+	if r.code != 137 {
+		t.Fatalf("ctr run of a memory hog: %s, want exit 137", r)
+	}
+	if !waitFor(10*time.Second, func() bool { return strings.Contains(evs.String(), "/tasks/oom") }) {
+		t.Fatalf("no /tasks/oom event; events:\n%s", evs.String())
+	}
+	before := strings.Count(evs.String(), "/tasks/oom")
+	r = c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", "--memory-limit", "134217728",
+		ref, "killed", "sh", "-c", "kill -9 $$")
+	if r.code != 137 {
+		t.Fatalf("ctr run of kill -9: %s, want exit 137", r)
+	}
+	if !waitFor(10*time.Second, func() bool {
+		return strings.Contains(evs.String(), "/tasks/delete") && strings.Count(evs.String(), "/tasks/exit") >= 2
+	}) {
+		t.Fatalf("events:\n%s", evs.String())
+	}
+	if n := strings.Count(evs.String(), "/tasks/oom"); n != before {
+		t.Fatalf("a plain SIGKILL was reported as an OOM kill; events:\n%s", evs.String())
+	}
+}
+
+// TestShimTerminal: ctr run -t gives the command a terminal of the
+// user's terminal's size (ctr resizes it once the task runs, through
+// ResizePty), with the terminal's line discipline, and its exit code.
+func TestShimTerminal(t *testing.T) {
+	c := startContainerd(t)
+	ref := c.importImage(t)
+	p := openHostPTY(t, 30, 100)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	// Until the size ctr sets arrives (the task starts at 24x80).
+	script := `for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do s=$(stty size); [ "$s" = "30 100" ] && break; sleep 0.25; done; echo "size $s"; tty; exit 5`
+	cmd := exec.CommandContext(ctx, "ctr", "-a", c.sock, "run", "-t", "--rm", "--runtime", "io.containerd.mvm.v2", ref, "term", "sh", "-c", script)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = p.slave, p.slave, p.slave
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	// Byte for byte what runc's shim gives (ctr leaves the host
+	// terminal's output processing on: the guest's \r\n gains a \r).
+	p.expect(t, 0, "size 30 100\r\r\n/dev/pts/0\r\r\n")
+	if code != 5 {
+		t.Fatalf("ctr run -t: exit %d, want 5; terminal:\n%q", code, p.output())
 	}
 }
 

@@ -258,6 +258,7 @@ type Request struct {
 	//	*Request_Refresh
 	//	*Request_Take
 	//	*Request_PoolStatus
+	//	*Request_CgroupStats
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -462,6 +463,15 @@ func (x *Request) GetPoolStatus() *PoolStatus {
 	return nil
 }
 
+func (x *Request) GetCgroupStats() *CgroupStats {
+	if x != nil {
+		if x, ok := x.Call.(*Request_CgroupStats); ok {
+			return x.CgroupStats
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -546,6 +556,11 @@ type Request_PoolStatus struct {
 	PoolStatus *PoolStatus `protobuf:"bytes,18,opt,name=pool_status,json=poolStatus,proto3,oneof"`
 }
 
+type Request_CgroupStats struct {
+	// Capability "cgroup".
+	CgroupStats *CgroupStats `protobuf:"bytes,19,opt,name=cgroup_stats,json=cgroupStats,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -582,6 +597,8 @@ func (*Request_Take) isRequest_Call() {}
 
 func (*Request_PoolStatus) isRequest_Call() {}
 
+func (*Request_CgroupStats) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -602,6 +619,7 @@ type Response struct {
 	//	*Response_Refresh
 	//	*Response_Take
 	//	*Response_PoolStatus
+	//	*Response_CgroupStats
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -780,6 +798,15 @@ func (x *Response) GetPoolStatus() *PoolStatusReply {
 	return nil
 }
 
+func (x *Response) GetCgroupStats() *CgroupStatsReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_CgroupStats); ok {
+			return x.CgroupStats
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -853,6 +880,10 @@ type Response_PoolStatus struct {
 	PoolStatus *PoolStatusReply `protobuf:"bytes,16,opt,name=pool_status,json=poolStatus,proto3,oneof"`
 }
 
+type Response_CgroupStats struct {
+	CgroupStats *CgroupStatsReply `protobuf:"bytes,17,opt,name=cgroup_stats,json=cgroupStats,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -886,6 +917,8 @@ func (*Response_Refresh) isResponse_Result() {}
 func (*Response_Take) isResponse_Result() {}
 
 func (*Response_PoolStatus) isResponse_Result() {}
+
+func (*Response_CgroupStats) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -1258,7 +1291,13 @@ type Exec struct {
 	Tty bool `protobuf:"varint,9,opt,name=tty,proto3" json:"tty,omitempty"`
 	// The terminal's size when the command starts (with tty; zero rows and
 	// columns when unset).
-	Window        *WindowSize `protobuf:"bytes,10,opt,name=window,proto3" json:"window,omitempty"`
+	Window *WindowSize `protobuf:"bytes,10,opt,name=window,proto3" json:"window,omitempty"`
+	// The cgroup the command starts in, and with it everything it spawns:
+	// a child of the guest's cgroup2 root (/sys/fs/cgroup/NAME), created
+	// when missing. One path component of at most 64 letters, digits, '.',
+	// '_' and '-', not "." or "..". Empty: the root cgroup. CgroupStats
+	// reads it. Capability "cgroup".
+	Cgroup        string `protobuf:"bytes,11,opt,name=cgroup,proto3" json:"cgroup,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1361,6 +1400,13 @@ func (x *Exec) GetWindow() *WindowSize {
 		return x.Window
 	}
 	return nil
+}
+
+func (x *Exec) GetCgroup() string {
+	if x != nil {
+		return x.Cgroup
+	}
+	return ""
 }
 
 // WindowSize is a terminal's size: rows and columns, and optionally its
@@ -3371,6 +3417,207 @@ func (*RefreshReply) Descriptor() ([]byte, []int) {
 	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
+// CgroupStats reads the counters of a cgroup that Exec.cgroup named
+// (a containerd task's metrics, and whether the OOM killer struck it).
+// Capability "cgroup".
+type CgroupStats struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CgroupStats) Reset() {
+	*x = CgroupStats{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CgroupStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CgroupStats) ProtoMessage() {}
+
+func (x *CgroupStats) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CgroupStats.ProtoReflect.Descriptor instead.
+func (*CgroupStats) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *CgroupStats) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// CgroupStatsReply is the cgroup's cpu.stat, memory.current, memory.max,
+// memory.swap.current, memory.events, pids.current and pids.max. A limit
+// of 0 means none ("max").
+type CgroupStatsReply struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	CpuUsageUsec     uint64                 `protobuf:"varint,1,opt,name=cpu_usage_usec,json=cpuUsageUsec,proto3" json:"cpu_usage_usec,omitempty"`
+	CpuUserUsec      uint64                 `protobuf:"varint,2,opt,name=cpu_user_usec,json=cpuUserUsec,proto3" json:"cpu_user_usec,omitempty"`
+	CpuSystemUsec    uint64                 `protobuf:"varint,3,opt,name=cpu_system_usec,json=cpuSystemUsec,proto3" json:"cpu_system_usec,omitempty"`
+	CpuNrPeriods     uint64                 `protobuf:"varint,4,opt,name=cpu_nr_periods,json=cpuNrPeriods,proto3" json:"cpu_nr_periods,omitempty"`
+	CpuNrThrottled   uint64                 `protobuf:"varint,5,opt,name=cpu_nr_throttled,json=cpuNrThrottled,proto3" json:"cpu_nr_throttled,omitempty"`
+	CpuThrottledUsec uint64                 `protobuf:"varint,6,opt,name=cpu_throttled_usec,json=cpuThrottledUsec,proto3" json:"cpu_throttled_usec,omitempty"`
+	MemoryCurrent    uint64                 `protobuf:"varint,7,opt,name=memory_current,json=memoryCurrent,proto3" json:"memory_current,omitempty"`
+	MemoryMax        uint64                 `protobuf:"varint,8,opt,name=memory_max,json=memoryMax,proto3" json:"memory_max,omitempty"`
+	SwapCurrent      uint64                 `protobuf:"varint,9,opt,name=swap_current,json=swapCurrent,proto3" json:"swap_current,omitempty"`
+	PidsCurrent      uint64                 `protobuf:"varint,10,opt,name=pids_current,json=pidsCurrent,proto3" json:"pids_current,omitempty"`
+	PidsMax          uint64                 `protobuf:"varint,11,opt,name=pids_max,json=pidsMax,proto3" json:"pids_max,omitempty"`
+	// memory.events: times the cgroup hit its limit ("oom") and processes
+	// of it the OOM killer killed, whatever the OOM's cause ("oom_kill").
+	OomEvents uint64 `protobuf:"varint,12,opt,name=oom_events,json=oomEvents,proto3" json:"oom_events,omitempty"`
+	OomKills  uint64 `protobuf:"varint,13,opt,name=oom_kills,json=oomKills,proto3" json:"oom_kills,omitempty"`
+	// memory.stat's file (page cache) bytes.
+	MemoryFile    uint64 `protobuf:"varint,14,opt,name=memory_file,json=memoryFile,proto3" json:"memory_file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CgroupStatsReply) Reset() {
+	*x = CgroupStatsReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CgroupStatsReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CgroupStatsReply) ProtoMessage() {}
+
+func (x *CgroupStatsReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CgroupStatsReply.ProtoReflect.Descriptor instead.
+func (*CgroupStatsReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *CgroupStatsReply) GetCpuUsageUsec() uint64 {
+	if x != nil {
+		return x.CpuUsageUsec
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetCpuUserUsec() uint64 {
+	if x != nil {
+		return x.CpuUserUsec
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetCpuSystemUsec() uint64 {
+	if x != nil {
+		return x.CpuSystemUsec
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetCpuNrPeriods() uint64 {
+	if x != nil {
+		return x.CpuNrPeriods
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetCpuNrThrottled() uint64 {
+	if x != nil {
+		return x.CpuNrThrottled
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetCpuThrottledUsec() uint64 {
+	if x != nil {
+		return x.CpuThrottledUsec
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetMemoryCurrent() uint64 {
+	if x != nil {
+		return x.MemoryCurrent
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetMemoryMax() uint64 {
+	if x != nil {
+		return x.MemoryMax
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetSwapCurrent() uint64 {
+	if x != nil {
+		return x.SwapCurrent
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetPidsCurrent() uint64 {
+	if x != nil {
+		return x.PidsCurrent
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetPidsMax() uint64 {
+	if x != nil {
+		return x.PidsMax
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetOomEvents() uint64 {
+	if x != nil {
+		return x.OomEvents
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetOomKills() uint64 {
+	if x != nil {
+		return x.OomKills
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetMemoryFile() uint64 {
+	if x != nil {
+		return x.MemoryFile
+	}
+	return 0
+}
+
 // Take asks for a VM of a shape, a string the host computes from the
 // configuration it would otherwise start (see docs/protocol.md). A pool
 // with no VM of that shape ready answers CODE_NOT_FOUND, and the host
@@ -3384,7 +3631,7 @@ type Take struct {
 
 func (x *Take) Reset() {
 	*x = Take{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3396,7 +3643,7 @@ func (x *Take) String() string {
 func (*Take) ProtoMessage() {}
 
 func (x *Take) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3409,7 +3656,7 @@ func (x *Take) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Take.ProtoReflect.Descriptor instead.
 func (*Take) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Take) GetShape() string {
@@ -3433,7 +3680,7 @@ type TakeReply struct {
 
 func (x *TakeReply) Reset() {
 	*x = TakeReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3445,7 +3692,7 @@ func (x *TakeReply) String() string {
 func (*TakeReply) ProtoMessage() {}
 
 func (x *TakeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3458,7 +3705,7 @@ func (x *TakeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TakeReply.ProtoReflect.Descriptor instead.
 func (*TakeReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *TakeReply) GetName() string {
@@ -3497,7 +3744,7 @@ type PoolStatus struct {
 
 func (x *PoolStatus) Reset() {
 	*x = PoolStatus{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3509,7 +3756,7 @@ func (x *PoolStatus) String() string {
 func (*PoolStatus) ProtoMessage() {}
 
 func (x *PoolStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3522,7 +3769,7 @@ func (x *PoolStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatus.ProtoReflect.Descriptor instead.
 func (*PoolStatus) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 type PoolStatusReply struct {
@@ -3539,7 +3786,7 @@ type PoolStatusReply struct {
 
 func (x *PoolStatusReply) Reset() {
 	*x = PoolStatusReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3551,7 +3798,7 @@ func (x *PoolStatusReply) String() string {
 func (*PoolStatusReply) ProtoMessage() {}
 
 func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3564,7 +3811,7 @@ func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatusReply.ProtoReflect.Descriptor instead.
 func (*PoolStatusReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *PoolStatusReply) GetShapes() []*PoolShape {
@@ -3624,7 +3871,7 @@ type PoolShape struct {
 
 func (x *PoolShape) Reset() {
 	*x = PoolShape{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3636,7 +3883,7 @@ func (x *PoolShape) String() string {
 func (*PoolShape) ProtoMessage() {}
 
 func (x *PoolShape) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3649,7 +3896,7 @@ func (x *PoolShape) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolShape.ProtoReflect.Descriptor instead.
 func (*PoolShape) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *PoolShape) GetShape() string {
@@ -3733,7 +3980,7 @@ var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xee\x06\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xae\a\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -3754,8 +4001,9 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\arefresh\x18\x10 \x01(\v2\x15.mvm.agent.v1.RefreshH\x00R\arefresh\x12(\n" +
 	"\x04take\x18\x11 \x01(\v2\x12.mvm.agent.v1.TakeH\x00R\x04take\x12;\n" +
 	"\vpool_status\x18\x12 \x01(\v2\x18.mvm.agent.v1.PoolStatusH\x00R\n" +
-	"poolStatusB\x06\n" +
-	"\x04call\"\xd3\x06\n" +
+	"poolStatus\x12>\n" +
+	"\fcgroup_stats\x18\x13 \x01(\v2\x19.mvm.agent.v1.CgroupStatsH\x00R\vcgroupStatsB\x06\n" +
+	"\x04call\"\x98\a\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
@@ -3773,7 +4021,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\arefresh\x18\r \x01(\v2\x1a.mvm.agent.v1.RefreshReplyH\x00R\arefresh\x12-\n" +
 	"\x04take\x18\x0e \x01(\v2\x17.mvm.agent.v1.TakeReplyH\x00R\x04take\x12@\n" +
 	"\vpool_status\x18\x10 \x01(\v2\x1d.mvm.agent.v1.PoolStatusReplyH\x00R\n" +
-	"poolStatus\x12+\n" +
+	"poolStatus\x12C\n" +
+	"\fcgroup_stats\x18\x11 \x01(\v2\x1e.mvm.agent.v1.CgroupStatsReplyH\x00R\vcgroupStats\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -3806,7 +4055,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
-	"\apayload\x18\x01 \x01(\fR\apayload\"\xa5\x02\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"\xbd\x02\n" +
 	"\x04Exec\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12&\n" +
 	"\x03env\x18\x02 \x03(\v2\x14.mvm.agent.v1.EnvVarR\x03env\x12\x10\n" +
@@ -3818,7 +4067,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04user\x18\b \x01(\tR\x04user\x12\x10\n" +
 	"\x03tty\x18\t \x01(\bR\x03tty\x120\n" +
 	"\x06window\x18\n" +
-	" \x01(\v2\x18.mvm.agent.v1.WindowSizeR\x06window\"j\n" +
+	" \x01(\v2\x18.mvm.agent.v1.WindowSizeR\x06window\x12\x16\n" +
+	"\x06cgroup\x18\v \x01(\tR\x06cgroup\"j\n" +
 	"\n" +
 	"WindowSize\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
@@ -3946,7 +4196,28 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x13host_time_unix_nano\x18\x01 \x01(\x03R\x10hostTimeUnixNano\x12\x18\n" +
 	"\aentropy\x18\x02 \x01(\fR\aentropy\x12\x17\n" +
 	"\aboot_id\x18\x03 \x01(\fR\x06bootId\"\x0e\n" +
-	"\fRefreshReply\"\x1c\n" +
+	"\fRefreshReply\"!\n" +
+	"\vCgroupStats\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x86\x04\n" +
+	"\x10CgroupStatsReply\x12$\n" +
+	"\x0ecpu_usage_usec\x18\x01 \x01(\x04R\fcpuUsageUsec\x12\"\n" +
+	"\rcpu_user_usec\x18\x02 \x01(\x04R\vcpuUserUsec\x12&\n" +
+	"\x0fcpu_system_usec\x18\x03 \x01(\x04R\rcpuSystemUsec\x12$\n" +
+	"\x0ecpu_nr_periods\x18\x04 \x01(\x04R\fcpuNrPeriods\x12(\n" +
+	"\x10cpu_nr_throttled\x18\x05 \x01(\x04R\x0ecpuNrThrottled\x12,\n" +
+	"\x12cpu_throttled_usec\x18\x06 \x01(\x04R\x10cpuThrottledUsec\x12%\n" +
+	"\x0ememory_current\x18\a \x01(\x04R\rmemoryCurrent\x12\x1d\n" +
+	"\n" +
+	"memory_max\x18\b \x01(\x04R\tmemoryMax\x12!\n" +
+	"\fswap_current\x18\t \x01(\x04R\vswapCurrent\x12!\n" +
+	"\fpids_current\x18\n" +
+	" \x01(\x04R\vpidsCurrent\x12\x19\n" +
+	"\bpids_max\x18\v \x01(\x04R\apidsMax\x12\x1d\n" +
+	"\n" +
+	"oom_events\x18\f \x01(\x04R\toomEvents\x12\x1b\n" +
+	"\toom_kills\x18\r \x01(\x04R\boomKills\x12\x1f\n" +
+	"\vmemory_file\x18\x0e \x01(\x04R\n" +
+	"memoryFile\"\x1c\n" +
 	"\x04Take\x12\x14\n" +
 	"\x05shape\x18\x01 \x01(\tR\x05shape\"\x82\x01\n" +
 	"\tTakeReply\x12\x12\n" +
@@ -3989,7 +4260,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -4037,11 +4308,13 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*ResumeReply)(nil),      // 43: mvm.agent.v1.ResumeReply
 	(*Refresh)(nil),          // 44: mvm.agent.v1.Refresh
 	(*RefreshReply)(nil),     // 45: mvm.agent.v1.RefreshReply
-	(*Take)(nil),             // 46: mvm.agent.v1.Take
-	(*TakeReply)(nil),        // 47: mvm.agent.v1.TakeReply
-	(*PoolStatus)(nil),       // 48: mvm.agent.v1.PoolStatus
-	(*PoolStatusReply)(nil),  // 49: mvm.agent.v1.PoolStatusReply
-	(*PoolShape)(nil),        // 50: mvm.agent.v1.PoolShape
+	(*CgroupStats)(nil),      // 46: mvm.agent.v1.CgroupStats
+	(*CgroupStatsReply)(nil), // 47: mvm.agent.v1.CgroupStatsReply
+	(*Take)(nil),             // 48: mvm.agent.v1.Take
+	(*TakeReply)(nil),        // 49: mvm.agent.v1.TakeReply
+	(*PoolStatus)(nil),       // 50: mvm.agent.v1.PoolStatus
+	(*PoolStatusReply)(nil),  // 51: mvm.agent.v1.PoolStatusReply
+	(*PoolShape)(nil),        // 52: mvm.agent.v1.PoolShape
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -4060,44 +4333,46 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	40, // 13: mvm.agent.v1.Request.pause:type_name -> mvm.agent.v1.Pause
 	42, // 14: mvm.agent.v1.Request.resume:type_name -> mvm.agent.v1.Resume
 	44, // 15: mvm.agent.v1.Request.refresh:type_name -> mvm.agent.v1.Refresh
-	46, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
-	48, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
-	7,  // 18: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 19: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 20: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 21: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 22: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 23: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 24: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 25: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	33, // 26: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
-	37, // 27: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
-	41, // 28: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
-	43, // 29: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
-	45, // 30: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
-	47, // 31: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
-	49, // 32: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
-	5,  // 33: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 34: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 35: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 36: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 37: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 38: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 39: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 40: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 41: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 42: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 43: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 44: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	5,  // 45: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
-	38, // 46: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
-	38, // 47: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
-	50, // 48: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
-	49, // [49:49] is the sub-list for method output_type
-	49, // [49:49] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	48, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
+	50, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
+	46, // 18: mvm.agent.v1.Request.cgroup_stats:type_name -> mvm.agent.v1.CgroupStats
+	7,  // 19: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 20: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 21: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 22: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 23: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 24: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 25: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 26: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	33, // 27: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	37, // 28: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	41, // 29: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
+	43, // 30: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
+	45, // 31: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
+	49, // 32: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
+	51, // 33: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
+	47, // 34: mvm.agent.v1.Response.cgroup_stats:type_name -> mvm.agent.v1.CgroupStatsReply
+	5,  // 35: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 36: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 37: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 38: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 39: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 40: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 41: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 42: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 43: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 44: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 45: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 46: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 47: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	38, // 48: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	38, // 49: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	52, // 50: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
+	51, // [51:51] is the sub-list for method output_type
+	51, // [51:51] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -4124,6 +4399,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Refresh)(nil),
 		(*Request_Take)(nil),
 		(*Request_PoolStatus)(nil),
+		(*Request_CgroupStats)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -4141,6 +4417,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Refresh)(nil),
 		(*Response_Take)(nil),
 		(*Response_PoolStatus)(nil),
+		(*Response_CgroupStats)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
@@ -4158,7 +4435,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   48,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
