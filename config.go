@@ -353,6 +353,13 @@ type Cmd struct {
 	// (at most 64). The containerd shim puts each container's processes
 	// in one, for its metrics and its OOM kills.
 	Cgroup string
+	// Root, when set, is a directory of the guest's root to run the
+	// command in as its root (chroot), with kernel filesystems of its
+	// own (/proc, /sys, /dev, /run), as a container has: Argv[0], Dir
+	// and User are resolved inside it. The containerd shim runs each
+	// container of a pod this way, in the pod's VM, in a root it copied
+	// there.
+	Root string
 }
 
 // TTY is a terminal's size in characters.
@@ -408,6 +415,11 @@ func (c *Cmd) check() ([]envvar.Var, error) {
 	}
 	if strings.ContainsAny(c.User, "\x00\n") || len(c.User) > 256 {
 		return nil, invalid("Cmd.User", execreq.Quote(c.User), "not a user name or id")
+	}
+	if c.Root != "" {
+		if err := execreq.Dir(c.Root); err != nil {
+			return nil, &RequestError{Field: "Cmd.Root", Value: execreq.Quote(c.Root), Err: err}
+		}
 	}
 	if c.Cgroup != "" {
 		if err := agentproto.CheckCgroupName(c.Cgroup); err != nil {

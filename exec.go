@@ -127,6 +127,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		Env:           env,
 		User:          cmd.User,
 		Cgroup:        cmd.Cgroup,
+		Root:          cmd.Root,
 		Dir:           cmd.Dir,
 		Stdin:         cmd.Stdin,
 		Stdout:        cmd.Stdout,
@@ -207,6 +208,9 @@ func (sb *Sandbox) needs(cmd Cmd) error {
 	}
 	if cmd.User != "" && !sb.hello.Has(agentproto.CapExecUser) {
 		return invalid("Cmd.User", "", "the guest agent (%s) cannot run commands as another user", sb.hello.AgentVersion)
+	}
+	if cmd.Root != "" && !sb.hello.Has(agentproto.CapExecRoot) {
+		return invalid("Cmd.Root", "", "the guest agent (%s) cannot run a command in another root", sb.hello.AgentVersion)
 	}
 	if cmd.Cgroup != "" && !sb.hello.Has(agentproto.CapCgroup) {
 		return invalid("Cmd.Cgroup", "", "the guest agent (%s) has no cgroup support (a kernel without cgroup2?)", sb.hello.AgentVersion)

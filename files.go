@@ -48,6 +48,10 @@ type CopyOptions struct {
 	// 100 ms, and once at the end) with the bytes of the copy's stream
 	// moved so far, for a progress display.
 	Progress func(bytes int64)
+	// KeepOwners, for a copy in, gives the guest's copies the host
+	// files' owners and groups (numeric ids) instead of root: what a
+	// container's root filesystem needs.
+	KeepOwners bool
 }
 
 // progressReader counts what is read through it for CopyOptions.Progress.
@@ -187,7 +191,8 @@ func (sb *Sandbox) ReadFile(ctx context.Context, guestPath string, w io.Writer, 
 // guest with docker cp's rules: to dst itself when dst does not exist,
 // into it when it is a directory, over it when it is a file; src ending
 // in "/." copies a directory's contents. Modes and modification times are
-// kept; the guest's copies belong to root. opts.Progress follows it; its
+// kept; the guest's copies belong to root (or, with opts.KeepOwners, to
+// the host files' owners). opts.Progress follows it; its
 // Limit is for copies out.
 func (sb *Sandbox) CopyIn(ctx context.Context, src, dst string, opts CopyOptions) (CopyStats, error) {
 	return copyIn(ctx, sb, src, dst, opts)
@@ -324,7 +329,7 @@ func writeGuestFile(ctx context.Context, f files, guestPath string, r io.Reader,
 		}
 		pw.CloseWithError(err)
 	}()
-	_, err = c.CopyIn(ctx, p, pr)
+	_, err = c.CopyIn(ctx, p, pr, false)
 	pr.CloseWithError(io.ErrClosedPipe)
 	if err != nil {
 		return guestError("write", p, err)
@@ -461,7 +466,7 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 		_, err := treecopy.Write(pw, r, name)
 		pw.CloseWithError(err)
 	}()
-	st, err := c.CopyIn(ctx, target, withProgress(pr, opts))
+	st, err := c.CopyIn(ctx, target, withProgress(pr, opts), opts.KeepOwners)
 	pr.CloseWithError(io.ErrClosedPipe)
 	if err != nil {
 		return CopyStats{}, guestError("copy to", target, err)

@@ -146,6 +146,19 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 	// to the agent's own working directory, /.
 	cwd := path.Join("/", req.Cwd)
 	root := s.srv.cmdRoot()
+	chroot := "" // Exec.root, as a path in root
+	if req.Root != "" {
+		if !s.srv.opts.Mounts {
+			fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "exec.root is not served by this agent")
+			return
+		}
+		sub, inRoot, err := s.srv.subRoot(root, req.Root)
+		if err != nil {
+			fail(agentpb.StartFailure_REASON_OTHER, errnoOf(err), "%v", err)
+			return
+		}
+		root, chroot = sub, inRoot
+	}
 	id := rootIdentity
 	if req.User != "" || envValue(env, "HOME") == "" {
 		if id, err = resolveUser(root, req.User); err != nil {
@@ -221,6 +234,9 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		// path are paths there; without one, Go's fork applies the
 		// chroot before the working directory.
 		if sp := s.srv.rootSpawner(); sp != nil {
+			// In an Exec.root, the child chroots from the
+			// spawner's root into the directory.
+			attr.Sys.Chroot = chroot
 			inRoot := fork
 			fork = func() (int, error) { return sp.fork(inRoot) }
 		} else {

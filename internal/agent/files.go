@@ -85,7 +85,9 @@ func (ss *session) copyIn(st *mux.Stream, in *agentproto.Reader, req *agentpb.Co
 	root, base, err := ss.srv.fileCallRoot(req.Path)
 	var stats treecopy.Stats
 	if err == nil {
-		stats, err = treecopy.Extract(data, root, base, treecopy.Limits{})
+		// Owners only as root (the agent of a VM is): anyone else
+		// cannot give files away.
+		stats, err = treecopy.Extract(data, root, base, treecopy.Limits{KeepOwners: req.KeepOwners && os.Geteuid() == 0})
 		root.Close()
 	}
 	if err == nil {

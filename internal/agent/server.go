@@ -59,6 +59,9 @@ type Server struct {
 	// (by path); hasBootID: the host gave one.
 	bootIDBound map[string]bool
 	hasBootID   bool
+	// subRoots are the Exec.root directories (by path in the agent's
+	// namespace) whose kernel filesystems are mounted.
+	subRoots map[string]bool
 }
 
 // Options are the hooks that differ between an agent running as the guest's
@@ -130,6 +133,7 @@ func (s *Server) capabilities() []string {
 	}
 	if s.opts.Mounts {
 		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname, agentproto.CapNetwork)
+		caps = append(caps, agentproto.CapExecRoot)
 		if haveCgroups() {
 			caps = append(caps, agentproto.CapCgroup)
 		}

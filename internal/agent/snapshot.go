@@ -111,6 +111,14 @@ func (s *Server) setBootID(id []byte) error {
 		}
 		s.bootIDBound[s.root.path] = true
 	}
+	for dir := range s.subRoots {
+		if !s.bootIDBound[dir] {
+			if err := (&fsRoot{path: dir}).bindFile(bootIDFile, bootIDProc); err != nil {
+				return err
+			}
+			s.bootIDBound[dir] = true
+		}
+	}
 	return nil
 }
 

@@ -49,6 +49,9 @@ type ExecSpec struct {
 	User string
 	// Cgroup starts the command in that guest cgroup (agentproto.CapCgroup).
 	Cgroup string
+	// Root runs the command in that directory as its root
+	// (agentproto.CapExecRoot).
+	Root string
 	// TTY, when set, runs the command on a pseudo-terminal of this size:
 	// the terminal is its stdin, stdout and stderr, everything it writes
 	// arrives on Stdout (Stderr gets nothing), and Stdin is typed into
@@ -182,6 +185,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 		Id:              p.id,
 		User:            spec.User,
 		Cgroup:          spec.Cgroup,
+		Root:            spec.Root,
 	}
 	if t := spec.TTY; t != nil {
 		req.Tty = true

@@ -61,10 +61,11 @@ func (c *Client) Stat(ctx context.Context, path string, list bool) (info FileInf
 }
 
 // CopyIn sends the tar stream src (see treecopy) to be unpacked as the
-// guest's path. It returns once the agent has unpacked it all, or as soon
-// as the agent refused it.
-func (c *Client) CopyIn(ctx context.Context, path string, src io.Reader) (treecopy.Stats, error) {
-	st, err := c.openStream(ctx, &agentpb.Request{Call: &agentpb.Request_CopyIn{CopyIn: &agentpb.CopyIn{Path: path}}})
+// guest's path, with the stream's owners when keepOwners is set (else
+// everything is root's). It returns once the agent has unpacked it all,
+// or as soon as the agent refused it.
+func (c *Client) CopyIn(ctx context.Context, path string, src io.Reader, keepOwners bool) (treecopy.Stats, error) {
+	st, err := c.openStream(ctx, &agentpb.Request{Call: &agentpb.Request_CopyIn{CopyIn: &agentpb.CopyIn{Path: path, KeepOwners: keepOwners}}})
 	if err != nil {
 		return treecopy.Stats{}, err
 	}

@@ -82,6 +82,10 @@ const (
 	// CapCgroup: Exec.cgroup starts a command in a cgroup of its own,
 	// and the CgroupStats call reads it (version 2).
 	CapCgroup = "cgroup"
+	// CapExecRoot: Exec.root runs a command in a directory of the
+	// command root as its root, with kernel filesystems of its own
+	// (version 2): a pod's containers, each in its root, in one VM.
+	CapExecRoot = "exec.root"
 )
 
 // MaxCgroupName bounds Exec.cgroup and CgroupStats.name.

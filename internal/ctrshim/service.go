@@ -7,8 +7,14 @@
 // the second time) and attached to the VM read-only under the run's own
 // writable layer, as for `mvmctl exec --template`.
 //
-// One shim process serves one task (containerd starts a shim per
-// container); the VM starts at Start, not Create, and ends at Delete.
+// One shim process serves one task, or one pod: the containers of a CRI
+// pod sandbox (the io.kubernetes.cri.sandbox-id annotation) share the
+// sandbox's shim and its VM. The VM boots at the Start of the task (or of
+// the pod's sandbox container) with that container's root, and ends at
+// its Delete. A pod's other containers run in the same VM, each in its
+// own root: their tree is copied into the VM's disk at Start, and their
+// processes are chrooted there by the agent (Exec.root), each container
+// in a cgroup of its own.
 package ctrshim
 
 import (
@@ -59,16 +65,68 @@ type Service struct {
 	shutdown  func()
 	log       *slog.Logger
 
-	mu     sync.Mutex
-	bundle string
-	spec   *specs.Spec
-	tmpl   string // the container's template name
-	sb     *mvm.Sandbox
-	memory int64               // the VM's memory in bytes
-	procs  map[string]*process // "" is the init process
+	mu         sync.Mutex
+	containers map[string]*container
+	sb         *mvm.Sandbox // the VM, once its owner started
+	memory     int64        // the VM's memory in bytes
+}
+
+// container is one task of the shim: the VM's owner (a lone task, or a
+// pod's sandbox), or a member of the owner's pod.
+type container struct {
+	id, bundle string
+	spec       *specs.Spec
+	tmpl       string              // the owner's template (the VM's root)
+	member     bool                // a pod's container, in its own root in the VM
+	root       string              // a member's root in the VM, once copied
+	procs      map[string]*process // "" is the init process
 	// oomKills is the container cgroup's oom_kill count last seen: a
 	// process's end that raised it was the OOM killer's doing.
 	oomKills uint64
+}
+
+// The CRI's annotations on a container's spec.
+const (
+	annotationType      = "io.kubernetes.cri.container-type"
+	annotationSandboxID = "io.kubernetes.cri.sandbox-id"
+)
+
+// podOf is the id of the pod sandbox spec's container belongs to, "" for
+// a container of no pod (ctr run) or a pod's sandbox itself.
+func podOf(id string, spec *specs.Spec) string {
+	if spec.Annotations[annotationType] != "container" {
+		return ""
+	}
+	if sb := spec.Annotations[annotationSandboxID]; sb != id {
+		return sb
+	}
+	return ""
+}
+
+// container returns the shim's container id.
+func (s *Service) container(id string) (*container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.containers[id]
+	if c == nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "container %s", id)
+	}
+	return c, nil
+}
+
+// process returns a process of container id.
+func (s *Service) process(id, execID string) (*container, *process, error) {
+	c, err := s.container(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := c.procs[execID]
+	if p == nil {
+		return nil, nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q of %s", execID, id)
+	}
+	return c, p, nil
 }
 
 // cgroupName is the guest cgroup the task's processes run in (all of
@@ -97,7 +155,7 @@ type process struct {
 // New is the shim's init function (shim.Init).
 func New(ctx context.Context, id string, publisher shim.Publisher, shutdown func()) (shim.Shim, error) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})).With("task", id)
-	return &Service{id: id, publisher: publisher, shutdown: shutdown, log: log, procs: map[string]*process{}}, nil
+	return &Service{id: id, publisher: publisher, shutdown: shutdown, log: log, containers: map[string]*container{}}, nil
 }
 
 // dirs are the mvm directories the shim uses: containerd runs shims as
@@ -128,7 +186,18 @@ func (s *Service) StartShim(ctx context.Context, opts shim.StartOpts) (_ string,
 	if err != nil {
 		return "", err
 	}
-	address, err := shim.SocketAddress(ctx, opts.Address, opts.ID)
+	// A pod's containers are served by the shim of its sandbox, whose
+	// socket is named after the pod.
+	grouping := opts.ID
+	if b, err := os.ReadFile(filepath.Join(cwd, "config.json")); err == nil {
+		var spec specs.Spec
+		if json.Unmarshal(b, &spec) == nil {
+			if pod := podOf(opts.ID, &spec); pod != "" {
+				grouping = pod
+			}
+		}
+	}
+	address, err := shim.SocketAddress(ctx, opts.Address, grouping)
 	if err != nil {
 		return "", err
 	}
@@ -136,6 +205,13 @@ func (s *Service) StartShim(ctx context.Context, opts shim.StartOpts) (_ string,
 	if err != nil {
 		if !shim.SocketEaddrinuse(err) {
 			return "", err
+		}
+		if shim.CanConnect(address) {
+			// The pod's shim runs: it serves this container too.
+			if err := shim.WriteAddress("address", address); err != nil {
+				return "", err
+			}
+			return address, nil
 		}
 		if err := shim.RemoveSocket(address); err != nil {
 			return "", fmt.Errorf("remove the socket in use: %w", err)
@@ -208,12 +284,14 @@ func removeTemplate(name string) {
 	_ = st.Remove(name)
 }
 
-// Create mounts the rootfs and makes the container's template; the VM
-// starts with the init process (Start).
+// Create mounts the rootfs and, for the VM's owner, makes the
+// container's template; the VM starts with the owner's init process
+// (Start). A pod's member is only recorded: its tree goes into the VM
+// at its Start.
 func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.spec != nil {
+	if s.containers[r.ID] != nil {
 		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "task %s", r.ID)
 	}
 	b, err := os.ReadFile(filepath.Join(r.Bundle, "config.json"))
@@ -226,6 +304,19 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	if spec.Process == nil || len(spec.Process.Args) == 0 {
 		return nil, errdefs.ToGRPCf(errdefs.ErrInvalidArgument, "the spec has no process args")
+	}
+	c := &container{id: r.ID, bundle: r.Bundle, spec: &spec, procs: map[string]*process{}}
+	if pod := podOf(r.ID, &spec); pod != "" {
+		if owner := s.containers[pod]; owner == nil || owner.member {
+			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s: its pod sandbox %s is not served by this shim", r.ID, pod)
+		}
+		c.member = true
+	} else {
+		for _, o := range s.containers {
+			if !o.member {
+				return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "this shim already serves task %s", o.id)
+			}
+		}
 	}
 	rootfs := filepath.Join(r.Bundle, "rootfs")
 	if len(r.Rootfs) > 0 {
@@ -245,20 +336,22 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			}
 		}()
 	}
-	name := templateName(r.ID, r.Bundle)
-	c := dirs()
-	st, err := template.Open(c.DataDir, c.CacheDir)
-	if err != nil {
-		return nil, err
+	if !c.member {
+		name := templateName(r.ID, r.Bundle)
+		cfg := dirs()
+		st, err := template.Open(cfg.DataDir, cfg.CacheDir)
+		if err != nil {
+			return nil, err
+		}
+		start := time.Now()
+		if _, err := st.Create(ctx, name, template.Spec{Dir: rootfs}, template.Options{}); err != nil {
+			return nil, fmt.Errorf("the container's root filesystem: %w", err)
+		}
+		s.log.Info("rootfs written", "container", r.ID, "template", name, "took", time.Since(start))
+		c.tmpl = name
 	}
-	start := time.Now()
-	if _, err := st.Create(ctx, name, template.Spec{Dir: rootfs}, template.Options{}); err != nil {
-		return nil, fmt.Errorf("the container's root filesystem: %w", err)
-	}
-	s.log.Info("rootfs written", "template", name, "took", time.Since(start))
-	s.bundle, s.spec, s.tmpl = r.Bundle, &spec, name
-	p := s.newProcess("", spec.Process, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
-	s.procs[""] = p
+	c.procs[""] = s.newProcess("", spec.Process, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
+	s.containers[r.ID] = c
 	return &taskAPI.CreateTaskResponse{}, nil
 }
 
@@ -291,19 +384,18 @@ func shape(spec *specs.Spec) (cpus int, memory int64) {
 	return cpus, memory
 }
 
-// Start starts the init process (booting the VM) or an exec.
+// Start starts the init process (booting the VM, or copying a pod
+// member's tree into it) or an exec.
 func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
-	s.mu.Lock()
-	p := s.procs[r.ExecID]
-	s.mu.Unlock()
-	if p == nil {
-		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	c, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
 	}
-	if r.ExecID == "" {
-		cpus, memory := shape(s.spec)
-		c := dirs()
-		c.Template, c.CPUs, c.Memory, c.Name = s.tmpl, cpus, memory, vmName(s.id)
-		sb, err := mvm.Start(context.WithoutCancel(ctx), c)
+	if r.ExecID == "" && !c.member {
+		cpus, memory := shape(c.spec)
+		cfg := dirs()
+		cfg.Template, cfg.CPUs, cfg.Memory, cfg.Name = c.tmpl, cpus, memory, vmName(c.id)
+		sb, err := mvm.Start(context.WithoutCancel(ctx), cfg)
 		if err != nil {
 			return nil, err
 		}
@@ -314,15 +406,45 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		s.sb, s.memory = sb, memory
 		s.mu.Unlock()
 	}
-	if err := s.startProcess(p); err != nil {
+	if r.ExecID == "" && c.member {
+		if err := s.copyRoot(ctx, c); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.startProcess(c, p); err != nil {
 		return nil, err
 	}
 	if r.ExecID == "" {
-		s.publish(ctx, "/tasks/start", &eventstypes.TaskStart{ContainerID: s.id, Pid: p.pid})
+		s.publish(ctx, "/tasks/start", &eventstypes.TaskStart{ContainerID: c.id, Pid: p.pid})
 	} else {
-		s.publish(ctx, "/tasks/exec-started", &eventstypes.TaskExecStarted{ContainerID: s.id, ExecID: r.ExecID, Pid: p.pid})
+		s.publish(ctx, "/tasks/exec-started", &eventstypes.TaskExecStarted{ContainerID: c.id, ExecID: r.ExecID, Pid: p.pid})
 	}
 	return &taskAPI.StartResponse{Pid: p.pid}, nil
+}
+
+// memberRoot is where a pod member's root goes in the VM: a directory
+// of the VM's own root, on its writable disk.
+func memberRoot(id string) string { return "/.mvm-ctr-" + shortID(id) }
+
+// copyRoot copies a pod member's mounted tree into the pod's VM, owners
+// and all, as the member's root.
+func (s *Service) copyRoot(ctx context.Context, c *container) error {
+	s.mu.Lock()
+	sb := s.sb
+	s.mu.Unlock()
+	if sb == nil {
+		return errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s: its pod's sandbox is not started", c.id)
+	}
+	start := time.Now()
+	st, err := sb.CopyIn(ctx, filepath.Join(c.bundle, "rootfs"), memberRoot(c.id), mvm.CopyOptions{KeepOwners: true})
+	if err != nil {
+		return fmt.Errorf("copy the container's root into the pod's VM: %w", err)
+	}
+	s.log.Info("rootfs copied into the pod's VM", "container", c.id, "files", st.Files, "bytes", st.Bytes, "took", time.Since(start))
+	s.mu.Lock()
+	c.root = memberRoot(c.id)
+	s.mu.Unlock()
+	return nil
 }
 
 // vmName is the name of the task's VM (its run directory's).
@@ -352,17 +474,18 @@ func shortID(id string) string {
 	return hex.EncodeToString(h[:6])
 }
 
-// startProcess runs p in the VM with its stdio on containerd's FIFOs.
-func (s *Service) startProcess(p *process) error {
+// startProcess runs p of c in the VM with its stdio on containerd's
+// FIFOs, in c's cgroup (and a member's root).
+func (s *Service) startProcess(c *container, p *process) error {
 	s.mu.Lock()
-	sb := s.sb
+	sb, root := s.sb, c.root
 	s.mu.Unlock()
 	if sb == nil {
 		return errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "the task is not started")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := mvm.Cmd{Argv: p.argv, Env: p.env, Dir: p.dir, User: p.user, Cgroup: cgroupName(s.id)}
+	cmd := mvm.Cmd{Argv: p.argv, Env: p.env, Dir: p.dir, User: p.user, Cgroup: cgroupName(c.id), Root: root}
 	if p.stdout != "" {
 		w, err := fifo.OpenFifo(ctx, p.stdout, syscall.O_WRONLY, 0)
 		if err != nil {
@@ -402,12 +525,12 @@ func (s *Service) startProcess(p *process) error {
 	s.mu.Lock()
 	p.p, p.pid, p.started = proc, uint32(proc.PID()), true
 	s.mu.Unlock()
-	go s.reap(p)
+	go s.reap(c, p)
 	return nil
 }
 
-// reap waits for p to end and tells containerd.
-func (s *Service) reap(p *process) {
+// reap waits for p of c to end and tells containerd.
+func (s *Service) reap(c *container, p *process) {
 	st, err := p.p.Wait()
 	code := uint32(st.Code)
 	switch {
@@ -419,23 +542,23 @@ func (s *Service) reap(p *process) {
 	for _, c := range p.closers {
 		c.Close()
 	}
-	if st.Signal == syscall.SIGKILL && s.oomKilled() {
-		s.log.Info("OOM kill", "exec", p.id, "pid", p.pid)
-		s.publish(context.Background(), "/tasks/oom", &eventstypes.TaskOOM{ContainerID: s.id})
+	if st.Signal == syscall.SIGKILL && s.oomKilled(c) {
+		s.log.Info("OOM kill", "container", c.id, "exec", p.id, "pid", p.pid)
+		s.publish(context.Background(), "/tasks/oom", &eventstypes.TaskOOM{ContainerID: c.id})
 	}
 	s.mu.Lock()
 	p.status, p.exitedAt = code, time.Now()
 	s.mu.Unlock()
 	close(p.done)
 	s.publish(context.Background(), "/tasks/exit", &eventstypes.TaskExit{
-		ContainerID: s.id, ID: p.execOrID(s.id), Pid: p.pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(p.exitedAt),
+		ContainerID: c.id, ID: p.execOrID(c.id), Pid: p.pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(p.exitedAt),
 	})
 }
 
 // oomKilled says whether the container's cgroup counted an OOM kill
 // since it last looked: containerd (and the CRI, as the reason
 // OOMKilled) learns it from the TaskOOM event sent before the exit.
-func (s *Service) oomKilled() bool {
+func (s *Service) oomKilled(c *container) bool {
 	s.mu.Lock()
 	sb := s.sb
 	s.mu.Unlock()
@@ -444,17 +567,17 @@ func (s *Service) oomKilled() bool {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st, err := sb.CgroupStats(ctx, cgroupName(s.id))
+	st, err := sb.CgroupStats(ctx, cgroupName(c.id))
 	if err != nil {
 		s.log.Warn("cgroup stats", "err", err)
 		return false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if st.OOMKills <= s.oomKills {
+	if st.OOMKills <= c.oomKills {
 		return false
 	}
-	s.oomKills = st.OOMKills
+	c.oomKills = st.OOMKills
 	return true
 }
 
@@ -485,48 +608,59 @@ func namespaceOf(ctx context.Context) string {
 	return namespaces.Default
 }
 
-// Delete ends a process's record, or the task: the VM, the rootfs mount
-// and the template.
+// Delete ends a process's record, or a container: for the VM's owner
+// the VM too, and its template; for any its rootfs mount. A member's
+// files stay in the pod's VM until the VM ends.
 func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	s.mu.Lock()
-	p := s.procs[r.ExecID]
-	s.mu.Unlock()
-	if p == nil {
-		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	c, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
 	}
 	if p.started {
 		select {
 		case <-p.done:
 		default:
-			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "process %q is running", r.ExecID)
+			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "process %q of %s is running", r.ExecID, r.ID)
 		}
 	}
 	s.mu.Lock()
-	delete(s.procs, r.ExecID)
-	sb := s.sb
+	if r.ExecID == "" && !c.member {
+		for _, o := range s.containers {
+			if o.member {
+				s.mu.Unlock()
+				return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "the pod's container %s is not deleted yet", o.id)
+			}
+		}
+	}
+	delete(c.procs, r.ExecID)
+	var sb *mvm.Sandbox
 	if r.ExecID == "" {
-		s.sb = nil
+		delete(s.containers, c.id)
+		if !c.member {
+			sb, s.sb = s.sb, nil
+		}
 	}
 	s.mu.Unlock()
 	if r.ExecID == "" {
 		if sb != nil {
 			_, _ = sb.Close(context.Background())
 		}
-		if err := mount.UnmountAll(filepath.Join(s.bundle, "rootfs"), 0); err != nil {
-			s.log.Warn("unmount the rootfs", "err", err)
+		if err := mount.UnmountAll(filepath.Join(c.bundle, "rootfs"), 0); err != nil {
+			s.log.Warn("unmount the rootfs", "container", c.id, "err", err)
 		}
-		removeTemplate(s.tmpl)
-		s.publish(ctx, "/tasks/delete", &eventstypes.TaskDelete{ContainerID: s.id, Pid: p.pid, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)})
+		if c.tmpl != "" {
+			removeTemplate(c.tmpl)
+		}
+		s.publish(ctx, "/tasks/delete", &eventstypes.TaskDelete{ContainerID: c.id, Pid: p.pid, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)})
 	}
 	return &taskAPI.DeleteResponse{Pid: p.pid, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)}, nil
 }
 
 // Exec records an exec process; Start runs it.
 func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*ptypes.Empty, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.procs[r.ExecID] != nil {
-		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "exec %q", r.ExecID)
+	c, err := s.container(r.ID)
+	if err != nil {
+		return nil, err
 	}
 	var sp specs.Process
 	if r.Spec == nil {
@@ -535,13 +669,18 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*pty
 	if err := json.Unmarshal(r.Spec.Value, &sp); err != nil {
 		return nil, errdefs.ToGRPCf(errdefs.ErrInvalidArgument, "exec %q: %v", r.ExecID, err)
 	}
-	s.procs[r.ExecID] = s.newProcess(r.ExecID, &sp, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.ExecID == "" || c.procs[r.ExecID] != nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "exec %q", r.ExecID)
+	}
+	c.procs[r.ExecID] = s.newProcess(r.ExecID, &sp, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
 	return &ptypes.Empty{}, nil
 }
 
 // ResizePty resizes a process's terminal.
 func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*ptypes.Empty, error) {
-	p, err := s.running(r.ExecID)
+	p, err := s.running(r.ID, r.ExecID)
 	if err != nil {
 		return nil, err
 	}
@@ -551,24 +690,27 @@ func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*
 	return &ptypes.Empty{}, nil
 }
 
-func (s *Service) running(execID string) (*process, error) {
+func (s *Service) running(id, execID string) (*process, error) {
+	_, p, err := s.process(id, execID)
+	if err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	p := s.procs[execID]
-	if p == nil || !p.started {
-		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q is not running", execID)
+	if !p.started {
+		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q of %s is not running", execID, id)
 	}
 	return p, nil
 }
 
 // State reports a process.
 func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
+	c, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	p := s.procs[r.ExecID]
-	if p == nil {
-		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
-	}
 	status := apitypes.Status_CREATED
 	if p.started {
 		status = apitypes.Status_RUNNING
@@ -579,20 +721,21 @@ func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 		}
 	}
 	return &taskAPI.StateResponse{
-		ID: r.ID, Bundle: s.bundle, Pid: p.pid, Status: status, Stdin: p.stdin, Stdout: p.stdout, Stderr: p.stderr,
+		ID: r.ID, Bundle: c.bundle, Pid: p.pid, Status: status, Stdin: p.stdin, Stdout: p.stdout, Stderr: p.stderr,
 		Terminal: p.terminal, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt), ExecID: r.ExecID,
 	}, nil
 }
 
 // Kill signals a process (its process group, in the guest).
 func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Empty, error) {
-	s.mu.Lock()
-	p := s.procs[r.ExecID]
-	s.mu.Unlock()
-	if p == nil {
-		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	_, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
 	}
-	if !p.started {
+	s.mu.Lock()
+	started := p.started
+	s.mu.Unlock()
+	if !started {
 		return &ptypes.Empty{}, nil
 	}
 	select {
@@ -606,12 +749,16 @@ func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Emp
 	return &ptypes.Empty{}, nil
 }
 
-// Pids lists the task's processes (their guest pids).
+// Pids lists a container's processes (their guest pids).
 func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	c, err := s.container(r.ID)
+	if err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []*apitypes.ProcessInfo
-	for _, p := range s.procs {
+	for _, p := range c.procs {
 		if p.started {
 			out = append(out, &apitypes.ProcessInfo{Pid: p.pid})
 		}
@@ -621,7 +768,7 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 
 // CloseIO closes a process's stdin.
 func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*ptypes.Empty, error) {
-	p, err := s.running(r.ExecID)
+	p, err := s.running(r.ID, r.ExecID)
 	if err != nil {
 		return nil, err
 	}
@@ -633,11 +780,9 @@ func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*ptyp
 
 // Wait waits for a process to end.
 func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
-	s.mu.Lock()
-	p := s.procs[r.ExecID]
-	s.mu.Unlock()
-	if p == nil {
-		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "process %q", r.ExecID)
+	_, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
 	}
 	select {
 	case <-p.done:
@@ -649,21 +794,21 @@ func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.Wa
 	return &taskAPI.WaitResponse{ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)}, nil
 }
 
-// Connect says which processes serve the task.
+// Connect says which processes serve a container.
 func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var pid uint32
-	if p := s.procs[""]; p != nil {
-		pid = p.pid
+	if c := s.containers[r.ID]; c != nil && c.procs[""] != nil {
+		pid = c.procs[""].pid
 	}
 	return &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), TaskPid: pid}, nil
 }
 
-// Shutdown ends the shim once its task is gone.
+// Shutdown ends the shim once its containers are gone.
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
 	s.mu.Lock()
-	n := len(s.procs)
+	n := len(s.containers)
 	s.mu.Unlock()
 	if n > 0 {
 		return &ptypes.Empty{}, nil
@@ -690,13 +835,17 @@ func (s *Service) Checkpoint(context.Context, *taskAPI.CheckpointTaskRequest) (*
 // gives on a cgroup2 host (ctr task metrics, the CRI's container stats).
 // A memory limit of none is the VM's memory: that is the task's bound.
 func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	c, err := s.container(r.ID)
+	if err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	sb, memory := s.sb, s.memory
 	s.mu.Unlock()
 	if sb == nil {
 		return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "task %s is not running", r.ID)
 	}
-	st, err := sb.CgroupStats(ctx, cgroupName(s.id))
+	st, err := sb.CgroupStats(ctx, cgroupName(c.id))
 	if err != nil {
 		return nil, err
 	}

@@ -44,7 +44,15 @@ type Limits struct {
 	// written (the host does: a guest's file must not become a setuid
 	// program of the host's user).
 	StripSetID bool
+	// KeepOwners gives each entry the owner and group the stream has
+	// (a caller that is root: a container's root filesystem copied into
+	// a pod's VM); otherwise everything belongs to the caller.
+	KeepOwners bool
 }
+
+// maxID bounds the owner and group ids KeepOwners sets: (uid_t)-1 means
+// "unchanged" to chown.
+const maxID = 1<<32 - 2
 
 // DefaultMaxEntries is Extract's entry bound when Limits gives none.
 const DefaultMaxEntries = 1 << 20
@@ -102,6 +110,10 @@ func writeEntry(tw *tar.Writer, root *os.Root, name, entry string, st *Stats) er
 		Mode:    int64(unixMode(fi.Mode())),
 		ModTime: fi.ModTime(),
 		Format:  tar.FormatPAX,
+	}
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		// Only an Extract with KeepOwners uses them.
+		hdr.Uid, hdr.Gid = int(sys.Uid), int(sys.Gid)
 	}
 	switch {
 	case fi.Mode().IsRegular():
@@ -240,6 +252,9 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 		if !lim.StripSetID {
 			mode |= goModeBits(hdr.Mode)
 		}
+		if lim.KeepOwners && (hdr.Uid < 0 || hdr.Gid < 0 || hdr.Uid > maxID || hdr.Gid > maxID) {
+			return st, fmt.Errorf("%q: bad owner %d:%d", hdr.Name, hdr.Uid, hdr.Gid)
+		}
 		switch hdr.Typeflag {
 		case tar.TypeReg, tar.TypeRegA:
 			if hdr.Size < 0 {
@@ -251,11 +266,27 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 			if err := writeFile(root, target, tr, hdr.Size, mode, hdr.ModTime); err != nil {
 				return st, err
 			}
+			if lim.KeepOwners {
+				if err := root.Lchown(target, hdr.Uid, hdr.Gid); err != nil {
+					return st, err
+				}
+				// chown cleared the setuid and setgid bits.
+				if mode&(fs.ModeSetuid|fs.ModeSetgid) != 0 {
+					if err := root.Chmod(target, mode); err != nil {
+						return st, err
+					}
+				}
+			}
 			st.Files++
 			st.Bytes += hdr.Size
 		case tar.TypeDir:
 			if err := makeDir(root, target); err != nil {
 				return st, err
+			}
+			if lim.KeepOwners {
+				if err := root.Lchown(target, hdr.Uid, hdr.Gid); err != nil {
+					return st, err
+				}
 			}
 			dirs = append(dirs, dirTime{target, mode, hdr.ModTime})
 			st.Dirs++
@@ -265,6 +296,11 @@ func Extract(r io.Reader, root *os.Root, name string, lim Limits) (Stats, error)
 			}
 			if err := replaceWith(root, target, func(tmp string) error { return root.Symlink(hdr.Linkname, tmp) }); err != nil {
 				return st, err
+			}
+			if lim.KeepOwners {
+				if err := root.Lchown(target, hdr.Uid, hdr.Gid); err != nil {
+					return st, err
+				}
 			}
 			st.Links++
 		default:

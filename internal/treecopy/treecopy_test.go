@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -242,5 +243,58 @@ func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestKeepOwners: with KeepOwners, files, directories and links get the
+// owners the stream has, and a setuid file keeps its bit through the
+// chown; without it they are the caller's.
+func TestKeepOwners(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("giving files away needs root")
+	}
+	src := t.TempDir()
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(os.Mkdir(filepath.Join(src, "home"), 0o755))
+	must(os.WriteFile(filepath.Join(src, "home", "prog"), []byte("x"), 0o755))
+	must(os.Symlink("prog", filepath.Join(src, "home", "link")))
+	must(os.Lchown(filepath.Join(src, "home"), 1001, 1001))
+	must(os.Lchown(filepath.Join(src, "home", "prog"), 1000, 1000))
+	must(os.Chmod(filepath.Join(src, "home", "prog"), 0o755|os.ModeSetuid))
+	must(os.Lchown(filepath.Join(src, "home", "link"), 1002, 1003))
+	for _, keep := range []bool{true, false} {
+		var buf bytes.Buffer
+		sr, err := os.OpenRoot(src)
+		must(err)
+		_, err = Write(&buf, sr, ".")
+		sr.Close()
+		must(err)
+		dst := t.TempDir()
+		dr, err := os.OpenRoot(dst)
+		must(err)
+		_, err = Extract(&buf, dr, "out", Limits{KeepOwners: keep})
+		dr.Close()
+		must(err)
+		for name, want := range map[string][2]uint32{"out/home": {1001, 1001}, "out/home/prog": {1000, 1000}, "out/home/link": {1002, 1003}} {
+			fi, err := os.Lstat(filepath.Join(dst, name))
+			must(err)
+			st := fi.Sys().(*syscall.Stat_t)
+			if !keep {
+				want = [2]uint32{0, 0}
+			}
+			if st.Uid != want[0] || st.Gid != want[1] {
+				t.Errorf("keep=%v: %s is %d:%d, want %d:%d", keep, name, st.Uid, st.Gid, want[0], want[1])
+			}
+		}
+		fi, err := os.Stat(filepath.Join(dst, "out/home/prog"))
+		must(err)
+		if fi.Mode()&os.ModeSetuid == 0 {
+			t.Errorf("keep=%v: the setuid bit was lost: %v", keep, fi.Mode())
+		}
 	}
 }

@@ -1297,7 +1297,15 @@ type Exec struct {
 	// when missing. One path component of at most 64 letters, digits, '.',
 	// '_' and '-', not "." or "..". Empty: the root cgroup. CgroupStats
 	// reads it. Capability "cgroup".
-	Cgroup        string `protobuf:"bytes,11,opt,name=cgroup,proto3" json:"cgroup,omitempty"`
+	Cgroup string `protobuf:"bytes,11,opt,name=cgroup,proto3" json:"cgroup,omitempty"`
+	// A directory of the command's root to run the command in, as its root
+	// (chroot): a pod's container, whose root filesystem the host copied
+	// there. The agent mounts what a container's root has (proc, sysfs,
+	// cgroup2, a devtmpfs with a devpts of its own, /dev/shm and /run) in
+	// it on first use; argv[0], cwd, user and the terminal are resolved
+	// inside it. Empty or "/": the command's root itself. Capability
+	// "exec.root".
+	Root          string `protobuf:"bytes,12,opt,name=root,proto3" json:"root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1405,6 +1413,13 @@ func (x *Exec) GetWindow() *WindowSize {
 func (x *Exec) GetCgroup() string {
 	if x != nil {
 		return x.Cgroup
+	}
+	return ""
+}
+
+func (x *Exec) GetRoot() string {
+	if x != nil {
+		return x.Root
 	}
 	return ""
 }
@@ -2668,8 +2683,12 @@ func (*NetworkReply) Descriptor() ([]byte, []int) {
 // out of the root is refused (CODE_INVALID_ARGUMENT), as is any other
 // entry type.
 type CopyIn struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// Give each entry the owner and group its tar header has (the tar
+	// stream's uid and gid), as a container's root filesystem needs;
+	// otherwise everything belongs to root. Capability "files.owners".
+	KeepOwners    bool `protobuf:"varint,2,opt,name=keep_owners,json=keepOwners,proto3" json:"keep_owners,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2709,6 +2728,13 @@ func (x *CopyIn) GetPath() string {
 		return x.Path
 	}
 	return ""
+}
+
+func (x *CopyIn) GetKeepOwners() bool {
+	if x != nil {
+		return x.KeepOwners
+	}
+	return false
 }
 
 type CopyInReply struct {
@@ -4055,7 +4081,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
-	"\apayload\x18\x01 \x01(\fR\apayload\"\xbd\x02\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"\xd1\x02\n" +
 	"\x04Exec\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12&\n" +
 	"\x03env\x18\x02 \x03(\v2\x14.mvm.agent.v1.EnvVarR\x03env\x12\x10\n" +
@@ -4068,7 +4094,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x03tty\x18\t \x01(\bR\x03tty\x120\n" +
 	"\x06window\x18\n" +
 	" \x01(\v2\x18.mvm.agent.v1.WindowSizeR\x06window\x12\x16\n" +
-	"\x06cgroup\x18\v \x01(\tR\x06cgroup\"j\n" +
+	"\x06cgroup\x18\v \x01(\tR\x06cgroup\x12\x12\n" +
+	"\x04root\x18\f \x01(\tR\x04root\"j\n" +
 	"\n" +
 	"WindowSize\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
@@ -4152,9 +4179,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\agateway\x18\x03 \x01(\tR\agateway\x12\x10\n" +
 	"\x03dns\x18\x04 \x03(\tR\x03dns\x12\x10\n" +
 	"\x03mtu\x18\x05 \x01(\rR\x03mtu\"\x0e\n" +
-	"\fNetworkReply\"\x1c\n" +
+	"\fNetworkReply\"=\n" +
 	"\x06CopyIn\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"c\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1f\n" +
+	"\vkeep_owners\x18\x02 \x01(\bR\n" +
+	"keepOwners\"c\n" +
 	"\vCopyInReply\x12\x14\n" +
 	"\x05files\x18\x01 \x01(\x04R\x05files\x12\x12\n" +
 	"\x04dirs\x18\x02 \x01(\x04R\x04dirs\x12\x14\n" +
