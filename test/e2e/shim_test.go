@@ -27,11 +27,23 @@ type ctrd struct {
 	*env
 	dir, sock string
 	cmd       *exec.Cmd
+	// ns is the containerd namespace images are imported into ("" is
+	// ctr's default; the CRI's is k8s.io).
+	ns string
 }
 
 // startContainerd starts containerd for the test; it is stopped, and
 // the test's VMs, mounts and templates checked gone, at the end.
 func startContainerd(t *testing.T) *ctrd {
+	t.Helper()
+	return startContainerdWith(t, false)
+}
+
+// startContainerdWith starts containerd, with its CRI plugin when cri is
+// set: the runtime handler "mvm" is io.containerd.mvm.v2, the sandbox
+// image docker.io/library/mvmtest-pause:1 (see importPause), and there is
+// no CNI (pods share the host's network).
+func startContainerdWith(t *testing.T, cri bool) *ctrd {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root on the host: containerd mounts the containers' root filesystems")
@@ -53,15 +65,32 @@ func startContainerd(t *testing.T) *ctrd {
 		t.Fatal(err)
 	}
 	c := &ctrd{env: newEnv(t), dir: dir, sock: filepath.Join(dir, "c.sock")}
+	plugins := `disabled_plugins = ["io.containerd.grpc.v1.cri"]`
+	if cri {
+		for _, d := range []string{"cni/bin", "cni/conf"} {
+			if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		plugins = fmt.Sprintf(`[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/library/mvmtest-pause:1"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "mvm"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.mvm]
+    runtime_type = "io.containerd.mvm.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = %q
+    conf_dir = %q`, filepath.Join(dir, "cni/bin"), filepath.Join(dir, "cni/conf"))
+	}
 	cfg := fmt.Sprintf(`version = 2
 root = %q
 state = %q
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = %q
 [ttrpc]
   address = %q
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc")
+%s
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc", plugins)
 	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +195,11 @@ func (c *ctrd) importAs(t *testing.T, ref string, cfg v1.Config) string {
 	if err := ocitest.WriteDockerArchive(archive, img, ref); err != nil {
 		t.Fatal(err)
 	}
-	if r := c.ctr(nil, "image", "import", archive); r.code != 0 {
+	var nsArgs []string
+	if c.ns != "" {
+		nsArgs = []string{"-n", c.ns}
+	}
+	if r := c.ctr(nil, append(nsArgs, "image", "import", archive)...); r.code != 0 {
 		t.Fatalf("ctr image import: %s", r)
 	}
 	return ref

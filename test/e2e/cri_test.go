@@ -1,0 +1,151 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// TestShimPod drives containerd's CRI plugin as the kubelet does (its
+// gRPC API; crictl is not packaged here): a pod sandbox on the runtime
+// handler mvm and two containers in it. The pod is one VM: both
+// containers see the same kernel boot id, each sees its own image's
+// root, and one VMM runs for the pod. Exit codes, logs, ExecSync and
+// container stats come back as from runc, and removing the pod leaves
+// no VM, mount or template.
+func TestShimPod(t *testing.T) {
+	c := startContainerdWith(t, true)
+	c.ns = "k8s.io"
+	ref := c.importImage(t)
+	c.importAs(t, "docker.io/library/mvmtest-pause:1", v1.Config{Env: []string{"PATH=/bin"}, Entrypoint: []string{"sleep", "2147483647"}})
+
+	conn, err := grpc.NewClient("unix://"+c.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	rt := cri.NewRuntimeServiceClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	logs := filepath.Join(c.dir, "pods")
+	podCfg := &cri.PodSandboxConfig{
+		Metadata:     &cri.PodSandboxMetadata{Name: "pod1", Uid: "uid-pod1", Namespace: "default"},
+		LogDirectory: logs,
+		Linux: &cri.LinuxPodSandboxConfig{SecurityContext: &cri.LinuxSandboxSecurityContext{
+			NamespaceOptions: &cri.NamespaceOption{Network: cri.NamespaceMode_NODE},
+		}},
+	}
+	pod, err := rt.RunPodSandbox(ctx, &cri.RunPodSandboxRequest{Config: podCfg, RuntimeHandler: "mvm"})
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	if n := len(c.vmms()); n != 1 {
+		t.Fatalf("VMMs after RunPodSandbox: %d, want 1", n)
+	}
+	create := func(name string, cmd ...string) string {
+		t.Helper()
+		r, err := rt.CreateContainer(ctx, &cri.CreateContainerRequest{PodSandboxId: pod.PodSandboxId, SandboxConfig: podCfg, Config: &cri.ContainerConfig{
+			Metadata: &cri.ContainerMetadata{Name: name},
+			Image:    &cri.ImageSpec{Image: ref},
+			Command:  cmd,
+			Envs:     []*cri.KeyValue{{Key: "WHO", Value: []byte(name)}},
+			LogPath:  name + ".log",
+		}})
+		if err != nil {
+			t.Fatalf("CreateContainer %s: %v", name, err)
+		}
+		if _, err := rt.StartContainer(ctx, &cri.StartContainerRequest{ContainerId: r.ContainerId}); err != nil {
+			t.Fatalf("StartContainer %s: %v", name, err)
+		}
+		return r.ContainerId
+	}
+	// The same boot id in both: one kernel. The marker of their image
+	// and not the pause image's sleep-only root... which has one too, so
+	// each also writes a file the other must not see.
+	c1 := create("c1", "sh", "-c", `echo "hello from $WHO"; cat /proc/sys/kernel/random/boot_id; echo mine > /only-c1; exec sleep 600`)
+	c2 := create("c2", "sh", "-c", `echo "hello from $WHO"; cat /proc/sys/kernel/random/boot_id; cat /marker; test -e /only-c1 && echo "sees c1's root"; exit 3`)
+	if n := len(c.vmms()); n != 1 {
+		t.Fatalf("VMMs with two containers in the pod: %d, want 1", n)
+	}
+	var st *cri.ContainerStatusResponse
+	if !waitFor(60*time.Second, func() bool {
+		st, err = rt.ContainerStatus(ctx, &cri.ContainerStatusRequest{ContainerId: c2})
+		return err == nil && st.Status.State == cri.ContainerState_CONTAINER_EXITED
+	}) {
+		t.Fatalf("c2 did not exit: %v %v", st, err)
+	}
+	if st.Status.ExitCode != 3 {
+		t.Fatalf("c2's exit code: %d, want 3", st.Status.ExitCode)
+	}
+	logLines := func(name string) []string {
+		b, _ := os.ReadFile(filepath.Join(logs, name+".log"))
+		var out []string
+		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			// CRI log lines: time, stream, tag, then the line.
+			if f := strings.SplitN(l, " ", 4); len(f) == 4 {
+				out = append(out, f[1]+" "+f[3])
+			}
+		}
+		return out
+	}
+	var l1 []string
+	if !waitFor(30*time.Second, func() bool { l1 = logLines("c1"); return len(l1) >= 2 }) {
+		t.Fatalf("c1's log: %q", l1)
+	}
+	l2 := logLines("c2")
+	t.Logf("logs: c1 %q, c2 %q", l1, l2)
+	host, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if len(l2) != 3 || l1[0] != "stdout hello from c1" || l2[0] != "stdout hello from c2" || l2[2] != "stdout shim" {
+		t.Fatalf("logs: c1 %q, c2 %q", l1, l2)
+	}
+	if l1[1] != l2[1] || strings.Contains(l1[1], strings.TrimSpace(string(host))) {
+		t.Fatalf("boot ids: c1 %q, c2 %q, the host %q: want one VM's, not the host's", l1[1], l2[1], host)
+	}
+
+	ex, err := rt.ExecSync(ctx, &cri.ExecSyncRequest{ContainerId: c1, Cmd: []string{"sh", "-c", "cat /only-c1; cat /proc/self/cgroup; echo oops >&2; exit 2"}, Timeout: 60})
+	if err != nil {
+		t.Fatalf("ExecSync: %v", err)
+	}
+	if ex.ExitCode != 2 || !strings.HasPrefix(string(ex.Stdout), "mine\n0::/ctr-") || string(ex.Stderr) != "oops\n" {
+		t.Fatalf("ExecSync: exit %d, stdout %q, stderr %q", ex.ExitCode, ex.Stdout, ex.Stderr)
+	}
+	t.Logf("ExecSync: exit %d, stdout %q, stderr %q", ex.ExitCode, ex.Stdout, ex.Stderr)
+	stats, err := rt.ContainerStats(ctx, &cri.ContainerStatsRequest{ContainerId: c1})
+	if err != nil {
+		t.Fatalf("ContainerStats: %v", err)
+	}
+	if m := stats.Stats.GetMemory(); m == nil || m.WorkingSetBytes.GetValue() == 0 {
+		t.Fatalf("ContainerStats: %v", stats.Stats)
+	}
+
+	t.Logf("ContainerStats: %v", stats.Stats)
+	if _, err := rt.StopContainer(ctx, &cri.StopContainerRequest{ContainerId: c1, Timeout: 5}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	for _, id := range []string{c1, c2} {
+		if _, err := rt.RemoveContainer(ctx, &cri.RemoveContainerRequest{ContainerId: id}); err != nil {
+			t.Fatalf("RemoveContainer: %v", err)
+		}
+	}
+	if _, err := rt.StopPodSandbox(ctx, &cri.StopPodSandboxRequest{PodSandboxId: pod.PodSandboxId}); err != nil {
+		t.Fatalf("StopPodSandbox: %v", err)
+	}
+	if _, err := rt.RemovePodSandbox(ctx, &cri.RemovePodSandboxRequest{PodSandboxId: pod.PodSandboxId}); err != nil {
+		t.Fatalf("RemovePodSandbox: %v", err)
+	}
+	if !waitFor(15*time.Second, func() bool { return len(c.vmms()) == 0 }) {
+		t.Fatalf("VMMs after RemovePodSandbox: %v", c.vmms())
+	}
+	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
+		t.Errorf("templates left: %v", ts)
+	}
+}
