@@ -430,6 +430,11 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 		return CopyStats{}, err
 	}
 	defer done()
+	if opts.KeepOwners {
+		if ok, err := c.HasCapability(ctx, agentproto.CapFilesOwners); err != nil || !ok {
+			return CopyStats{}, invalid("CopyOptions.KeepOwners", "", "the guest agent cannot give files their owners")
+		}
+	}
 	target := p
 	info, _, _, err := c.Stat(ctx, p, false)
 	switch {

@@ -32,7 +32,7 @@ const CapSandbox = "sandbox"
 var clientCaps = []string{
 	agentproto.CapPing, agentproto.CapExec, agentproto.CapExecStdin, agentproto.CapExecTimeout,
 	agentproto.CapSignal, agentproto.CapExecTTY, agentproto.CapExecUser, agentproto.CapFiles,
-	agentproto.CapCgroup, agentproto.CapExecRoot,
+	agentproto.CapCgroup, agentproto.CapExecRoot, agentproto.CapFilesOwners,
 }
 
 // Serve serves the sandbox to other processes on ln, in the agent

@@ -128,8 +128,8 @@ func (s *Server) capabilities() []string {
 		agentproto.CapFiles,
 	}
 	if unix.Geteuid() == 0 {
-		// Only root can become another user.
-		caps = append(caps, agentproto.CapExecUser)
+		// Only root can become another user, or give files away.
+		caps = append(caps, agentproto.CapExecUser, agentproto.CapFilesOwners)
 	}
 	if s.opts.Mounts {
 		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname, agentproto.CapNetwork)

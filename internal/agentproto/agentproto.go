@@ -86,6 +86,9 @@ const (
 	// command root as its root, with kernel filesystems of its own
 	// (version 2): a pod's containers, each in its root, in one VM.
 	CapExecRoot = "exec.root"
+	// CapFilesOwners: CopyIn.keep_owners (version 2), served by an
+	// agent that runs as root.
+	CapFilesOwners = "files.owners"
 )
 
 // MaxCgroupName bounds Exec.cgroup and CgroupStats.name.

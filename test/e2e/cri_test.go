@@ -128,6 +128,13 @@ func TestShimPod(t *testing.T) {
 	}
 
 	t.Logf("ContainerStats: %v", stats.Stats)
+	if b, err := os.ReadFile(filepath.Join(c.dir, "containerd.log")); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "rootfs copied") {
+				t.Log(l)
+			}
+		}
+	}
 	if _, err := rt.StopContainer(ctx, &cri.StopContainerRequest{ContainerId: c1, Timeout: 5}); err != nil {
 		t.Fatalf("StopContainer: %v", err)
 	}
