@@ -219,15 +219,18 @@ func (sb *Sandbox) needs(cmd Cmd) error {
 }
 
 // CgroupStats are the counters of a guest cgroup (Cmd.Cgroup), as the
-// guest's kernel reports them: the guest can make them say anything, so
-// they are figures to show, never to act on.
+// guest's kernel reports them: the guest can make them say anything.
+// What acts on them (a kubelet's eviction, say) acts on the guest's word
+// about itself.
 type CgroupStats struct {
 	// CPU time in microseconds (cpu.stat), and the CPU limit's periods.
 	CPUUsageMicros, CPUUserMicros, CPUSystemMicros uint64
 	CPUPeriods, CPUThrottled, CPUThrottledMicros   uint64
 	// Memory in bytes: in use (memory.current), its limit (memory.max;
-	// 0 is none), swap, and the page cache's share of it.
+	// 0 is none), swap, the page cache's share of it and its inactive
+	// part (what a working set leaves out), and anonymous memory.
 	Memory, MemoryLimit, Swap, MemoryFile uint64
+	MemoryInactiveFile, MemoryAnon        uint64
 	// Tasks (pids.current) and their limit (0 is none).
 	Pids, PidsLimit uint64
 	// OOMEvents counts the times the cgroup hit its memory limit, and
@@ -254,6 +257,7 @@ func (sb *Sandbox) CgroupStats(ctx context.Context, name string) (CgroupStats, e
 		CPUUsageMicros: r.CpuUsageUsec, CPUUserMicros: r.CpuUserUsec, CPUSystemMicros: r.CpuSystemUsec,
 		CPUPeriods: r.CpuNrPeriods, CPUThrottled: r.CpuNrThrottled, CPUThrottledMicros: r.CpuThrottledUsec,
 		Memory: r.MemoryCurrent, MemoryLimit: r.MemoryMax, Swap: r.SwapCurrent, MemoryFile: r.MemoryFile,
+		MemoryInactiveFile: r.MemoryInactiveFile, MemoryAnon: r.MemoryAnon,
 		Pids: r.PidsCurrent, PidsLimit: r.PidsMax, OOMEvents: r.OomEvents, OOMKills: r.OomKills,
 	}, nil
 }
@@ -380,4 +384,28 @@ func (p *Process) finish(outErr error) {
 	case st.TimedOut:
 		p.err = fmt.Errorf("%w after %s", ErrTimeout, p.cmd.Timeout)
 	}
+}
+
+// Release ends what Cmd.Cgroup and Cmd.Root made for a container of the
+// guest: every process of the cgroup is killed and the cgroup removed,
+// then the root's kernel filesystems are unmounted and its tree removed.
+// Either may be empty; what is already gone is not an error.
+func (sb *Sandbox) Release(ctx context.Context, cgroup, root string) error {
+	if cgroup != "" {
+		if err := agentproto.CheckCgroupName(cgroup); err != nil {
+			return invalid("Release", execreq.Quote(cgroup), "%v", err)
+		}
+	}
+	if root != "" {
+		if err := execreq.Dir(root); err != nil {
+			return &RequestError{Field: "Release", Value: execreq.Quote(root), Err: err}
+		}
+	}
+	if !sb.hello.Has(agentproto.CapRelease) {
+		return invalid("Release", "", "the guest agent (%s) cannot release a container", sb.hello.AgentVersion)
+	}
+	if err := sb.Err(); err != nil {
+		return err
+	}
+	return sb.agentClient().Release(ctx, cgroup, root)
 }

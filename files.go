@@ -468,7 +468,11 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 	defer r.Close()
 	pr, pw := io.Pipe()
 	go func() {
-		_, err := treecopy.Write(pw, r, name)
+		write := treecopy.Write
+		if opts.KeepOwners {
+			write = treecopy.WriteWithOwners
+		}
+		_, err := write(pw, r, name)
 		pw.CloseWithError(err)
 	}()
 	st, err := c.CopyIn(ctx, target, withProgress(pr, opts), opts.KeepOwners)

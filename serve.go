@@ -32,7 +32,7 @@ const CapSandbox = "sandbox"
 var clientCaps = []string{
 	agentproto.CapPing, agentproto.CapExec, agentproto.CapExecStdin, agentproto.CapExecTimeout,
 	agentproto.CapSignal, agentproto.CapExecTTY, agentproto.CapExecUser, agentproto.CapFiles,
-	agentproto.CapCgroup, agentproto.CapExecRoot, agentproto.CapFilesOwners,
+	agentproto.CapCgroup, agentproto.CapExecRoot, agentproto.CapFilesOwners, agentproto.CapRelease,
 }
 
 // Serve serves the sandbox to other processes on ln, in the agent
@@ -230,7 +230,7 @@ func (sb *Sandbox) proxyStream(ctx context.Context, st *mux.Stream, client strin
 		}
 		st.Close()
 		return
-	case *agentpb.Request_CopyIn, *agentpb.Request_CopyOut, *agentpb.Request_Stat, *agentpb.Request_CgroupStats:
+	case *agentpb.Request_CopyIn, *agentpb.Request_CopyOut, *agentpb.Request_Stat, *agentpb.Request_CgroupStats, *agentpb.Request_Release:
 		if err := sb.paused(); err != nil {
 			_ = replyError(st, agentpb.Error_CODE_FAILED_PRECONDITION, err.Error())
 			st.Close()

@@ -1,12 +1,15 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -44,10 +47,54 @@ func enableControllers(log *slog.Logger) {
 }
 
 // haveCgroups says whether the cgroup2 hierarchy is mounted (a --kernel
-// kernel may lack it).
+// kernel may lack it) on a kernel that can start a process in a cgroup
+// (clone3's CLONE_INTO_CGROUP, Linux 5.7) and kill one (cgroup.kill,
+// 5.14).
 func haveCgroups() bool {
-	_, err := os.Stat(cgroupRoot + "/cgroup.controllers")
-	return err == nil
+	if _, err := os.Stat(cgroupRoot + "/cgroup.controllers"); err != nil {
+		return false
+	}
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	return kernelAtLeast(unix.ByteSliceToString(u.Release[:]), 5, 14)
+}
+
+// kernelAtLeast reports whether a kernel release ("6.1.0-mvm") is at
+// least major.minor.
+func kernelAtLeast(release string, major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(release, "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
+}
+
+// killCgroup kills every process of the cgroup name (cgroup.kill) and
+// removes it once they are gone, waiting up to a second for them.
+func killCgroup(name string) error {
+	if err := agentproto.CheckCgroupName(name); err != nil {
+		return err
+	}
+	dir := cgroupRoot + "/" + name
+	if err := os.WriteFile(dir+"/cgroup.kill", []byte("1"), 0); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("cgroup %s: %w", name, err)
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		err := unix.Rmdir(dir)
+		if err == nil || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return fmt.Errorf("cgroup %s: %w", name, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // openCgroup opens the cgroup name, a child of the root, making it if it
@@ -100,7 +147,8 @@ func cgroupStats(name string) (*agentpb.CgroupStatsReply, error) {
 	r.PidsMax = single(read("pids.max"))
 	ev := keyed(read("memory.events"))
 	r.OomEvents, r.OomKills = ev["oom"], ev["oom_kill"]
-	r.MemoryFile = keyed(read("memory.stat"))["file"]
+	mem := keyed(read("memory.stat"))
+	r.MemoryFile, r.MemoryInactiveFile, r.MemoryAnon = mem["file"], mem["inactive_file"], mem["anon"]
 	return r, nil
 }
 

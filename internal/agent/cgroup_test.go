@@ -26,3 +26,22 @@ func TestCgroupFileParsers(t *testing.T) {
 		}
 	}
 }
+
+func TestKernelAtLeast(t *testing.T) {
+	for _, c := range []struct {
+		release string
+		want    bool
+	}{
+		{"6.1.0-mvm", true},
+		{"5.14.0", true},
+		{"5.13.19", false},
+		{"4.19.0-amd64", false},
+		{"10.0", true},
+		{"", false},
+		{"x.y", false},
+	} {
+		if got := kernelAtLeast(c.release, 5, 14); got != c.want {
+			t.Errorf("kernelAtLeast(%q, 5, 14) = %v, want %v", c.release, got, c.want)
+		}
+	}
+}

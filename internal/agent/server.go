@@ -133,7 +133,7 @@ func (s *Server) capabilities() []string {
 	}
 	if s.opts.Mounts {
 		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname, agentproto.CapNetwork)
-		caps = append(caps, agentproto.CapExecRoot)
+		caps = append(caps, agentproto.CapExecRoot, agentproto.CapRelease)
 		if haveCgroups() {
 			caps = append(caps, agentproto.CapCgroup)
 		}
@@ -380,6 +380,20 @@ func (ss *session) serveStream(st *mux.Stream) {
 			return
 		}
 		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_CgroupStats{CgroupStats: r}})
+	case *agentpb.Request_Release:
+		if !ss.srv.opts.Mounts {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "release is not served by this agent")
+			return
+		}
+		if call.Release.GetCgroup() != "" && !haveCgroups() {
+			_ = replyError(st, agentpb.Error_CODE_UNSUPPORTED, "cgroups are not served by this agent")
+			return
+		}
+		if err := ss.srv.release(call.Release); err != nil {
+			_ = replyError(st, errorCode(err), err.Error())
+			return
+		}
+		_ = agentproto.Write(st, &agentpb.Response{Result: &agentpb.Response_Release{Release: &agentpb.ReleaseReply{}}})
 	case *agentpb.Request_Hello:
 		_ = replyError(st, agentpb.Error_CODE_VERSION, "hello was already done in this session")
 	default:

@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 )
 
 // subRoot returns the directory dir of root (Exec.root) as a command root
@@ -16,25 +19,16 @@ import (
 // inside root, as the chrooted command would resolve it, so a symlink in
 // the tree cannot point the command at the agent's files.
 func (s *Server) subRoot(root *fsRoot, dir string) (*fsRoot, string, error) {
-	clean := path.Clean("/" + dir)
-	if clean == "/" {
+	if path.Clean("/"+dir) == "/" {
 		return root, "", nil
 	}
-	fd, err := root.open(clean, unix.O_PATH|unix.O_DIRECTORY, 0)
+	real, err := resolveIn(root, dir)
 	if err != nil {
 		return nil, "", fmt.Errorf("root %q: %w", dir, err)
 	}
-	real, err := os.Readlink(fdPath(fd))
-	unix.Close(fd)
+	inRoot, err := inside(root, real)
 	if err != nil {
 		return nil, "", fmt.Errorf("root %q: %w", dir, err)
-	}
-	inRoot := real
-	if !root.isHost() {
-		if !strings.HasPrefix(real, root.path+"/") {
-			return nil, "", fmt.Errorf("root %q: resolves to %q, outside the command root", dir, real)
-		}
-		inRoot = strings.TrimPrefix(real, root.path)
 	}
 	sub := &fsRoot{path: real}
 	s.fsMu.Lock()
@@ -67,9 +61,104 @@ func (s *Server) subRoot(root *fsRoot, dir string) (*fsRoot, string, error) {
 	return sub, inRoot, nil
 }
 
-// undo unmounts what a failed subRoot mounted, innermost first.
+// undo unmounts what a failed subRoot mounted, innermost first, never
+// through a symbolic link (mountIn resolved the targets inside the root;
+// a link there must not make this unmount something of the agent's).
 func undo(done []string) {
 	for i := len(done) - 1; i >= 0; i-- {
-		_ = unix.Unmount(done[i], unix.MNT_DETACH)
+		_ = unix.Unmount(done[i], unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
 	}
+}
+
+// inside returns real, a path in the agent's namespace, as a path of
+// root, refusing root itself (its kernel filesystems would be mounted
+// over the root's own) and anything outside it.
+func inside(root *fsRoot, real string) (string, error) {
+	if root.isHost() {
+		if real == "/" {
+			return "", errors.New("resolves to the root itself")
+		}
+		return real, nil
+	}
+	if !strings.HasPrefix(real, root.path+"/") {
+		return "", fmt.Errorf("resolves to %q, outside the command root", real)
+	}
+	return strings.TrimPrefix(real, root.path), nil
+}
+
+// resolveIn returns the path in the agent's namespace of the directory
+// dir of root, resolved inside root.
+func resolveIn(root *fsRoot, dir string) (string, error) {
+	fd, err := root.open(path.Clean("/"+dir), unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(fd)
+	return os.Readlink(fdPath(fd))
+}
+
+// release serves a Release call: it kills and removes the cgroup, then
+// unmounts what subRoot mounted in the root and removes the root's tree.
+func (s *Server) release(r *agentpb.Release) error {
+	if r.Cgroup != "" {
+		if err := killCgroup(r.Cgroup); err != nil {
+			return err
+		}
+	}
+	if r.Root == "" {
+		return nil
+	}
+	root := s.cmdRoot()
+	real, err := resolveIn(root, r.Root)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("root %q: %w", r.Root, err)
+	}
+	if _, err := inside(root, real); err != nil {
+		return fmt.Errorf("root %q: %w", r.Root, err)
+	}
+	s.fsMu.Lock()
+	mounted := s.subRoots[real]
+	delete(s.subRoots, real)
+	delete(s.bootIDBound, real)
+	s.fsMu.Unlock()
+	if mounted {
+		// Everything the agent's namespace has mounted inside, innermost
+		// (latest) first. The commands' own mounts are in their
+		// spawner's namespace and never show here, so once these are
+		// gone the tree holds nothing but its own files.
+		for _, m := range mountsUnder(real) {
+			if err := unix.Unmount(m, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil {
+				return fmt.Errorf("root %q: unmount %s: %w", r.Root, m, err)
+			}
+		}
+	}
+	if err := os.RemoveAll(real); err != nil {
+		return fmt.Errorf("root %q: %w", r.Root, err)
+	}
+	return nil
+}
+
+// mountsUnder lists the mount points below dir in the agent's namespace,
+// latest first.
+func mountsUnder(dir string) []string {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		mnt := unescapeMount(f[1])
+		if strings.HasPrefix(mnt, dir+"/") {
+			out = append(out, mnt)
+		}
+	}
+	slices.Reverse(out)
+	return out
 }

@@ -77,3 +77,11 @@ func (c *Client) CgroupStats(ctx context.Context, name string) (*agentpb.CgroupS
 	}
 	return r, nil
 }
+
+// Release ends a guest container's cgroup and root (agentproto.CapRelease).
+func (c *Client) Release(ctx context.Context, cgroup, root string) error {
+	if _, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Release{Release: &agentpb.Release{Cgroup: cgroup, Root: root}}}); err != nil {
+		return fmt.Errorf("release: %w", err)
+	}
+	return nil
+}

@@ -89,6 +89,9 @@ const (
 	// CapFilesOwners: CopyIn.keep_owners (version 2), served by an
 	// agent that runs as root.
 	CapFilesOwners = "files.owners"
+	// CapRelease: the Release call (version 2) ends a container's
+	// cgroup and Exec.root.
+	CapRelease = "release"
 )
 
 // MaxCgroupName bounds Exec.cgroup and CgroupStats.name.

@@ -144,6 +144,7 @@ type process struct {
 
 	p        *mvm.Process
 	pid      uint32
+	starting bool // a Start is under way
 	started  bool
 	done     chan struct{}
 	status   uint32
@@ -391,6 +392,29 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
+	again, vmUp, noRoot := p.started || p.starting, s.sb != nil, c.member && c.root == "" && r.ExecID != ""
+	if !again {
+		p.starting = true
+	}
+	s.mu.Unlock()
+	switch {
+	case again:
+		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "process %q of %s was started", r.ExecID, r.ID)
+	case r.ExecID == "" && !c.member && vmUp:
+		return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "the VM of %s is running", r.ID)
+	case noRoot:
+		// Its root is not in the VM: it would run in the pod sandbox's.
+		return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s is not started", r.ID)
+	}
+	started := false
+	defer func() {
+		if !started {
+			s.mu.Lock()
+			p.starting = false
+			s.mu.Unlock()
+		}
+	}()
 	if r.ExecID == "" && !c.member {
 		cpus, memory := shape(c.spec)
 		cfg := dirs()
@@ -414,6 +438,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if err := s.startProcess(c, p); err != nil {
 		return nil, err
 	}
+	started = true
 	if r.ExecID == "" {
 		s.publish(ctx, "/tasks/start", &eventstypes.TaskStart{ContainerID: c.id, Pid: p.pid})
 	} else {
@@ -436,7 +461,9 @@ func (s *Service) copyRoot(ctx context.Context, c *container) error {
 		return errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s: its pod's sandbox is not started", c.id)
 	}
 	start := time.Now()
-	st, err := sb.CopyIn(ctx, filepath.Join(c.bundle, "rootfs"), memberRoot(c.id), mvm.CopyOptions{KeepOwners: true})
+	// The tree's contents, so that a directory already there (a start
+	// tried before) is merged into rather than copied into.
+	st, err := sb.CopyIn(ctx, filepath.Join(c.bundle, "rootfs")+"/.", memberRoot(c.id), mvm.CopyOptions{KeepOwners: true})
 	if err != nil {
 		return fmt.Errorf("copy the container's root into the pod's VM: %w", err)
 	}
@@ -546,6 +573,12 @@ func (s *Service) reap(c *container, p *process) {
 		s.log.Info("OOM kill", "container", c.id, "exec", p.id, "pid", p.pid)
 		s.publish(context.Background(), "/tasks/oom", &eventstypes.TaskOOM{ContainerID: c.id})
 	}
+	if p.id == "" {
+		// As when a container's init dies on a node (its PID namespace
+		// goes with it): whatever else runs in the container, its execs
+		// and what escaped its process group, is killed.
+		s.releaseContainer(c, false)
+	}
 	s.mu.Lock()
 	p.status, p.exitedAt = code, time.Now()
 	s.mu.Unlock()
@@ -579,6 +612,25 @@ func (s *Service) oomKilled(c *container) bool {
 	}
 	c.oomKills = st.OOMKills
 	return true
+}
+
+// releaseContainer kills what runs in c's cgroup and removes it, and
+// with root also removes a member's root from the VM.
+func (s *Service) releaseContainer(c *container, root bool) {
+	s.mu.Lock()
+	sb, dir := s.sb, c.root
+	s.mu.Unlock()
+	if sb == nil {
+		return
+	}
+	if !root {
+		dir = ""
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := sb.Release(ctx, cgroupName(c.id), dir); err != nil {
+		s.log.Warn("release", "container", c.id, "err", err)
+	}
 }
 
 func (p *process) execOrID(id string) string {
@@ -616,12 +668,23 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	if err != nil {
 		return nil, err
 	}
-	if p.started {
+	s.mu.Lock()
+	started, starting := p.started, p.starting
+	s.mu.Unlock()
+	if starting && !started {
+		return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "process %q of %s is starting", r.ExecID, r.ID)
+	}
+	if started {
 		select {
 		case <-p.done:
 		default:
 			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "process %q of %s is running", r.ExecID, r.ID)
 		}
+	}
+	if r.ExecID == "" && c.member {
+		// Its files, mounts and cgroup in the VM go with it: a pod
+		// whose container restarts must not fill the VM's disk.
+		s.releaseContainer(c, true)
 	}
 	s.mu.Lock()
 	if r.ExecID == "" && !c.member {
@@ -858,18 +921,27 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 
 // metrics is st as containerd's cgroup2 metrics, with vmMemory as the
 // memory limit where the cgroup has none.
+//
+// The guest chose the numbers; what the VM bounds is bounded here too:
+// no memory figure above the VM's memory, none of its parts above the
+// whole.
 func metrics(st mvm.CgroupStats, vmMemory uint64) *cgstats.Metrics {
 	limit := st.MemoryLimit
 	if limit == 0 || limit > vmMemory {
 		limit = vmMemory
 	}
+	usage := min(st.Memory, vmMemory)
+	file := min(st.MemoryFile, usage)
 	return &cgstats.Metrics{
 		Pids: &cgstats.PidsStat{Current: st.Pids, Limit: st.PidsLimit},
 		CPU: &cgstats.CPUStat{
 			UsageUsec: st.CPUUsageMicros, UserUsec: st.CPUUserMicros, SystemUsec: st.CPUSystemMicros,
 			NrPeriods: st.CPUPeriods, NrThrottled: st.CPUThrottled, ThrottledUsec: st.CPUThrottledMicros,
 		},
-		Memory:       &cgstats.MemoryStat{Usage: st.Memory, UsageLimit: limit, SwapUsage: st.Swap, File: st.MemoryFile},
+		Memory: &cgstats.MemoryStat{
+			Usage: usage, UsageLimit: limit, SwapUsage: min(st.Swap, vmMemory),
+			File: file, InactiveFile: min(st.MemoryInactiveFile, file), Anon: min(st.MemoryAnon, usage),
+		},
 		MemoryEvents: &cgstats.MemoryEvents{Oom: st.OOMEvents, OomKill: st.OOMKills},
 	}
 }

@@ -38,3 +38,18 @@ func TestCgroupName(t *testing.T) {
 		t.Errorf("cgroup names %q and %q", a, b)
 	}
 }
+
+// TestMetricsBounded: what a guest claims beyond its VM's memory is cut
+// to it, and no part of memory is larger than what it is part of.
+func TestMetricsBounded(t *testing.T) {
+	const vm = 256 << 20
+	m := metrics(mvm.CgroupStats{Memory: 1 << 40, Swap: 1 << 40, MemoryFile: 1 << 41, MemoryInactiveFile: 1 << 42, MemoryAnon: 1 << 43}, vm)
+	mem := m.Memory
+	if mem.Usage != vm || mem.SwapUsage != vm || mem.File != vm || mem.InactiveFile != vm || mem.Anon != vm {
+		t.Errorf("not bounded by the VM's %d bytes: %+v", vm, mem)
+	}
+	m = metrics(mvm.CgroupStats{Memory: 100, MemoryFile: 60, MemoryInactiveFile: 80}, vm)
+	if m.Memory.InactiveFile != 60 {
+		t.Errorf("inactive_file %d above file 60", m.Memory.InactiveFile)
+	}
+}

@@ -92,15 +92,26 @@ func (s Stats) Entries() int { return s.Files + s.Dirs + s.Links }
 // links, never followed; other kinds of files (devices, sockets, fifos)
 // are skipped. It ends the stream with tar's end marker.
 func Write(w io.Writer, root *os.Root, name string) (Stats, error) {
+	return write(w, root, name, false)
+}
+
+// WriteWithOwners is Write with each entry's owner and group in its
+// header, for an Extract with KeepOwners; Write leaves them 0, so that a
+// copy tells the other side nothing of who owns the files.
+func WriteWithOwners(w io.Writer, root *os.Root, name string) (Stats, error) {
+	return write(w, root, name, true)
+}
+
+func write(w io.Writer, root *os.Root, name string, owners bool) (Stats, error) {
 	tw := tar.NewWriter(w)
 	var st Stats
-	if err := writeEntry(tw, root, name, ".", &st); err != nil {
+	if err := writeEntry(tw, root, name, ".", &st, owners); err != nil {
 		return st, err
 	}
 	return st, tw.Close()
 }
 
-func writeEntry(tw *tar.Writer, root *os.Root, name, entry string, st *Stats) error {
+func writeEntry(tw *tar.Writer, root *os.Root, name, entry string, st *Stats, owners bool) error {
 	fi, err := root.Lstat(name)
 	if err != nil {
 		return err
@@ -111,8 +122,7 @@ func writeEntry(tw *tar.Writer, root *os.Root, name, entry string, st *Stats) er
 		ModTime: fi.ModTime(),
 		Format:  tar.FormatPAX,
 	}
-	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
-		// Only an Extract with KeepOwners uses them.
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok && owners {
 		hdr.Uid, hdr.Gid = int(sys.Uid), int(sys.Gid)
 	}
 	switch {
@@ -163,7 +173,7 @@ func writeEntry(tw *tar.Writer, root *os.Root, name, entry string, st *Stats) er
 		}
 		slices.Sort(names)
 		for _, n := range names {
-			if err := writeEntry(tw, root, path.Join(name, n), entry+"/"+n, st); err != nil {
+			if err := writeEntry(tw, root, path.Join(name, n), entry+"/"+n, st, owners); err != nil {
 				return err
 			}
 		}

@@ -271,7 +271,7 @@ func TestKeepOwners(t *testing.T) {
 		var buf bytes.Buffer
 		sr, err := os.OpenRoot(src)
 		must(err)
-		_, err = Write(&buf, sr, ".")
+		_, err = WriteWithOwners(&buf, sr, ".")
 		sr.Close()
 		must(err)
 		dst := t.TempDir()

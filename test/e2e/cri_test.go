@@ -71,7 +71,7 @@ func TestShimPod(t *testing.T) {
 	// The same boot id in both: one kernel. The marker of their image
 	// and not the pause image's sleep-only root... which has one too, so
 	// each also writes a file the other must not see.
-	c1 := create("c1", "sh", "-c", `echo "hello from $WHO"; cat /proc/sys/kernel/random/boot_id; echo mine > /only-c1; exec sleep 600`)
+	c1 := create("c1", "sh", "-c", `echo "hello from $WHO"; cat /proc/sys/kernel/random/boot_id; echo mine > /only-c1; setsid sleep 1001 & exec sleep 600`)
 	c2 := create("c2", "sh", "-c", `echo "hello from $WHO"; cat /proc/sys/kernel/random/boot_id; cat /marker; test -e /only-c1 && echo "sees c1's root"; exit 3`)
 	if n := len(c.vmms()); n != 1 {
 		t.Fatalf("VMMs with two containers in the pod: %d, want 1", n)
@@ -135,10 +135,45 @@ func TestShimPod(t *testing.T) {
 			}
 		}
 	}
+	// sh runs a command in a running container of the pod.
+	sh := func(id, script string) string {
+		t.Helper()
+		ex, err := rt.ExecSync(ctx, &cri.ExecSyncRequest{ContainerId: id, Cmd: []string{"sh", "-c", script}, Timeout: 60})
+		if err != nil || ex.ExitCode != 0 {
+			t.Fatalf("ExecSync %q: %v %v", script, ex, err)
+		}
+		return string(ex.Stdout)
+	}
+	// The members' roots in the VM, as the pause process sees its root.
+	roots := `ls -d /proc/[0-9]*/root/.mvm-ctr-* 2>/dev/null | sed 's|.*/||' | sort -u | wc -l`
+	// The CRI deletes an exited container's task at once (the
+	// container stays, EXITED): its files in the VM go with the task, so
+	// a crash-looping container does not fill the VM's disk.
+	var n string
+	if !waitFor(30*time.Second, func() bool { n = strings.TrimSpace(sh(c1, roots)); return n == "1" }) {
+		t.Fatalf("member roots in the VM once c2's task is deleted: %s, want 1 (c1's)", n)
+	}
+	if _, err := rt.RemoveContainer(ctx, &cri.RemoveContainerRequest{ContainerId: c2}); err != nil {
+		t.Fatalf("RemoveContainer: %v", err)
+	}
+	// Stopping c1 ends everything of it, its setsid daemon too, as a
+	// container's PID namespace would on a node: a third container of
+	// the pod sees none of it.
+	c3 := create("c3", "sleep", "600")
+	daemons := `for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $f; echo; done 2>/dev/null | grep -c '^sleep 1001 $' || true`
+	if n := strings.TrimSpace(sh(c3, daemons)); n != "1" {
+		t.Fatalf("c1's daemon seen from c3 before the stop: %s, want 1", n)
+	}
 	if _, err := rt.StopContainer(ctx, &cri.StopContainerRequest{ContainerId: c1, Timeout: 5}); err != nil {
 		t.Fatalf("StopContainer: %v", err)
 	}
-	for _, id := range []string{c1, c2} {
+	if n := strings.TrimSpace(sh(c3, daemons)); n != "0" {
+		t.Fatalf("c1's daemon outlived c1: %s left", n)
+	}
+	if _, err := rt.StopContainer(ctx, &cri.StopContainerRequest{ContainerId: c3, Timeout: 5}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	for _, id := range []string{c1, c3} {
 		if _, err := rt.RemoveContainer(ctx, &cri.RemoveContainerRequest{ContainerId: id}); err != nil {
 			t.Fatalf("RemoveContainer: %v", err)
 		}

@@ -259,6 +259,7 @@ type Request struct {
 	//	*Request_Take
 	//	*Request_PoolStatus
 	//	*Request_CgroupStats
+	//	*Request_Release
 	Call          isRequest_Call `protobuf_oneof:"call"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -472,6 +473,15 @@ func (x *Request) GetCgroupStats() *CgroupStats {
 	return nil
 }
 
+func (x *Request) GetRelease() *Release {
+	if x != nil {
+		if x, ok := x.Call.(*Request_Release); ok {
+			return x.Release
+		}
+	}
+	return nil
+}
+
 type isRequest_Call interface {
 	isRequest_Call()
 }
@@ -561,6 +571,11 @@ type Request_CgroupStats struct {
 	CgroupStats *CgroupStats `protobuf:"bytes,19,opt,name=cgroup_stats,json=cgroupStats,proto3,oneof"`
 }
 
+type Request_Release struct {
+	// Capability "release".
+	Release *Release `protobuf:"bytes,20,opt,name=release,proto3,oneof"`
+}
+
 func (*Request_Hello) isRequest_Call() {}
 
 func (*Request_Ping) isRequest_Call() {}
@@ -599,6 +614,8 @@ func (*Request_PoolStatus) isRequest_Call() {}
 
 func (*Request_CgroupStats) isRequest_Call() {}
 
+func (*Request_Release) isRequest_Call() {}
+
 // Response answers every call except exec.
 type Response struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -620,6 +637,7 @@ type Response struct {
 	//	*Response_Take
 	//	*Response_PoolStatus
 	//	*Response_CgroupStats
+	//	*Response_Release
 	//	*Response_Error
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
@@ -807,6 +825,15 @@ func (x *Response) GetCgroupStats() *CgroupStatsReply {
 	return nil
 }
 
+func (x *Response) GetRelease() *ReleaseReply {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Release); ok {
+			return x.Release
+		}
+	}
+	return nil
+}
+
 func (x *Response) GetError() *Error {
 	if x != nil {
 		if x, ok := x.Result.(*Response_Error); ok {
@@ -884,6 +911,10 @@ type Response_CgroupStats struct {
 	CgroupStats *CgroupStatsReply `protobuf:"bytes,17,opt,name=cgroup_stats,json=cgroupStats,proto3,oneof"`
 }
 
+type Response_Release struct {
+	Release *ReleaseReply `protobuf:"bytes,18,opt,name=release,proto3,oneof"`
+}
+
 type Response_Error struct {
 	Error *Error `protobuf:"bytes,15,opt,name=error,proto3,oneof"`
 }
@@ -919,6 +950,8 @@ func (*Response_Take) isResponse_Result() {}
 func (*Response_PoolStatus) isResponse_Result() {}
 
 func (*Response_CgroupStats) isResponse_Result() {}
+
+func (*Response_Release) isResponse_Result() {}
 
 func (*Response_Error) isResponse_Result() {}
 
@@ -3510,10 +3543,12 @@ type CgroupStatsReply struct {
 	// of it the OOM killer killed, whatever the OOM's cause ("oom_kill").
 	OomEvents uint64 `protobuf:"varint,12,opt,name=oom_events,json=oomEvents,proto3" json:"oom_events,omitempty"`
 	OomKills  uint64 `protobuf:"varint,13,opt,name=oom_kills,json=oomKills,proto3" json:"oom_kills,omitempty"`
-	// memory.stat's file (page cache) bytes.
-	MemoryFile    uint64 `protobuf:"varint,14,opt,name=memory_file,json=memoryFile,proto3" json:"memory_file,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// memory.stat's file (page cache), inactive_file and anon bytes.
+	MemoryFile         uint64 `protobuf:"varint,14,opt,name=memory_file,json=memoryFile,proto3" json:"memory_file,omitempty"`
+	MemoryInactiveFile uint64 `protobuf:"varint,15,opt,name=memory_inactive_file,json=memoryInactiveFile,proto3" json:"memory_inactive_file,omitempty"`
+	MemoryAnon         uint64 `protobuf:"varint,16,opt,name=memory_anon,json=memoryAnon,proto3" json:"memory_anon,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *CgroupStatsReply) Reset() {
@@ -3644,6 +3679,113 @@ func (x *CgroupStatsReply) GetMemoryFile() uint64 {
 	return 0
 }
 
+func (x *CgroupStatsReply) GetMemoryInactiveFile() uint64 {
+	if x != nil {
+		return x.MemoryInactiveFile
+	}
+	return 0
+}
+
+func (x *CgroupStatsReply) GetMemoryAnon() uint64 {
+	if x != nil {
+		return x.MemoryAnon
+	}
+	return 0
+}
+
+// Release ends what Exec.cgroup and Exec.root made for a container: every
+// process of the cgroup is killed (cgroup.kill) and the cgroup removed;
+// the root's kernel filesystems are unmounted and its tree removed. Either
+// may be empty. What is already gone is not an error. Capability
+// "release".
+type Release struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cgroup        string                 `protobuf:"bytes,1,opt,name=cgroup,proto3" json:"cgroup,omitempty"`
+	Root          string                 `protobuf:"bytes,2,opt,name=root,proto3" json:"root,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Release) Reset() {
+	*x = Release{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Release) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Release) ProtoMessage() {}
+
+func (x *Release) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Release.ProtoReflect.Descriptor instead.
+func (*Release) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *Release) GetCgroup() string {
+	if x != nil {
+		return x.Cgroup
+	}
+	return ""
+}
+
+func (x *Release) GetRoot() string {
+	if x != nil {
+		return x.Root
+	}
+	return ""
+}
+
+type ReleaseReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseReply) Reset() {
+	*x = ReleaseReply{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseReply) ProtoMessage() {}
+
+func (x *ReleaseReply) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseReply.ProtoReflect.Descriptor instead.
+func (*ReleaseReply) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
+}
+
 // Take asks for a VM of a shape, a string the host computes from the
 // configuration it would otherwise start (see docs/protocol.md). A pool
 // with no VM of that shape ready answers CODE_NOT_FOUND, and the host
@@ -3657,7 +3799,7 @@ type Take struct {
 
 func (x *Take) Reset() {
 	*x = Take{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3669,7 +3811,7 @@ func (x *Take) String() string {
 func (*Take) ProtoMessage() {}
 
 func (x *Take) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3682,7 +3824,7 @@ func (x *Take) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Take.ProtoReflect.Descriptor instead.
 func (*Take) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Take) GetShape() string {
@@ -3706,7 +3848,7 @@ type TakeReply struct {
 
 func (x *TakeReply) Reset() {
 	*x = TakeReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3718,7 +3860,7 @@ func (x *TakeReply) String() string {
 func (*TakeReply) ProtoMessage() {}
 
 func (x *TakeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3731,7 +3873,7 @@ func (x *TakeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TakeReply.ProtoReflect.Descriptor instead.
 func (*TakeReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *TakeReply) GetName() string {
@@ -3770,7 +3912,7 @@ type PoolStatus struct {
 
 func (x *PoolStatus) Reset() {
 	*x = PoolStatus{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3782,7 +3924,7 @@ func (x *PoolStatus) String() string {
 func (*PoolStatus) ProtoMessage() {}
 
 func (x *PoolStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3795,7 +3937,7 @@ func (x *PoolStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatus.ProtoReflect.Descriptor instead.
 func (*PoolStatus) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 type PoolStatusReply struct {
@@ -3812,7 +3954,7 @@ type PoolStatusReply struct {
 
 func (x *PoolStatusReply) Reset() {
 	*x = PoolStatusReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3824,7 +3966,7 @@ func (x *PoolStatusReply) String() string {
 func (*PoolStatusReply) ProtoMessage() {}
 
 func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3837,7 +3979,7 @@ func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatusReply.ProtoReflect.Descriptor instead.
 func (*PoolStatusReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *PoolStatusReply) GetShapes() []*PoolShape {
@@ -3897,7 +4039,7 @@ type PoolShape struct {
 
 func (x *PoolShape) Reset() {
 	*x = PoolShape{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3909,7 +4051,7 @@ func (x *PoolShape) String() string {
 func (*PoolShape) ProtoMessage() {}
 
 func (x *PoolShape) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3922,7 +4064,7 @@ func (x *PoolShape) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolShape.ProtoReflect.Descriptor instead.
 func (*PoolShape) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PoolShape) GetShape() string {
@@ -4006,7 +4148,7 @@ var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xae\a\n" +
+	"\x18api/agent/v1/agent.proto\x12\fmvm.agent.v1\"\xe1\a\n" +
 	"\aRequest\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.mvm.agent.v1.HelloH\x00R\x05hello\x12(\n" +
 	"\x04ping\x18\x02 \x01(\v2\x12.mvm.agent.v1.PingH\x00R\x04ping\x12(\n" +
@@ -4028,8 +4170,9 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04take\x18\x11 \x01(\v2\x12.mvm.agent.v1.TakeH\x00R\x04take\x12;\n" +
 	"\vpool_status\x18\x12 \x01(\v2\x18.mvm.agent.v1.PoolStatusH\x00R\n" +
 	"poolStatus\x12>\n" +
-	"\fcgroup_stats\x18\x13 \x01(\v2\x19.mvm.agent.v1.CgroupStatsH\x00R\vcgroupStatsB\x06\n" +
-	"\x04call\"\x98\a\n" +
+	"\fcgroup_stats\x18\x13 \x01(\v2\x19.mvm.agent.v1.CgroupStatsH\x00R\vcgroupStats\x121\n" +
+	"\arelease\x18\x14 \x01(\v2\x15.mvm.agent.v1.ReleaseH\x00R\areleaseB\x06\n" +
+	"\x04call\"\xd0\a\n" +
 	"\bResponse\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.mvm.agent.v1.HelloReplyH\x00R\x05hello\x12(\n" +
 	"\x04pong\x18\x02 \x01(\v2\x12.mvm.agent.v1.PongH\x00R\x04pong\x123\n" +
@@ -4048,7 +4191,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04take\x18\x0e \x01(\v2\x17.mvm.agent.v1.TakeReplyH\x00R\x04take\x12@\n" +
 	"\vpool_status\x18\x10 \x01(\v2\x1d.mvm.agent.v1.PoolStatusReplyH\x00R\n" +
 	"poolStatus\x12C\n" +
-	"\fcgroup_stats\x18\x11 \x01(\v2\x1e.mvm.agent.v1.CgroupStatsReplyH\x00R\vcgroupStats\x12+\n" +
+	"\fcgroup_stats\x18\x11 \x01(\v2\x1e.mvm.agent.v1.CgroupStatsReplyH\x00R\vcgroupStats\x126\n" +
+	"\arelease\x18\x12 \x01(\v2\x1a.mvm.agent.v1.ReleaseReplyH\x00R\arelease\x12+\n" +
 	"\x05error\x18\x0f \x01(\v2\x13.mvm.agent.v1.ErrorH\x00R\x05errorB\b\n" +
 	"\x06result\"\xf6\x01\n" +
 	"\x05Error\x12,\n" +
@@ -4227,7 +4371,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\aboot_id\x18\x03 \x01(\fR\x06bootId\"\x0e\n" +
 	"\fRefreshReply\"!\n" +
 	"\vCgroupStats\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x86\x04\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xd9\x04\n" +
 	"\x10CgroupStatsReply\x12$\n" +
 	"\x0ecpu_usage_usec\x18\x01 \x01(\x04R\fcpuUsageUsec\x12\"\n" +
 	"\rcpu_user_usec\x18\x02 \x01(\x04R\vcpuUserUsec\x12&\n" +
@@ -4246,7 +4390,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"oom_events\x18\f \x01(\x04R\toomEvents\x12\x1b\n" +
 	"\toom_kills\x18\r \x01(\x04R\boomKills\x12\x1f\n" +
 	"\vmemory_file\x18\x0e \x01(\x04R\n" +
-	"memoryFile\"\x1c\n" +
+	"memoryFile\x120\n" +
+	"\x14memory_inactive_file\x18\x0f \x01(\x04R\x12memoryInactiveFile\x12\x1f\n" +
+	"\vmemory_anon\x18\x10 \x01(\x04R\n" +
+	"memoryAnon\"5\n" +
+	"\aRelease\x12\x16\n" +
+	"\x06cgroup\x18\x01 \x01(\tR\x06cgroup\x12\x12\n" +
+	"\x04root\x18\x02 \x01(\tR\x04root\"\x0e\n" +
+	"\fReleaseReply\"\x1c\n" +
 	"\x04Take\x12\x14\n" +
 	"\x05shape\x18\x01 \x01(\tR\x05shape\"\x82\x01\n" +
 	"\tTakeReply\x12\x12\n" +
@@ -4289,7 +4440,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -4339,11 +4490,13 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*RefreshReply)(nil),     // 45: mvm.agent.v1.RefreshReply
 	(*CgroupStats)(nil),      // 46: mvm.agent.v1.CgroupStats
 	(*CgroupStatsReply)(nil), // 47: mvm.agent.v1.CgroupStatsReply
-	(*Take)(nil),             // 48: mvm.agent.v1.Take
-	(*TakeReply)(nil),        // 49: mvm.agent.v1.TakeReply
-	(*PoolStatus)(nil),       // 50: mvm.agent.v1.PoolStatus
-	(*PoolStatusReply)(nil),  // 51: mvm.agent.v1.PoolStatusReply
-	(*PoolShape)(nil),        // 52: mvm.agent.v1.PoolShape
+	(*Release)(nil),          // 48: mvm.agent.v1.Release
+	(*ReleaseReply)(nil),     // 49: mvm.agent.v1.ReleaseReply
+	(*Take)(nil),             // 50: mvm.agent.v1.Take
+	(*TakeReply)(nil),        // 51: mvm.agent.v1.TakeReply
+	(*PoolStatus)(nil),       // 52: mvm.agent.v1.PoolStatus
+	(*PoolStatusReply)(nil),  // 53: mvm.agent.v1.PoolStatusReply
+	(*PoolShape)(nil),        // 54: mvm.agent.v1.PoolShape
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
@@ -4362,46 +4515,48 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	40, // 13: mvm.agent.v1.Request.pause:type_name -> mvm.agent.v1.Pause
 	42, // 14: mvm.agent.v1.Request.resume:type_name -> mvm.agent.v1.Resume
 	44, // 15: mvm.agent.v1.Request.refresh:type_name -> mvm.agent.v1.Refresh
-	48, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
-	50, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
+	50, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
+	52, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
 	46, // 18: mvm.agent.v1.Request.cgroup_stats:type_name -> mvm.agent.v1.CgroupStats
-	7,  // 19: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
-	9,  // 20: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 21: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 22: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 23: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 24: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 25: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 26: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	33, // 27: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
-	37, // 28: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
-	41, // 29: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
-	43, // 30: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
-	45, // 31: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
-	49, // 32: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
-	51, // 33: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
-	47, // 34: mvm.agent.v1.Response.cgroup_stats:type_name -> mvm.agent.v1.CgroupStatsReply
-	5,  // 35: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
-	0,  // 36: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 37: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 38: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 39: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 40: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 41: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 42: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 43: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 44: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 45: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 46: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	5,  // 47: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
-	38, // 48: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
-	38, // 49: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
-	52, // 50: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
-	51, // [51:51] is the sub-list for method output_type
-	51, // [51:51] is the sub-list for method input_type
-	51, // [51:51] is the sub-list for extension type_name
-	51, // [51:51] is the sub-list for extension extendee
-	0,  // [0:51] is the sub-list for field type_name
+	48, // 19: mvm.agent.v1.Request.release:type_name -> mvm.agent.v1.Release
+	7,  // 20: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
+	9,  // 21: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
+	21, // 22: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	25, // 23: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	23, // 24: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	27, // 25: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	29, // 26: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	31, // 27: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	33, // 28: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	37, // 29: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	41, // 30: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
+	43, // 31: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
+	45, // 32: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
+	51, // 33: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
+	53, // 34: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
+	47, // 35: mvm.agent.v1.Response.cgroup_stats:type_name -> mvm.agent.v1.CgroupStatsReply
+	49, // 36: mvm.agent.v1.Response.release:type_name -> mvm.agent.v1.ReleaseReply
+	5,  // 37: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
+	0,  // 38: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
+	12, // 39: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	11, // 40: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	14, // 41: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	11, // 42: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	16, // 43: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	17, // 44: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	18, // 45: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 46: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	19, // 47: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 48: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 49: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	38, // 50: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	38, // 51: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	54, // 52: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
+	53, // [53:53] is the sub-list for method output_type
+	53, // [53:53] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -4429,6 +4584,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Request_Take)(nil),
 		(*Request_PoolStatus)(nil),
 		(*Request_CgroupStats)(nil),
+		(*Request_Release)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*Response_Hello)(nil),
@@ -4447,6 +4603,7 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Take)(nil),
 		(*Response_PoolStatus)(nil),
 		(*Response_CgroupStats)(nil),
+		(*Response_Release)(nil),
 		(*Response_Error)(nil),
 	}
 	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
@@ -4464,7 +4621,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   50,
+			NumMessages:   52,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
