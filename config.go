@@ -353,6 +353,10 @@ type Cmd struct {
 	// (at most 64). The containerd shim puts each container's processes
 	// in one, for its metrics and its OOM kills.
 	Cgroup string
+	// CgroupLimits, with Cgroup, are written to the cgroup before the
+	// command starts in it (a pod's container's own limits, inside the
+	// pod's VM).
+	CgroupLimits *CgroupLimits
 	// Root, when set, is a directory of the guest's root to run the
 	// command in as its root (chroot), with kernel filesystems of its
 	// own (/proc, /sys, /dev, /run), as a container has: Argv[0], Dir
@@ -360,6 +364,14 @@ type Cmd struct {
 	// container of a pod this way, in the pod's VM, in a root it copied
 	// there.
 	Root string
+}
+
+// CgroupLimits are a guest cgroup's limits; a zero field is no change.
+type CgroupLimits struct {
+	// Memory is memory.max in bytes.
+	Memory uint64
+	// CPUQuota of CPU time per CPUPeriod is cpu.max (both or neither).
+	CPUQuota, CPUPeriod time.Duration
 }
 
 // TTY is a terminal's size in characters.
@@ -424,6 +436,14 @@ func (c *Cmd) check() ([]envvar.Var, error) {
 	if c.Cgroup != "" {
 		if err := agentproto.CheckCgroupName(c.Cgroup); err != nil {
 			return nil, invalid("Cmd.Cgroup", execreq.Quote(c.Cgroup), "%v", err)
+		}
+	}
+	if l := c.CgroupLimits; l != nil {
+		if c.Cgroup == "" {
+			return nil, invalid("Cmd.CgroupLimits", "", "limits need a Cmd.Cgroup to apply to")
+		}
+		if (l.CPUQuota == 0) != (l.CPUPeriod == 0) || l.CPUQuota < 0 || l.CPUPeriod < 0 || l.CPUPeriod > 0 && l.CPUPeriod < time.Millisecond {
+			return nil, invalid("Cmd.CgroupLimits", fmt.Sprintf("%v/%v", l.CPUQuota, l.CPUPeriod), "a CPU limit is a quota and a period of at least 1ms")
 		}
 	}
 	if c.TTY != nil && (c.TTY.Rows == 0 || c.TTY.Cols == 0) {

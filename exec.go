@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/execreq"
@@ -128,6 +129,7 @@ func (sb *Sandbox) Start(ctx context.Context, cmd Cmd) (*Process, error) {
 		User:          cmd.User,
 		Cgroup:        cmd.Cgroup,
 		Root:          cmd.Root,
+		CgroupLimits:  cgroupLimits(cmd.CgroupLimits),
 		Dir:           cmd.Dir,
 		Stdin:         cmd.Stdin,
 		Stdout:        cmd.Stdout,
@@ -408,4 +410,13 @@ func (sb *Sandbox) Release(ctx context.Context, cgroup, root string) error {
 		return err
 	}
 	return sb.agentClient().Release(ctx, cgroup, root)
+}
+
+func cgroupLimits(l *CgroupLimits) *agentpb.CgroupLimits {
+	if l == nil {
+		return nil
+	}
+	return &agentpb.CgroupLimits{
+		MemoryMax: l.Memory, CpuQuotaMicros: uint64(l.CPUQuota.Microseconds()), CpuPeriodMicros: uint64(l.CPUPeriod.Microseconds()),
+	}
 }

@@ -98,8 +98,9 @@ func killCgroup(name string) error {
 }
 
 // openCgroup opens the cgroup name, a child of the root, making it if it
-// is missing: the directory a clone into it (CLONE_INTO_CGROUP) takes.
-func openCgroup(name string) (int, error) {
+// is missing and giving it lim: the directory a clone into it
+// (CLONE_INTO_CGROUP) takes.
+func openCgroup(name string, lim *agentpb.CgroupLimits) (int, error) {
 	if err := agentproto.CheckCgroupName(name); err != nil {
 		return -1, err
 	}
@@ -107,11 +108,36 @@ func openCgroup(name string) (int, error) {
 	if err := unix.Mkdir(dir, 0o755); err != nil && err != unix.EEXIST {
 		return -1, fmt.Errorf("cgroup %s: %w", name, err)
 	}
+	if err := setLimits(dir, lim); err != nil {
+		return -1, fmt.Errorf("cgroup %s: %w", name, err)
+	}
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("cgroup %s: %w", name, err)
 	}
 	return fd, nil
+}
+
+// setLimits writes lim's non-zero limits into the cgroup dir.
+func setLimits(dir string, lim *agentpb.CgroupLimits) error {
+	if lim == nil {
+		return nil
+	}
+	if m := lim.GetMemoryMax(); m > 0 {
+		if err := os.WriteFile(dir+"/memory.max", []byte(strconv.FormatUint(m, 10)), 0); err != nil {
+			return fmt.Errorf("memory.max: %w", err)
+		}
+	}
+	q, per := lim.GetCpuQuotaMicros(), lim.GetCpuPeriodMicros()
+	if (q == 0) != (per == 0) {
+		return fmt.Errorf("cpu.max needs both a quota and a period, got %d and %d", q, per)
+	}
+	if q > 0 {
+		if err := os.WriteFile(dir+"/cpu.max", []byte(strconv.FormatUint(q, 10)+" "+strconv.FormatUint(per, 10)), 0); err != nil {
+			return fmt.Errorf("cpu.max: %w", err)
+		}
+	}
+	return nil
 }
 
 // maxCgroupFile bounds what is read of one cgroup file.

@@ -187,12 +187,16 @@ func (s *session) runExec(stream *mux.Stream, in *agentproto.Reader, req *agentp
 		env = withDefault(env, "TERM", "xterm")
 	}
 	cgFD := -1
+	if req.Cgroup == "" && req.CgroupLimits != nil {
+		fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "cgroup limits without a cgroup")
+		return
+	}
 	if req.Cgroup != "" {
 		if !s.srv.opts.Mounts || !haveCgroups() {
 			fail(agentpb.StartFailure_REASON_INVALID, unix.EINVAL, "cgroups are not served by this agent")
 			return
 		}
-		if cgFD, err = openCgroup(req.Cgroup); err != nil {
+		if cgFD, err = openCgroup(req.Cgroup, req.CgroupLimits); err != nil {
 			fail(agentpb.StartFailure_REASON_INVALID, errnoOf(err), "%v", err)
 			return
 		}

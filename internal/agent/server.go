@@ -60,8 +60,10 @@ type Server struct {
 	bootIDBound map[string]bool
 	hasBootID   bool
 	// subRoots are the Exec.root directories (by path in the agent's
-	// namespace) whose kernel filesystems are mounted.
+	// namespace) whose kernel filesystems are mounted; subMu orders
+	// their mounting and their release.
 	subRoots map[string]bool
+	subMu    sync.Mutex
 }
 
 // Options are the hooks that differ between an agent running as the guest's

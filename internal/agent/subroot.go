@@ -31,6 +31,8 @@ func (s *Server) subRoot(root *fsRoot, dir string) (*fsRoot, string, error) {
 		return nil, "", fmt.Errorf("root %q: %w", dir, err)
 	}
 	sub := &fsRoot{path: real}
+	s.subMu.Lock()
+	defer s.subMu.Unlock()
 	s.fsMu.Lock()
 	defer s.fsMu.Unlock()
 	if s.subRoots[real] {
@@ -119,21 +121,26 @@ func (s *Server) release(r *agentpb.Release) error {
 	if _, err := inside(root, real); err != nil {
 		return fmt.Errorf("root %q: %w", r.Root, err)
 	}
+	// One release or first use of a root at a time: a second release
+	// racing the first must not remove the tree while the first is
+	// still unmounting (the devtmpfs inside is the VM's own /dev).
+	s.subMu.Lock()
+	defer s.subMu.Unlock()
 	s.fsMu.Lock()
-	mounted := s.subRoots[real]
 	delete(s.subRoots, real)
 	delete(s.bootIDBound, real)
 	s.fsMu.Unlock()
-	if mounted {
-		// Everything the agent's namespace has mounted inside, innermost
-		// (latest) first. The commands' own mounts are in their
-		// spawner's namespace and never show here, so once these are
-		// gone the tree holds nothing but its own files.
-		for _, m := range mountsUnder(real) {
-			if err := unix.Unmount(m, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil {
-				return fmt.Errorf("root %q: unmount %s: %w", r.Root, m, err)
-			}
+	// Everything the agent's namespace has mounted inside, innermost
+	// (latest) first. The commands' own mounts are in their spawner's
+	// namespace and never show here, so once these are gone the tree
+	// holds nothing but its own files; the tree is removed only if so.
+	for _, m := range mountsUnder(real) {
+		if err := unix.Unmount(m, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil {
+			return fmt.Errorf("root %q: unmount %s: %w", r.Root, m, err)
 		}
+	}
+	if left := mountsUnder(real); len(left) > 0 {
+		return fmt.Errorf("root %q: %s is still mounted; the tree stays", r.Root, left[0])
 	}
 	if err := os.RemoveAll(real); err != nil {
 		return fmt.Errorf("root %q: %w", r.Root, err)

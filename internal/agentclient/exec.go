@@ -52,6 +52,8 @@ type ExecSpec struct {
 	// Root runs the command in that directory as its root
 	// (agentproto.CapExecRoot).
 	Root string
+	// CgroupLimits are written to Cgroup before the command starts.
+	CgroupLimits *agentpb.CgroupLimits
 	// TTY, when set, runs the command on a pseudo-terminal of this size:
 	// the terminal is its stdin, stdout and stderr, everything it writes
 	// arrives on Stdout (Stderr gets nothing), and Stdin is typed into
@@ -186,6 +188,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec) (*Process, error) {
 		User:            spec.User,
 		Cgroup:          spec.Cgroup,
 		Root:            spec.Root,
+		CgroupLimits:    spec.CgroupLimits,
 	}
 	if t := spec.TTY; t != nil {
 		req.Tty = true

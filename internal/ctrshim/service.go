@@ -60,7 +60,11 @@ var _ = (taskAPI.TaskService)(&Service{})
 
 // Service is the shim's task service.
 type Service struct {
-	id        string
+	id string
+	// ns is the containerd namespace the shim serves (-namespace):
+	// events sent from no request (an exit, an OOM kill) go there, where
+	// containerd's CRI plugin (k8s.io) listens for them.
+	ns        string
 	publisher shim.Publisher
 	shutdown  func()
 	log       *slog.Logger
@@ -80,6 +84,7 @@ type container struct {
 	member     bool                // a pod's container, in its own root in the VM
 	root       string              // a member's root in the VM, once copied
 	procs      map[string]*process // "" is the init process
+	deleting   bool                // a Delete of the container is under way
 	// oomKills is the container cgroup's oom_kill count last seen: a
 	// process's end that raised it was the OOM killer's doing.
 	oomKills uint64
@@ -156,7 +161,8 @@ type process struct {
 // New is the shim's init function (shim.Init).
 func New(ctx context.Context, id string, publisher shim.Publisher, shutdown func()) (shim.Shim, error) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})).With("task", id)
-	return &Service{id: id, publisher: publisher, shutdown: shutdown, log: log, containers: map[string]*container{}}, nil
+	ns, _ := namespaces.Namespace(ctx)
+	return &Service{id: id, ns: ns, publisher: publisher, shutdown: shutdown, log: log, containers: map[string]*container{}}, nil
 }
 
 // dirs are the mvm directories the shim uses: containerd runs shims as
@@ -385,6 +391,28 @@ func shape(spec *specs.Spec) (cpus int, memory int64) {
 	return cpus, memory
 }
 
+// limits are the spec's memory limit and CPU quota as guest cgroup
+// limits, nil without either.
+func limits(spec *specs.Spec) *mvm.CgroupLimits {
+	if spec.Linux == nil || spec.Linux.Resources == nil {
+		return nil
+	}
+	var l mvm.CgroupLimits
+	res := spec.Linux.Resources
+	if m := res.Memory; m != nil && m.Limit != nil && *m.Limit > 0 {
+		l.Memory = uint64(*m.Limit)
+	}
+	if c := res.CPU; c != nil && c.Quota != nil && c.Period != nil && *c.Quota > 0 && *c.Period >= 1000 {
+		// The kernel's least quota is 1 ms (the kubelet rounds up to
+		// it too).
+		l.CPUQuota, l.CPUPeriod = time.Duration(max(*c.Quota, 1000))*time.Microsecond, time.Duration(*c.Period)*time.Microsecond
+	}
+	if l == (mvm.CgroupLimits{}) {
+		return nil
+	}
+	return &l
+}
+
 // Start starts the init process (booting the VM, or copying a pod
 // member's tree into it) or an exec.
 func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
@@ -513,6 +541,11 @@ func (s *Service) startProcess(c *container, p *process) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := mvm.Cmd{Argv: p.argv, Env: p.env, Dir: p.dir, User: p.user, Cgroup: cgroupName(c.id), Root: root}
+	if c.member {
+		// The pod's VM has the sandbox's shape; a container's own
+		// limits bound its cgroup inside it.
+		cmd.CgroupLimits = limits(c.spec)
+	}
 	if p.stdout != "" {
 		w, err := fifo.OpenFifo(ctx, p.stdout, syscall.O_WRONLY, 0)
 		if err != nil {
@@ -644,15 +677,18 @@ func (s *Service) publish(ctx context.Context, topic string, ev any) {
 	if s.publisher == nil {
 		return
 	}
-	ctx = namespaces.WithNamespace(context.WithoutCancel(ctx), namespaceOf(ctx))
+	ctx = namespaces.WithNamespace(context.WithoutCancel(ctx), s.namespaceOf(ctx))
 	if err := s.publisher.Publish(ctx, topic, ev); err != nil {
 		s.log.Warn("publish", "topic", topic, "err", err)
 	}
 }
 
-func namespaceOf(ctx context.Context) string {
+func (s *Service) namespaceOf(ctx context.Context) string {
 	if ns, ok := namespaces.Namespace(ctx); ok {
 		return ns
+	}
+	if s.ns != "" {
+		return s.ns
 	}
 	if ns := os.Getenv("NAMESPACE"); ns != "" {
 		return ns
@@ -681,6 +717,17 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "process %q of %s is running", r.ExecID, r.ID)
 		}
 	}
+	if r.ExecID == "" {
+		// containerd's CRI deletes an exited task from its exit
+		// monitor and from the TaskExit event: one delete does it.
+		s.mu.Lock()
+		again := c.deleting
+		c.deleting = true
+		s.mu.Unlock()
+		if again {
+			return nil, errdefs.ToGRPCf(errdefs.ErrNotFound, "container %s is being deleted", r.ID)
+		}
+	}
 	if r.ExecID == "" && c.member {
 		// Its files, mounts and cgroup in the VM go with it: a pod
 		// whose container restarts must not fill the VM's disk.
@@ -690,6 +737,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	if r.ExecID == "" && !c.member {
 		for _, o := range s.containers {
 			if o.member {
+				c.deleting = false
 				s.mu.Unlock()
 				return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "the pod's container %s is not deleted yet", o.id)
 			}

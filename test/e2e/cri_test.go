@@ -51,15 +51,19 @@ func TestShimPod(t *testing.T) {
 	if n := len(c.vmms()); n != 1 {
 		t.Fatalf("VMMs after RunPodSandbox: %d, want 1", n)
 	}
-	create := func(name string, cmd ...string) string {
+	createWith := func(name string, res *cri.LinuxContainerResources, cmd ...string) string {
 		t.Helper()
-		r, err := rt.CreateContainer(ctx, &cri.CreateContainerRequest{PodSandboxId: pod.PodSandboxId, SandboxConfig: podCfg, Config: &cri.ContainerConfig{
+		cfg := &cri.ContainerConfig{
 			Metadata: &cri.ContainerMetadata{Name: name},
 			Image:    &cri.ImageSpec{Image: ref},
 			Command:  cmd,
 			Envs:     []*cri.KeyValue{{Key: "WHO", Value: []byte(name)}},
 			LogPath:  name + ".log",
-		}})
+		}
+		if res != nil {
+			cfg.Linux = &cri.LinuxContainerConfig{Resources: res}
+		}
+		r, err := rt.CreateContainer(ctx, &cri.CreateContainerRequest{PodSandboxId: pod.PodSandboxId, SandboxConfig: podCfg, Config: cfg})
 		if err != nil {
 			t.Fatalf("CreateContainer %s: %v", name, err)
 		}
@@ -67,6 +71,10 @@ func TestShimPod(t *testing.T) {
 			t.Fatalf("StartContainer %s: %v", name, err)
 		}
 		return r.ContainerId
+	}
+	create := func(name string, cmd ...string) string {
+		t.Helper()
+		return createWith(name, nil, cmd...)
 	}
 	// The same boot id in both: one kernel. The marker of their image
 	// and not the pause image's sleep-only root... which has one too, so
@@ -159,7 +167,11 @@ func TestShimPod(t *testing.T) {
 	// Stopping c1 ends everything of it, its setsid daemon too, as a
 	// container's PID namespace would on a node: a third container of
 	// the pod sees none of it.
-	c3 := create("c3", "sleep", "600")
+	// A container's own limits bound its cgroup in the pod's VM.
+	c3 := createWith("c3", &cri.LinuxContainerResources{MemoryLimitInBytes: 96 << 20, CpuQuota: 50000, CpuPeriod: 100000}, "sleep", "600")
+	if lim := sh(c3, `d=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cat $d/memory.max $d/cpu.max`); lim != "100663296\n50000 100000\n" {
+		t.Fatalf("c3's cgroup limits: %q, want 96 MiB and 50000/100000", lim)
+	}
 	daemons := `for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $f; echo; done 2>/dev/null | grep -c '^sleep 1001 $' || true`
 	if n := strings.TrimSpace(sh(c3, daemons)); n != "1" {
 		t.Fatalf("c1's daemon seen from c3 before the stop: %s, want 1", n)
@@ -173,7 +185,20 @@ func TestShimPod(t *testing.T) {
 	if _, err := rt.StopContainer(ctx, &cri.StopContainerRequest{ContainerId: c3, Timeout: 5}); err != nil {
 		t.Fatalf("StopContainer: %v", err)
 	}
-	for _, id := range []string{c1, c3} {
+	// A container over its memory limit is OOM-killed in its cgroup,
+	// and the CRI says so, while the pod goes on.
+	c4 := createWith("c4", &cri.LinuxContainerResources{MemoryLimitInBytes: 64 << 20}, "sh", "-c", `x=$(head -c 200000000 /dev/zero | tr '\0' a); echo survived`)
+	if !waitFor(60*time.Second, func() bool {
+		st, err = rt.ContainerStatus(ctx, &cri.ContainerStatusRequest{ContainerId: c4})
+		return err == nil && st.Status.State == cri.ContainerState_CONTAINER_EXITED
+	}) {
+		t.Fatalf("c4 did not exit: %v %v", st, err)
+	}
+	if st.Status.ExitCode != 137 || st.Status.Reason != "OOMKilled" {
+		b, _ := os.ReadFile(filepath.Join(c.dir, "containerd.log"))
+		t.Fatalf("c4: exit %d, reason %q; want 137, OOMKilled\n%s", st.Status.ExitCode, st.Status.Reason, grepLines(b, "OOM", "oom", "c4", "release"))
+	}
+	for _, id := range []string{c1, c3, c4} {
 		if _, err := rt.RemoveContainer(ctx, &cri.RemoveContainerRequest{ContainerId: id}); err != nil {
 			t.Fatalf("RemoveContainer: %v", err)
 		}
@@ -190,4 +215,18 @@ func TestShimPod(t *testing.T) {
 	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
 		t.Errorf("templates left: %v", ts)
 	}
+}
+
+// grepLines returns b's lines holding any of words.
+func grepLines(b []byte, words ...string) string {
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, w := range words {
+			if strings.Contains(l, w) {
+				out = append(out, l)
+				break
+			}
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -164,7 +164,7 @@ func (x Output_Fd) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Output_Fd.Descriptor instead.
 func (Output_Fd) EnumDescriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14, 0}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15, 0}
 }
 
 type StartFailure_Reason int32
@@ -232,7 +232,7 @@ func (x StartFailure_Reason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use StartFailure_Reason.Descriptor instead.
 func (StartFailure_Reason) EnumDescriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16, 0}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17, 0}
 }
 
 // Request is the first message on every stream.
@@ -1338,7 +1338,10 @@ type Exec struct {
 	// it on first use; argv[0], cwd, user and the terminal are resolved
 	// inside it. Empty or "/": the command's root itself. Capability
 	// "exec.root".
-	Root          string `protobuf:"bytes,12,opt,name=root,proto3" json:"root,omitempty"`
+	Root string `protobuf:"bytes,12,opt,name=root,proto3" json:"root,omitempty"`
+	// Limits written to the cgroup (Exec.cgroup) before the command starts
+	// in it; zero fields leave that limit as it is. Capability "cgroup".
+	CgroupLimits  *CgroupLimits `protobuf:"bytes,13,opt,name=cgroup_limits,json=cgroupLimits,proto3" json:"cgroup_limits,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1457,6 +1460,75 @@ func (x *Exec) GetRoot() string {
 	return ""
 }
 
+func (x *Exec) GetCgroupLimits() *CgroupLimits {
+	if x != nil {
+		return x.CgroupLimits
+	}
+	return nil
+}
+
+// CgroupLimits are a cgroup's memory.max and cpu.max.
+type CgroupLimits struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	MemoryMax uint64                 `protobuf:"varint,1,opt,name=memory_max,json=memoryMax,proto3" json:"memory_max,omitempty"`
+	// cpu.max: quota_micros of CPU time per period_micros (both or none).
+	CpuQuotaMicros  uint64 `protobuf:"varint,2,opt,name=cpu_quota_micros,json=cpuQuotaMicros,proto3" json:"cpu_quota_micros,omitempty"`
+	CpuPeriodMicros uint64 `protobuf:"varint,3,opt,name=cpu_period_micros,json=cpuPeriodMicros,proto3" json:"cpu_period_micros,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *CgroupLimits) Reset() {
+	*x = CgroupLimits{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CgroupLimits) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CgroupLimits) ProtoMessage() {}
+
+func (x *CgroupLimits) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CgroupLimits.ProtoReflect.Descriptor instead.
+func (*CgroupLimits) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CgroupLimits) GetMemoryMax() uint64 {
+	if x != nil {
+		return x.MemoryMax
+	}
+	return 0
+}
+
+func (x *CgroupLimits) GetCpuQuotaMicros() uint64 {
+	if x != nil {
+		return x.CpuQuotaMicros
+	}
+	return 0
+}
+
+func (x *CgroupLimits) GetCpuPeriodMicros() uint64 {
+	if x != nil {
+		return x.CpuPeriodMicros
+	}
+	return 0
+}
+
 // WindowSize is a terminal's size: rows and columns, and optionally its
 // size in pixels. Each is at most 65535.
 type WindowSize struct {
@@ -1471,7 +1543,7 @@ type WindowSize struct {
 
 func (x *WindowSize) Reset() {
 	*x = WindowSize{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1483,7 +1555,7 @@ func (x *WindowSize) String() string {
 func (*WindowSize) ProtoMessage() {}
 
 func (x *WindowSize) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1496,7 +1568,7 @@ func (x *WindowSize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WindowSize.ProtoReflect.Descriptor instead.
 func (*WindowSize) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WindowSize) GetRows() uint32 {
@@ -1537,7 +1609,7 @@ type EnvVar struct {
 
 func (x *EnvVar) Reset() {
 	*x = EnvVar{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1549,7 +1621,7 @@ func (x *EnvVar) String() string {
 func (*EnvVar) ProtoMessage() {}
 
 func (x *EnvVar) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1562,7 +1634,7 @@ func (x *EnvVar) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvVar.ProtoReflect.Descriptor instead.
 func (*EnvVar) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *EnvVar) GetName() string {
@@ -1593,7 +1665,7 @@ type ExecInput struct {
 
 func (x *ExecInput) Reset() {
 	*x = ExecInput{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1677,7 @@ func (x *ExecInput) String() string {
 func (*ExecInput) ProtoMessage() {}
 
 func (x *ExecInput) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1690,7 @@ func (x *ExecInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecInput.ProtoReflect.Descriptor instead.
 func (*ExecInput) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ExecInput) GetInput() isExecInput_Input {
@@ -1680,7 +1752,7 @@ type Stdin struct {
 
 func (x *Stdin) Reset() {
 	*x = Stdin{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1692,7 +1764,7 @@ func (x *Stdin) String() string {
 func (*Stdin) ProtoMessage() {}
 
 func (x *Stdin) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1705,7 +1777,7 @@ func (x *Stdin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stdin.ProtoReflect.Descriptor instead.
 func (*Stdin) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Stdin) GetData() []byte {
@@ -1737,7 +1809,7 @@ type ExecEvent struct {
 
 func (x *ExecEvent) Reset() {
 	*x = ExecEvent{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1749,7 +1821,7 @@ func (x *ExecEvent) String() string {
 func (*ExecEvent) ProtoMessage() {}
 
 func (x *ExecEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1762,7 +1834,7 @@ func (x *ExecEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecEvent.ProtoReflect.Descriptor instead.
 func (*ExecEvent) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ExecEvent) GetEvent() isExecEvent_Event {
@@ -1831,7 +1903,7 @@ type Started struct {
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1843,7 +1915,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1856,7 +1928,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Started) GetPid() uint32 {
@@ -1877,7 +1949,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1889,7 +1961,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1902,7 +1974,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Output) GetFd() Output_Fd {
@@ -1940,7 +2012,7 @@ type Exited struct {
 
 func (x *Exited) Reset() {
 	*x = Exited{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1952,7 +2024,7 @@ func (x *Exited) String() string {
 func (*Exited) ProtoMessage() {}
 
 func (x *Exited) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1965,7 +2037,7 @@ func (x *Exited) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exited.ProtoReflect.Descriptor instead.
 func (*Exited) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Exited) GetCode() int32 {
@@ -2016,7 +2088,7 @@ type StartFailure struct {
 
 func (x *StartFailure) Reset() {
 	*x = StartFailure{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2100,7 @@ func (x *StartFailure) String() string {
 func (*StartFailure) ProtoMessage() {}
 
 func (x *StartFailure) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2113,7 @@ func (x *StartFailure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartFailure.ProtoReflect.Descriptor instead.
 func (*StartFailure) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StartFailure) GetReason() StartFailure_Reason {
@@ -2076,7 +2148,7 @@ type Signal struct {
 
 func (x *Signal) Reset() {
 	*x = Signal{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2088,7 +2160,7 @@ func (x *Signal) String() string {
 func (*Signal) ProtoMessage() {}
 
 func (x *Signal) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2101,7 +2173,7 @@ func (x *Signal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Signal.ProtoReflect.Descriptor instead.
 func (*Signal) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Signal) GetExecId() string {
@@ -2126,7 +2198,7 @@ type SignalReply struct {
 
 func (x *SignalReply) Reset() {
 	*x = SignalReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2138,7 +2210,7 @@ func (x *SignalReply) String() string {
 func (*SignalReply) ProtoMessage() {}
 
 func (x *SignalReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2151,7 +2223,7 @@ func (x *SignalReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalReply.ProtoReflect.Descriptor instead.
 func (*SignalReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 // Mount mounts an ext4 block device of the VM at a guest path (created if
@@ -2192,7 +2264,7 @@ type Mount struct {
 
 func (x *Mount) Reset() {
 	*x = Mount{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2204,7 +2276,7 @@ func (x *Mount) String() string {
 func (*Mount) ProtoMessage() {}
 
 func (x *Mount) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2217,7 +2289,7 @@ func (x *Mount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mount.ProtoReflect.Descriptor instead.
 func (*Mount) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Mount) GetDeviceSerial() string {
@@ -2270,7 +2342,7 @@ type MountReply struct {
 
 func (x *MountReply) Reset() {
 	*x = MountReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2282,7 +2354,7 @@ func (x *MountReply) String() string {
 func (*MountReply) ProtoMessage() {}
 
 func (x *MountReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2295,7 +2367,7 @@ func (x *MountReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MountReply.ProtoReflect.Descriptor instead.
 func (*MountReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 // Shutdown makes the agent sync and unmount filesystems and power the VM
@@ -2308,7 +2380,7 @@ type Shutdown struct {
 
 func (x *Shutdown) Reset() {
 	*x = Shutdown{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2392,7 @@ func (x *Shutdown) String() string {
 func (*Shutdown) ProtoMessage() {}
 
 func (x *Shutdown) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2405,7 @@ func (x *Shutdown) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Shutdown.ProtoReflect.Descriptor instead.
 func (*Shutdown) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 type ShutdownReply struct {
@@ -2344,7 +2416,7 @@ type ShutdownReply struct {
 
 func (x *ShutdownReply) Reset() {
 	*x = ShutdownReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2356,7 +2428,7 @@ func (x *ShutdownReply) String() string {
 func (*ShutdownReply) ProtoMessage() {}
 
 func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2369,7 +2441,7 @@ func (x *ShutdownReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownReply.ProtoReflect.Descriptor instead.
 func (*ShutdownReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 // Root makes a template the root filesystem of every later command: the
@@ -2397,7 +2469,7 @@ type Root struct {
 
 func (x *Root) Reset() {
 	*x = Root{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2409,7 +2481,7 @@ func (x *Root) String() string {
 func (*Root) ProtoMessage() {}
 
 func (x *Root) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2422,7 +2494,7 @@ func (x *Root) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Root.ProtoReflect.Descriptor instead.
 func (*Root) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Root) GetLowerLabel() string {
@@ -2454,7 +2526,7 @@ type RootReply struct {
 
 func (x *RootReply) Reset() {
 	*x = RootReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2466,7 +2538,7 @@ func (x *RootReply) String() string {
 func (*RootReply) ProtoMessage() {}
 
 func (x *RootReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2479,7 +2551,7 @@ func (x *RootReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RootReply.ProtoReflect.Descriptor instead.
 func (*RootReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 // Quiesce prepares the agent for a snapshot of the VM: the host sends it
@@ -2504,7 +2576,7 @@ type Quiesce struct {
 
 func (x *Quiesce) Reset() {
 	*x = Quiesce{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2516,7 +2588,7 @@ func (x *Quiesce) String() string {
 func (*Quiesce) ProtoMessage() {}
 
 func (x *Quiesce) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2529,7 +2601,7 @@ func (x *Quiesce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
 func (*Quiesce) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Quiesce) GetKeepDrives() bool {
@@ -2547,7 +2619,7 @@ type QuiesceReply struct {
 
 func (x *QuiesceReply) Reset() {
 	*x = QuiesceReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2559,7 +2631,7 @@ func (x *QuiesceReply) String() string {
 func (*QuiesceReply) ProtoMessage() {}
 
 func (x *QuiesceReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2572,7 +2644,7 @@ func (x *QuiesceReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QuiesceReply.ProtoReflect.Descriptor instead.
 func (*QuiesceReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 // Network configures the guest's network interface: the one whose
@@ -2608,7 +2680,7 @@ type Network struct {
 
 func (x *Network) Reset() {
 	*x = Network{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2620,7 +2692,7 @@ func (x *Network) String() string {
 func (*Network) ProtoMessage() {}
 
 func (x *Network) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2633,7 +2705,7 @@ func (x *Network) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Network.ProtoReflect.Descriptor instead.
 func (*Network) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Network) GetMac() string {
@@ -2679,7 +2751,7 @@ type NetworkReply struct {
 
 func (x *NetworkReply) Reset() {
 	*x = NetworkReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2691,7 +2763,7 @@ func (x *NetworkReply) String() string {
 func (*NetworkReply) ProtoMessage() {}
 
 func (x *NetworkReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2704,7 +2776,7 @@ func (x *NetworkReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkReply.ProtoReflect.Descriptor instead.
 func (*NetworkReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 // CopyIn unpacks the FileData stream that follows it as path: its parent
@@ -2728,7 +2800,7 @@ type CopyIn struct {
 
 func (x *CopyIn) Reset() {
 	*x = CopyIn{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2740,7 +2812,7 @@ func (x *CopyIn) String() string {
 func (*CopyIn) ProtoMessage() {}
 
 func (x *CopyIn) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2753,7 +2825,7 @@ func (x *CopyIn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyIn.ProtoReflect.Descriptor instead.
 func (*CopyIn) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CopyIn) GetPath() string {
@@ -2783,7 +2855,7 @@ type CopyInReply struct {
 
 func (x *CopyInReply) Reset() {
 	*x = CopyInReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2795,7 +2867,7 @@ func (x *CopyInReply) String() string {
 func (*CopyInReply) ProtoMessage() {}
 
 func (x *CopyInReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2808,7 +2880,7 @@ func (x *CopyInReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyInReply.ProtoReflect.Descriptor instead.
 func (*CopyInReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CopyInReply) GetFiles() uint64 {
@@ -2851,7 +2923,7 @@ type CopyOut struct {
 
 func (x *CopyOut) Reset() {
 	*x = CopyOut{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[31]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2863,7 +2935,7 @@ func (x *CopyOut) String() string {
 func (*CopyOut) ProtoMessage() {}
 
 func (x *CopyOut) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[31]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2876,7 +2948,7 @@ func (x *CopyOut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyOut.ProtoReflect.Descriptor instead.
 func (*CopyOut) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CopyOut) GetPath() string {
@@ -2900,7 +2972,7 @@ type FileData struct {
 
 func (x *FileData) Reset() {
 	*x = FileData{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[32]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2912,7 +2984,7 @@ func (x *FileData) String() string {
 func (*FileData) ProtoMessage() {}
 
 func (x *FileData) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[32]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2925,7 +2997,7 @@ func (x *FileData) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileData.ProtoReflect.Descriptor instead.
 func (*FileData) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FileData) GetData() []byte {
@@ -2962,7 +3034,7 @@ type Stat struct {
 
 func (x *Stat) Reset() {
 	*x = Stat{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[33]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2974,7 +3046,7 @@ func (x *Stat) String() string {
 func (*Stat) ProtoMessage() {}
 
 func (x *Stat) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[33]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2987,7 +3059,7 @@ func (x *Stat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stat.ProtoReflect.Descriptor instead.
 func (*Stat) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Stat) GetPath() string {
@@ -3015,7 +3087,7 @@ type StatReply struct {
 
 func (x *StatReply) Reset() {
 	*x = StatReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[34]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3027,7 +3099,7 @@ func (x *StatReply) String() string {
 func (*StatReply) ProtoMessage() {}
 
 func (x *StatReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[34]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3040,7 +3112,7 @@ func (x *StatReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatReply.ProtoReflect.Descriptor instead.
 func (*StatReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StatReply) GetInfo() *FileInfo {
@@ -3083,7 +3155,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[35]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3095,7 +3167,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[35]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3108,7 +3180,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FileInfo) GetName() string {
@@ -3171,7 +3243,7 @@ type Console struct {
 
 func (x *Console) Reset() {
 	*x = Console{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[36]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3183,7 +3255,7 @@ func (x *Console) String() string {
 func (*Console) ProtoMessage() {}
 
 func (x *Console) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[36]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3196,7 +3268,7 @@ func (x *Console) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Console.ProtoReflect.Descriptor instead.
 func (*Console) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 // Pause asks a sandbox's owner to pause the sandbox to disk: its RAM,
@@ -3211,7 +3283,7 @@ type Pause struct {
 
 func (x *Pause) Reset() {
 	*x = Pause{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[37]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3223,7 +3295,7 @@ func (x *Pause) String() string {
 func (*Pause) ProtoMessage() {}
 
 func (x *Pause) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[37]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3236,7 +3308,7 @@ func (x *Pause) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pause.ProtoReflect.Descriptor instead.
 func (*Pause) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 type PauseReply struct {
@@ -3251,7 +3323,7 @@ type PauseReply struct {
 
 func (x *PauseReply) Reset() {
 	*x = PauseReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[38]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3263,7 +3335,7 @@ func (x *PauseReply) String() string {
 func (*PauseReply) ProtoMessage() {}
 
 func (x *PauseReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[38]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3276,7 +3348,7 @@ func (x *PauseReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseReply.ProtoReflect.Descriptor instead.
 func (*PauseReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *PauseReply) GetStateBytes() uint64 {
@@ -3302,7 +3374,7 @@ type Resume struct {
 
 func (x *Resume) Reset() {
 	*x = Resume{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[39]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3314,7 +3386,7 @@ func (x *Resume) String() string {
 func (*Resume) ProtoMessage() {}
 
 func (x *Resume) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[39]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3327,7 +3399,7 @@ func (x *Resume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resume.ProtoReflect.Descriptor instead.
 func (*Resume) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 type ResumeReply struct {
@@ -3339,7 +3411,7 @@ type ResumeReply struct {
 
 func (x *ResumeReply) Reset() {
 	*x = ResumeReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[40]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3351,7 +3423,7 @@ func (x *ResumeReply) String() string {
 func (*ResumeReply) ProtoMessage() {}
 
 func (x *ResumeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[40]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3364,7 +3436,7 @@ func (x *ResumeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeReply.ProtoReflect.Descriptor instead.
 func (*ResumeReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{40}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ResumeReply) GetDurationMicros() uint64 {
@@ -3391,7 +3463,7 @@ type Refresh struct {
 
 func (x *Refresh) Reset() {
 	*x = Refresh{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[41]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3403,7 +3475,7 @@ func (x *Refresh) String() string {
 func (*Refresh) ProtoMessage() {}
 
 func (x *Refresh) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[41]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3416,7 +3488,7 @@ func (x *Refresh) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Refresh.ProtoReflect.Descriptor instead.
 func (*Refresh) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{41}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Refresh) GetHostTimeUnixNano() int64 {
@@ -3448,7 +3520,7 @@ type RefreshReply struct {
 
 func (x *RefreshReply) Reset() {
 	*x = RefreshReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[42]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3460,7 +3532,7 @@ func (x *RefreshReply) String() string {
 func (*RefreshReply) ProtoMessage() {}
 
 func (x *RefreshReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[42]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3473,7 +3545,7 @@ func (x *RefreshReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshReply.ProtoReflect.Descriptor instead.
 func (*RefreshReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{42}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{43}
 }
 
 // CgroupStats reads the counters of a cgroup that Exec.cgroup named
@@ -3488,7 +3560,7 @@ type CgroupStats struct {
 
 func (x *CgroupStats) Reset() {
 	*x = CgroupStats{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3500,7 +3572,7 @@ func (x *CgroupStats) String() string {
 func (*CgroupStats) ProtoMessage() {}
 
 func (x *CgroupStats) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[43]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3513,7 +3585,7 @@ func (x *CgroupStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupStats.ProtoReflect.Descriptor instead.
 func (*CgroupStats) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *CgroupStats) GetName() string {
@@ -3553,7 +3625,7 @@ type CgroupStatsReply struct {
 
 func (x *CgroupStatsReply) Reset() {
 	*x = CgroupStatsReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3565,7 +3637,7 @@ func (x *CgroupStatsReply) String() string {
 func (*CgroupStatsReply) ProtoMessage() {}
 
 func (x *CgroupStatsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[44]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3578,7 +3650,7 @@ func (x *CgroupStatsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupStatsReply.ProtoReflect.Descriptor instead.
 func (*CgroupStatsReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *CgroupStatsReply) GetCpuUsageUsec() uint64 {
@@ -3708,7 +3780,7 @@ type Release struct {
 
 func (x *Release) Reset() {
 	*x = Release{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3720,7 +3792,7 @@ func (x *Release) String() string {
 func (*Release) ProtoMessage() {}
 
 func (x *Release) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[45]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3733,7 +3805,7 @@ func (x *Release) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Release.ProtoReflect.Descriptor instead.
 func (*Release) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *Release) GetCgroup() string {
@@ -3758,7 +3830,7 @@ type ReleaseReply struct {
 
 func (x *ReleaseReply) Reset() {
 	*x = ReleaseReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3770,7 +3842,7 @@ func (x *ReleaseReply) String() string {
 func (*ReleaseReply) ProtoMessage() {}
 
 func (x *ReleaseReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[46]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3783,7 +3855,7 @@ func (x *ReleaseReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseReply.ProtoReflect.Descriptor instead.
 func (*ReleaseReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 // Take asks for a VM of a shape, a string the host computes from the
@@ -3799,7 +3871,7 @@ type Take struct {
 
 func (x *Take) Reset() {
 	*x = Take{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3811,7 +3883,7 @@ func (x *Take) String() string {
 func (*Take) ProtoMessage() {}
 
 func (x *Take) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[47]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3824,7 +3896,7 @@ func (x *Take) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Take.ProtoReflect.Descriptor instead.
 func (*Take) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *Take) GetShape() string {
@@ -3848,7 +3920,7 @@ type TakeReply struct {
 
 func (x *TakeReply) Reset() {
 	*x = TakeReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3860,7 +3932,7 @@ func (x *TakeReply) String() string {
 func (*TakeReply) ProtoMessage() {}
 
 func (x *TakeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[48]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3873,7 +3945,7 @@ func (x *TakeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TakeReply.ProtoReflect.Descriptor instead.
 func (*TakeReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *TakeReply) GetName() string {
@@ -3912,7 +3984,7 @@ type PoolStatus struct {
 
 func (x *PoolStatus) Reset() {
 	*x = PoolStatus{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3924,7 +3996,7 @@ func (x *PoolStatus) String() string {
 func (*PoolStatus) ProtoMessage() {}
 
 func (x *PoolStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[49]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3937,7 +4009,7 @@ func (x *PoolStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatus.ProtoReflect.Descriptor instead.
 func (*PoolStatus) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 type PoolStatusReply struct {
@@ -3954,7 +4026,7 @@ type PoolStatusReply struct {
 
 func (x *PoolStatusReply) Reset() {
 	*x = PoolStatusReply{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[50]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3966,7 +4038,7 @@ func (x *PoolStatusReply) String() string {
 func (*PoolStatusReply) ProtoMessage() {}
 
 func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[50]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3979,7 +4051,7 @@ func (x *PoolStatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatusReply.ProtoReflect.Descriptor instead.
 func (*PoolStatusReply) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PoolStatusReply) GetShapes() []*PoolShape {
@@ -4039,7 +4111,7 @@ type PoolShape struct {
 
 func (x *PoolShape) Reset() {
 	*x = PoolShape{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[51]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4051,7 +4123,7 @@ func (x *PoolShape) String() string {
 func (*PoolShape) ProtoMessage() {}
 
 func (x *PoolShape) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[51]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4064,7 +4136,7 @@ func (x *PoolShape) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolShape.ProtoReflect.Descriptor instead.
 func (*PoolShape) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *PoolShape) GetShape() string {
@@ -4225,7 +4297,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04Ping\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\" \n" +
 	"\x04Pong\x12\x18\n" +
-	"\apayload\x18\x01 \x01(\fR\apayload\"\xd1\x02\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"\x92\x03\n" +
 	"\x04Exec\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12&\n" +
 	"\x03env\x18\x02 \x03(\v2\x14.mvm.agent.v1.EnvVarR\x03env\x12\x10\n" +
@@ -4239,7 +4311,13 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06window\x18\n" +
 	" \x01(\v2\x18.mvm.agent.v1.WindowSizeR\x06window\x12\x16\n" +
 	"\x06cgroup\x18\v \x01(\tR\x06cgroup\x12\x12\n" +
-	"\x04root\x18\f \x01(\tR\x04root\"j\n" +
+	"\x04root\x18\f \x01(\tR\x04root\x12?\n" +
+	"\rcgroup_limits\x18\r \x01(\v2\x1a.mvm.agent.v1.CgroupLimitsR\fcgroupLimits\"\x83\x01\n" +
+	"\fCgroupLimits\x12\x1d\n" +
+	"\n" +
+	"memory_max\x18\x01 \x01(\x04R\tmemoryMax\x12(\n" +
+	"\x10cpu_quota_micros\x18\x02 \x01(\x04R\x0ecpuQuotaMicros\x12*\n" +
+	"\x11cpu_period_micros\x18\x03 \x01(\x04R\x0fcpuPeriodMicros\"j\n" +
 	"\n" +
 	"WindowSize\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
@@ -4440,7 +4518,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(Error_Code)(0),          // 0: mvm.agent.v1.Error.Code
 	(Output_Fd)(0),           // 1: mvm.agent.v1.Output.Fd
@@ -4453,110 +4531,112 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*Ping)(nil),             // 8: mvm.agent.v1.Ping
 	(*Pong)(nil),             // 9: mvm.agent.v1.Pong
 	(*Exec)(nil),             // 10: mvm.agent.v1.Exec
-	(*WindowSize)(nil),       // 11: mvm.agent.v1.WindowSize
-	(*EnvVar)(nil),           // 12: mvm.agent.v1.EnvVar
-	(*ExecInput)(nil),        // 13: mvm.agent.v1.ExecInput
-	(*Stdin)(nil),            // 14: mvm.agent.v1.Stdin
-	(*ExecEvent)(nil),        // 15: mvm.agent.v1.ExecEvent
-	(*Started)(nil),          // 16: mvm.agent.v1.Started
-	(*Output)(nil),           // 17: mvm.agent.v1.Output
-	(*Exited)(nil),           // 18: mvm.agent.v1.Exited
-	(*StartFailure)(nil),     // 19: mvm.agent.v1.StartFailure
-	(*Signal)(nil),           // 20: mvm.agent.v1.Signal
-	(*SignalReply)(nil),      // 21: mvm.agent.v1.SignalReply
-	(*Mount)(nil),            // 22: mvm.agent.v1.Mount
-	(*MountReply)(nil),       // 23: mvm.agent.v1.MountReply
-	(*Shutdown)(nil),         // 24: mvm.agent.v1.Shutdown
-	(*ShutdownReply)(nil),    // 25: mvm.agent.v1.ShutdownReply
-	(*Root)(nil),             // 26: mvm.agent.v1.Root
-	(*RootReply)(nil),        // 27: mvm.agent.v1.RootReply
-	(*Quiesce)(nil),          // 28: mvm.agent.v1.Quiesce
-	(*QuiesceReply)(nil),     // 29: mvm.agent.v1.QuiesceReply
-	(*Network)(nil),          // 30: mvm.agent.v1.Network
-	(*NetworkReply)(nil),     // 31: mvm.agent.v1.NetworkReply
-	(*CopyIn)(nil),           // 32: mvm.agent.v1.CopyIn
-	(*CopyInReply)(nil),      // 33: mvm.agent.v1.CopyInReply
-	(*CopyOut)(nil),          // 34: mvm.agent.v1.CopyOut
-	(*FileData)(nil),         // 35: mvm.agent.v1.FileData
-	(*Stat)(nil),             // 36: mvm.agent.v1.Stat
-	(*StatReply)(nil),        // 37: mvm.agent.v1.StatReply
-	(*FileInfo)(nil),         // 38: mvm.agent.v1.FileInfo
-	(*Console)(nil),          // 39: mvm.agent.v1.Console
-	(*Pause)(nil),            // 40: mvm.agent.v1.Pause
-	(*PauseReply)(nil),       // 41: mvm.agent.v1.PauseReply
-	(*Resume)(nil),           // 42: mvm.agent.v1.Resume
-	(*ResumeReply)(nil),      // 43: mvm.agent.v1.ResumeReply
-	(*Refresh)(nil),          // 44: mvm.agent.v1.Refresh
-	(*RefreshReply)(nil),     // 45: mvm.agent.v1.RefreshReply
-	(*CgroupStats)(nil),      // 46: mvm.agent.v1.CgroupStats
-	(*CgroupStatsReply)(nil), // 47: mvm.agent.v1.CgroupStatsReply
-	(*Release)(nil),          // 48: mvm.agent.v1.Release
-	(*ReleaseReply)(nil),     // 49: mvm.agent.v1.ReleaseReply
-	(*Take)(nil),             // 50: mvm.agent.v1.Take
-	(*TakeReply)(nil),        // 51: mvm.agent.v1.TakeReply
-	(*PoolStatus)(nil),       // 52: mvm.agent.v1.PoolStatus
-	(*PoolStatusReply)(nil),  // 53: mvm.agent.v1.PoolStatusReply
-	(*PoolShape)(nil),        // 54: mvm.agent.v1.PoolShape
+	(*CgroupLimits)(nil),     // 11: mvm.agent.v1.CgroupLimits
+	(*WindowSize)(nil),       // 12: mvm.agent.v1.WindowSize
+	(*EnvVar)(nil),           // 13: mvm.agent.v1.EnvVar
+	(*ExecInput)(nil),        // 14: mvm.agent.v1.ExecInput
+	(*Stdin)(nil),            // 15: mvm.agent.v1.Stdin
+	(*ExecEvent)(nil),        // 16: mvm.agent.v1.ExecEvent
+	(*Started)(nil),          // 17: mvm.agent.v1.Started
+	(*Output)(nil),           // 18: mvm.agent.v1.Output
+	(*Exited)(nil),           // 19: mvm.agent.v1.Exited
+	(*StartFailure)(nil),     // 20: mvm.agent.v1.StartFailure
+	(*Signal)(nil),           // 21: mvm.agent.v1.Signal
+	(*SignalReply)(nil),      // 22: mvm.agent.v1.SignalReply
+	(*Mount)(nil),            // 23: mvm.agent.v1.Mount
+	(*MountReply)(nil),       // 24: mvm.agent.v1.MountReply
+	(*Shutdown)(nil),         // 25: mvm.agent.v1.Shutdown
+	(*ShutdownReply)(nil),    // 26: mvm.agent.v1.ShutdownReply
+	(*Root)(nil),             // 27: mvm.agent.v1.Root
+	(*RootReply)(nil),        // 28: mvm.agent.v1.RootReply
+	(*Quiesce)(nil),          // 29: mvm.agent.v1.Quiesce
+	(*QuiesceReply)(nil),     // 30: mvm.agent.v1.QuiesceReply
+	(*Network)(nil),          // 31: mvm.agent.v1.Network
+	(*NetworkReply)(nil),     // 32: mvm.agent.v1.NetworkReply
+	(*CopyIn)(nil),           // 33: mvm.agent.v1.CopyIn
+	(*CopyInReply)(nil),      // 34: mvm.agent.v1.CopyInReply
+	(*CopyOut)(nil),          // 35: mvm.agent.v1.CopyOut
+	(*FileData)(nil),         // 36: mvm.agent.v1.FileData
+	(*Stat)(nil),             // 37: mvm.agent.v1.Stat
+	(*StatReply)(nil),        // 38: mvm.agent.v1.StatReply
+	(*FileInfo)(nil),         // 39: mvm.agent.v1.FileInfo
+	(*Console)(nil),          // 40: mvm.agent.v1.Console
+	(*Pause)(nil),            // 41: mvm.agent.v1.Pause
+	(*PauseReply)(nil),       // 42: mvm.agent.v1.PauseReply
+	(*Resume)(nil),           // 43: mvm.agent.v1.Resume
+	(*ResumeReply)(nil),      // 44: mvm.agent.v1.ResumeReply
+	(*Refresh)(nil),          // 45: mvm.agent.v1.Refresh
+	(*RefreshReply)(nil),     // 46: mvm.agent.v1.RefreshReply
+	(*CgroupStats)(nil),      // 47: mvm.agent.v1.CgroupStats
+	(*CgroupStatsReply)(nil), // 48: mvm.agent.v1.CgroupStatsReply
+	(*Release)(nil),          // 49: mvm.agent.v1.Release
+	(*ReleaseReply)(nil),     // 50: mvm.agent.v1.ReleaseReply
+	(*Take)(nil),             // 51: mvm.agent.v1.Take
+	(*TakeReply)(nil),        // 52: mvm.agent.v1.TakeReply
+	(*PoolStatus)(nil),       // 53: mvm.agent.v1.PoolStatus
+	(*PoolStatusReply)(nil),  // 54: mvm.agent.v1.PoolStatusReply
+	(*PoolShape)(nil),        // 55: mvm.agent.v1.PoolShape
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: mvm.agent.v1.Request.hello:type_name -> mvm.agent.v1.Hello
 	8,  // 1: mvm.agent.v1.Request.ping:type_name -> mvm.agent.v1.Ping
 	10, // 2: mvm.agent.v1.Request.exec:type_name -> mvm.agent.v1.Exec
-	20, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
-	24, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
-	22, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
-	26, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
-	28, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
-	30, // 8: mvm.agent.v1.Request.network:type_name -> mvm.agent.v1.Network
-	32, // 9: mvm.agent.v1.Request.copy_in:type_name -> mvm.agent.v1.CopyIn
-	34, // 10: mvm.agent.v1.Request.copy_out:type_name -> mvm.agent.v1.CopyOut
-	36, // 11: mvm.agent.v1.Request.stat:type_name -> mvm.agent.v1.Stat
-	39, // 12: mvm.agent.v1.Request.console:type_name -> mvm.agent.v1.Console
-	40, // 13: mvm.agent.v1.Request.pause:type_name -> mvm.agent.v1.Pause
-	42, // 14: mvm.agent.v1.Request.resume:type_name -> mvm.agent.v1.Resume
-	44, // 15: mvm.agent.v1.Request.refresh:type_name -> mvm.agent.v1.Refresh
-	50, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
-	52, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
-	46, // 18: mvm.agent.v1.Request.cgroup_stats:type_name -> mvm.agent.v1.CgroupStats
-	48, // 19: mvm.agent.v1.Request.release:type_name -> mvm.agent.v1.Release
+	21, // 3: mvm.agent.v1.Request.signal:type_name -> mvm.agent.v1.Signal
+	25, // 4: mvm.agent.v1.Request.shutdown:type_name -> mvm.agent.v1.Shutdown
+	23, // 5: mvm.agent.v1.Request.mount:type_name -> mvm.agent.v1.Mount
+	27, // 6: mvm.agent.v1.Request.root:type_name -> mvm.agent.v1.Root
+	29, // 7: mvm.agent.v1.Request.quiesce:type_name -> mvm.agent.v1.Quiesce
+	31, // 8: mvm.agent.v1.Request.network:type_name -> mvm.agent.v1.Network
+	33, // 9: mvm.agent.v1.Request.copy_in:type_name -> mvm.agent.v1.CopyIn
+	35, // 10: mvm.agent.v1.Request.copy_out:type_name -> mvm.agent.v1.CopyOut
+	37, // 11: mvm.agent.v1.Request.stat:type_name -> mvm.agent.v1.Stat
+	40, // 12: mvm.agent.v1.Request.console:type_name -> mvm.agent.v1.Console
+	41, // 13: mvm.agent.v1.Request.pause:type_name -> mvm.agent.v1.Pause
+	43, // 14: mvm.agent.v1.Request.resume:type_name -> mvm.agent.v1.Resume
+	45, // 15: mvm.agent.v1.Request.refresh:type_name -> mvm.agent.v1.Refresh
+	51, // 16: mvm.agent.v1.Request.take:type_name -> mvm.agent.v1.Take
+	53, // 17: mvm.agent.v1.Request.pool_status:type_name -> mvm.agent.v1.PoolStatus
+	47, // 18: mvm.agent.v1.Request.cgroup_stats:type_name -> mvm.agent.v1.CgroupStats
+	49, // 19: mvm.agent.v1.Request.release:type_name -> mvm.agent.v1.Release
 	7,  // 20: mvm.agent.v1.Response.hello:type_name -> mvm.agent.v1.HelloReply
 	9,  // 21: mvm.agent.v1.Response.pong:type_name -> mvm.agent.v1.Pong
-	21, // 22: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
-	25, // 23: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
-	23, // 24: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
-	27, // 25: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
-	29, // 26: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
-	31, // 27: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
-	33, // 28: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
-	37, // 29: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
-	41, // 30: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
-	43, // 31: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
-	45, // 32: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
-	51, // 33: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
-	53, // 34: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
-	47, // 35: mvm.agent.v1.Response.cgroup_stats:type_name -> mvm.agent.v1.CgroupStatsReply
-	49, // 36: mvm.agent.v1.Response.release:type_name -> mvm.agent.v1.ReleaseReply
+	22, // 22: mvm.agent.v1.Response.signal:type_name -> mvm.agent.v1.SignalReply
+	26, // 23: mvm.agent.v1.Response.shutdown:type_name -> mvm.agent.v1.ShutdownReply
+	24, // 24: mvm.agent.v1.Response.mount:type_name -> mvm.agent.v1.MountReply
+	28, // 25: mvm.agent.v1.Response.root:type_name -> mvm.agent.v1.RootReply
+	30, // 26: mvm.agent.v1.Response.quiesce:type_name -> mvm.agent.v1.QuiesceReply
+	32, // 27: mvm.agent.v1.Response.network:type_name -> mvm.agent.v1.NetworkReply
+	34, // 28: mvm.agent.v1.Response.copy_in:type_name -> mvm.agent.v1.CopyInReply
+	38, // 29: mvm.agent.v1.Response.stat:type_name -> mvm.agent.v1.StatReply
+	42, // 30: mvm.agent.v1.Response.pause:type_name -> mvm.agent.v1.PauseReply
+	44, // 31: mvm.agent.v1.Response.resume:type_name -> mvm.agent.v1.ResumeReply
+	46, // 32: mvm.agent.v1.Response.refresh:type_name -> mvm.agent.v1.RefreshReply
+	52, // 33: mvm.agent.v1.Response.take:type_name -> mvm.agent.v1.TakeReply
+	54, // 34: mvm.agent.v1.Response.pool_status:type_name -> mvm.agent.v1.PoolStatusReply
+	48, // 35: mvm.agent.v1.Response.cgroup_stats:type_name -> mvm.agent.v1.CgroupStatsReply
+	50, // 36: mvm.agent.v1.Response.release:type_name -> mvm.agent.v1.ReleaseReply
 	5,  // 37: mvm.agent.v1.Response.error:type_name -> mvm.agent.v1.Error
 	0,  // 38: mvm.agent.v1.Error.code:type_name -> mvm.agent.v1.Error.Code
-	12, // 39: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
-	11, // 40: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
-	14, // 41: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
-	11, // 42: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
-	16, // 43: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
-	17, // 44: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
-	18, // 45: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
-	1,  // 46: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
-	19, // 47: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
-	2,  // 48: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
-	5,  // 49: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
-	38, // 50: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
-	38, // 51: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
-	54, // 52: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
-	53, // [53:53] is the sub-list for method output_type
-	53, // [53:53] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	13, // 39: mvm.agent.v1.Exec.env:type_name -> mvm.agent.v1.EnvVar
+	12, // 40: mvm.agent.v1.Exec.window:type_name -> mvm.agent.v1.WindowSize
+	11, // 41: mvm.agent.v1.Exec.cgroup_limits:type_name -> mvm.agent.v1.CgroupLimits
+	15, // 42: mvm.agent.v1.ExecInput.stdin:type_name -> mvm.agent.v1.Stdin
+	12, // 43: mvm.agent.v1.ExecInput.resize:type_name -> mvm.agent.v1.WindowSize
+	17, // 44: mvm.agent.v1.ExecEvent.started:type_name -> mvm.agent.v1.Started
+	18, // 45: mvm.agent.v1.ExecEvent.output:type_name -> mvm.agent.v1.Output
+	19, // 46: mvm.agent.v1.ExecEvent.exited:type_name -> mvm.agent.v1.Exited
+	1,  // 47: mvm.agent.v1.Output.fd:type_name -> mvm.agent.v1.Output.Fd
+	20, // 48: mvm.agent.v1.Exited.start_failure:type_name -> mvm.agent.v1.StartFailure
+	2,  // 49: mvm.agent.v1.StartFailure.reason:type_name -> mvm.agent.v1.StartFailure.Reason
+	5,  // 50: mvm.agent.v1.FileData.error:type_name -> mvm.agent.v1.Error
+	39, // 51: mvm.agent.v1.StatReply.info:type_name -> mvm.agent.v1.FileInfo
+	39, // 52: mvm.agent.v1.StatReply.entries:type_name -> mvm.agent.v1.FileInfo
+	55, // 53: mvm.agent.v1.PoolStatusReply.shapes:type_name -> mvm.agent.v1.PoolShape
+	54, // [54:54] is the sub-list for method output_type
+	54, // [54:54] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -4606,11 +4686,11 @@ func file_api_agent_v1_agent_proto_init() {
 		(*Response_Release)(nil),
 		(*Response_Error)(nil),
 	}
-	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[11].OneofWrappers = []any{
 		(*ExecInput_Stdin)(nil),
 		(*ExecInput_Resize)(nil),
 	}
-	file_api_agent_v1_agent_proto_msgTypes[12].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[13].OneofWrappers = []any{
 		(*ExecEvent_Started)(nil),
 		(*ExecEvent_Output)(nil),
 		(*ExecEvent_Exited)(nil),
@@ -4621,7 +4701,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   52,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
