@@ -115,6 +115,16 @@ state = %q
 			<-done
 		}
 		logf.Close()
+		// Shims outlive containerd (a restart must not end its
+		// containers); a test that failed half way leaves some. Their
+		// VMs die with them, so what is left is reported, then ended.
+		if shims := pidsOf("containerd-shim-mvm-v2", "-address "+c.sock); len(shims) > 0 {
+			t.Errorf("shims left running: %v", shims)
+			for _, pid := range shims {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+			waitFor(15*time.Second, func() bool { return len(c.vmms()) == 0 })
+		}
 		c.assertClean()
 		if ms := c.mounts(); len(ms) > 0 {
 			t.Errorf("mounts left under containerd's directories: %v", ms)
