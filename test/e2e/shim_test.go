@@ -118,7 +118,9 @@ state = %q
 		// Shims outlive containerd (a restart must not end its
 		// containers); a test that failed half way leaves some. Their
 		// VMs die with them, so what is left is reported, then ended.
-		if shims := pidsOf("containerd-shim-mvm-v2", "-address "+c.sock); len(shims) > 0 {
+		var shims []int
+		waitFor(5*time.Second, func() bool { shims = pidsOf("containerd-shim-mvm-v2", "-address "+c.sock); return len(shims) == 0 })
+		if len(shims) > 0 {
 			t.Errorf("shims left running: %v", shims)
 			for _, pid := range shims {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
