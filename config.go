@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -69,6 +70,19 @@ type Config struct {
 	// two. The template itself is never modified: the guest's root is an
 	// overlay of it whose writable layer is thrown away at Close.
 	Template, Image string
+	// RootDir does the same for a directory of the host: its tree is
+	// written as a disk image at every Start (tens of milliseconds for a
+	// small image) and shared, with the snapshots made of it, by every
+	// run of the same content. Owners, modes and times are kept, but for
+	// the root directory's own times, which say when a mount point was
+	// made (the guest sees 1970). It is how a container runtime's mounted
+	// root (containerd's snapshotter) becomes the VM's.
+	RootDir string
+	// RootDigest names a tree a RootDir run wrote, by its digest
+	// (Template.Digest, "sha256:HEX"): the same root from the cache,
+	// without the directory and without writing it again. At most one of
+	// Template, Image, RootDir and RootDigest.
+	RootDigest string
 	// RootSpace is how much the guest may write into its root (on top of
 	// a template) before the filesystem is full: 0 means
 	// DefaultRootSpace. The layer is a sparse file that costs host disk
@@ -212,6 +226,22 @@ func resolve(cfg Config) (resolved, error) {
 	if cfg.Template != "" && cfg.Image != "" {
 		return r, invalid("Template", "", "give a template or an image, not both")
 	}
+	if cfg.RootDigest != "" && (cfg.Template != "" || cfg.Image != "" || cfg.RootDir != "") {
+		return r, invalid("RootDigest", cfg.RootDigest, "give one of a template, an image, a root directory and a root digest")
+	}
+	if cfg.RootDir != "" {
+		if cfg.Template != "" || cfg.Image != "" {
+			return r, invalid("RootDir", cfg.RootDir, "give one of a template, an image, a root directory and a root digest")
+		}
+		if fi, err := os.Stat(cfg.RootDir); err != nil {
+			return r, &RequestError{Field: "RootDir", Value: cfg.RootDir, Err: err}
+		} else if !fi.IsDir() {
+			return r, invalid("RootDir", cfg.RootDir, "not a directory")
+		}
+		if r.RootDir, err = filepath.Abs(cfg.RootDir); err != nil {
+			return r, &RequestError{Field: "RootDir", Value: cfg.RootDir, Err: err}
+		}
+	}
 	if cfg.Template != "" {
 		if err := template.CheckName(cfg.Template); err != nil {
 			return r, &RequestError{Field: "Template", Err: err}
@@ -284,13 +314,20 @@ func fillDirs(cfg *Config) error {
 }
 
 // onTemplate: the root is a template's (or an image's).
-func (r resolved) onTemplate() bool { return r.Template != "" || r.Image != "" }
+func (r resolved) onTemplate() bool {
+	return r.Template != "" || r.Image != "" || r.RootDir != "" || r.RootDigest != ""
+}
 
 // rootName names the root in records: the template or image reference,
 // "" for the default image.
 func (r resolved) rootName() string {
-	if r.Template != "" {
+	switch {
+	case r.Template != "":
 		return r.Template
+	case r.RootDir != "":
+		return r.RootDir
+	case r.RootDigest != "":
+		return r.RootDigest
 	}
 	return r.Image
 }

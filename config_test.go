@@ -2,6 +2,7 @@ package mvm
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
@@ -122,6 +123,39 @@ func TestConfigEnvValidate(t *testing.T) {
 			t.Errorf("Env %q: %v", c.env, err)
 		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrInvalid)):
 			t.Errorf("Env %q: %v, want %q (ErrInvalid)", c.env, err, c.want)
+		}
+	}
+}
+
+// TestConfigRootValidate: a root directory must be one, and at most one of
+// the ways to name a root is given.
+func TestConfigRootValidate(t *testing.T) {
+	dir := t.TempDir()
+	file := dir + "/f"
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	digest := "sha256:" + strings.Repeat("a", 64)
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{RootDir: dir}, ""},
+		{Config{RootDigest: digest}, ""},
+		{Config{RootDir: dir + "/nonexistent"}, "RootDir"},
+		{Config{RootDir: file}, "not a directory"},
+		{Config{RootDir: dir, Template: "t"}, "give one of"},
+		{Config{RootDir: dir, Image: "busybox"}, "give one of"},
+		{Config{RootDigest: digest, RootDir: dir}, "RootDigest"},
+		{Config{RootDigest: digest, Template: "t"}, "RootDigest"},
+	} {
+		c.cfg.Accel = AccelTCG
+		err := c.cfg.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("%+v: %v", c.cfg, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrInvalid) && !errors.Is(err, os.ErrNotExist)):
+			t.Errorf("%+v: %v, want %q", c.cfg, err, c.want)
 		}
 	}
 }

@@ -68,11 +68,18 @@ func (sb *Sandbox) MissingSnapshot() (Config, bool) {
 		return Config{}, false
 	}
 	c := sb.cfg.Config
-	return Config{
+	heal := Config{
 		CPUs: c.CPUs, Memory: c.Memory, Accel: c.Accel, Kernel: c.Kernel, KernelArgs: c.KernelArgs,
-		Template: c.Template, Image: c.Image,
+		Template: c.Template, Image: c.Image, RootDigest: c.RootDigest,
 		CacheDir: c.CacheDir, StateDir: c.StateDir, RunDir: c.RunDir, DataDir: c.DataDir,
-	}, true
+	}
+	if c.RootDir != "" && sb.root != nil {
+		// The directory may be gone by the time the snapshot is made
+		// (a container's root, unmounted at its delete); its tree is
+		// in the cache.
+		heal.RootDigest = sb.root.lease.Template.Digest
+	}
+	return heal, true
 }
 
 // HealSnapshot makes the snapshot cfg's machine configuration lacks, as
@@ -230,6 +237,10 @@ func describeMachine(cfg Config) string {
 		what = "template " + cfg.Template
 	case cfg.Image != "":
 		what = "image " + cfg.Image
+	case cfg.RootDir != "":
+		what = "root directory " + cfg.RootDir
+	case cfg.RootDigest != "":
+		what = "tree " + cfg.RootDigest
 	}
 	cpus := cfg.CPUs
 	if cpus == 0 {

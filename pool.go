@@ -210,6 +210,8 @@ func poolShapeOf(r resolved) (shape, why string) {
 		return "", "a test backend"
 	case r.Image != "":
 		return "", "an image reference (a template made from it can be pooled)"
+	case r.RootDir != "", r.RootDigest != "":
+		return "", "a root directory"
 	case len(r.Dirs) > 0:
 		return "", "shared directories"
 	case r.Network != nil:

@@ -615,6 +615,14 @@ func (sb *Sandbox) privateMemory() int64 {
 // commands included.
 func (sb *Sandbox) Timings() []Timing { return sb.life.Timings() }
 
+// Restored reports whether the sandbox's machine was restored from a
+// snapshot by this process, not booted (or taken from the pool).
+func (sb *Sandbox) Restored() bool {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	return sb.restored
+}
+
 // keepConsole moves the console log of a failed run to the state
 // directory's logs/ and prunes old ones. It returns the kept path.
 func (sb *Sandbox) keepConsole() string {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/template"
@@ -80,6 +81,22 @@ func openTemplate(ctx context.Context, r resolved) (*template.Lease, *template.S
 			r.ImageProgress(p)
 		}
 	}
+	if r.RootDigest != "" {
+		l, err := st.UseTree(r.RootDigest)
+		if err != nil {
+			return nil, nil, fmt.Errorf("root digest: %w", err)
+		}
+		return l, st, nil
+	}
+	if r.RootDir != "" {
+		start := time.Now()
+		l, err := st.UseDir(ctx, r.RootDir, opts)
+		if err != nil {
+			return nil, nil, fmt.Errorf("root directory %s: %w", r.RootDir, err)
+		}
+		r.Logger.Debug("root directory written", "dir", r.RootDir, "revision", l.Template.Revision, "took", time.Since(start))
+		return l, st, nil
+	}
 	l, err := st.UseImage(ctx, r.Image, opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("image %s: %w", r.Image, err)
@@ -96,7 +113,7 @@ func LookupTemplate(ctx context.Context, cfg Config) (*Template, error) {
 	if err != nil {
 		return nil, err
 	}
-	if r.Template == "" && r.Image == "" {
+	if !r.onTemplate() {
 		return nil, invalid("Template", "", "no template or image in the configuration")
 	}
 	l, _, err := openTemplate(ctx, r)

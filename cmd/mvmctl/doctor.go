@@ -11,6 +11,7 @@ import (
 
 	"github.com/mvm-sh/mvm"
 	"github.com/mvm-sh/mvm/internal/doctor"
+	"github.com/mvm-sh/mvm/internal/healproc"
 )
 
 // exitDoctorFailed is doctor's status when a check failed: mvmctl exec
@@ -53,7 +54,7 @@ docs/doctor.md for its fields).`,
 			if b, err := mvm.SnapshotBudget(); err == nil {
 				h.SnapshotBudget = b
 			}
-			h.AutoSnapshot = !autoSnapshotOff()
+			h.AutoSnapshot = !healproc.Off()
 			h.HealLog = mvm.HealLog(mvm.Config{})
 			if st, err := mvm.PoolStatusOf(cmd.Context(), mvm.Config{}); err == nil {
 				h.PoolRunning = true

@@ -4,15 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
-	"strings"
-	"syscall"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/mvm-sh/mvm"
+	"github.com/mvm-sh/mvm/internal/healproc"
 )
 
 // A run that booted for want of a snapshot leaves one for the next run:
@@ -22,46 +18,18 @@ import (
 // boots a fresh VM (nothing the run's command touched) and saves it, one
 // at a time per configuration; what it did goes to the heal log.
 
-// autoSnapshotOff reports whether MVM_NO_AUTO_SNAPSHOT turns the healing
-// off (any value but "", "0" and "false").
-func autoSnapshotOff() bool {
-	v := strings.TrimSpace(os.Getenv("MVM_NO_AUTO_SNAPSHOT"))
-	return v != "" && v != "0" && !strings.EqualFold(v, "false")
-}
-
 // spawnHeal starts the detached healer for cfg. Failing to start it only
 // costs the next run its restore, so errors are logged, not returned.
 func spawnHeal(g *globalOptions, cfg mvm.Config) {
-	if autoSnapshotOff() {
+	if healproc.Off() {
 		return
 	}
-	spec, err := json.Marshal(cfg)
+	pid, err := healproc.Spawn(cfg, "snapshot-heal")
 	if err != nil {
 		g.log.Debug("no snapshot made after the run", "err", err)
 		return
 	}
-	self, err := os.Executable()
-	if err != nil {
-		g.log.Debug("no snapshot made after the run", "err", err)
-		return
-	}
-	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
-	if err != nil {
-		g.log.Debug("no snapshot made after the run", "err", err)
-		return
-	}
-	defer devnull.Close()
-	h := exec.Command(self, "snapshot-heal", "--config", string(spec))
-	// Not the run's stdout or stderr: a pipe the user reads would stay
-	// open until the healer ends.
-	h.Stdin, h.Stdout, h.Stderr = devnull, devnull, devnull
-	h.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := h.Start(); err != nil {
-		g.log.Debug("no snapshot made after the run", "err", err)
-		return
-	}
-	g.log.Debug("making the missing snapshot in the background", "pid", h.Process.Pid, "log", mvm.HealLog(cfg))
-	_ = h.Process.Release()
+	g.log.Debug("making the missing snapshot in the background", "pid", pid, "log", mvm.HealLog(cfg))
 }
 
 func newSnapshotHealCommand(g *globalOptions) *cobra.Command {
@@ -75,7 +43,7 @@ func newSnapshotHealCommand(g *globalOptions) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Below everything the user runs: the VM it boots is only
 			// for the next run.
-			_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 19)
+			healproc.Lower()
 			var cfg mvm.Config
 			if err := json.Unmarshal([]byte(spec), &cfg); err != nil {
 				return &exitError{code: exitFailure, err: fmt.Errorf("--config: %w", err)}

@@ -49,7 +49,6 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/mvm-sh/mvm"
-	"github.com/mvm-sh/mvm/internal/template"
 	"github.com/mvm-sh/mvm/internal/xdg"
 )
 
@@ -80,7 +79,7 @@ type Service struct {
 type container struct {
 	id, bundle string
 	spec       *specs.Spec
-	tmpl       string              // the owner's template (the VM's root)
+	rootDigest string              // the owner's root tree, written (mvm.Config.RootDigest)
 	member     bool                // a pod's container, in its own root in the VM
 	root       string              // a member's root in the VM, once copied
 	procs      map[string]*process // "" is the init process
@@ -269,26 +268,10 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	if err := mount.UnmountAll(filepath.Join(cwd, "rootfs"), 0); err != nil {
 		s.log.Warn("unmount the rootfs", "err", err)
 	}
-	removeTemplate(templateName(s.id, cwd))
 	// The VM's run directory, which its dead owner could not remove:
 	// reclaimed once its VMM, which dies with the shim, is gone too.
 	reclaimVM(s.log, vmName(s.id))
 	return &taskAPI.DeleteResponse{ExitedAt: protobuf.ToTimestamp(time.Now()), ExitStatus: 128 + uint32(syscall.SIGKILL)}, nil
-}
-
-// templateName names the container's template: unique per bundle.
-func templateName(id, bundle string) string {
-	h := sha256.Sum256([]byte(id + "\x00" + bundle))
-	return "ctr-" + hex.EncodeToString(h[:8])
-}
-
-func removeTemplate(name string) {
-	c := dirs()
-	st, err := template.Open(c.DataDir, c.CacheDir)
-	if err != nil {
-		return
-	}
-	_ = st.Remove(name)
 }
 
 // Create mounts the rootfs and, for the VM's owner, makes the
@@ -344,18 +327,18 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}()
 	}
 	if !c.member {
-		name := templateName(r.ID, r.Bundle)
+		// Written now (an early error, and Start only boots): the
+		// image is content-addressed, so a container of an image run
+		// before shares its file and its snapshot.
 		cfg := dirs()
-		st, err := template.Open(cfg.DataDir, cfg.CacheDir)
-		if err != nil {
-			return nil, err
-		}
+		cfg.RootDir = rootfs
 		start := time.Now()
-		if _, err := st.Create(ctx, name, template.Spec{Dir: rootfs}, template.Options{}); err != nil {
+		t, err := mvm.LookupTemplate(ctx, cfg)
+		if err != nil {
 			return nil, fmt.Errorf("the container's root filesystem: %w", err)
 		}
-		s.log.Info("rootfs written", "container", r.ID, "template", name, "took", time.Since(start))
-		c.tmpl = name
+		s.log.Info("rootfs written", "container", r.ID, "digest", t.Digest, "took", time.Since(start))
+		c.rootDigest = t.Digest
 	}
 	c.procs[""] = s.newProcess("", spec.Process, r.Stdin, r.Stdout, r.Stderr, r.Terminal)
 	s.containers[r.ID] = c
@@ -446,11 +429,17 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if r.ExecID == "" && !c.member {
 		cpus, memory := shape(c.spec)
 		cfg := dirs()
-		cfg.Template, cfg.CPUs, cfg.Memory, cfg.Name = c.tmpl, cpus, memory, vmName(c.id)
+		cfg.RootDigest, cfg.CPUs, cfg.Memory, cfg.Name = c.rootDigest, cpus, memory, vmName(c.id)
+		start := time.Now()
 		sb, err := mvm.Start(context.WithoutCancel(ctx), cfg)
 		if err != nil {
 			return nil, err
 		}
+		how := "booted"
+		if sb.Restored() {
+			how = "restored"
+		}
+		s.log.Info("vm started", "container", c.id, "how", how, "took", time.Since(start))
 		if memory == 0 {
 			memory = mvm.DefaultMemory
 		}
@@ -754,13 +743,14 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	s.mu.Unlock()
 	if r.ExecID == "" {
 		if sb != nil {
+			heal, missing := sb.MissingSnapshot()
 			_, _ = sb.Close(context.Background())
+			if missing {
+				s.spawnHeal(heal)
+			}
 		}
 		if err := mount.UnmountAll(filepath.Join(c.bundle, "rootfs"), 0); err != nil {
 			s.log.Warn("unmount the rootfs", "container", c.id, "err", err)
-		}
-		if c.tmpl != "" {
-			removeTemplate(c.tmpl)
 		}
 		s.publish(ctx, "/tasks/delete", &eventstypes.TaskDelete{ContainerID: c.id, Pid: p.pid, ExitStatus: p.status, ExitedAt: protobuf.ToTimestamp(p.exitedAt)})
 	}

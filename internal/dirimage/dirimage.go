@@ -53,6 +53,12 @@ type Options struct {
 	// change times aside), whether the tree came from a host directory
 	// or a Builder, and costs a hash of the content.
 	Digest bool
+	// RootTime, when set, is the root directory's time (access,
+	// modification, change) instead of the directory's own. A container
+	// runtime's mount of an image has a root that was made with the mount
+	// (an overlay's upper directory): its time is when, not what, and
+	// would give every container of one image a tree of its own.
+	RootTime *time.Time
 }
 
 // sizeFor picks an image size for a tree: its blocks, inode tables and
@@ -80,6 +86,10 @@ func BuildDir(ctx context.Context, dir, img string, o Options) (Stats, error) {
 	t, err := scan(ctx, dir)
 	if err != nil {
 		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)
+	}
+	if o.RootTime != nil {
+		ts := timespec(*o.RootTime)
+		t.nodes[0].atime, t.nodes[0].mtime, t.nodes[0].ctime = ts, ts, ts
 	}
 	if err := t.write(ctx, img, o); err != nil {
 		return Stats{}, fmt.Errorf("build image of %s: %w", dir, err)

@@ -202,7 +202,7 @@ func (s *Store) build(ctx context.Context, w *work, sp Spec, o Options) (*Templa
 	case sp.Debian != nil:
 		t, l, err = s.debianImage(ctx, w, *sp.Debian, o)
 	case sp.Dir != "":
-		t, l, err = s.dirImage(ctx, w, sp.Dir, o)
+		t, l, err = s.dirImage(ctx, w, sp.Dir, nil, o)
 	default:
 		t, l, err = s.prebuiltImage(ctx, w, sp.Rootfs, o)
 	}
@@ -370,8 +370,9 @@ func sealFile(p string) (os.FileInfo, error) {
 	return f.Stat()
 }
 
-// dirImage writes a host tree as an image.
-func (s *Store) dirImage(ctx context.Context, w *work, dir string, o Options) (*Template, *flock, error) {
+// dirImage writes a host tree as an image; rootTime, when set, replaces
+// the root directory's times (see dirimage.Options.RootTime).
+func (s *Store) dirImage(ctx context.Context, w *work, dir string, rootTime *time.Time, o Options) (*Template, *flock, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, nil, err
@@ -382,9 +383,9 @@ func (s *Store) dirImage(ctx context.Context, w *work, dir string, o Options) (*
 		return nil, nil, err
 	}
 	img := filepath.Join(obj, kindImage.file)
-	st, err := dirimage.BuildDir(ctx, abs, img, dirimage.Options{Label: RootfsLabel, Digest: true})
+	st, err := dirimage.BuildDir(ctx, abs, img, dirimage.Options{Label: RootfsLabel, Digest: true, RootTime: rootTime})
 	if err != nil {
-		return nil, nil, fmt.Errorf("--from-dir: %w", err)
+		return nil, nil, fmt.Errorf("the tree of %s: %w", abs, err)
 	}
 	t := &Template{Source: Source{Kind: "dir", Ref: abs}}
 	l, err := s.commitFile(kindImage, st.Digest, obj, img, t)
@@ -587,6 +588,66 @@ func (s *Store) UseImage(ctx context.Context, refStr string, o Options) (*Lease,
 	}
 	s.fill(t)
 	return &Lease{Template: t, locks: []*flock{l}}, nil
+}
+
+// UseDir returns the implicit template of a directory's tree, leased
+// (see Use): the tree is written as an image every time (that is how its
+// digest is known), and the image, the template's revision and so what is
+// keyed by it, its snapshots, are shared by every use of the same
+// content. The root directory's own times are not kept (the guest sees
+// 1970): they say when a mount point was made, not what it holds. It is how a container's root that a runtime mounted on the
+// host (containerd's snapshotter) becomes a VM's root. Prune removes it.
+func (s *Store) UseDir(ctx context.Context, dir string, o Options) (*Lease, error) {
+	w, err := s.newWork()
+	if err != nil {
+		return nil, err
+	}
+	defer w.remove()
+	// The root directory is a mount point (a runtime's overlay, whose
+	// upper directory is new): its times are not the tree's.
+	epoch := time.Unix(0, 0)
+	t, l, err := s.dirImage(ctx, w, dir, &epoch, o)
+	if err != nil {
+		return nil, err
+	}
+	t.Revision = "tree-" + digestHex(t.Digest)[:24]
+	t.Created = time.Now().UTC()
+	if err := writeRecord(s.treeRecord(t.Digest), t); err != nil {
+		s.log().Warn("implicit template not recorded", "dir", dir, "err", err)
+	}
+	s.fill(t)
+	return &Lease{Template: t, locks: []*flock{l}}, nil
+}
+
+func (s *Store) treeRecord(digest string) string {
+	h := sha256.Sum256([]byte("tree " + digest))
+	return filepath.Join(s.cache, "refs", hex.EncodeToString(h[:])+".json")
+}
+
+// UseTree returns, leased, the implicit template UseDir made of a tree
+// whose digest (Template.Digest) is digest, without the directory: what
+// starts more VMs of a tree written once, or makes its snapshot after the
+// directory is gone. ErrNotFound if it is not in the cache (pruned, or
+// never written).
+func (s *Store) UseTree(digest string) (*Lease, error) {
+	if !validDigest(digest) {
+		return nil, fmt.Errorf("%w: tree digest %q: want sha256:HEX", ErrInvalidName, digest)
+	}
+	t, err := s.readRecord(s.treeRecord(digest), digest)
+	if err == nil && t.Digest != digest {
+		err = fmt.Errorf("%w %s: it is of %s", ErrCorrupt, s.treeRecord(digest), t.Digest)
+	}
+	if err != nil {
+		return nil, err
+	}
+	l, ok, err := s.useAll(t)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w: the tree %s: its image is gone from %s", ErrNotFound, short(digest), s.cache)
+	}
+	return l, nil
 }
 
 func short(d string) string {

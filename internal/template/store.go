@@ -453,8 +453,8 @@ func syncDir(dir string) error {
 }
 
 // revisionRE matches what newRevision makes, and the revisions of
-// implicit templates (named by their image).
-var revisionRE = regexp.MustCompile(`^(image-)?[0-9a-f]{24}$`)
+// implicit templates (named by their image's or their tree's digest).
+var revisionRE = regexp.MustCompile(`^(image-|tree-)?[0-9a-f]{24}$`)
 
 func newRevision() string {
 	var b [12]byte

@@ -744,3 +744,73 @@ func TestCorruptRevision(t *testing.T) {
 		t.Errorf("another revision's snapshots went: %v", err)
 	}
 }
+
+// TestUseDirAndTree: two directories with the same tree, made at
+// different times (two mounts of one image), give one template revision
+// and one image; another tree another; UseTree finds a tree by its digest
+// without the directory, and Prune removes them.
+func TestUseDirAndTree(t *testing.T) {
+	s := newStore(t)
+	mk := func(content string, mtime time.Time) string {
+		d := t.TempDir()
+		if err := os.WriteFile(filepath.Join(d, "hostname"), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(filepath.Join(d, "hostname"), time.Unix(1e9, 0), time.Unix(1e9, 0)); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(d, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	ctx := context.Background()
+	use := func(dir string) *Template {
+		t.Helper()
+		l, err := s.UseDir(ctx, dir, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.Release()
+		return l.Template
+	}
+	a := use(mk("one\n", time.Unix(2e9, 0)))
+	b := use(mk("one\n", time.Unix(2e9+77, 0)))
+	c := use(mk("two\n", time.Unix(2e9, 0)))
+	if !a.Implicit() || !strings.HasPrefix(a.Revision, "tree-") || a.Source.Kind != "dir" {
+		t.Errorf("template %+v", a)
+	}
+	if b.Revision != a.Revision || b.Digest != a.Digest || b.Rootfs.Path != a.Rootfs.Path {
+		t.Errorf("the same tree, another root time: %+v and %+v", a, b)
+	}
+	if c.Revision == a.Revision || c.Digest == a.Digest {
+		t.Errorf("another tree, the same revision: %+v and %+v", a, c)
+	}
+	got, err := ocitest.DescribeImage(a.Rootfs.Path)
+	if err != nil || !strings.Contains(got["hostname"], `"one\n"`) {
+		t.Errorf("hostname in the image: %q %v", got["hostname"], err)
+	}
+	fsck(t, a.Rootfs.Path)
+	l, err := s.UseTree(a.Digest)
+	if err != nil || l.Template.Revision != a.Revision || !exists(l.Template.Rootfs.Path) {
+		t.Fatalf("UseTree: %v %v", l, err)
+	}
+	l.Release()
+	for _, d := range []string{"sha256:" + strings.Repeat("0", 64), "sha256:XYZ", "../../etc", ""} {
+		if _, err := s.UseTree(d); err == nil {
+			t.Errorf("UseTree(%q) found a tree", d)
+		}
+	}
+	if _, err := s.UseTree("sha256:" + strings.Repeat("0", 64)); !errors.Is(err, ErrNotFound) {
+		t.Errorf("UseTree of an unknown tree: %v", err)
+	}
+	if imps, _ := s.ListImplicit(); len(imps) != 2 {
+		t.Errorf("implicit templates: %d, want 2", len(imps))
+	}
+	if st, err := s.Prune(); err != nil || st.Implicit != 2 || st.Images != 2 {
+		t.Errorf("prune: %+v %v", st, err)
+	}
+	if _, err := s.UseTree(a.Digest); !errors.Is(err, ErrNotFound) {
+		t.Errorf("UseTree after prune: %v", err)
+	}
+}

@@ -212,7 +212,7 @@ func TestShimPod(t *testing.T) {
 	if !waitFor(15*time.Second, func() bool { return len(c.vmms()) == 0 }) {
 		t.Fatalf("VMMs after RemovePodSandbox: %v", c.vmms())
 	}
-	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
+	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "*.json")); len(ts) != 0 {
 		t.Errorf("templates left: %v", ts)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -42,8 +43,10 @@ func startContainerd(t *testing.T) *ctrd {
 // startContainerdWith starts containerd, with its CRI plugin when cri is
 // set: the runtime handler "mvm" is io.containerd.mvm.v2, the sandbox
 // image docker.io/library/mvmtest-pause:1 (see importPause), and there is
-// no CNI (pods share the host's network).
-func startContainerdWith(t *testing.T, cri bool) *ctrd {
+// no CNI (pods share the host's network). The shims make no snapshots
+// (their healers would outlive the test's checks) unless env, extra
+// variables of containerd's (and so the shims'), turns it on.
+func startContainerdWith(t *testing.T, cri bool, env ...string) *ctrd {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root on the host: containerd mounts the containers' root filesystems")
@@ -99,7 +102,8 @@ state = %q
 		t.Fatal(err)
 	}
 	c.cmd = exec.Command(bin, "--config", filepath.Join(dir, "config.toml"))
-	c.cmd.Env = append(c.environ("MVM_DATA_DIR="+filepath.Join(dir, "data")), "PATH="+filepath.Dir(shimBin)+":"+os.Getenv("PATH"))
+	c.cmd.Env = append(c.environ("MVM_DATA_DIR="+filepath.Join(dir, "data"), "MVM_NO_AUTO_SNAPSHOT=1"), "PATH="+filepath.Dir(shimBin)+":"+os.Getenv("PATH"))
+	c.cmd.Env = append(c.cmd.Env, env...)
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -195,6 +199,12 @@ func (c *ctrd) importImage(t *testing.T) string {
 
 func (c *ctrd) importAs(t *testing.T, ref string, cfg v1.Config) string {
 	t.Helper()
+	return c.importMarked(t, ref, cfg, "shim\n")
+}
+
+// importMarked imports the test image with marker as /marker.
+func (c *ctrd) importMarked(t *testing.T, ref string, cfg v1.Config, marker string) string {
+	t.Helper()
 	// The test image's first layer and a marker (its second layer has
 	// a hard link across layers, which containerd's unpacker refuses).
 	base, err := busyboxLayer()
@@ -202,7 +212,7 @@ func (c *ctrd) importAs(t *testing.T, ref string, cfg v1.Config) string {
 		t.Fatal(err)
 	}
 	img := ocitest.Image(cfg, "amd64",
-		ocitest.Layer(base, compression.GZip), ocitest.Layer(ocitest.Tar(ocitest.File("marker", "shim\n", 0o644, 0, 0)), compression.GZip))
+		ocitest.Layer(base, compression.GZip), ocitest.Layer(ocitest.Tar(ocitest.File("marker", marker, 0o644, 0, 0)), compression.GZip))
 	archive := filepath.Join(c.dir, "image.tar")
 	if err := ocitest.WriteDockerArchive(archive, img, ref); err != nil {
 		t.Fatal(err)
@@ -307,7 +317,7 @@ func TestShimTaskLifecycle(t *testing.T) {
 	if !waitFor(10*time.Second, func() bool { return len(c.vmms()) == 0 }) {
 		t.Fatalf("VMMs after delete: %v", c.vmms())
 	}
-	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
+	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "*.json")); len(ts) != 0 {
 		t.Errorf("templates left after delete: %v", ts)
 	}
 }
@@ -426,7 +436,7 @@ func TestShimKilled(t *testing.T) {
 	if r := c.ctr(nil, "container", "delete", "victim"); r.code != 0 {
 		t.Fatalf("container delete: %s", r)
 	}
-	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "ctr-*")); len(ts) != 0 {
+	if ts, _ := filepath.Glob(filepath.Join(c.dir, "data", "templates", "*.json")); len(ts) != 0 {
 		t.Errorf("templates left: %v", ts)
 	}
 	// The dead VM's run directory goes with containerd's cleanup of the
@@ -435,6 +445,57 @@ func TestShimKilled(t *testing.T) {
 		d, _ := os.ReadDir(c.runDir)
 		t.Errorf("run directories after the cleanup: %v", d)
 	}
+}
+
+// TestShimSnapshot: the first container of an image boots its VM and,
+// once deleted, leaves a snapshot of the image's root (made by a healer
+// that outlives the shim, from the cache: the container's mount is gone
+// by then); the next container of the image restores it, with the same
+// bytes and exit code, fresh (its own boot id), and nothing of the first
+// container's writes in it.
+func TestShimSnapshot(t *testing.T) {
+	c := startContainerdWith(t, false, "MVM_NO_AUTO_SNAPSHOT=")
+	// An image of its own: its root has no snapshot yet, whatever ran
+	// before in this cache.
+	ref := c.importMarked(t, "docker.io/library/mvmtest-snap:1", v1.Config{Env: []string{"PATH=/bin"}}, fmt.Sprintf("snap %d\n", time.Now().UnixNano()))
+	logf := filepath.Join(c.dir, "containerd.log")
+	script := `cat /proc/sys/kernel/random/boot_id; ls /tmp; echo left > /tmp/first; exit 7`
+	first := c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", ref, "snap1", "sh", "-c", script)
+	if first.code != 7 || len(bytes.Split(bytes.TrimSpace(first.stdout), []byte("\n"))) != 1 {
+		t.Fatalf("first run: %s", first)
+	}
+	b, _ := os.ReadFile(logf)
+	m := regexp.MustCompile(`container=snap1 digest=(sha256:[0-9a-f]{64})`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("the shim did not log the root's digest: %s", tail(string(b)))
+	}
+	healLog := filepath.Join(cacheDir, "snapshots", "heal.log")
+	made := func() bool {
+		b, _ := os.ReadFile(healLog)
+		return bytes.Contains(b, []byte("(tree "+string(m[1])+", "))
+	}
+	// The healer boots and saves a VM under TCG: seconds. Its VM runs in
+	// this test's run directory.
+	if !waitFor(90*time.Second, func() bool { return made() && len(c.vmms()) == 0 }) {
+		b, _ := os.ReadFile(healLog)
+		t.Fatalf("no snapshot made after the first container (VMMs %v); heal log:\n%s", c.vmms(), tail(string(b)))
+	}
+	b, _ = os.ReadFile(logf)
+	if !bytes.Contains(b, []byte(`container=snap1 how=booted`)) {
+		t.Fatalf("the first container's VM did not boot: %s", tail(string(b)))
+	}
+	second := c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2", ref, "snap2", "sh", "-c", script)
+	if second.code != 7 || len(bytes.Split(bytes.TrimSpace(second.stdout), []byte("\n"))) != 1 {
+		t.Fatalf("second run (the first's file must not be there): %s", second)
+	}
+	if bytes.Equal(first.stdout, second.stdout) {
+		t.Fatalf("the restored VM has the first VM's boot id: %q", second.stdout)
+	}
+	b, _ = os.ReadFile(logf)
+	if !bytes.Contains(b, []byte(`container=snap2 how=restored`)) {
+		t.Fatalf("the second container's VM did not restore: %s", tail(string(b)))
+	}
+	t.Logf("first run %s (booted), second %s (restored)", first.elapsed.Round(time.Millisecond), second.elapsed.Round(time.Millisecond))
 }
 
 // pidsOf lists the processes whose command line has name and args.
