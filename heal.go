@@ -70,7 +70,7 @@ func (sb *Sandbox) MissingSnapshot() (Config, bool) {
 	c := sb.cfg.Config
 	heal := Config{
 		CPUs: c.CPUs, Memory: c.Memory, Accel: c.Accel, Kernel: c.Kernel, KernelArgs: c.KernelArgs,
-		Template: c.Template, Image: c.Image, RootDigest: c.RootDigest,
+		Template: c.Template, Image: c.Image, RootDigest: c.RootDigest, RootSpace: c.RootSpace,
 		CacheDir: c.CacheDir, StateDir: c.StateDir, RunDir: c.RunDir, DataDir: c.DataDir,
 	}
 	if c.RootDir != "" && sb.root != nil {

@@ -85,6 +85,7 @@ type Sandbox struct {
 	pingEvery, pingTimeout time.Duration
 
 	restored      bool              // the machine came from a snapshot
+	rootMounted   bool              // ... whose guest had the template's root mounted
 	snap          *snapshot.Checked // the snapshot it came from
 	snapDiscarded bool              // this run discarded it
 	healWanted    bool              // it booted for want of a snapshot its configuration could have (MissingSnapshot)
@@ -305,7 +306,7 @@ func (sb *Sandbox) connect(ctx context.Context) (undoFunc, error) {
 	}
 	_ = sb.stopVM(ctx)
 	sb.discard(sb.snap, "restored into a guest that did not answer", err)
-	sb.restored, sb.snap, sb.client, sb.hello = false, nil, nil, nil
+	sb.restored, sb.rootMounted, sb.snap, sb.client, sb.hello = false, false, nil, nil, nil
 	if _, err := sb.coldBoot(ctx); err != nil {
 		return nil, err
 	}
@@ -383,7 +384,7 @@ func (sb *Sandbox) mount(ctx context.Context) (undoFunc, error) {
 		return nil, &VMError{Op: "mount", Err: fmt.Errorf("the guest agent (%s) cannot configure a network", sb.hello.AgentVersion)}
 	}
 	call := func(ctx context.Context) error {
-		if r := sb.root; r != nil {
+		if r := sb.root; r != nil && !sb.rootMounted {
 			if err := sb.client.Root(ctx, agentclient.Root{Template: r.lowerLabel, Upper: rootLabel}); err != nil {
 				return fmt.Errorf("template root: %w", err)
 			}

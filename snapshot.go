@@ -13,6 +13,7 @@ import (
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
 	"github.com/mvm-sh/mvm/internal/devices"
+	"github.com/mvm-sh/mvm/internal/dirimage"
 	"github.com/mvm-sh/mvm/internal/diskusage"
 	"github.com/mvm-sh/mvm/internal/snapshot"
 )
@@ -60,6 +61,7 @@ func (sb *Sandbox) snapshotKey(ctx context.Context) (string, error) {
 	if sb.root != nil {
 		t := sb.root.lease.Template
 		p.Template = t.Revision + " " + t.Digest + " " + t.Rootfs.Digest
+		p.Root = sb.rootLayerSize()
 	}
 	return snapshot.Key(p)
 }
@@ -118,7 +120,19 @@ func (sb *Sandbox) snapshot(ctx context.Context) (c *snapshot.Checked, unlock fu
 // restore starts the machine from the snapshot, with the run's disks in
 // the snapshot's drive slots.
 func (sb *Sandbox) restore(ctx context.Context, c *snapshot.Checked) (backend.Machine, error) {
-	drives, err := slotDrives(sb.root, sb.dirs, c.Placeholder(), sb.vmDir, 0)
+	root := sb.root
+	if saved := c.Root(); saved != "" && root != nil {
+		// The saved guest has the root mounted: its writable layer is
+		// a copy of the one it had, in a file of its own (the run's
+		// fresh layer stays for a cold boot, should the restore fail).
+		r := *root
+		r.upper = filepath.Join(filepath.Dir(root.upper), "root-restored.img")
+		if err := snapshot.CopyRoot(saved, r.upper); err != nil {
+			return nil, err
+		}
+		root = &r
+	}
+	drives, err := slotDrives(root, sb.dirs, c.Placeholder(), sb.vmDir, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -127,6 +141,7 @@ func (sb *Sandbox) restore(ctx context.Context, c *snapshot.Checked) (backend.Ma
 		return nil, err
 	}
 	sb.restored, sb.snap, sb.drives = true, c, drives
+	sb.rootMounted = root != sb.root
 	return m, nil
 }
 
@@ -236,6 +251,14 @@ func (sb *Sandbox) beginSnapshot(ctx context.Context) (undoFunc, error) {
 // snapshot.PlaceholderSize (the template's disk in its own), as the guest
 // must learn them.
 func (sb *Sandbox) bootForSnapshot(ctx context.Context) (undoFunc, error) {
+	if sb.root != nil {
+		// A template's root is mounted before the save, on a layer
+		// the snapshot keeps: a restored run starts with its root.
+		sb.root.upper = sb.saving.Root()
+		if err := dirimage.Scratch(ctx, sb.root.upper, sb.rootLayerSize(), rootLabel); err != nil {
+			return nil, err
+		}
+	}
 	drives, err := slotDrives(sb.root, nil, sb.saving.Placeholder(), sb.vmDir, snapshot.PlaceholderSize)
 	if err != nil {
 		return nil, err
@@ -282,6 +305,19 @@ func (sb *Sandbox) quiesce(ctx context.Context) (undoFunc, error) {
 	}
 	if st, err := p.Wait(hctx); err != nil || st.Code != 0 {
 		return nil, fmt.Errorf("warm-up command: %+v %v", st, err)
+	}
+	if r := sb.root; r != nil {
+		// After the warm-up, which runs in the agent's own root: the
+		// template's image need not have a `true`.
+		if !h.Has(agentproto.CapRoot) {
+			return nil, fmt.Errorf("the guest agent (%s) cannot run commands in a template", h.AgentVersion)
+		}
+		if err := c.Root(hctx, agentclient.Root{Template: r.lowerLabel, Upper: rootLabel}); err != nil {
+			return nil, fmt.Errorf("template root: %w", err)
+		}
+		// Its two drives stay mounted: every restore gives them back
+		// as saved (the template's disk, a copy of the layer).
+		return nil, c.QuiesceKeepingDrives(hctx)
 	}
 	return nil, c.Quiesce(hctx)
 }

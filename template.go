@@ -207,7 +207,13 @@ func (sb *Sandbox) prepareRoot(ctx context.Context) error {
 		return nil
 	}
 	sb.root.upper = filepath.Join(sb.run.Dir, "root.img")
-	return dirimage.Scratch(ctx, sb.root.upper, sb.cfg.RootSpace+sb.cfg.RootSpace/8+16<<20, rootLabel)
+	return dirimage.Scratch(ctx, sb.root.upper, sb.rootLayerSize(), rootLabel)
+}
+
+// rootLayerSize is the size of the root's writable layer: RootSpace free
+// once ext4 has taken what it keeps for itself.
+func (sb *Sandbox) rootLayerSize() int64 {
+	return sb.cfg.RootSpace + sb.cfg.RootSpace/8 + 16<<20
 }
 
 // withImageDefaults fills what cmd leaves unset from the template's image

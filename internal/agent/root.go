@@ -219,12 +219,18 @@ func (s *Server) prepareRootTree(r *fsRoot, hostname string) error {
 		}
 	}
 	writeIdentity(s.log, r, currentHostname())
+	s.renewMachineID(r)
+	return nil
+}
+
+// renewMachineID gives the root's /etc/machine-id, when the image has one,
+// a new id: one per run, as one per boot on a real machine.
+func (s *Server) renewMachineID(r *fsRoot) {
 	if st, err := r.stat("/etc/machine-id"); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
 		if err := r.writeFile("/etc/machine-id", []byte(newMachineID()+"\n"), 0o444); err != nil {
 			s.log.Warn("root: /etc/machine-id", "err", err)
 		}
 	}
-	return nil
 }
 
 // mkdirMode creates directory p inside the root (and its parents) and

@@ -15,7 +15,8 @@ import (
 // What a VM restored from a snapshot must not share with its siblings is
 // refreshed by the hello of each new session: the clock and the random
 // number generator (ApplyHello), the host name and the boot id (here).
-// The machine id comes with a root, which is set after the restore.
+// The machine id comes with a root, new with each boot id when the root
+// was set before the snapshot was saved (a template's).
 
 // Where the boot id the host gave lives, and what it is bound over.
 const (
@@ -104,6 +105,11 @@ func (s *Server) setBootID(id []byte) error {
 			return err
 		}
 		s.bootIDBound[hostRoot.path] = true
+	}
+	if !s.root.isHost() {
+		// A root set before the snapshot was saved (a template's):
+		// the clone's root needs its own machine id too.
+		s.renewMachineID(s.root)
 	}
 	if !s.root.isHost() && !s.bootIDBound[s.root.path] {
 		if err := s.root.bindFile(bootIDFile, bootIDProc); err != nil {

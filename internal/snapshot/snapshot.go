@@ -55,6 +55,9 @@ const (
 	// PlaceholderFile is the shared read-only drive of the slots a run
 	// leaves empty.
 	PlaceholderFile = "placeholder"
+	// RootFile is, in a template's snapshot, the root's writable layer as
+	// the saved guest has it mounted: each restore starts from a copy.
+	RootFile = "root.img"
 )
 
 // Meta is snapshot.json, written last: a snapshot directory without it
@@ -72,7 +75,12 @@ type Meta struct {
 	// nobody can set it back. A RAM file is too large to hash at every
 	// run; this catches a VMM that wrote its RAM file (see
 	// docs/snapshots.md) or anyone else who changed it.
-	RAMCtime  int64  `json:"ram_ctime_ns"`
+	RAMCtime int64 `json:"ram_ctime_ns"`
+	// RootSize and RootCtime are the root layer's (RootFile), in a
+	// snapshot that has one: a restore copies it, so that it is only
+	// read, never written, and checked as the RAM file is.
+	RootSize  int64  `json:"root_size,omitempty"`
+	RootCtime int64  `json:"root_ctime_ns,omitempty"`
 	CPUs      int    `json:"cpus"`
 	MemoryMiB uint64 `json:"memory_mib"`
 	Accel     string `json:"accel"`
@@ -95,6 +103,11 @@ type KeyParts struct {
 	Accel     string
 	// Slots is the number of directory slots (see devices).
 	Slots int
+	// Root, on a template, says how its root is in the snapshot: the
+	// guest has it mounted on a writable layer of this many bytes (a
+	// restore copies the saved layer, so a run of another root space
+	// boots).
+	Root int64
 }
 
 // Key is the key of a machine made of p. Two configurations with one key
@@ -112,7 +125,7 @@ func Key(p KeyParts) (string, error) {
 	if tmpl == "" {
 		tmpl = "none"
 	}
-	return strings.Join([]string{
+	lines := []string{
 		"format " + Format,
 		"vmm " + p.VMM,
 		"kernel " + kernel,
@@ -123,7 +136,11 @@ func Key(p KeyParts) (string, error) {
 		"memory " + strconv.FormatUint(p.MemoryMiB, 10),
 		"accel " + p.Accel,
 		"slots " + strconv.Itoa(p.Slots),
-	}, "\n"), nil
+	}
+	if p.Root > 0 {
+		lines = append(lines, "root mounted "+strconv.FormatInt(p.Root, 10))
+	}
+	return strings.Join(lines, "\n"), nil
 }
 
 // FileIdentity names a file's content well enough for a cache key without
@@ -200,9 +217,19 @@ func (s Store) Lock() (release func(), err error) {
 // inodes later mean the same snapshot.
 type Checked struct {
 	// Dir holds its files.
-	Dir        string
-	record     []byte
-	ram, state fileID
+	Dir              string
+	record           []byte
+	ram, state, root fileID
+	hasRoot          bool
+}
+
+// Root is the saved root layer a restore copies (see RootFile), "" for a
+// snapshot without one.
+func (c *Checked) Root() string {
+	if !c.hasRoot {
+		return ""
+	}
+	return filepath.Join(c.Dir, RootFile)
 }
 
 // Placeholder is the read-only drive for the slots a run leaves empty.
@@ -256,6 +283,15 @@ func (s Store) Find(key string) (*Checked, error) {
 		bad = "its device state is missing"
 	} else if sum, err := fileSHA256(filepath.Join(dir, stateFile)); err != nil || sum != meta.StateSHA256 {
 		bad = "its device state does not match its digest"
+	} else if meta.RootSize > 0 {
+		var rs unix.Stat_t
+		if err := unix.Stat(filepath.Join(dir, RootFile), &rs); err != nil || rs.Size != meta.RootSize {
+			bad = "its root layer is missing or not of the recorded size"
+		} else if rs.Ctim.Nano() != meta.RootCtime {
+			bad = "its root layer was changed after it was saved"
+		} else {
+			c.root, c.hasRoot = fileID{ino: rs.Ino, ctime: rs.Ctim.Nano()}, true
+		}
 	}
 	if bad == "" {
 		c.ram = fileID{ino: st.Ino, ctime: st.Ctim.Nano()}
@@ -288,10 +324,17 @@ func (c *Checked) Change() Change {
 	if err != nil || !bytes.Equal(b, c.record) {
 		return Replaced
 	}
-	for _, f := range []struct {
+	files := []struct {
 		name string
 		id   fileID
-	}{{ramFile, c.ram}, {stateFile, c.state}} {
+	}{{ramFile, c.ram}, {stateFile, c.state}}
+	if c.hasRoot {
+		files = append(files, struct {
+			name string
+			id   fileID
+		}{RootFile, c.root})
+	}
+	for _, f := range files {
 		now, err := statID(filepath.Join(c.Dir, f.name))
 		switch {
 		case err != nil || now.ino != f.id.ino:
@@ -360,6 +403,66 @@ func fileSHA256(path string) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
+// CopyRoot copies the saved root layer (Checked.Root) to dst, a file of
+// the run's, private to it: only its data regions, in the kernel.
+func CopyRoot(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	fi, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return err
+	}
+	err = copyData(int(in.Fd()), int(out.Fd()), fi.Size())
+	if err == nil {
+		err = out.Truncate(fi.Size())
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("copy the snapshot's root layer: %w", err)
+	}
+	return nil
+}
+
+// copyData copies the data regions (SEEK_DATA to SEEK_HOLE) of the first
+// size bytes of in to the same offsets of out.
+func copyData(in, out int, size int64) error {
+	for pos := int64(0); pos < size; {
+		data, err := unix.Seek(in, pos, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		hole, err := unix.Seek(in, data, unix.SEEK_HOLE)
+		if err != nil {
+			return err
+		}
+		hole = min(hole, size)
+		for off := data; off < hole; {
+			woff := off
+			n, err := unix.CopyFileRange(in, &off, out, &woff, int(hole-off), 0)
+			if err != nil {
+				return err
+			}
+			if n == 0 {
+				return io.ErrUnexpectedEOF
+			}
+		}
+		pos = hole
+	}
+	return nil
+}
+
 // SparseFile makes path a sparse file of size bytes, private to the run.
 func SparseFile(path string, size int64) error {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
@@ -420,6 +523,10 @@ func (s Store) Begin(key string) (*Saving, error) {
 // Placeholder is the read-only drive of every empty slot.
 func (sv *Saving) Placeholder() string { return filepath.Join(sv.Dir, PlaceholderFile) }
 
+// Root is where a template's root layer is made for the saving guest to
+// mount; Commit keeps it (read-only) when it is there.
+func (sv *Saving) Root() string { return filepath.Join(sv.Dir, RootFile) }
+
 // Commit records the saved files and replaces the snapshot of the key
 // with them, atomically: the old one moves aside (runs restoring it keep
 // their open files) and the new one takes its name. It then prunes what
@@ -439,6 +546,24 @@ func (sv *Saving) Commit(meta Meta) (string, error) {
 	}
 	meta.Format, meta.Key, meta.Created = Format, sv.key, time.Now().UTC()
 	meta.StateSHA256, meta.RAMSize, meta.RAMCtime = sum, ram.Size, ram.Ctim.Nano()
+	if f, err := os.Open(sv.Root()); err == nil {
+		// Durable before the record says the snapshot is usable, as
+		// the RAM file is (the VMM has ended: nothing writes it now).
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return "", err
+		}
+	}
+	if err := os.Chmod(sv.Root(), 0o444); err == nil {
+		var rs unix.Stat_t
+		if err := unix.Stat(sv.Root(), &rs); err != nil {
+			return "", err
+		}
+		meta.RootSize, meta.RootCtime = rs.Size, rs.Ctim.Nano()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
 	b, err := json.MarshalIndent(meta, "", "  ")
 	if err != nil {
 		return "", err
