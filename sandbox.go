@@ -86,6 +86,7 @@ type Sandbox struct {
 
 	restored      bool              // the machine came from a snapshot
 	rootMounted   bool              // ... whose guest had the template's root mounted
+	upperCopied   bool              // the root's writable layer is a snapshot's copy, not empty
 	snap          *snapshot.Checked // the snapshot it came from
 	snapDiscarded bool              // this run discarded it
 	healWanted    bool              // it booted for want of a snapshot its configuration could have (MissingSnapshot)
@@ -217,6 +218,13 @@ func (sb *Sandbox) boot(ctx context.Context) (undoFunc, error) {
 
 // coldBoot boots the machine with the run's disks.
 func (sb *Sandbox) coldBoot(ctx context.Context) (undoFunc, error) {
+	if sb.upperCopied {
+		// A restore that failed left a snapshot's layer there.
+		if err := sb.prepareRoot(ctx); err != nil {
+			return nil, &VMError{Op: "start vm", Err: err}
+		}
+		sb.upperCopied = false
+	}
 	var drives []backend.Drive
 	if r := sb.root; r != nil {
 		drives = append(drives,

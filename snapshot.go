@@ -120,19 +120,17 @@ func (sb *Sandbox) snapshot(ctx context.Context) (c *snapshot.Checked, unlock fu
 // restore starts the machine from the snapshot, with the run's disks in
 // the snapshot's drive slots.
 func (sb *Sandbox) restore(ctx context.Context, c *snapshot.Checked) (backend.Machine, error) {
-	root := sb.root
-	if saved := c.Root(); saved != "" && root != nil {
-		// The saved guest has the root mounted: its writable layer is
-		// a copy of the one it had, in a file of its own (the run's
-		// fresh layer stays for a cold boot, should the restore fail).
-		r := *root
-		r.upper = filepath.Join(filepath.Dir(root.upper), "root-restored.img")
-		if err := snapshot.CopyRoot(saved, r.upper); err != nil {
+	mounted := false
+	if saved := c.Root(); saved != "" && sb.root != nil {
+		// The saved guest has the root mounted: the run's writable
+		// layer is a copy of the one it had (coldBoot makes a fresh
+		// one again, should the restore fail).
+		if err := snapshot.CopyRoot(saved, sb.root.upper); err != nil {
 			return nil, err
 		}
-		root = &r
+		sb.upperCopied, mounted = true, true
 	}
-	drives, err := slotDrives(root, sb.dirs, c.Placeholder(), sb.vmDir, 0)
+	drives, err := slotDrives(sb.root, sb.dirs, c.Placeholder(), sb.vmDir, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -141,7 +139,7 @@ func (sb *Sandbox) restore(ctx context.Context, c *snapshot.Checked) (backend.Ma
 		return nil, err
 	}
 	sb.restored, sb.snap, sb.drives = true, c, drives
-	sb.rootMounted = root != sb.root
+	sb.rootMounted = mounted
 	return m, nil
 }
 

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestPruneStaleSnapshots(t *testing.T) {
@@ -205,5 +208,108 @@ func TestSaveAndFind(t *testing.T) {
 				t.Errorf("after discard: %v", err)
 			}
 		})
+	}
+}
+
+// TestRootLayer: a template's snapshot keeps the root layer its guest had
+// mounted, read-only and checked like the RAM file; a restore's copy has
+// the same bytes and holes; a key of another root space is another key.
+func TestRootLayer(t *testing.T) {
+	d := t.TempDir()
+	kernel := filepath.Join(d, "vmlinux")
+	if err := os.WriteFile(kernel, []byte("kernel"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	parts := KeyParts{VMM: "qemu/1 x", Kernel: kernel, Initrd: kernel, Template: "r1 sha256:a sha256:b", CPUs: 2, MemoryMiB: 512, Accel: "tcg", Slots: 2}
+	plain, _ := Key(parts)
+	parts.Root = 1 << 30
+	key, err := Key(parts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parts.Root = 2 << 30
+	other, _ := Key(parts)
+	if key == plain || key == other {
+		t.Fatalf("keys of other root layers are equal: %q %q %q", plain, key, other)
+	}
+	st := Store{Root: filepath.Join(d, "snapshots")}
+	save := func(withRoot bool) string {
+		sv, err := st.Begin(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sv.Close()
+		for name, data := range map[string]string{ramFile: "guest memory", stateFile: "device state"} {
+			if err := os.WriteFile(filepath.Join(sv.Dir, name), []byte(data), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if withRoot {
+			f, err := os.OpenFile(sv.Root(), os.O_CREATE|os.O_WRONLY, 0o600)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A superblock, a hole of 100 MiB, a journal block, a
+			// hole to the end.
+			if _, err := f.WriteAt([]byte("superblock"), 1024); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt([]byte("journal"), 100<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Truncate(1 << 30); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+		}
+		dir, err := sv.Commit(Meta{CPUs: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	save(false)
+	if c, err := st.Find(key); err != nil || c.Root() != "" {
+		t.Fatalf("a snapshot without a root layer: %+v %v", c, err)
+	}
+	dir := save(true)
+	c, err := st.Find(key)
+	if err != nil || c.Root() != filepath.Join(dir, RootFile) {
+		t.Fatalf("find: %+v %v", c, err)
+	}
+	if fi, err := os.Stat(c.Root()); err != nil || fi.Mode().Perm() != 0o444 {
+		t.Errorf("the saved layer: %v %v, want read-only", fi, err)
+	}
+	dst := filepath.Join(d, "run-root.img")
+	if err := os.WriteFile(dst, []byte("an older, longer file of the run's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := CopyRoot(c.Root(), dst); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(c.Root())
+	b, _ := os.ReadFile(dst)
+	if !bytes.Equal(a, b) {
+		t.Error("the copy's bytes differ")
+	}
+	var s unix.Stat_t
+	if err := unix.Stat(dst, &s); err != nil || s.Blocks*512 > 1<<20 {
+		t.Errorf("the copy is not sparse: %d bytes allocated (%v)", s.Blocks*512, err)
+	}
+	if fi, _ := os.Stat(dst); fi.Mode().Perm() != 0o600 {
+		t.Errorf("the copy's mode %v, want 0600", fi.Mode())
+	}
+	time.Sleep(10 * time.Millisecond)
+	if err := os.Chmod(c.Root(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(c.Root(), []byte("a guest's write"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if c.Change() != Written {
+		t.Errorf("change after the layer was written: %v", c.Change())
+	}
+	if _, err := st.Find(key); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("find after the layer was written: %v, want ErrCorrupt", err)
 	}
 }

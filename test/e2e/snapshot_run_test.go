@@ -896,6 +896,24 @@ func TestSnapshotRunTemplate(t *testing.T) {
 	if r := e.execV(nil, extra, "--template", "tiny", "--", "cat", "/etc/os-release"); !r.restored || !strings.HasPrefix(string(r.stdout), "NAME=mvm-test-template") {
 		t.Errorf("next run: %+v\n%s", r.started, r)
 	}
+	// The snapshot's guest had the root mounted: its layer is kept,
+	// read-only, and every restore starts from a copy, with a machine id
+	// and a boot id of its own and nothing of an earlier run's writes.
+	if fi, err := os.Stat(filepath.Join(snaps()[0], "root.img")); err != nil || fi.Mode().Perm() != 0o444 {
+		t.Errorf("the snapshot's root layer: %v %v", fi, err)
+	}
+	ids := func() []string {
+		t.Helper()
+		r := e.execV(nil, extra, "--template", "tiny", "--", "sh", "-c", "cat /etc/machine-id /proc/sys/kernel/random/boot_id; ls /tmp; touch /tmp/seen")
+		lines := strings.Split(strings.TrimSpace(string(r.stdout)), "\n")
+		if !r.restored || r.code != 0 || len(lines) != 2 || !regexp.MustCompile(`^[0-9a-f]{32}$`).MatchString(lines[0]) {
+			t.Fatalf("restored run: %+v\n%s", r.started, r)
+		}
+		return lines
+	}
+	if a, b := ids(), ids(); a[0] == b[0] || a[1] == b[1] {
+		t.Errorf("two restored runs share an identity: %q and %q", a, b)
+	}
 
 	r := e.execV(nil, extra, "--template", "tiny", "--cpus", "1", "--memory", "256M", "--", "grep", "-c", "^processor", "/proc/cpuinfo")
 	if r.code != 0 || string(r.stdout) != "1\n" || r.restored || !strings.HasPrefix(r.why, "no snapshot for this configuration") {
