@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	agentpb "github.com/mvm-sh/mvm/api/agent/v1"
 	"github.com/mvm-sh/mvm/internal/agentclient"
 	"github.com/mvm-sh/mvm/internal/agentproto"
 	"github.com/mvm-sh/mvm/internal/backend"
@@ -52,6 +53,16 @@ type CopyOptions struct {
 	// files' owners and groups (numeric ids) instead of root: what a
 	// container's root filesystem needs.
 	KeepOwners bool
+	// Root, for a copy in, is a directory of the guest that dst is
+	// resolved in as its root, as Cmd.Root runs a command there:
+	// symbolic links in dst resolve inside it, and its kernel filesystems
+	// (its /run tmpfs among them) are mounted first, so that the copy
+	// lands where its commands see it. What a pod's container's volumes
+	// need; "" is the command root.
+	Root string
+	// Parents, for a copy in, makes dst's missing parent directories
+	// (0755, root's) first, as mkdir -p.
+	Parents bool
 }
 
 // progressReader counts what is read through it for CopyOptions.Progress.
@@ -435,8 +446,18 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 			return CopyStats{}, invalid("CopyOptions.KeepOwners", "", "the guest agent cannot give files their owners")
 		}
 	}
+	if opts.Root != "" || opts.Parents {
+		if ok, err := c.HasCapability(ctx, agentproto.CapFilesRoot); err != nil || !ok {
+			return CopyStats{}, invalid("CopyOptions.Root", opts.Root, "the guest agent cannot resolve a copy in a root of its own")
+		}
+	}
+	if opts.Root != "" {
+		if opts.Root, _, err = checkGuestPath("CopyOptions.Root", opts.Root); err != nil {
+			return CopyStats{}, err
+		}
+	}
 	target := p
-	info, _, _, err := c.Stat(ctx, p, false)
+	info, _, _, err := c.StatIn(ctx, opts.Root, p, false)
 	switch {
 	case err == nil && info.IsDir():
 		if !contents {
@@ -475,7 +496,8 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 		_, err := write(pw, r, name)
 		pw.CloseWithError(err)
 	}()
-	st, err := c.CopyIn(ctx, target, withProgress(pr, opts), opts.KeepOwners)
+	req := &agentpb.CopyIn{Path: target, KeepOwners: opts.KeepOwners, Root: opts.Root, Parents: opts.Parents}
+	st, err := c.CopyInWith(ctx, req, withProgress(pr, opts))
 	pr.CloseWithError(io.ErrClosedPipe)
 	if err != nil {
 		return CopyStats{}, guestError("copy to", target, err)

@@ -38,11 +38,13 @@ func CheckPath(p string) error {
 	return nil
 }
 
-// fileCallRoot resolves p's parent inside the command root, the way a
-// command there would (absolute symlinks and ".." stay in the root), and
-// returns it as an os.Root with p's base name in it: what the call does
-// below that is confined to the parent.
-func (s *Server) fileCallRoot(p string) (*os.Root, string, error) {
+// fileCallRoot resolves p's parent inside the command root, or inside
+// its directory sub (CopyIn.root: a pod container's root, set up as
+// Exec.root sets it up), the way a command there would (absolute symlinks
+// and ".." stay in the root), and returns it as an os.Root with p's base
+// name in it: what the call does below that is confined to the parent.
+// With parents, the parent's missing directories are made first.
+func (s *Server) fileCallRoot(sub, p string, parents bool) (*os.Root, string, error) {
 	if err := CheckPath(p); err != nil {
 		return nil, "", err
 	}
@@ -50,7 +52,27 @@ func (s *Server) fileCallRoot(p string) (*os.Root, string, error) {
 	if p == "/" {
 		base = "."
 	}
-	fd, err := s.cmdRoot().open(parent, unix.O_PATH|unix.O_DIRECTORY, 0)
+	r := s.cmdRoot()
+	if sub != "" || parents {
+		if !s.opts.Mounts {
+			return nil, "", fmt.Errorf("%w: files.root is not served by this agent", errInvalidRequest)
+		}
+	}
+	if sub != "" {
+		if err := CheckPath(sub); err != nil {
+			return nil, "", err
+		}
+		var err error
+		if r, _, err = s.subRoot(r, sub); err != nil {
+			return nil, "", err
+		}
+	}
+	if parents {
+		if err := ensureDir(r, parent); err != nil {
+			return nil, "", fmt.Errorf("%s: %w", parent, err)
+		}
+	}
+	fd, err := r.open(parent, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return nil, "", fmt.Errorf("%s: %w", parent, err)
 	}
@@ -82,7 +104,7 @@ func fileErrorCode(err error) agentpb.Error_Code {
 // copyIn unpacks the FileData stream that follows the request.
 func (ss *session) copyIn(st *mux.Stream, in *agentproto.Reader, req *agentpb.CopyIn) {
 	data := agentproto.NewFileDataReader(in)
-	root, base, err := ss.srv.fileCallRoot(req.Path)
+	root, base, err := ss.srv.fileCallRoot(req.Root, req.Path, req.Parents)
 	var stats treecopy.Stats
 	if err == nil {
 		// Owners only as root (the agent of a VM is): anyone else
@@ -107,7 +129,7 @@ func (ss *session) copyIn(st *mux.Stream, in *agentproto.Reader, req *agentpb.Co
 // copyOut sends path as FileData messages.
 func (ss *session) copyOut(st *mux.Stream, req *agentpb.CopyOut) {
 	out := agentproto.NewFileDataWriter(st)
-	root, base, err := ss.srv.fileCallRoot(req.Path)
+	root, base, err := ss.srv.fileCallRoot("", req.Path, false)
 	if err == nil {
 		_, err = treecopy.Write(out, root, base)
 		root.Close()
@@ -131,7 +153,7 @@ func (ss *session) stat(st io.Writer, req *agentpb.Stat) {
 }
 
 func (s *Server) statPath(req *agentpb.Stat) (*agentpb.StatReply, error) {
-	root, base, err := s.fileCallRoot(req.Path)
+	root, base, err := s.fileCallRoot(req.Root, req.Path, false)
 	if err != nil {
 		return nil, err
 	}

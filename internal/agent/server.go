@@ -135,7 +135,7 @@ func (s *Server) capabilities() []string {
 	}
 	if s.opts.Mounts {
 		caps = append(caps, agentproto.CapMount, agentproto.CapMountLabel, agentproto.CapRoot, agentproto.CapHelloHostname, agentproto.CapNetwork)
-		caps = append(caps, agentproto.CapExecRoot, agentproto.CapRelease)
+		caps = append(caps, agentproto.CapExecRoot, agentproto.CapRelease, agentproto.CapFilesRoot)
 		if haveCgroups() {
 			caps = append(caps, agentproto.CapCgroup)
 		}

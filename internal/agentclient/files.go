@@ -46,7 +46,13 @@ func fileInfo(m *agentpb.FileInfo) FileInfo {
 // Stat describes the guest's path, and with list the entries of the
 // directory it names (truncated says the agent cut the list).
 func (c *Client) Stat(ctx context.Context, path string, list bool) (info FileInfo, entries []FileInfo, truncated bool, err error) {
-	resp, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Stat{Stat: &agentpb.Stat{Path: path, List: list}}})
+	return c.StatIn(ctx, "", path, list)
+}
+
+// StatIn is Stat with path resolved inside root, a directory of the
+// guest's command root (Stat.root: capability files.root); "" is Stat.
+func (c *Client) StatIn(ctx context.Context, root, path string, list bool) (info FileInfo, entries []FileInfo, truncated bool, err error) {
+	resp, err := c.call(ctx, &agentpb.Request{Call: &agentpb.Request_Stat{Stat: &agentpb.Stat{Path: path, List: list, Root: root}}})
 	if err != nil {
 		return FileInfo{}, nil, false, err
 	}
@@ -65,7 +71,13 @@ func (c *Client) Stat(ctx context.Context, path string, list bool) (info FileInf
 // everything is root's). It returns once the agent has unpacked it all,
 // or as soon as the agent refused it.
 func (c *Client) CopyIn(ctx context.Context, path string, src io.Reader, keepOwners bool) (treecopy.Stats, error) {
-	st, err := c.openStream(ctx, &agentpb.Request{Call: &agentpb.Request_CopyIn{CopyIn: &agentpb.CopyIn{Path: path, KeepOwners: keepOwners}}})
+	return c.CopyInWith(ctx, &agentpb.CopyIn{Path: path, KeepOwners: keepOwners}, src)
+}
+
+// CopyInWith is CopyIn with the whole request: its root and parents
+// (capability files.root) as well.
+func (c *Client) CopyInWith(ctx context.Context, req *agentpb.CopyIn, src io.Reader) (treecopy.Stats, error) {
+	st, err := c.openStream(ctx, &agentpb.Request{Call: &agentpb.Request_CopyIn{CopyIn: req}})
 	if err != nil {
 		return treecopy.Stats{}, err
 	}

@@ -89,6 +89,10 @@ const (
 	// CapFilesOwners: CopyIn.keep_owners (version 2), served by an
 	// agent that runs as root.
 	CapFilesOwners = "files.owners"
+	// CapFilesRoot: CopyIn.root and Stat.root resolve a path inside a
+	// container's root (as Exec.root), and CopyIn.parents makes the
+	// missing parents (version 2): a pod container's volumes.
+	CapFilesRoot = "files.root"
 	// CapRelease: the Release call (version 2) ends a container's
 	// cgroup and Exec.root.
 	CapRelease = "release"

@@ -82,6 +82,7 @@ type container struct {
 	rootDigest string              // the owner's root tree, written (mvm.Config.RootDigest)
 	member     bool                // a pod's container, in its own root in the VM
 	root       string              // a member's root in the VM, once copied
+	mounts     mountPlan           // how the spec's mounts are provided
 	procs      map[string]*process // "" is the init process
 	deleting   bool                // a Delete of the container is under way
 	// oomKills is the container cgroup's oom_kill count last seen: a
@@ -301,7 +302,11 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			return nil, errdefs.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s: its pod sandbox %s is not served by this shim", r.ID, pod)
 		}
 		c.member = true
-	} else {
+	}
+	if c.mounts, err = planMounts(spec.Mounts, c.member); err != nil {
+		return nil, errdefs.ToGRPCf(errdefs.ErrInvalidArgument, "container %s: %v", r.ID, err)
+	}
+	if !c.member {
 		for _, o := range s.containers {
 			if !o.member {
 				return nil, errdefs.ToGRPCf(errdefs.ErrAlreadyExists, "this shim already serves task %s", o.id)
@@ -430,6 +435,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		cpus, memory := shape(c.spec)
 		cfg := dirs()
 		cfg.RootDigest, cfg.CPUs, cfg.Memory, cfg.Name = c.rootDigest, cpus, memory, vmName(c.id)
+		cfg.Dirs = c.mounts.dirs
 		start := time.Now()
 		sb, err := mvm.Start(context.WithoutCancel(ctx), cfg)
 		if err != nil {
@@ -446,6 +452,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		s.mu.Lock()
 		s.sb, s.memory = sb, memory
 		s.mu.Unlock()
+		if err := s.copyMounts(ctx, sb, c, ""); err != nil {
+			return nil, err
+		}
 	}
 	if r.ExecID == "" && c.member {
 		if err := s.copyRoot(ctx, c); err != nil {
@@ -485,6 +494,9 @@ func (s *Service) copyRoot(ctx context.Context, c *container) error {
 		return fmt.Errorf("copy the container's root into the pod's VM: %w", err)
 	}
 	s.log.Info("rootfs copied into the pod's VM", "container", c.id, "files", st.Files, "bytes", st.Bytes, "took", time.Since(start))
+	if err := s.copyMounts(ctx, sb, c, memberRoot(c.id)); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	c.root = memberRoot(c.id)
 	s.mu.Unlock()
@@ -744,7 +756,13 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	if r.ExecID == "" {
 		if sb != nil {
 			heal, missing := sb.MissingSnapshot()
-			_, _ = sb.Close(context.Background())
+			wbs, err := sb.Close(context.Background())
+			for _, wb := range wbs {
+				s.log.Info("written back", "container", c.id, "dir", wb.Dir.Host, "written", wb.Stats.Written, "deleted", wb.Stats.Deleted, "err", wb.Err, "kept", wb.Kept)
+			}
+			if err != nil {
+				s.log.Warn("the VM's end", "container", c.id, "err", err)
+			}
 			if missing {
 				s.spawnHeal(heal)
 			}

@@ -2793,7 +2793,16 @@ type CopyIn struct {
 	// Give each entry the owner and group its tar header has (the tar
 	// stream's uid and gid), as a container's root filesystem needs;
 	// otherwise everything belongs to root. Capability "files.owners".
-	KeepOwners    bool `protobuf:"varint,2,opt,name=keep_owners,json=keepOwners,proto3" json:"keep_owners,omitempty"`
+	KeepOwners bool `protobuf:"varint,2,opt,name=keep_owners,json=keepOwners,proto3" json:"keep_owners,omitempty"`
+	// A directory of the command root that path is resolved in, as its
+	// root, the way Exec.root runs a command there: its kernel filesystems
+	// are mounted first (so that a copy under its /run lands on the tmpfs
+	// its commands see) and symbolic links in path resolve inside it, never
+	// outside. Empty or "/": the command root. Capability "files.root".
+	Root string `protobuf:"bytes,3,opt,name=root,proto3" json:"root,omitempty"`
+	// Create path's missing parent directories first (mode 0755, root's),
+	// as mkdir -p does. Capability "files.root".
+	Parents       bool `protobuf:"varint,4,opt,name=parents,proto3" json:"parents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2838,6 +2847,20 @@ func (x *CopyIn) GetPath() string {
 func (x *CopyIn) GetKeepOwners() bool {
 	if x != nil {
 		return x.KeepOwners
+	}
+	return false
+}
+
+func (x *CopyIn) GetRoot() string {
+	if x != nil {
+		return x.Root
+	}
+	return ""
+}
+
+func (x *CopyIn) GetParents() bool {
+	if x != nil {
+		return x.Parents
 	}
 	return false
 }
@@ -3025,9 +3048,11 @@ func (x *FileData) GetError() *Error {
 // names (at most 10000, then truncated). A path that does not exist is
 // CODE_NOT_FOUND.
 type Stat struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	List          bool                   `protobuf:"varint,2,opt,name=list,proto3" json:"list,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	List  bool                   `protobuf:"varint,2,opt,name=list,proto3" json:"list,omitempty"`
+	// As CopyIn.root. Capability "files.root".
+	Root          string `protobuf:"bytes,3,opt,name=root,proto3" json:"root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3074,6 +3099,13 @@ func (x *Stat) GetList() bool {
 		return x.List
 	}
 	return false
+}
+
+func (x *Stat) GetRoot() string {
+	if x != nil {
+		return x.Root
+	}
+	return ""
 }
 
 type StatReply struct {
@@ -4401,11 +4433,13 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\agateway\x18\x03 \x01(\tR\agateway\x12\x10\n" +
 	"\x03dns\x18\x04 \x03(\tR\x03dns\x12\x10\n" +
 	"\x03mtu\x18\x05 \x01(\rR\x03mtu\"\x0e\n" +
-	"\fNetworkReply\"=\n" +
+	"\fNetworkReply\"k\n" +
 	"\x06CopyIn\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1f\n" +
 	"\vkeep_owners\x18\x02 \x01(\bR\n" +
-	"keepOwners\"c\n" +
+	"keepOwners\x12\x12\n" +
+	"\x04root\x18\x03 \x01(\tR\x04root\x12\x18\n" +
+	"\aparents\x18\x04 \x01(\bR\aparents\"c\n" +
 	"\vCopyInReply\x12\x14\n" +
 	"\x05files\x18\x01 \x01(\x04R\x05files\x12\x12\n" +
 	"\x04dirs\x18\x02 \x01(\x04R\x04dirs\x12\x14\n" +
@@ -4416,10 +4450,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bFileData\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
 	"\x03eof\x18\x02 \x01(\bR\x03eof\x12)\n" +
-	"\x05error\x18\x03 \x01(\v2\x13.mvm.agent.v1.ErrorR\x05error\".\n" +
+	"\x05error\x18\x03 \x01(\v2\x13.mvm.agent.v1.ErrorR\x05error\"B\n" +
 	"\x04Stat\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
-	"\x04list\x18\x02 \x01(\bR\x04list\"\x87\x01\n" +
+	"\x04list\x18\x02 \x01(\bR\x04list\x12\x12\n" +
+	"\x04root\x18\x03 \x01(\tR\x04root\"\x87\x01\n" +
 	"\tStatReply\x12*\n" +
 	"\x04info\x18\x01 \x01(\v2\x16.mvm.agent.v1.FileInfoR\x04info\x120\n" +
 	"\aentries\x18\x02 \x03(\v2\x16.mvm.agent.v1.FileInfoR\aentries\x12\x1c\n" +
