@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -51,9 +52,10 @@ func TestShimPod(t *testing.T) {
 	if n := len(c.vmms()); n != 1 {
 		t.Fatalf("VMMs after RunPodSandbox: %d, want 1", n)
 	}
-	createWith := func(name string, res *cri.LinuxContainerResources, cmd ...string) string {
+	createMounted := func(name string, res *cri.LinuxContainerResources, mounts []*cri.Mount, cmd ...string) (string, error) {
 		t.Helper()
 		cfg := &cri.ContainerConfig{
+			Mounts:   mounts,
 			Metadata: &cri.ContainerMetadata{Name: name},
 			Image:    &cri.ImageSpec{Image: ref},
 			Command:  cmd,
@@ -65,12 +67,20 @@ func TestShimPod(t *testing.T) {
 		}
 		r, err := rt.CreateContainer(ctx, &cri.CreateContainerRequest{PodSandboxId: pod.PodSandboxId, SandboxConfig: podCfg, Config: cfg})
 		if err != nil {
-			t.Fatalf("CreateContainer %s: %v", name, err)
+			return "", fmt.Errorf("CreateContainer %s: %w", name, err)
 		}
 		if _, err := rt.StartContainer(ctx, &cri.StartContainerRequest{ContainerId: r.ContainerId}); err != nil {
-			t.Fatalf("StartContainer %s: %v", name, err)
+			return r.ContainerId, fmt.Errorf("StartContainer %s: %w", name, err)
 		}
-		return r.ContainerId
+		return r.ContainerId, nil
+	}
+	createWith := func(name string, res *cri.LinuxContainerResources, cmd ...string) string {
+		t.Helper()
+		id, err := createMounted(name, res, nil, cmd...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
 	}
 	create := func(name string, cmd ...string) string {
 		t.Helper()
@@ -198,7 +208,50 @@ func TestShimPod(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(c.dir, "containerd.log"))
 		t.Fatalf("c4: exit %d, reason %q; want 137, OOMKilled\n%s", st.Status.ExitCode, st.Status.Reason, grepLines(b, "OOM", "oom", "c4", "release"))
 	}
-	for _, id := range []string{c1, c3, c4} {
+	// Volumes: a read-only one is copied into the container's root as
+	// it starts, owners kept, and so are the files the CRI writes for
+	// it (with the node's network, the node's /etc/hosts and
+	// resolv.conf); a writable one is refused, naming it, before
+	// anything runs (what the container wrote there would not reach the
+	// node).
+	vol := filepath.Join(c.dir, "vol")
+	if err := os.MkdirAll(filepath.Join(vol, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(vol, "sub", "greeting"), []byte("from the node\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(filepath.Join(vol, "sub", "greeting"), 1000, 2000); err != nil {
+		t.Fatal(err)
+	}
+	c5, err := createMounted("c5", nil, []*cri.Mount{{ContainerPath: "/etc/config", HostPath: vol, Readonly: true}}, "sleep", "600")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sh(c5, "cat /etc/config/sub/greeting; stat -c '%u:%g %a' /etc/config/sub/greeting"); got != "from the node\n1000:2000 640\n" {
+		t.Fatalf("c5's read-only volume: %q", got)
+	}
+	for _, f := range []string{"/etc/hosts", "/etc/resolv.conf"} {
+		want, _ := os.ReadFile(f)
+		if got := sh(c5, "cat "+f); got != string(want) {
+			t.Fatalf("c5's %s: %q, want the node's %q", f, got, want)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(c.dir, "containerd.log")); err == nil {
+		t.Log(grepLines(b, "mounts copied"))
+	}
+	if _, err := rt.StopContainer(ctx, &cri.StopContainerRequest{ContainerId: c5, Timeout: 5}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	c6, err := createMounted("c6", nil, []*cri.Mount{{ContainerPath: "/data", HostPath: vol}}, "sleep", "600")
+	if err == nil || !strings.Contains(err.Error(), "writable bind mount of "+vol+" at /data") {
+		t.Fatalf("a writable volume in a pod: %v, want it refused", err)
+	}
+	t.Logf("a writable volume: %v", err)
+	if c6 != "" {
+		_, _ = rt.RemoveContainer(ctx, &cri.RemoveContainerRequest{ContainerId: c6})
+	}
+	for _, id := range []string{c1, c3, c4, c5} {
 		if _, err := rt.RemoveContainer(ctx, &cri.RemoveContainerRequest{ContainerId: id}); err != nil {
 			t.Fatalf("RemoveContainer: %v", err)
 		}

@@ -322,6 +322,59 @@ func TestShimTaskLifecycle(t *testing.T) {
 	}
 }
 
+// TestShimMounts: a container's bind mounts reach it in the VM as runc's
+// would on the node, the ways docs/kubernetes.md ("Mounts") gives: a
+// read-only directory and file copied in, a writable directory shared and
+// what the container changed in it written back into the node's directory
+// at the task's delete; a mount the VM cannot have is refused before
+// anything runs, and leaves nothing.
+func TestShimMounts(t *testing.T) {
+	c := startContainerd(t)
+	ref := c.importImage(t)
+	ro, rw := filepath.Join(c.dir, "ro"), filepath.Join(c.dir, "rw")
+	for _, f := range []struct{ path, data string }{
+		{filepath.Join(ro, "a"), "read-only\n"},
+		{filepath.Join(c.dir, "app.conf"), "conf\n"},
+		{filepath.Join(rw, "in"), "from the node\n"},
+		{filepath.Join(rw, "gone"), "deleted in the VM\n"},
+	} {
+		if err := os.MkdirAll(filepath.Dir(f.path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f.path, []byte(f.data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2",
+		"--mount", "type=bind,src="+ro+",dst=/config,options=rbind:ro",
+		"--mount", "type=bind,src="+filepath.Join(c.dir, "app.conf")+",dst=/etc/deep/app.conf,options=rbind:ro",
+		"--mount", "type=bind,src="+rw+",dst=/work,options=rbind:rw",
+		ref, "m1", "sh", "-c", "cat /config/a /etc/deep/app.conf /work/in; echo made > /work/out; rm /work/gone")
+	if r.code != 0 || string(r.stdout) != "read-only\nconf\nfrom the node\n" {
+		t.Fatalf("ctr run with mounts: %s", r)
+	}
+	if b, err := os.ReadFile(filepath.Join(rw, "out")); err != nil || string(b) != "made\n" {
+		t.Fatalf("the writable mount's new file on the node: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(rw, "gone")); !os.IsNotExist(err) {
+		t.Fatalf("the file the container deleted is still on the node: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(c.dir, "containerd.log")); err == nil {
+		t.Log(grepLines(b, "mounts copied", "written back", "vm started"))
+	}
+	// A writable file mount cannot be shared: refused at the create,
+	// naming it.
+	r = c.ctr(nil, "run", "--rm", "--runtime", "io.containerd.mvm.v2",
+		"--mount", "type=bind,src="+filepath.Join(c.dir, "app.conf")+",dst=/etc/app.conf,options=rbind:rw", ref, "m2", "true")
+	if r.code == 0 || !strings.Contains(string(r.stderr), "writable bind mount of the file") {
+		t.Fatalf("ctr run with a writable file mount: %s", r)
+	}
+	_ = c.ctr(nil, "container", "delete", "m2")
+	if !waitFor(10*time.Second, func() bool { return len(c.vmms()) == 0 && len(c.mounts()) == 0 }) {
+		t.Fatalf("left: VMMs %v, mounts %v", c.vmms(), c.mounts())
+	}
+}
+
 // metricTable parses ctr task metrics' table: "NAME  VALUE" lines.
 func metricTable(out []byte) map[string]uint64 {
 	m := map[string]uint64{}
