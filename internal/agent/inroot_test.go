@@ -212,3 +212,43 @@ func FuzzHostsFile(f *testing.F) {
 		}
 	})
 }
+
+// TestFileCallParents: CopyIn.parents makes the missing directories
+// above a path inside the command root, following its links there and
+// never out of it, and only an agent that owns the guest's filesystems
+// serves it (files.root).
+func TestFileCallParents(t *testing.T) {
+	r, outside := fakeRoot(t)
+	srv := NewServer(nil, "test", Options{Mounts: true})
+	srv.root = r
+	root, base, err := srv.fileCallRoot("", "/usr/lib/alt/made/here/file", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root.Close()
+	if fi, err := os.Stat(filepath.Join(r.path, "opt/made/here")); err != nil || !fi.IsDir() || base != "file" {
+		t.Errorf("parents through /usr/lib/alt: %v, base %q", err, base)
+	}
+	if _, _, err := srv.fileCallRoot("", "/escape/a/b", true); err == nil {
+		t.Error("parents through a link out of the root succeeded")
+	}
+	if entries, _ := os.ReadDir(outside); len(entries) != 0 {
+		t.Errorf("parents wrote outside the root: %v", entries)
+	}
+	if _, _, err := srv.fileCallRoot("", "/new/dir/file", false); err == nil {
+		t.Error("a missing parent without parents was made")
+	}
+	plain := NewServer(nil, "test", Options{})
+	plain.root = r
+	for _, c := range []struct {
+		sub     string
+		parents bool
+	}{{"/opt", false}, {"", true}} {
+		if _, _, err := plain.fileCallRoot(c.sub, "/x/y", c.parents); !errors.Is(err, errInvalidRequest) {
+			t.Errorf("root %q parents %v on an agent without files.root: %v", c.sub, c.parents, err)
+		}
+	}
+	if _, _, err := srv.fileCallRoot("../opt", "/x", false); !errors.Is(err, errInvalidRequest) {
+		t.Errorf("an unclean root: %v", err)
+	}
+}
