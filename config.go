@@ -97,6 +97,10 @@ type Config struct {
 	// Network, when set, gives the VM a network card (see Network); nil
 	// is no network device at all.
 	Network *Network
+	// TAP, instead of Network, puts the VM's network card on a TAP
+	// device the caller made and owns (see TAP): what the containerd
+	// shim gives a pod's VM in the pod's network namespace.
+	TAP *TAP `json:"-"`
 	// Env is the environment every command of the sandbox starts with,
 	// as KEY=VALUE strings: after a template's Env, before the command's
 	// own (later ones win).
@@ -255,6 +259,14 @@ func resolve(cfg Config) (resolved, error) {
 			return r, err
 		}
 	}
+	if cfg.TAP != nil {
+		if cfg.Network != nil {
+			return r, invalid("TAP", "", "a VM has one network card: Network or TAP, not both")
+		}
+		if err := cfg.TAP.check(); err != nil {
+			return r, err
+		}
+	}
 	if err := r.devices().Check(); err != nil {
 		return r, &RequestError{Field: "Dirs", Err: err}
 	}
@@ -334,7 +346,7 @@ func (r resolved) rootName() string {
 
 // devices is what the machine puts on its virtio transports.
 func (r resolved) devices() devices.Use {
-	u := devices.Use{Template: r.onTemplate(), Network: r.Network != nil}
+	u := devices.Use{Template: r.onTemplate(), Network: r.Network != nil || r.TAP != nil}
 	for _, d := range r.dirs {
 		u.Dirs = append(u.Dirs, d.Mode == adddir.ReadWrite)
 	}

@@ -2,6 +2,7 @@ package mvm
 
 import (
 	"errors"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
@@ -157,5 +158,47 @@ func TestConfigRootValidate(t *testing.T) {
 		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrInvalid) && !errors.Is(err, os.ErrNotExist)):
 			t.Errorf("%+v: %v, want %q", c.cfg, err, c.want)
 		}
+	}
+}
+
+// TestConfigTAPValidate: a TAP card's guest configuration is checked
+// before anything boots.
+func TestConfigTAPValidate(t *testing.T) {
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	good := func() *TAP {
+		return &TAP{File: f, MAC: "0a:58:0a:fa:4d:05", Address: netip.MustParsePrefix("10.250.77.5/24"), Gateway: netip.MustParseAddr("10.250.77.1"), MTU: 1500}
+	}
+	for _, c := range []struct {
+		name   string
+		modify func(*TAP)
+		want   string
+	}{
+		{"good", func(*TAP) {}, ""},
+		{"no device", func(t *TAP) { t.File = nil }, "TAP.File"},
+		{"a multicast MAC", func(t *TAP) { t.MAC = "01:00:5e:00:00:01" }, "TAP.MAC"},
+		{"a MAC with options", func(t *TAP) { t.MAC = "0a:58:0a:fa:4d:05,x=1" }, "TAP.MAC"},
+		{"IPv6", func(t *TAP) { t.Address = netip.MustParsePrefix("fd00::5/64") }, "TAP.Address"},
+		{"a gateway off the network", func(t *TAP) { t.Gateway = netip.MustParseAddr("10.1.0.1") }, "TAP.Gateway"},
+		{"a small MTU", func(t *TAP) { t.MTU = 100 }, "TAP.MTU"},
+		{"an IPv6 nameserver", func(t *TAP) { t.DNS = []netip.Addr{netip.MustParseAddr("::1")} }, "TAP.DNS"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tap := good()
+			c.modify(tap)
+			err := (&Config{Accel: AccelTCG, TAP: tap}).Validate()
+			switch {
+			case c.want == "" && err != nil:
+				t.Errorf("%v", err)
+			case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrInvalid)):
+				t.Errorf("%v, want %q", err, c.want)
+			}
+		})
+	}
+	if err := (&Config{Accel: AccelTCG, TAP: good(), Network: &Network{}}).Validate(); err == nil || !strings.Contains(err.Error(), "not both") {
+		t.Errorf("TAP and Network: %v", err)
 	}
 }

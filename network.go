@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -57,6 +58,75 @@ type Port struct {
 	// GuestPort is the port a server in the guest listens on (on
 	// 0.0.0.0 or the guest's address, 10.0.2.15).
 	GuestPort uint16
+}
+
+// TAP is a network card on a TAP device of the caller's, and the
+// guest's configuration on it. mvm's network policy does not apply: the
+// guest reaches what the device's network reaches, as a container on
+// that network would. The containerd shim makes one in a pod's network
+// namespace, bridged to the pod's interface, so that the pod's VM has
+// the pod's address (docs/kubernetes.md).
+type TAP struct {
+	// File is the open TAP device (/dev/net/tun attached with IFF_TAP
+	// and IFF_NO_PI): the VMM gets a copy of it; the caller keeps and
+	// closes its own.
+	File *os.File
+	// MAC is the guest card's address ("52:54:00:12:34:56").
+	MAC string
+	// Address is the guest's IPv4 address and prefix.
+	Address netip.Prefix
+	// Gateway is the default route's, inside Address's prefix.
+	Gateway netip.Addr
+	// DNS are nameservers for the guest's /etc/resolv.conf; none leaves
+	// it as it is.
+	DNS []netip.Addr
+	// MTU is the card's, 576 to 65535; 0 keeps the device's.
+	MTU int
+}
+
+// check checks t before anything boots.
+func (t *TAP) check() error {
+	switch {
+	case t.File == nil:
+		return invalid("TAP.File", "", "no TAP device")
+	case !validMAC(t.MAC):
+		return invalid("TAP.MAC", execreq.Quote(t.MAC), "not a unicast MAC address (six hex pairs and colons)")
+	case !t.Address.IsValid() || !t.Address.Addr().Is4():
+		return invalid("TAP.Address", t.Address.String(), "not an IPv4 address and prefix")
+	case !t.Gateway.Is4() || !t.Address.Masked().Contains(t.Gateway):
+		return invalid("TAP.Gateway", t.Gateway.String(), "not an IPv4 address in %s", t.Address.Masked())
+	case len(t.DNS) > 4:
+		return invalid("TAP.DNS", "", "at most 4 nameservers")
+	case t.MTU != 0 && (t.MTU < 576 || t.MTU > 65535):
+		return invalid("TAP.MTU", strconv.Itoa(t.MTU), "576 to 65535")
+	}
+	for _, d := range t.DNS {
+		if !d.Is4() {
+			return invalid("TAP.DNS", d.String(), "not an IPv4 address")
+		}
+	}
+	return nil
+}
+
+// validMAC says whether m is a unicast MAC address as QEMU and the agent
+// take it: six lower- or upper-case hex pairs separated by colons.
+func validMAC(m string) bool {
+	hw, err := net.ParseMAC(m)
+	return err == nil && len(m) == 17 && len(hw) == 6 && hw[0]&1 == 0 && strings.Count(m, ":") == 5
+}
+
+// startTAP is the "network" step of a TAP card: the VMM gets its own
+// descriptor of the caller's device.
+func (sb *Sandbox) startTAP(context.Context) (undoFunc, error) {
+	t := sb.cfg.TAP
+	fd, err := unix.FcntlInt(t.File.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("network: the TAP device: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "tap")
+	sb.nic = &backend.NIC{MAC: strings.ToLower(t.MAC), Conn: f, TAP: true}
+	sb.life.annotate("a TAP device")
+	return func(context.Context) error { return f.Close() }, nil
 }
 
 // resolvedNetwork is a checked Network.

@@ -214,7 +214,7 @@ func poolShapeOf(r resolved) (shape, why string) {
 		return "", "a root directory"
 	case len(r.Dirs) > 0:
 		return "", "shared directories"
-	case r.Network != nil:
+	case r.Network != nil, r.TAP != nil:
 		return "", "a network"
 	case r.NoSnapshot:
 		return "", "snapshots are off"

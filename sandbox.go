@@ -399,10 +399,14 @@ func (sb *Sandbox) mount(ctx context.Context) (undoFunc, error) {
 		}
 		if n := sb.nic; n != nil {
 			// After the root: the agent writes the root's resolv.conf.
-			err := sb.client.Network(ctx, agentclient.Network{
+			nc := agentclient.Network{
 				MAC: n.MAC, Address: netip.PrefixFrom(network.GuestIP, network.Subnet.Bits()),
 				Gateway: network.Gateway, DNS: []netip.Addr{network.Gateway}, MTU: network.MTU,
-			})
+			}
+			if t := sb.cfg.TAP; t != nil {
+				nc = agentclient.Network{MAC: n.MAC, Address: t.Address, Gateway: t.Gateway, DNS: t.DNS, MTU: t.MTU}
+			}
+			err := sb.client.Network(ctx, nc)
 			if err != nil {
 				return fmt.Errorf("network: %w", err)
 			}

@@ -213,7 +213,7 @@ func PrepareSnapshot(ctx context.Context, cfg Config) (SnapshotInfo, error) {
 	if len(cfg.Dirs) > 0 {
 		return SnapshotInfo{}, invalid("Dirs", "", "a snapshot is taken without shared directories; runs add theirs")
 	}
-	if cfg.Network != nil {
+	if cfg.Network != nil || cfg.TAP != nil {
 		return SnapshotInfo{}, invalid("Network", "", "a snapshot is taken without a network card (runs with one boot)")
 	}
 	sb, err := prepare(cfg)

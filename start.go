@@ -84,7 +84,10 @@ func (sb *Sandbox) startPlan() plan {
 	if !sb.cfg.onTemplate() {
 		p = p.without("template")
 	}
-	if sb.cfg.net == nil {
+	switch {
+	case sb.cfg.TAP != nil:
+		p = p.replace("network", step{"network", "stop network", sb.startTAP})
+	case sb.cfg.net == nil:
 		p = p.without("network")
 	}
 	return p

@@ -28,10 +28,13 @@ SUDO=
 #   git                      the version make build stamps in
 #   containerd               make test: the containerd shim's tests run a real
 #                            containerd (1.6 on Debian 12) and its ctr
+#   containernetworking-plugins, iproute2
+#                            a pod's network in the shim's tests (CNI's bridge
+#                            and host-local; tc for the pod's TAP)
 #   ca-certificates, curl, unzip   fetching Go when the machine has none
 KSRC=linux-source
 if grep -qs '^12' /etc/debian_version; then KSRC=linux-source-6.1; fi
-PKGS="qemu-system-x86 busybox-static e2fsprogs mmdebstrap debian-archive-keyring umoci containerd $KSRC make gcc libc6-dev flex bison bc patch libelf-dev xz-utils bzip2 tar git ca-certificates curl unzip"
+PKGS="qemu-system-x86 busybox-static e2fsprogs mmdebstrap debian-archive-keyring umoci containerd containernetworking-plugins iproute2 $KSRC make gcc libc6-dev flex bison bc patch libelf-dev xz-utils bzip2 tar git ca-certificates curl unzip"
 # Packages for benchmarks and optional features; setup goes on without
 # them where the distribution lacks one:
 #   rsync                    make bench: (e) compares the write-back with rsync -a --delete

@@ -77,6 +77,9 @@ type NIC struct {
 	// Conn is the VMM's end of the socket. Start hands it to the VMM
 	// and closes it here; the caller keeps the other end.
 	Conn *os.File
+	// TAP: Conn is a TAP device (the frames go to its network, not to a
+	// socket's other end).
+	TAP bool
 }
 
 // Snapshot names a snapshot's files: Dir holds the guest's RAM ("ram", a

@@ -71,6 +71,7 @@ type Service struct {
 	mu         sync.Mutex
 	containers map[string]*container
 	sb         *mvm.Sandbox // the VM, once its owner started
+	net        *podNet      // the pod's network, bridged to the VM's card
 	memory     int64        // the VM's memory in bytes
 }
 
@@ -437,8 +438,21 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		cfg.RootDigest, cfg.CPUs, cfg.Memory, cfg.Name = c.rootDigest, cpus, memory, vmName(c.id)
 		cfg.Dirs = c.mounts.dirs
 		start := time.Now()
+		var pn *podNet
+		if ns := netnsOf(c.spec); ns != "" {
+			if pn, err = setUpPodNetwork(ctx, ns); err != nil {
+				return nil, fmt.Errorf("the pod's network: %w", err)
+			}
+			if pn != nil {
+				cfg.TAP = pn.config
+				s.log.Info("pod network", "container", c.id, "interface", pn.iface, "address", pn.config.Address, "gateway", pn.config.Gateway, "mac", pn.config.MAC)
+			}
+		}
 		sb, err := mvm.Start(context.WithoutCancel(ctx), cfg)
 		if err != nil {
+			if pn != nil {
+				pn.close(context.WithoutCancel(ctx))
+			}
 			return nil, err
 		}
 		how := "booted"
@@ -450,7 +464,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 			memory = mvm.DefaultMemory
 		}
 		s.mu.Lock()
-		s.sb, s.memory = sb, memory
+		s.sb, s.memory, s.net = sb, memory, pn
 		s.mu.Unlock()
 		if err := s.copyMounts(ctx, sb, c, ""); err != nil {
 			return nil, err
@@ -746,10 +760,12 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	}
 	delete(c.procs, r.ExecID)
 	var sb *mvm.Sandbox
+	var pn *podNet
 	if r.ExecID == "" {
 		delete(s.containers, c.id)
 		if !c.member {
 			sb, s.sb = s.sb, nil
+			pn, s.net = s.net, nil
 		}
 	}
 	s.mu.Unlock()
@@ -762,6 +778,9 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 			}
 			if err != nil {
 				s.log.Warn("the VM's end", "container", c.id, "err", err)
+			}
+			if pn != nil {
+				pn.close(context.WithoutCancel(ctx))
 			}
 			if missing {
 				s.spawnHeal(heal)

@@ -213,8 +213,12 @@ func buildArgs(a argsConfig) ([]string, error) {
 		if _, err := net.ParseMAC(n.MAC); err != nil || len(n.MAC) != 17 {
 			return nil, fmt.Errorf("network card: bad MAC %q", n.MAC)
 		}
+		netdev := "socket,id=net0,fd=" + strconv.Itoa(a.nicFD)
+		if n.TAP {
+			netdev = "tap,id=net0,fd=" + strconv.Itoa(a.nicFD)
+		}
 		args = append(args,
-			"-netdev", "socket,id=net0,fd="+strconv.Itoa(a.nicFD),
+			"-netdev", netdev,
 			"-device", "virtio-net-device,netdev=net0,mac="+n.MAC,
 		)
 	}

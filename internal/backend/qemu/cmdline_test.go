@@ -191,6 +191,18 @@ var goldenCases = []goldenCase{
 		},
 	},
 	{
+		name: "tap",
+		modify: func(a *argsConfig) {
+			a.cfg.NIC = &backend.NIC{MAC: "0a:58:0a:fa:4d:05", TAP: true}
+			a.nicFD = 7
+		},
+		check: func(t *testing.T, args []string) {
+			wantSeq(t, args,
+				"-netdev", "tap,id=net0,fd=7",
+				"-device", "virtio-net-device,netdev=net0,mac=0a:58:0a:fa:4d:05")
+		},
+	},
+	{
 		name:   "sandbox-off",
 		modify: func(a *argsConfig) { a.sandbox = false },
 		check: func(t *testing.T, args []string) {
