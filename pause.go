@@ -79,6 +79,13 @@ func (sb *Sandbox) Pause(ctx context.Context) (PauseStats, error) {
 	if !ok || !sb.hello.Has(agentproto.CapPause) {
 		return PauseStats{}, fmt.Errorf("pause %s: this VM or its guest agent (%s) cannot be paused", sb.name, sb.hello.AgentVersion)
 	}
+	// A call that has just ended for its client may still be winding
+	// down here (its streams closing after the client read the exit): a
+	// moment's grace before calling the sandbox busy, so that `exec` then
+	// `pause` in a script does not fail by chance.
+	for deadline := time.Now().Add(2 * time.Second); sb.act.inFlight() > 0 && time.Now().Before(deadline) && ctx.Err() == nil; {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if n := sb.act.inFlight(); n > 0 {
 		return PauseStats{}, fmt.Errorf("pause %s: %w: %d commands or copies are running", sb.name, ErrBusy, n)
 	}
