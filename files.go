@@ -448,7 +448,11 @@ func copyIn(ctx context.Context, f files, src, dst string, opts CopyOptions) (Co
 	}
 	if opts.Root != "" || opts.Parents {
 		if ok, err := c.HasCapability(ctx, agentproto.CapFilesRoot); err != nil || !ok {
-			return CopyStats{}, invalid("CopyOptions.Root", opts.Root, "the guest agent cannot resolve a copy in a root of its own")
+			field := "CopyOptions.Root"
+			if opts.Root == "" {
+				field = "CopyOptions.Parents"
+			}
+			return CopyStats{}, invalid(field, opts.Root, "the guest agent cannot resolve a copy in a root of its own nor make its parents")
 		}
 	}
 	if opts.Root != "" {

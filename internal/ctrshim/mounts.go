@@ -51,7 +51,8 @@ const (
 
 // copyMount is a mount copied into the container's root at its start.
 type copyMount struct {
-	src, dst string
+	orig     string // the spec's source
+	src, dst string // src: orig resolved
 	dir      bool
 }
 
@@ -68,6 +69,12 @@ type mountPlan struct {
 // copied.
 var guestDirs = []string{"/proc", "/sys", "/dev"}
 
+// guestBinds are the bind mounts under guestDirs that the guest's own
+// filesystems stand in for: the CRI's /dev/shm (the sandbox's, a tmpfs)
+// and the kubelet's termination log (the container writes its message
+// there; the node does not see it). Any other bind there is refused.
+var guestBinds = map[string]bool{"/dev/shm": true, "/dev/termination-log": true}
+
 // runtimeFiles are the files the CRI writes for each container and bind
 // mounts writable: the container's own, as runc's container would have
 // them.
@@ -76,7 +83,7 @@ var runtimeFiles = map[string]bool{"/etc/hosts": true, "/etc/hostname": true, "/
 // imageVolume matches the directories containerd's CRI makes for an
 // image's VOLUMEs, one per container under its own state directory and
 // removed with it: a copy keeps their lifetime.
-var imageVolume = regexp.MustCompile(`/io\.containerd\.grpc\.v1\.cri/containers/[0-9a-f]+/volumes/[^/]+$`)
+var imageVolume = regexp.MustCompile(`/io\.containerd\.grpc\.v1\.cri/containers/[0-9a-f]{64}/volumes/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 
 func underAny(p string, dirs []string) bool {
 	for _, d := range dirs {
@@ -111,9 +118,12 @@ func planMounts(mounts []specs.Mount, member bool) (mountPlan, error) {
 		}
 		dst := path.Clean(m.Destination)
 		bind := m.Type == "bind" || hasOption(m.Options, "bind", "rbind")
-		if underAny(dst, guestDirs) || (dst == "/run" && !bind) {
+		if (underAny(dst, guestDirs) && (!bind || guestBinds[dst])) || (dst == "/run" && !bind) {
 			p.guest = append(p.guest, dst)
 			continue
+		}
+		if bind && underAny(dst, guestDirs) {
+			return p, fmt.Errorf("bind mount of %s at %s: %s are the guest's own in the VM", m.Source, dst, strings.Join(guestDirs, ", "))
 		}
 		if !bind {
 			return p, fmt.Errorf("mount of type %q at %s: the VM has bind mounts, and the kernel filesystems and tmpfs of %s and /run",
@@ -140,7 +150,7 @@ func planMounts(mounts []specs.Mount, member bool) (mountPlan, error) {
 			if err := measureCopy(src); err != nil {
 				return p, fmt.Errorf("bind mount of %s at %s: %w", m.Source, dst, err)
 			}
-			p.copies = append(p.copies, copyMount{src: src, dst: dst, dir: fi.IsDir()})
+			p.copies = append(p.copies, copyMount{orig: m.Source, src: src, dst: dst, dir: fi.IsDir()})
 		case fi.IsDir() && !member:
 			p.dirs = append(p.dirs, mvm.Dir{Host: src, Guest: dst, Writable: true})
 		case fi.IsDir():
@@ -150,7 +160,39 @@ func planMounts(mounts []specs.Mount, member bool) (mountPlan, error) {
 			return p, fmt.Errorf("writable bind mount of the file %s at %s: only read-only file mounts can be provided in the VM", m.Source, dst)
 		}
 	}
+	// A copy landing in a writable directory (or one holding it) would
+	// be written back into the node's directory at the end; two
+	// writable directories in one another cannot both be shared.
+	for i, d := range p.dirs {
+		for _, c := range p.copies {
+			if underAny(c.dst, []string{d.Guest}) || underAny(d.Guest, []string{c.dst}) {
+				return p, fmt.Errorf("the mount at %s and the writable mount at %s: one is inside the other (the copy would be written back into %s)", c.dst, d.Guest, d.Host)
+			}
+		}
+		for _, e := range p.dirs[i+1:] {
+			if underAny(e.Guest, []string{d.Guest}) || underAny(d.Guest, []string{e.Guest}) {
+				return p, fmt.Errorf("the writable mounts at %s and %s: one is inside the other", d.Guest, e.Guest)
+			}
+		}
+	}
 	return p, nil
+}
+
+// recheck resolves and measures the copy's source again as it is made
+// (a pod's container starts long after its create): a source that now
+// resolves elsewhere, or outgrew the bounds, is refused.
+func (m copyMount) recheck() error {
+	src, err := filepath.EvalSymlinks(m.orig)
+	if err != nil {
+		return fmt.Errorf("bind mount at %s: its source: %w", m.dst, err)
+	}
+	if src != m.src {
+		return fmt.Errorf("bind mount at %s: its source %s resolved to %s at the create and to %s now", m.dst, m.orig, m.src, src)
+	}
+	if err := measureCopy(src); err != nil {
+		return fmt.Errorf("bind mount of %s at %s: %w", m.orig, m.dst, err)
+	}
+	return nil
 }
 
 // measureCopy checks that the tree at src is within the copy's bounds
@@ -196,6 +238,9 @@ func measureCopy(src string) error {
 func (s *Service) copyMounts(ctx context.Context, sb *mvm.Sandbox, c *container, root string) error {
 	start := time.Now()
 	for _, m := range c.mounts.copies {
+		if err := m.recheck(); err != nil {
+			return err
+		}
 		src := m.src
 		if m.dir {
 			// Its contents, into the destination (made if missing).

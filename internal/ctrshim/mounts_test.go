@@ -15,8 +15,9 @@ func TestPlanMounts(t *testing.T) {
 	dir := t.TempDir()
 	vol := filepath.Join(dir, "vol")
 	file := filepath.Join(dir, "hosts")
-	imgVol := filepath.Join(dir, "io.containerd.grpc.v1.cri", "containers", "0123abcd", "volumes", "5c7e-11")
-	for _, d := range []string{vol, imgVol} {
+	imgVol := filepath.Join(dir, "io.containerd.grpc.v1.cri", "containers", strings.Repeat("0a", 32), "volumes", "3f2b6c1e-5d4a-4e7b-9c8d-0123456789ab")
+	likeImgVol := filepath.Join(dir, "io.containerd.grpc.v1.cri", "containers", "x", "volumes", "y")
+	for _, d := range []string{vol, imgVol, likeImgVol} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -48,6 +49,8 @@ func TestPlanMounts(t *testing.T) {
 		{"a lone container's writable dir", bind(vol, "/work", "rw"), false, "dir"},
 		{"through a link", bind(filepath.Join(dir, "link"), "/work"), false, "dir"},
 		{"a pod's writable dir", bind(vol, "/work", "rw"), true, "writable bind mount of"},
+		{"a dir named like an image volume", bind(likeImgVol, "/data", "rw"), true, "writable bind mount of"},
+		{"a volume under /dev", bind(vol, "/dev/data", "rw"), false, "the guest's own"},
 		{"a writable file", bind(file, "/etc/app.conf"), false, "writable bind mount of the file"},
 		{"a tmpfs elsewhere", specs.Mount{Type: "tmpfs", Source: "tmpfs", Destination: "/scratch"}, false, `type "tmpfs" at /scratch`},
 		{"a missing source", bind(filepath.Join(dir, "none"), "/x", "ro"), false, "its source"},
@@ -77,6 +80,60 @@ func TestPlanMounts(t *testing.T) {
 				t.Errorf("planMounts(%+v, member %v) = %q, want %q", c.m, c.member, got, c.want)
 			}
 		})
+	}
+}
+
+// TestPlanMountsNested: a copy inside a writable directory (or holding
+// one) would be written back into the node's directory, and two writable
+// directories one in the other cannot both be shared: both refused.
+func TestPlanMountsNested(t *testing.T) {
+	dir := t.TempDir()
+	bind := func(dst string, opts ...string) specs.Mount {
+		return specs.Mount{Type: "bind", Source: dir, Destination: dst, Options: append([]string{"rbind"}, opts...)}
+	}
+	for _, ms := range [][]specs.Mount{
+		{bind("/data", "rw"), bind("/data/secret", "ro")},
+		{bind("/data/cache", "rw"), bind("/data", "ro")},
+		{bind("/data", "rw"), bind("/data/sub", "rw")},
+	} {
+		if _, err := planMounts(ms, false); err == nil || !strings.Contains(err.Error(), "one is inside the other") {
+			t.Errorf("planMounts(%v): %v", ms, err)
+		}
+	}
+	if _, err := planMounts([]specs.Mount{bind("/data", "rw"), bind("/data2", "ro")}, false); err != nil {
+		t.Errorf("siblings: %v", err)
+	}
+}
+
+// TestMountRecheck: a source that resolves elsewhere at the start than at
+// the create is refused.
+func TestMountRecheck(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, d := range []string{a, b} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(a, link); err != nil {
+		t.Fatal(err)
+	}
+	p, err := planMounts([]specs.Mount{{Type: "bind", Source: link, Destination: "/x", Options: []string{"rbind", "ro"}}}, true)
+	if err != nil || len(p.copies) != 1 {
+		t.Fatalf("planMounts: %+v, %v", p, err)
+	}
+	if err := p.copies[0].recheck(); err != nil {
+		t.Errorf("recheck of an unchanged source: %v", err)
+	}
+	if err := os.Remove(link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(b, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.copies[0].recheck(); err == nil || !strings.Contains(err.Error(), "resolved to") {
+		t.Errorf("recheck of a source that now resolves elsewhere: %v", err)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -59,6 +60,23 @@ type podNet struct {
 	iface  string   // the pod's interface in netns
 	tap    *os.File // the TAP device; the VMM has its own descriptor
 	config *mvm.TAP
+	// redirected: the pod's interface has the shim's ingress qdisc
+	// (removed by close; one the shim did not add is left alone).
+	redirected bool
+}
+
+// isHostNetns says whether the namespace at path is the shim's own (the
+// node's): a spec may name it (ctr run --with-ns network:/proc/1/ns/net),
+// and redirecting the node's interface into a VM would cut the node off.
+func isHostNetns(path string) (bool, error) {
+	var a, b unix.Stat_t
+	if err := unix.Stat(path, &a); err != nil {
+		return false, fmt.Errorf("the pod's network namespace: %w", err)
+	}
+	if err := unix.Stat("/proc/self/ns/net", &b); err != nil {
+		return false, err
+	}
+	return a.Dev == b.Dev && a.Ino == b.Ino, nil
 }
 
 // setUpPodNetwork bridges the pod's network namespace at netns to a new
@@ -66,6 +84,9 @@ type podNet struct {
 // with no IPv4 interface (CNI gave the pod none): the VM then has no
 // network card, as the pod has no network.
 func setUpPodNetwork(ctx context.Context, netns string) (*podNet, error) {
+	if host, err := isHostNetns(netns); err != nil || host {
+		return nil, err
+	}
 	pn, err := inNetns(netns, func() (*podNet, error) {
 		iface, cfg, err := podInterface()
 		if err != nil || iface == "" {
@@ -82,16 +103,21 @@ func setUpPodNetwork(ctx context.Context, netns string) (*podNet, error) {
 		return nil, err
 	}
 	// Every frame, both ways, redirected as it arrives (ingress), before
-	// the namespace's own stack sees it.
-	for _, args := range [][]string{
-		{"qdisc", "add", "dev", pn.iface, "ingress"},
-		{"filter", "add", "dev", pn.iface, "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", tapName},
+	// the namespace's own stack sees it. The TAP's side first: until the
+	// pod's interface redirects, the pod's traffic is as CNI left it.
+	ctx = context.WithoutCancel(ctx)
+	for i, args := range [][]string{
 		{"qdisc", "add", "dev", tapName, "ingress"},
 		{"filter", "add", "dev", tapName, "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", pn.iface},
+		{"qdisc", "add", "dev", pn.iface, "ingress"},
+		{"filter", "add", "dev", pn.iface, "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", tapName},
 	} {
 		if err := tc(ctx, netns, args...); err != nil {
 			pn.close(ctx)
 			return nil, err
+		}
+		if i == 2 {
+			pn.redirected = true
 		}
 	}
 	return pn, nil
@@ -102,7 +128,30 @@ func setUpPodNetwork(ctx context.Context, netns string) (*podNet, error) {
 // is left as CNI made it, for CNI to tear down.
 func (pn *podNet) close(ctx context.Context) {
 	pn.tap.Close()
-	_ = tc(ctx, pn.netns, "qdisc", "del", "dev", pn.iface, "ingress")
+	if pn.redirected {
+		_ = tc(context.WithoutCancel(ctx), pn.netns, "qdisc", "del", "dev", pn.iface, "ingress")
+	}
+}
+
+// cleanUpPodNetwork removes what a killed shim left in the pod's
+// namespace: the ingress qdisc of the interface whose frames went to the
+// shim's TAP (the TAP itself went with the shim's descriptors).
+func cleanUpPodNetwork(ctx context.Context, netns string) error {
+	if host, err := isHostNetns(netns); err != nil || host {
+		return err
+	}
+	iface, err := inNetns(netns, func() (string, error) {
+		name, _, err := podInterface()
+		return name, err
+	})
+	if err != nil || iface == "" {
+		return err
+	}
+	out, err := exec.CommandContext(ctx, "nsenter", "--net="+netns, "tc", "filter", "show", "dev", iface, "ingress").Output()
+	if err != nil || !strings.Contains(string(out), "dev "+tapName) {
+		return nil // not the shim's
+	}
+	return tc(ctx, netns, "qdisc", "del", "dev", iface, "ingress")
 }
 
 // tc runs tc in the network namespace netns.
@@ -159,6 +208,11 @@ func podInterface() (string, *mvm.TAP, error) {
 	if err != nil {
 		return "", nil, err
 	}
+	// The default route's interface first (a pod with more than one, as
+	// Multus gives, has its primary network there).
+	slices.SortStableFunc(ifs, func(a, b net.Interface) int {
+		return cmpBool(b.Name == gwIface, a.Name == gwIface)
+	})
 	for _, ifc := range ifs {
 		if ifc.Flags&net.FlagLoopback != 0 || ifc.Flags&net.FlagUp == 0 || len(ifc.HardwareAddr) != 6 || ifc.Name == tapName {
 			continue
@@ -183,6 +237,16 @@ func podInterface() (string, *mvm.TAP, error) {
 		}
 	}
 	return "", nil, nil
+}
+
+func cmpBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
 }
 
 // defaultRoute reads the current thread's namespace's IPv4 default route

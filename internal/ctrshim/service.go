@@ -270,6 +270,17 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	if err := mount.UnmountAll(filepath.Join(cwd, "rootfs"), 0); err != nil {
 		s.log.Warn("unmount the rootfs", "err", err)
 	}
+	// What the dead shim had set up in its pod's network namespace.
+	if b, err := os.ReadFile(filepath.Join(cwd, "config.json")); err == nil {
+		var spec specs.Spec
+		if json.Unmarshal(b, &spec) == nil && podOf(s.id, &spec) == "" {
+			if ns := netnsOf(&spec); ns != "" {
+				if err := cleanUpPodNetwork(ctx, ns); err != nil {
+					s.log.Warn("the pod's network", "err", err)
+				}
+			}
+		}
+	}
 	// The VM's run directory, which its dead owner could not remove:
 	// reclaimed once its VMM, which dies with the shim, is gone too.
 	reclaimVM(s.log, vmName(s.id))
