@@ -148,7 +148,11 @@ func cleanUpPodNetwork(ctx context.Context, netns string) error {
 		return err
 	}
 	out, err := exec.CommandContext(ctx, "nsenter", "--net="+netns, "tc", "filter", "show", "dev", iface, "ingress").Output()
-	if err != nil || !strings.Contains(string(out), "dev "+tapName) {
+	// The shim's filter redirects everything to its TAP, which tc shows
+	// as "*" once the device is gone (with the dead shim's descriptors).
+	f := string(out)
+	if err != nil || !strings.Contains(f, "match 00000000/00000000 at 0") ||
+		!(strings.Contains(f, "Redirect to device "+tapName+")") || strings.Contains(f, "Redirect to device *)")) {
 		return nil // not the shim's
 	}
 	return tc(ctx, netns, "qdisc", "del", "dev", iface, "ingress")

@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -186,8 +188,54 @@ func TestShimPodNetwork(t *testing.T) {
 	if !waitFor(15*time.Second, func() bool { return len(c.vmms()) == 0 }) {
 		t.Fatalf("VMMs after RemovePodSandbox: %v", c.vmms())
 	}
-	// CNI's DEL took the pod's interface and address back.
+	// A shim killed with SIGKILL takes its VM and TAP with it; the
+	// cleanup containerd runs (the shim's delete) removes the redirect
+	// from the pod's interface.
+	before := netnsList()
+	pod2, err := rt.RunPodSandbox(ctx, &cri.RunPodSandboxRequest{Config: &cri.PodSandboxConfig{
+		Metadata: &cri.PodSandboxMetadata{Name: "netpod2", Uid: "uid-netpod2", Namespace: "default"},
+	}, RuntimeHandler: "mvm"})
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	var ns string
+	for _, n := range netnsList() {
+		if !slices.Contains(before, n) {
+			ns = "/var/run/netns/" + n
+		}
+	}
+	qdiscs := func() string {
+		out, _ := exec.Command("nsenter", "--net="+ns, "tc", "qdisc", "show", "dev", "eth0").CombinedOutput()
+		return string(out)
+	}
+	if ns == "" || !strings.Contains(qdiscs(), "ingress") {
+		t.Fatalf("the second pod's namespace %q: qdiscs %q", ns, qdiscs())
+	}
+	for _, pid := range pidsOf("containerd-shim-mvm-v2", "-address "+c.sock) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if !waitFor(30*time.Second, func() bool { return len(c.vmms()) == 0 && !strings.Contains(qdiscs(), "ingress") }) {
+		t.Fatalf("after the shim's SIGKILL: VMMs %v, the pod's qdiscs %q", c.vmms(), qdiscs())
+	}
+	if _, err := rt.StopPodSandbox(ctx, &cri.StopPodSandboxRequest{PodSandboxId: pod2.PodSandboxId}); err != nil {
+		t.Fatalf("StopPodSandbox after the shim's SIGKILL: %v", err)
+	}
+	if _, err := rt.RemovePodSandbox(ctx, &cri.RemovePodSandboxRequest{PodSandboxId: pod2.PodSandboxId}); err != nil {
+		t.Fatalf("RemovePodSandbox after the shim's SIGKILL: %v", err)
+	}
+	// CNI's DEL took the pods' interfaces and addresses back.
 	if out, _ := exec.Command("ip", "-o", "link", "show", "master", bridge).Output(); len(strings.TrimSpace(string(out))) != 0 {
 		t.Errorf("interfaces left on the bridge: %s", out)
 	}
+}
+
+// netnsList names the network namespaces under /var/run/netns, where the
+// CRI makes the pods'.
+func netnsList() []string {
+	es, _ := os.ReadDir("/var/run/netns")
+	var out []string
+	for _, e := range es {
+		out = append(out, e.Name())
+	}
+	return out
 }
